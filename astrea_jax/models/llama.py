@@ -1,0 +1,342 @@
+"""Llama-family decoder (Vicuna-1.5, Hermes-2-Yi) in Flax Linen.
+
+Layout follows Hugging Face `LlamaForCausalLM` numerically (RMSNorm in fp32, rotate-half RoPE, grouped-query
+attention, SwiGLU MLP) so that weights convert by transposes and reshapes alone (see `astrea_jax.convert.llama`).
+
+Parameters (layers stacked by `nn.scan` on a leading `layers` axis):
+  embed/embedding                 [vocab, embed]
+  layers/attn_norm/scale          [layers, embed]
+  layers/attn/{q,k,v}_proj/kernel [layers, embed, heads|kv_heads, head_dim]
+  layers/attn/o_proj/kernel       [layers, heads, head_dim, embed]
+  layers/mlp_norm/scale           [layers, embed]
+  layers/mlp/{gate,up}/kernel     [layers, embed, mlp]
+  layers/mlp/down/kernel          [layers, mlp, embed]
+  final_norm/scale                [embed]
+  lm_head/kernel                  [embed, vocab]   (absent when embeddings are tied)
+
+Every parameter and the main activations carry logical axis names; `astrea_jax.parallel.sharding` maps them to
+mesh axes with rules held in the config.
+
+Decoding uses a functional KV cache (`init_cache`): a dict of arrays passed in and returned, so that a jitted decode
+step is a pure function of (params, cache, tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Logical axis names used by this module (the rules that map them to mesh axes live in the config).
+BATCH, LENGTH, EMBED_ACT = 'activation_batch', 'activation_length', 'activation_embed'
+HEADS_ACT, KV_HEADS_ACT, MLP_ACT, VOCAB_ACT = ('activation_heads', 'activation_kv_heads', 'activation_mlp',
+                                                'activation_vocab')
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable',
+                  'nothing_saveable')
+
+
+def to_dtype(name: str) -> Any:
+  """Maps a config dtype name ('float32', 'bfloat16', 'float16') to a jnp dtype."""
+  if name not in _DTYPES:
+    raise ValueError(f'unknown dtype {name!r}; expected one of {sorted(_DTYPES)}')
+  return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Shape and numerics of a Llama-family decoder (a frozen mirror of `config.llm`)."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-5
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  initializer_range: float = 0.02
+  dtype: str = 'float32'        # compute dtype
+  param_dtype: str = 'float32'  # storage dtype of the parameters
+  remat_policy: str = 'none'    # one of REMAT_POLICIES
+
+  def __post_init__(self):
+    problems = []
+    for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'num_kv_heads',
+                 'head_dim'):
+      if getattr(self, name) <= 0:
+        problems.append(f'{name}={getattr(self, name)} must be positive')
+    if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
+      problems.append(f'num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}')
+    if self.head_dim % 2:
+      problems.append(f'head_dim={self.head_dim} must be even for rotary embeddings')
+    if self.remat_policy not in REMAT_POLICIES:
+      problems.append(f'remat_policy={self.remat_policy!r} must be one of {REMAT_POLICIES}')
+    for name in ('dtype', 'param_dtype'):
+      if getattr(self, name) not in _DTYPES:
+        problems.append(f'{name}={getattr(self, name)!r} must be one of {sorted(_DTYPES)}')
+    if problems:
+      raise ValueError('invalid LlamaConfig: ' + '; '.join(problems))
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'LlamaConfig':
+    """Builds from a mapping (a `ConfigDict` or stored JSON); unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f'unknown LlamaConfig fields {unknown}; expected a subset of {sorted(names)}')
+    return cls(**{k: d[k] for k in d})
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def replace(self, **kw) -> 'LlamaConfig':
+    return dataclasses.replace(self, **kw)
+
+
+def _kernel_init(cfg: LlamaConfig, names: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square layer norm, computed in fp32 as Hugging Face Llama does."""
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('embed',)), (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_frequencies(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """cos, sin of rotary position embeddings: [B, L] positions -> two [B, L, head_dim] arrays (fp32)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, head_dim/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotate-half RoPE (Hugging Face convention): x [B, L, H, D], cos/sin [B, L, D]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x.astype(jnp.float32) * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def causal_padding_mask(q_slots: Array, kv_valid: Array) -> Array:
+  """Causal + padding mask [B, 1, 1, L, S]: query at slot i sees valid keys at slots <= i."""
+  kv_slots = jnp.arange(kv_valid.shape[-1])
+  causal = kv_slots[None, None, :] <= q_slots[:, :, None]  # [B, L, S]
+  return (causal & kv_valid[:, None, :])[:, None, None]
+
+
+def grouped_query_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Softmax attention with kv heads shared by groups of query heads.
+
+  q [B, L, H, D], k/v [B, S, Hkv, D], mask [B, 1, 1, L, S] -> [B, L, H, D]. Softmax in fp32; a fully masked row
+  gives a uniform distribution rather than NaN.
+  """
+  b, l, h, d = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, l, hkv, h // hkv, d)
+  scores = jnp.einsum('blkgd,bskd->bkgls', q, k).astype(jnp.float32) / np.sqrt(d).astype(np.float32)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgls,bskd->blkgd', probs, v)
+  return out.reshape(b, l, h, d)
+
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, layer_cache: dict | None,
+               cache_index: Array | None) -> tuple[Array, dict | None]:
+    cfg = self.cfg
+    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+
+    def proj(name, heads, axis_name):
+      return nn.DenseGeneral((heads, cfg.head_dim), use_bias=False, dtype=dtype, param_dtype=pdtype,
+                             kernel_init=_kernel_init(cfg, ('embed', axis_name, 'head_dim')), name=name)(x)
+
+    q = proj('q_proj', cfg.num_heads, 'q_heads')
+    k = proj('k_proj', cfg.num_kv_heads, 'kv_heads')
+    v = proj('v_proj', cfg.num_kv_heads, 'kv_heads')
+    q = nn.with_logical_constraint(q, (BATCH, LENGTH, HEADS_ACT, 'head_dim'))
+    k = nn.with_logical_constraint(k, (BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'))
+    v = nn.with_logical_constraint(v, (BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    new_cache = None
+    if layer_cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(layer_cache['key'], k.astype(layer_cache['key'].dtype), cache_index,
+                                              axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(layer_cache['value'], v.astype(layer_cache['value'].dtype),
+                                              cache_index, axis=1)
+      new_cache = {'key': k, 'value': v}
+      k, v = k.astype(dtype), v.astype(dtype)
+
+    out = grouped_query_attention(q, k, v, mask)
+    out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS_ACT, 'head_dim'))
+    out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype,
+                          kernel_init=_kernel_init(cfg, ('q_heads', 'head_dim', 'embed')), name='o_proj')(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    dense = lambda feats, names, name: nn.Dense(feats, use_bias=False, dtype=dtype, param_dtype=pdtype,
+                                                kernel_init=_kernel_init(cfg, names), name=name)
+    h = nn.silu(dense(cfg.intermediate_size, ('embed', 'mlp'), 'gate')(x)) * dense(
+        cfg.intermediate_size, ('embed', 'mlp'), 'up')(x)
+    h = nn.with_logical_constraint(h, (BATCH, LENGTH, MLP_ACT))
+    return dense(cfg.hidden_size, ('mlp', 'embed'), 'down')(h)
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm transformer block; the scan carry is the residual stream [B, L, E]."""
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array, layer_cache: dict | None, cos: Array, sin: Array, mask: Array,
+               cache_index: Array | None) -> tuple[Array, dict | None]:
+    cfg = self.cfg
+    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED_ACT))
+    h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='attn_norm')(x)
+    h, new_cache = Attention(cfg, name='attn')(h, cos, sin, mask, layer_cache, cache_index)
+    x = x + h
+    h = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='mlp_norm')(x)
+    x = x + MLP(cfg, name='mlp')(h)
+    return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED_ACT)), new_cache
+
+
+def remat_policy(name: str):
+  """Maps `remat_policy` from the config to a `jax.checkpoint_policies` policy ('full' saves nothing)."""
+  if name == 'full':
+    return jax.checkpoint_policies.nothing_saveable
+  return getattr(jax.checkpoint_policies, name)
+
+
+class Llama(nn.Module):
+  """Llama decoder.
+
+  `__call__(tokens | inputs_embeds, ...) -> (logits [B, L, V] fp32, cache)`. Either token ids or input embeddings
+  (from `embed`, with visual tokens spliced in) are given. Without a cache, `attention_mask` [B, L] marks real tokens
+  (default all) and positions count real tokens. With a cache (`init_cache`), the L new tokens are written at
+  `cache['index']` and attend to every valid earlier slot.
+  """
+  cfg: LlamaConfig
+
+  def setup(self):
+    cfg = self.cfg
+    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    self.embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
+                             embedding_init=_kernel_init(cfg, ('vocab', 'embed')), name='embed')
+    block = DecoderLayer
+    if cfg.remat_policy != 'none':
+      block = nn.remat(block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+    self.layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='layers')
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='final_norm')
+    if not cfg.tie_word_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
+                              kernel_init=_kernel_init(cfg, ('embed', 'vocab')), name='lm_head')
+
+  def embed(self, tokens: Array) -> Array:
+    """Token ids [B, L] -> input embeddings [B, L, E] in the compute dtype."""
+    return nn.with_logical_constraint(self.embedder(tokens), (BATCH, LENGTH, EMBED_ACT))
+
+  def __call__(self, tokens: Array | None = None, *, inputs_embeds: Array | None = None,
+               attention_mask: Array | None = None, positions: Array | None = None,
+               cache: dict | None = None) -> tuple[Array, dict | None]:
+    cfg = self.cfg
+    if (tokens is None) == (inputs_embeds is None):
+      raise ValueError('Llama: pass exactly one of tokens [B, L] or inputs_embeds [B, L, E]')
+    x = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(to_dtype(cfg.dtype))
+    b, l = x.shape[:2]
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, l), jnp.bool_)
+    attention_mask = attention_mask.astype(jnp.bool_)
+
+    if cache is None:
+      if positions is None:
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+      q_slots = jnp.broadcast_to(jnp.arange(l), (b, l))
+      kv_valid, index, layer_caches = attention_mask, None, None
+    else:
+      index = cache['index']
+      if positions is None:
+        positions = cache['next_position'][:, None] + jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+      q_slots = jnp.broadcast_to(index + jnp.arange(l), (b, l))
+      kv_valid = jax.lax.dynamic_update_slice_in_dim(cache['valid'], attention_mask, index, axis=1)
+      layer_caches = {'key': cache['key'], 'value': cache['value']}
+
+    cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
+    mask = causal_padding_mask(q_slots, kv_valid)
+    x, new_layer_caches = self.layers(x, layer_caches, cos, sin, mask, index)
+    x = self.final_norm(x)
+    if cfg.tie_word_embeddings:
+      logits = self.embedder.attend(x)
+    else:
+      logits = self.lm_head(x)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), (BATCH, LENGTH, VOCAB_ACT))
+
+    new_cache = None
+    if cache is not None:
+      new_cache = dict(new_layer_caches, valid=kv_valid, index=index + l,
+                       next_position=cache['next_position'] + attention_mask.sum(axis=-1).astype(jnp.int32))
+    return logits, new_cache
+
+
+def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int, dtype: Any | None = None) -> dict[str, Array]:
+  """An empty KV cache: key/value [layers, B, S, kv_heads, head_dim], valid [B, S], index, next_position [B]."""
+  dtype = to_dtype(cfg.dtype) if dtype is None else dtype
+  shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+  return {
+      'key': jnp.zeros(shape, dtype),
+      'value': jnp.zeros(shape, dtype),
+      'valid': jnp.zeros((batch_size, max_length), jnp.bool_),
+      'index': jnp.zeros((), jnp.int32),
+      'next_position': jnp.zeros((batch_size,), jnp.int32),
+  }
+
+
+CACHE_LOGICAL_AXES = {
+    'key': ('layers', BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'),
+    'value': ('layers', BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'),
+    'valid': (BATCH, LENGTH),
+    'index': (),
+    'next_position': (BATCH,),
+}
+
+
+def num_params(cfg: LlamaConfig) -> int:
+  """Parameter count from the shapes alone."""
+  e, m, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  attn = e * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  per_layer = attn + 3 * e * m + 2 * e
+  return v * e * (1 if cfg.tie_word_embeddings else 2) + cfg.num_layers * per_layer + e
