@@ -1,0 +1,144 @@
+"""The experiment config: the base `ml_collections.ConfigDict` every `configs/*.py` starts from, and its checks.
+
+Config files call `base_config()`, set what differs, and return `lock(config)`. A locked config rejects unknown keys
+and wrong types, so `--config.llm.num_layers=abc` or `--config.llm.nmu_layers=2` fail when flags are parsed.
+`validate` then checks the values that types cannot (shapes, mesh axes, rules) and names the field at fault.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from astrea_jax.models import llama
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical axis name -> mesh axes (None: replicated). Params and activations both use these names; the first rule
+# whose mesh axes are all present (and unused in that array) applies, as in flax.linen.logical_to_mesh_axes.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    # activations
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'tensor'),
+    ('activation_kv_heads', 'tensor'),
+    ('activation_mlp', 'tensor'),
+    ('activation_vocab', 'tensor'),
+    # parameters
+    ('layers', None),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('q_heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('head_dim', None),
+    ('mlp', 'tensor'),
+)
+
+
+class ConfigError(ValueError):
+  """A config value is wrong; the message names the field, the value and what was expected."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run reads, with defaults that suit the tiny CPU model; config files override shapes and scale."""
+  c = ml_collections.ConfigDict()
+
+  # --- the language model (mirrors astrea_jax.models.llama.LlamaConfig field by field) ---
+  c.llm = ml_collections.ConfigDict()
+  c.llm.vocab_size = 320             # tokenizer vocabulary size
+  c.llm.hidden_size = 64             # model width D
+  c.llm.intermediate_size = 128      # SwiGLU hidden width
+  c.llm.num_layers = 2               # decoder blocks (scanned)
+  c.llm.num_heads = 4                # query heads
+  c.llm.num_kv_heads = 2             # key/value heads (GQA when < num_heads)
+  c.llm.head_dim = 16                # per-head width
+  c.llm.rope_theta = 10000.0         # RoPE base frequency
+  c.llm.rms_norm_eps = 1e-6          # RMSNorm epsilon
+  c.llm.max_position_embeddings = 256  # longest sequence the model is configured for
+  c.llm.tie_word_embeddings = False  # share the input embedding with the output head
+  c.llm.initializer_range = 0.02     # std of the normal initialiser for fresh weights
+  c.llm.dtype = 'float32'            # compute dtype: float32 | bfloat16 | float16
+  c.llm.param_dtype = 'float32'      # storage dtype of parameters (master weights)
+  c.llm.remat_policy = 'none'        # none | full | dots_saveable | dots_with_no_batch_dims_saveable | ...
+
+  # --- where weights and the tokenizer come from ---
+  c.init_checkpoint = ''             # converted Orbax checkpoint (launch.convert_hf_to_orbax); '' = random init
+  c.tokenizer_dir = ''               # HF tokenizer folder; '' = the one stored in init_checkpoint
+
+  # --- device mesh and sharding ---
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                   # pure data parallelism; -1 = all devices not used by the other axes
+  c.mesh.fsdp = 1                    # data parallelism with parameters and optimizer state sharded (ZeRO-3)
+  c.mesh.tensor = 1                  # tensor (model) parallelism over heads / mlp / vocab
+  c.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES  # (logical name, mesh axes) pairs; see above
+
+  # --- optimisation (paper: AdamW b1 0.9, b2 0.98, wd 0.05, cosine, warm-up 15%) ---
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-4   # peak learning rate
+  c.optimizer.warmup_fraction = 0.15  # linear warm-up as a fraction of the stage's steps
+  c.optimizer.b1 = 0.9               # AdamW beta1
+  c.optimizer.b2 = 0.98              # AdamW beta2
+  c.optimizer.eps = 1e-8             # AdamW epsilon
+  c.optimizer.weight_decay = 0.05    # decoupled weight decay
+  c.optimizer.grad_clip_norm = 1.0   # global-norm clipping; 0 = off
+
+  # --- the training loop ---
+  c.train = ml_collections.ConfigDict()
+  c.train.seed = 0                   # seed for init, data order and dropout
+  c.train.global_batch_size = 8      # sequences per step, over all hosts
+  c.train.seq_len = 64               # tokens per sequence
+  c.train.num_steps = 20             # optimizer steps
+
+  # --- decoding defaults (launch.generate flags override them) ---
+  c.generate = ml_collections.ConfigDict()
+  c.generate.max_new_tokens = 16     # tokens to generate after the prompt
+  c.generate.temperature = 0.0       # 0 = greedy
+  c.generate.top_p = 1.0             # nucleus sampling mass when temperature > 0
+  return c
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validates then locks the config (no new keys from here on)."""
+  validate(config)
+  config.lock()
+  return config
+
+
+def llm_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
+  """The frozen `LlamaConfig` for `config.llm`; errors name the `llm.*` field."""
+  try:
+    return llama.LlamaConfig.from_dict(config.llm.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.llm: {e}') from e
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values that types cannot; raises ConfigError naming the field and what was expected."""
+  llm_config(config)
+  sizes = {axis: config.mesh[axis] for axis in MESH_AXES}
+  unknown_axes = sorted(set(config.mesh.keys()) - set(MESH_AXES))
+  if unknown_axes:
+    raise ConfigError(f'config.mesh has unknown axes {unknown_axes}; expected exactly {MESH_AXES}')
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f'config.mesh.{axis}={size}: expected a positive size or -1 (the rest of the devices)')
+  if sum(size == -1 for size in sizes.values()) > 1:
+    raise ConfigError(f'config.mesh={sizes}: at most one axis may be -1')
+  _validate_rules(config.logical_axis_rules)
+  if config.train.global_batch_size <= 0:
+    raise ConfigError(f'config.train.global_batch_size={config.train.global_batch_size}: expected > 0')
+  if not 0.0 <= config.optimizer.warmup_fraction <= 1.0:
+    raise ConfigError(f'config.optimizer.warmup_fraction={config.optimizer.warmup_fraction}: expected in [0, 1]')
+
+
+def _validate_rules(rules: Any) -> None:
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ConfigError(f'config.logical_axis_rules[{i}]={rule!r}: expected (logical_name, mesh_axes)')
+    axes = rule[1]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad:
+      raise ConfigError(f'config.logical_axis_rules[{i}]={rule!r}: unknown mesh axes {bad}; expected {MESH_AXES}')

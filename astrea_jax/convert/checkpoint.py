@@ -1,0 +1,141 @@
+"""The converted-checkpoint layout, written atomically:
+
+  DIR/params/                 Orbax pytree of the parameters ({'embed': {...}, 'layers': {...}, ...})
+  DIR/astrea_checkpoint.json  family, model config, the source HF config.json (and generation_config.json)
+  DIR/tokenizer/              the HF tokenizer files, when the source folder had them
+
+The model config is always read from here, never from defaults (a lesson MaxText's converters learned).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+import warnings
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+
+METADATA_FILE = 'astrea_checkpoint.json'
+PARAMS_DIR = 'params'
+TOKENIZER_DIR = 'tokenizer'
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
+                   'added_tokens.json', 'vocab.json', 'merges.txt', 'chat_template.jinja', 'chat_template.json')
+
+
+class CheckpointError(ValueError):
+  """A converted checkpoint folder is missing or malformed; the message names the path."""
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
+  """Yields a temporary sibling of out_dir; renames it to out_dir on success, removes it on any failure."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise FileExistsError(f'{out_dir} exists and is not empty; choose another --out or pass --overwrite')
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = os.path.join(parent, f'.{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}')
+  os.makedirs(tmp)
+  try:
+    yield tmp
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+
+
+def write_metadata(ckpt_dir: str, metadata: dict[str, Any]) -> None:
+  with open(os.path.join(ckpt_dir, METADATA_FILE), 'w') as f:
+    json.dump(dict(metadata, format_version=FORMAT_VERSION), f, indent=2, sort_keys=True)
+
+
+def read_metadata(ckpt_dir: str) -> dict[str, Any]:
+  """The checkpoint's metadata: {'family', 'model_config', 'hf_config', ...}."""
+  path = os.path.join(ckpt_dir, METADATA_FILE)
+  if not os.path.exists(path):
+    raise CheckpointError(f'{ckpt_dir}: not a converted checkpoint (no {METADATA_FILE}); '
+                          'make one with `python -m launch.convert_hf_to_orbax`')
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f'{path}: not valid JSON: {e}') from e
+  for key in ('family', 'model_config'):
+    if key not in meta:
+      raise CheckpointError(f'{path}: missing field {key!r}')
+  return meta
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
+  """Copies the HF tokenizer files present in src_dir into dst_dir; returns their names."""
+  names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, n))]
+  if names:
+    os.makedirs(dst_dir, exist_ok=True)
+    for n in names:
+      shutil.copy2(os.path.join(src_dir, n), os.path.join(dst_dir, n))
+  return names
+
+
+def tokenizer_dir(ckpt_dir: str) -> str | None:
+  path = os.path.join(ckpt_dir, TOKENIZER_DIR)
+  return path if os.path.isdir(path) else None
+
+
+def save_params_partial(params_dir: str, leaf_tree: dict) -> None:
+  """Adds leaves to a partially written Orbax checkpoint (finish with `finalize_params`)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    ocp.partial.save(params_dir, leaf_tree)
+
+
+def finalize_params(params_dir: str) -> None:
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    ocp.partial.finalize(params_dir)
+
+
+def _nest(path: tuple[str, ...], value: Any) -> dict:
+  for key in reversed(path):
+    value = {key: value}
+  return value
+
+
+def load_params(ckpt_dir: str, abstract_params: Any) -> Any:
+  """Restores the parameters onto the devices and shardings of `abstract_params` (ShapeDtypeStructs with
+  `.sharding`); each host reads only the shards it holds."""
+  path = os.path.join(ckpt_dir, PARAMS_DIR)
+  if not os.path.isdir(path):
+    raise CheckpointError(f'{ckpt_dir}: no {PARAMS_DIR}/ folder')
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    return ocp.load_pytree(path, abstract_params)
+
+
+def load_param_leaf(ckpt_dir: str, path: tuple[str, ...], shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  """Restores one parameter to host memory (numpy), reading nothing else."""
+  ctx = ocp.Context()
+  ctx.pytree.loading.partial_load = True
+  with ctx, warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    tree = ocp.load_pytree(os.path.join(ckpt_dir, PARAMS_DIR), _nest(path, np.empty(shape, dtype)))
+  for key in path:
+    tree = tree[key]
+  return np.asarray(tree)
+
+
+def param_shapes(ckpt_dir: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+  """{param path: (shape, dtype)} read from the checkpoint's metadata alone."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    meta = ocp.pytree_metadata(os.path.join(ckpt_dir, PARAMS_DIR)).metadata
+  flat = jax.tree_util.tree_flatten_with_path(meta, is_leaf=lambda x: hasattr(x, 'shape'))[0]
+  return {tuple(k.key for k in kp): (tuple(leaf.shape), np.dtype(leaf.dtype)) for kp, leaf in flat}

@@ -1,0 +1,131 @@
+"""Both directions between a Hugging Face folder (config.json + safetensors) and a converted Orbax checkpoint.
+
+`import_hf` checks the whole checkpoint against the family's table from the safetensors headers before reading any
+tensor data, then builds one parameter at a time (reading its HF tensors one by one) and appends it to the Orbax
+checkpoint: host memory is bounded by the largest (layer-stacked) parameter, not the model. `export_hf` restores one
+parameter at a time and streams the HF tensors into size-limited shards. Both write to a temporary folder renamed
+at the end, so a failure leaves nothing at `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+import tqdm
+
+from astrea_jax.convert import checkpoint, get_family, safetensors_io, table
+from astrea_jax.models.llama import to_dtype
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'{path}: not found; expected a Hugging Face folder with config.json') from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}: not valid JSON: {e}') from e
+
+
+def _progress(total: int, desc: str, show: bool):
+  return tqdm.tqdm(total=total, desc=desc, unit='tensor', file=sys.stderr, disable=not show, leave=False)
+
+
+def source_dtype(reader: safetensors_io.SafetensorsReader) -> str:
+  """The floating dtype of the HF tensors ('float32', 'bfloat16', 'float16'), from the headers."""
+  dtypes = {str(reader.info(k).dtype) for k in reader.keys()}
+  floats = sorted(d for d in dtypes if d in ('float32', 'bfloat16', 'float16'))
+  return floats[0] if len(floats) == 1 else 'float32'
+
+
+def import_hf(hf_dir: str, out_dir: str, family: str, param_dtype: str = 'float32', overwrite: bool = False,
+              show_progress: bool = True) -> dict[str, Any]:
+  """HF folder -> converted Orbax checkpoint at out_dir; returns the written metadata."""
+  fam = get_family(family)
+  hf_config = _read_json(os.path.join(hf_dir, 'config.json'))
+  cfg = fam.config_from_hf(hf_config, where=os.path.join(hf_dir, 'config.json'))
+  reader = safetensors_io.SafetensorsReader(hf_dir)
+  available = {k: reader.info(k).shape for k in reader.keys()}
+  plan = table.plan(fam.NAME, fam.rules(cfg), cfg.num_layers, available, fam.IGNORE_PATTERNS,
+                    fam.optional_keys(cfg))
+  dtype = np.dtype(to_dtype(param_dtype))
+  gen_path = os.path.join(hf_dir, 'generation_config.json')
+  metadata = {
+      'family': fam.NAME, 'model_config': cfg.to_dict(), 'hf_config': hf_config,
+      'hf_generation_config': _read_json(gen_path) if os.path.exists(gen_path) else None,
+      'source_dtype': source_dtype(reader), 'param_dtype': param_dtype, 'ignored_hf_tensors': plan.ignored,
+  }
+  with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
+    params_dir = os.path.join(tmp, checkpoint.PARAMS_DIR)
+    total = sum(len(r.hf_keys(cfg.num_layers)) for r in plan.rules)
+    with _progress(total, f'{fam.NAME}: HF -> Orbax', show_progress) as bar:
+      def read(key):
+        bar.update(1)
+        return reader.get(key)
+      for r in plan.rules:
+        leaf = table.assemble(r, cfg.num_layers, read, dtype)
+        checkpoint.save_params_partial(params_dir, checkpoint._nest(r.param_path, leaf))
+        del leaf
+    checkpoint.finalize_params(params_dir)
+    metadata['tokenizer_files'] = checkpoint.copy_tokenizer_files(
+        hf_dir, os.path.join(tmp, checkpoint.TOKENIZER_DIR))
+    checkpoint.write_metadata(tmp, metadata)
+  return metadata
+
+
+def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+              show_progress: bool = True) -> list[str]:
+  """Converted Orbax checkpoint -> HF folder (config.json, safetensors shards + index, tokenizer files).
+
+  dtype defaults to the dtype of the HF checkpoint the weights came from (float32 when trained from scratch).
+  Returns the safetensors file names written.
+  """
+  meta = checkpoint.read_metadata(ckpt_dir)
+  fam = get_family(meta['family'])
+  cfg = fam.CONFIG.from_dict(meta['model_config'])
+  dtype = dtype or meta.get('source_dtype') or 'float32'
+  out_np = np.dtype(to_dtype(dtype))
+  rules = fam.rules(cfg)
+  stored = checkpoint.param_shapes(ckpt_dir)
+  table.check_params(fam.NAME, rules, cfg.num_layers, {p: s for p, (s, _) in stored.items()})
+
+  by_key = {}
+  specs = []
+  for r in rules:
+    for key in r.hf_keys(cfg.num_layers):
+      by_key[key] = r
+      specs.append(safetensors_io.TensorSpec(key, r.hf_shape, out_np))
+
+  cache: dict[str, Any] = {'path': None, 'value': None}
+
+  def produce(spec):
+    r = by_key[spec.name]
+    if cache['path'] != r.param_path:  # tensors of one parameter are consecutive: restore each parameter once
+      shape, stored_dtype = stored[r.param_path]
+      cache.update(path=r.param_path, value=checkpoint.load_param_leaf(ckpt_dir, r.param_path, shape, stored_dtype))
+    if r.per_layer:
+      layer = r.hf_keys(cfg.num_layers).index(spec.name)
+      return np.asarray(r.to_hf(cache['value'][layer]), dtype=out_np)
+    return np.asarray(r.to_hf(cache['value']), dtype=out_np)
+
+  with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
+    hf_config = fam.config_to_hf(cfg, meta.get('hf_config'), dtype)
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      json.dump(hf_config, f, indent=2, sort_keys=True)
+    if meta.get('hf_generation_config'):
+      with open(os.path.join(tmp, 'generation_config.json'), 'w') as f:
+        json.dump(meta['hf_generation_config'], f, indent=2, sort_keys=True)
+    with _progress(len(specs), f'{fam.NAME}: Orbax -> HF', show_progress) as bar:
+      files = safetensors_io.write_folder(tmp, specs, produce, max_shard_bytes, on_tensor=lambda _: bar.update(1))
+    tok = checkpoint.tokenizer_dir(ckpt_dir)
+    if tok:
+      checkpoint.copy_tokenizer_files(tok, tmp)
+  return files
+

@@ -1,0 +1,147 @@
+"""One mapping table per model family drives both directions of conversion.
+
+A table is a list of `TensorRule`s. Each rule names a Hugging Face tensor (with `{layer}` for per-layer tensors,
+which stack on the leading `layers` axis of a scanned parameter), the parameter path in our tree, the expected HF
+shape, and a pair of inverse transforms (HF array <-> one layer of our parameter). `plan` checks a checkpoint's keys
+and shapes against the table from headers alone, so nothing is written when a tensor is missing, unexpected or
+mis-shaped; the errors name the key, the family and the expected shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+class ConversionError(ValueError):
+  """Checkpoint tensors do not match the family's table; the message names keys, family and expected shapes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+  hf_key: str                   # e.g. 'model.layers.{layer}.mlp.up_proj.weight'
+  param_path: tuple[str, ...]   # e.g. ('layers', 'mlp', 'up', 'kernel')
+  hf_shape: tuple[int, ...]     # shape of the HF tensor (one layer)
+  to_param: Transform           # HF array -> our array (one layer)
+  to_hf: Transform              # our array (one layer) -> HF array
+
+  @property
+  def per_layer(self) -> bool:
+    return '{layer}' in self.hf_key
+
+  def hf_keys(self, num_layers: int) -> list[str]:
+    if self.per_layer:
+      return [self.hf_key.format(layer=i) for i in range(num_layers)]
+    return [self.hf_key]
+
+  def param_shape(self, num_layers: int) -> tuple[int, ...]:
+    one = self.to_param(np.empty(self.hf_shape, np.float32)).shape
+    return (num_layers, *one) if self.per_layer else one
+
+
+# Transforms between a torch `nn.Linear` weight [out, in] and Flax kernels.
+def identity() -> tuple[Transform, Transform]:
+  return (lambda x: x), (lambda x: x)
+
+
+def linear() -> tuple[Transform, Transform]:
+  """[out, in] <-> Dense kernel [in, out]."""
+  return (lambda w: w.T), (lambda k: k.T)
+
+
+def linear_split_out(heads: int, head_dim: int) -> tuple[Transform, Transform]:
+  """[heads*head_dim, in] <-> DenseGeneral kernel [in, heads, head_dim]."""
+  return ((lambda w: w.T.reshape(w.shape[1], heads, head_dim)),
+          (lambda k: k.reshape(k.shape[0], heads * head_dim).T))
+
+
+def linear_split_in(heads: int, head_dim: int) -> tuple[Transform, Transform]:
+  """[out, heads*head_dim] <-> DenseGeneral kernel [heads, head_dim, out]."""
+  return ((lambda w: w.T.reshape(heads, head_dim, w.shape[0])),
+          (lambda k: k.reshape(heads * head_dim, k.shape[-1]).T))
+
+
+def rule(hf_key: str, param_path: str, hf_shape: Sequence[int], transforms: tuple[Transform, Transform]):
+  return TensorRule(hf_key, tuple(param_path.split('/')), tuple(hf_shape), *transforms)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a conversion will read: each rule with the HF keys feeding it, in table order."""
+  rules: list[TensorRule]
+  num_layers: int
+  ignored: list[str]
+
+
+def plan(family: str, rules: list[TensorRule], num_layers: int, available: Mapping[str, tuple[int, ...]],
+         ignore_patterns: Iterable[str] = (), optional_keys: Iterable[str] = ()) -> Plan:
+  """Checks available {hf_key: shape} against the table: every expected key present with its shape, nothing extra.
+
+  `ignore_patterns` (regexes) name tensors that are known and deliberately dropped (e.g. rotary `inv_freq`
+  buffers); `optional_keys` may be present without being needed (e.g. a tied `lm_head.weight`).
+  """
+  expected: dict[str, tuple[int, ...]] = {}
+  for r in rules:
+    for key in r.hf_keys(num_layers):
+      expected[key] = r.hf_shape
+  missing = [k for k in expected if k not in available]
+  patterns = [re.compile(p) for p in ignore_patterns]
+  optional = set(optional_keys)
+  ignored = [k for k in available if k not in expected and (k in optional or any(p.fullmatch(k) for p in patterns))]
+  unexpected = sorted(k for k in available if k not in expected and k not in ignored)
+  mis_shaped = [(k, available[k], s) for k, s in expected.items() if k in available and tuple(available[k]) != s]
+  problems = []
+  if missing:
+    problems.append(f'{len(missing)} missing tensor(s): ' + ', '.join(
+        f'{k} (expected shape {list(expected[k])})' for k in missing[:8]) + (' ...' if len(missing) > 8 else ''))
+  if unexpected:
+    problems.append(f'{len(unexpected)} unexpected tensor(s): ' + ', '.join(unexpected[:8]) +
+                    (' ...' if len(unexpected) > 8 else ''))
+  if mis_shaped:
+    problems.append(f'{len(mis_shaped)} mis-shaped tensor(s): ' + ', '.join(
+        f'{k} has shape {list(got)}, expected {list(want)}' for k, got, want in mis_shaped[:8]))
+  if problems:
+    raise ConversionError(f'family {family!r}: checkpoint does not match the table: ' + '; '.join(problems))
+  return Plan(rules, num_layers, sorted(ignored))
+
+
+def assemble(r: TensorRule, num_layers: int, read: Callable[[str], np.ndarray], dtype: np.dtype) -> np.ndarray:
+  """Builds one parameter of `dtype` from its HF tensors, stacking per-layer ones (one HF tensor read at a time)."""
+  if not r.per_layer:
+    return np.asarray(r.to_param(read(r.hf_key)), dtype=dtype)
+  out = np.empty(r.param_shape(num_layers), dtype=dtype)
+  for i, key in enumerate(r.hf_keys(num_layers)):
+    out[i] = r.to_param(read(key))
+  return out
+
+
+def check_params(family: str, rules: list[TensorRule], num_layers: int,
+                 shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> None:
+  """Checks a parameter tree {path: shape} against the table before export: every leaf present, none extra."""
+  expected = {r.param_path: r.param_shape(num_layers) for r in rules}
+  missing = [p for p in expected if p not in shapes]
+  unexpected = sorted(p for p in shapes if p not in expected)
+  mis_shaped = [(p, shapes[p], s) for p, s in expected.items() if p in shapes and tuple(shapes[p]) != s]
+  problems = []
+  if missing:
+    problems.append('missing parameter(s): ' + ', '.join(f'{"/".join(p)} (expected shape {list(expected[p])})'
+                                                         for p in missing))
+  if unexpected:
+    problems.append('unexpected parameter(s): ' + ', '.join('/'.join(p) for p in unexpected))
+  if mis_shaped:
+    problems.append('mis-shaped parameter(s): ' + ', '.join(f'{"/".join(p)} has shape {list(g)}, expected {list(w)}'
+                                                            for p, g, w in mis_shaped))
+  if problems:
+    raise ConversionError(f'family {family!r}: parameters do not match the table: ' + '; '.join(problems))
+
+
+def hf_tensors(r: TensorRule, num_layers: int, param: np.ndarray) -> list[tuple[str, np.ndarray]]:
+  """The HF tensors of one parameter (unstacking per-layer ones)."""
+  if not r.per_layer:
+    return [(r.hf_key, r.to_hf(param))]
+  return [(key, r.to_hf(param[i])) for i, key in enumerate(r.hf_keys(num_layers))]

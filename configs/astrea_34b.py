@@ -1,0 +1,25 @@
+"""Astrea-34B: Hermes-2-Yi-34B shapes (Llama layout, GQA 56:8, rope_theta 5e6, vocab 64000, chatml template)."""
+
+from astrea_jax import config as config_lib
+
+
+def get_config():
+  c = config_lib.base_config()  # every field is documented in astrea_jax/config.py
+  c.llm.vocab_size = 64000
+  c.llm.hidden_size = 7168
+  c.llm.intermediate_size = 20480
+  c.llm.num_layers = 60
+  c.llm.num_heads = 56
+  c.llm.num_kv_heads = 8        # grouped-query attention, 7 query heads per kv head
+  c.llm.head_dim = 128
+  c.llm.rope_theta = 5000000.0
+  c.llm.rms_norm_eps = 1e-5
+  c.llm.max_position_embeddings = 4096
+  c.llm.dtype = 'bfloat16'      # bf16 compute, fp32 master weights
+  c.llm.remat_policy = 'full'   # recompute each block in the backward pass
+  c.mesh.data = 1
+  c.mesh.fsdp = -1              # ZeRO-3 over all devices by default
+  c.train.global_batch_size = 128  # paper's global batch
+  c.train.seq_len = 2048
+  c.generate.max_new_tokens = 128
+  return config_lib.lock(c)
