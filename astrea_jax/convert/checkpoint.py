@@ -139,3 +139,27 @@ def param_shapes(ckpt_dir: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], 
     meta = ocp.pytree_metadata(os.path.join(ckpt_dir, PARAMS_DIR)).metadata
   flat = jax.tree_util.tree_flatten_with_path(meta, is_leaf=lambda x: hasattr(x, 'shape'))[0]
   return {tuple(k.key for k in kp): (tuple(leaf.shape), np.dtype(leaf.dtype)) for kp, leaf in flat}
+
+
+def load_llm(ckpt_dir: str, mesh: jax.sharding.Mesh, rules, **config_overrides):
+  """(LlamaConfig, params) of a converted Llama-family checkpoint, restored into the mesh's shardings.
+
+  The model config comes from the checkpoint; `config_overrides` may change numerics only (dtype, remat_policy).
+  """
+  import jax.numpy as jnp
+
+  from astrea_jax.models import llama
+  from astrea_jax.parallel import sharding
+
+  meta = read_metadata(ckpt_dir)
+  if meta['family'] != 'llama':
+    raise CheckpointError(f'{ckpt_dir}: family {meta["family"]!r} is not a language model; expected "llama"')
+  shape_fields = set(meta['model_config']) - {'dtype', 'param_dtype', 'remat_policy'}
+  bad = sorted(set(config_overrides) & shape_fields)
+  if bad:
+    raise CheckpointError(f'{ckpt_dir}: overrides {bad} would change the stored model shape')
+  cfg = llama.LlamaConfig.from_dict(dict(meta['model_config'], **config_overrides))
+  model = llama.Llama(cfg)
+  init = lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
+  abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
+  return cfg, load_params(ckpt_dir, sharding.with_shardings(abstract, shardings))

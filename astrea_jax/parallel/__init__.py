@@ -1,0 +1,1 @@
+"""Device meshes, logical-axis sharding rules, sharded initialisation and multi-host setup."""

@@ -1,0 +1,64 @@
+"""Logical axis names -> mesh shardings, and initialisation directly into those shardings.
+
+Modules name the axes of their parameters and activations (`embed`, `mlp`, `activation_batch`, ...); the rules that
+map names to mesh axes are data in the config (`config.logical_axis_rules`). Following big_vision/MaxText, state is
+never materialised on one device: `jax.eval_shape` gives the abstract tree with its logical names, the rules give
+`NamedSharding`s, and `jax.jit(init, out_shardings=...)` creates each shard where it lives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = Sequence[tuple[str, Any]]
+
+
+def normalize_rules(rules: Rules) -> tuple[tuple[str, Any], ...]:
+  """Config rules (lists from JSON or tuples) as the tuple-of-pairs Flax expects."""
+  out = []
+  for name, axes in rules:
+    if isinstance(axes, list):
+      axes = tuple(axes)
+    out.append((name, axes))
+  return tuple(out)
+
+
+@contextlib.contextmanager
+def logical_context(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Inside: `nn.with_logical_constraint` resolves names with these rules on this mesh."""
+  with mesh, nn.logical_axis_rules(normalize_rules(rules)):
+    yield
+
+
+def logical_to_sharding(logical_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+  """A tree of `PartitionSpec`s of logical names -> a tree of `NamedSharding`s."""
+  return nn.logical_to_mesh_sharding(logical_tree, mesh, normalize_rules(rules))
+
+
+def abstract_and_shardings(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
+  """(abstract tree with boxed logical names stripped, matching tree of NamedShardings) for `init_fn`'s output."""
+  boxed = jax.eval_shape(init_fn)
+  shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  return nn.unbox(boxed), shardings
+
+
+def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
+  """Runs `init_fn` under jit with out_shardings from the logical names; returns (unboxed tree, shardings)."""
+  _, shardings = abstract_and_shardings(init_fn, mesh, rules)
+  with logical_context(mesh, rules):
+    tree = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
+  return tree, shardings
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying shardings (what Orbax restores into and AOT compilation lowers with)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
