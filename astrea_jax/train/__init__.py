@@ -1,0 +1,1 @@
+"""Train state, losses, optimizers and step functions."""

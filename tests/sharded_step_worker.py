@@ -1,0 +1,82 @@
+"""Runs in its own process with 8 fake CPU devices (set by tests/test_sharded_train_step.py).
+
+Trains the tiny LLM for a few AdamW steps from the same initial parameters and batches, once on a 1-device mesh and
+once on a data=2, fsdp=2, tensor=2 mesh, and prints one JSON line with the largest differences.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from astrea_jax import config as config_lib  # noqa: E402
+from astrea_jax.models import llama  # noqa: E402
+from astrea_jax.parallel import mesh as mesh_lib  # noqa: E402
+from astrea_jax.parallel import sharding  # noqa: E402
+from astrea_jax.train import lm, optimizer as optimizer_lib  # noqa: E402
+
+STEPS = 3
+
+
+def run(config, devices, init_params, batches):
+  mesh = mesh_lib.create_mesh(config.mesh, devices)
+  rules = config.logical_axis_rules
+  cfg = config_lib.llm_config(config)
+  model = llama.Llama(cfg)
+  tx = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)
+  init = lm.init_state_fn(model, tx, jax.random.key(0), config.train.seq_len)
+  _, state_shardings = sharding.abstract_and_shardings(init, mesh, rules)
+  params = jax.device_put(init_params, state_shardings.params)
+  state = lm.state_from_params(params, tx, state_shardings)
+  grads = jax.device_get(jax.jit(jax.grad(lambda p, b: lm.loss_fn(model, p, b)[0]))(params, batches[0]))
+  step = lm.make_train_step(model, tx, mesh, rules, state_shardings)
+  metrics = []
+  for batch in batches:
+    state, m = step(state, batch)
+    metrics.append({k: float(v) for k, v in m.items()})
+  layout = {'/'.join(str(k.key) for k in kp): str(x.sharding.spec)
+            for kp, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  return jax.device_get(state.params), grads, metrics, layout
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  config = config_lib.base_config()
+  config.train.num_steps = STEPS
+  config.optimizer.warmup_fraction = 0.0
+  cfg = config_lib.llm_config(config)
+  rng = np.random.RandomState(0)
+  b, l = config.train.global_batch_size, config.train.seq_len
+  batches = []
+  for _ in range(STEPS):
+    tokens = rng.randint(0, cfg.vocab_size, (b, l + 1)).astype(np.int32)
+    mask = (rng.rand(b, l) > 0.3).astype(np.float32)
+    batches.append({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': mask})
+  init_params = jax.device_get(llama.Llama(cfg).init(jax.random.key(1), np.zeros((1, l), np.int32))['params'])
+  init_params = jax.tree.map(np.asarray, __import__('flax').linen.unbox(init_params))
+
+  one = config.copy_and_resolve_references()
+  one.mesh.data, one.mesh.fsdp, one.mesh.tensor = 1, 1, 1
+  p1, g1, m1, _ = run(one, jax.devices()[:1], init_params, batches)
+  eight = config.copy_and_resolve_references()
+  eight.mesh.data, eight.mesh.fsdp, eight.mesh.tensor = 2, 2, 2
+  p8, g8, m8, layout = run(eight, jax.devices(), init_params, batches)
+
+  param_diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
+  grad_diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)))
+  print(json.dumps({
+      'grad_max_abs_diff': grad_diff,
+      'param_max_abs_diff': param_diff,
+      'loss_max_abs_diff': max(abs(a['loss'] - b['loss']) for a, b in zip(m1, m8)),
+      'grad_norm_max_abs_diff': max(abs(a['grad_norm'] - b['grad_norm']) for a, b in zip(m1, m8)),
+      'losses_1': [m['loss'] for m in m1], 'losses_8': [m['loss'] for m in m8],
+      'layout': layout,
+  }))
+
+
+if __name__ == '__main__':
+  main()
