@@ -99,6 +99,20 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Settings shared by the 13B and 34B configs: bf16 compute on fp32 master weights, full remat, ZeRO-3 over all
+  devices, the paper's global batch of 128 sequences of 2048 tokens (576 visual + text)."""
+  c.llm.dtype = 'bfloat16'
+  c.llm.remat_policy = 'full'
+  c.llm.max_position_embeddings = 4096
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.train.global_batch_size = 128
+  c.train.seq_len = 2048
+  c.generate.max_new_tokens = 128
+  return c
+
+
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates then locks the config (no new keys from here on)."""
   validate(config)

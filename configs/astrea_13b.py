@@ -4,7 +4,7 @@ from astrea_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.base_config()  # every field is documented in astrea_jax/config.py
+  c = config_lib.paper_scale(config_lib.base_config())  # fields documented in astrea_jax/config.py
   c.llm.vocab_size = 32000
   c.llm.hidden_size = 5120
   c.llm.intermediate_size = 13824
@@ -14,12 +14,4 @@ def get_config():
   c.llm.head_dim = 128
   c.llm.rope_theta = 10000.0
   c.llm.rms_norm_eps = 1e-5
-  c.llm.max_position_embeddings = 4096
-  c.llm.dtype = 'bfloat16'      # bf16 compute, fp32 master weights
-  c.llm.remat_policy = 'full'   # recompute each block in the backward pass
-  c.mesh.data = 1
-  c.mesh.fsdp = -1              # ZeRO-3 over all devices by default
-  c.train.global_batch_size = 128  # paper's global batch
-  c.train.seq_len = 2048
-  c.generate.max_new_tokens = 128
   return config_lib.lock(c)
