@@ -1,0 +1,1 @@
+"""Inference and evaluation: autoregressive decoding with the KV cache."""

@@ -1,0 +1,167 @@
+"""Autoregressive decoding with the functional KV cache: greedy or temperature + nucleus (top-p) sampling.
+
+`generate` left-pads a batch of prompts, runs one jitted prefill over the whole prompt into a cache of P + N slots,
+then one jitted decode loop (`jax.lax.while_loop`) that feeds back one token per step and stops early once every row
+has emitted the end-of-sequence id. The token choice (`greedy`, `sample_top_p`) is a small pure function of the
+last-position logits [B, V], following Hugging Face's `TemperatureLogitsWarper` and `TopPLogitsWarper`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from astrea_jax.models import llama
+
+Array = jax.Array
+
+
+def greedy(logits: Array) -> Array:
+  """The most likely token per row: logits [B, V] -> ids [B] int32 (ties go to the lowest id, as in torch)."""
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def top_p_mask(logits: Array, top_p: float | Array) -> Array:
+  """Nucleus of each row: logits [B, V] -> bool [B, V], True for the kept tokens.
+
+  Keeps the smallest set of most likely tokens whose probability mass reaches top_p: a token is kept when the mass of
+  the tokens ranked above it is < top_p, so the top token is always kept. Tokens tied with the last kept one are kept.
+  """
+  sorted_logits = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)  # [B, V] descending
+  probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
+  mass_above = jnp.cumsum(probs, axis=-1)[..., :-1]
+  mass_above = jnp.concatenate([jnp.zeros_like(probs[..., :1]), mass_above], axis=-1)
+  num_kept = jnp.maximum(jnp.sum(mass_above < top_p, axis=-1), 1)  # [B]
+  threshold = jnp.take_along_axis(sorted_logits, (num_kept - 1)[..., None], axis=-1)  # [B, 1]
+  return logits >= threshold
+
+
+def sample_top_p(logits: Array, rng: Array, temperature: float | Array, top_p: float | Array) -> Array:
+  """Samples one token per row from softmax(logits / temperature) restricted to its top-p nucleus.
+
+  logits [B, V], rng a PRNG key, temperature > 0, 0 < top_p <= 1 -> ids [B] int32.
+  """
+  scaled = logits.astype(jnp.float32) / temperature
+  filtered = jnp.where(top_p_mask(scaled, top_p), scaled, -jnp.inf)
+  return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts of different lengths -> (ids [B, P] int32, mask [B, P] bool), right-aligned so that every row's last
+  prompt token sits at slot P - 1; mask is True on real tokens."""
+  if not prompts:
+    raise ValueError('left_pad: no prompts given; expected at least one list of token ids')
+  length = max(len(p) for p in prompts)
+  ids = np.full((len(prompts), length), pad_id, np.int32)
+  mask = np.zeros((len(prompts), length), np.bool_)
+  for row, prompt in enumerate(prompts):
+    if len(prompt):
+      ids[row, length - len(prompt):] = prompt
+      mask[row, length - len(prompt):] = True
+  return ids, mask
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+  """Raises ValueError naming the first empty prompt or token id outside [0, vocab_size)."""
+  if not prompts:
+    raise ValueError('no prompts given; expected at least one list of token ids')
+  for row, prompt in enumerate(prompts):
+    if not len(prompt):
+      raise ValueError(f'prompt {row} is empty; every prompt needs at least one token (e.g. BOS)')
+    for tok in prompt:
+      if not isinstance(tok, (int, np.integer)):
+        raise ValueError(f'prompt {row}: token id {tok!r} is not an integer')
+      if not 0 <= tok < vocab_size:
+        raise ValueError(f'prompt {row}: token id {tok} is outside [0, {vocab_size}) (the vocab size)')
+
+
+def _pick(logits: Array, rng: Array, temperature: float, top_p: float) -> Array:
+  """Greedy when temperature == 0, else temperature + top-p sampling: logits [B, V] -> ids [B]."""
+  if temperature == 0.0:
+    return greedy(logits)
+  return sample_top_p(logits, rng, temperature, top_p)
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'cache_length'))
+def _prefill(params: Any, ids: Array, mask: Array, *, cfg: llama.LlamaConfig,
+             cache_length: int) -> tuple[dict[str, Array], Array]:
+  """Runs the whole prompt ids/mask [B, P] into a fresh cache of cache_length slots -> (cache, last logits [B, V])."""
+  cache = llama.init_cache(cfg, ids.shape[0], cache_length)
+  logits, cache = llama.Llama(cfg).apply({'params': params}, ids, attention_mask=mask, cache=cache)
+  return cache, logits[:, -1]
+
+
+@functools.partial(jax.jit, donate_argnames=('cache',),
+                   static_argnames=('cfg', 'max_new_tokens', 'temperature', 'top_p', 'eos_id', 'pad_id'))
+def _decode(params: Any, cache: dict[str, Array], logits: Array, rng: Array, *, cfg: llama.LlamaConfig,
+            max_new_tokens: int, temperature: float, top_p: float, eos_id: int | None,
+            pad_id: int) -> tuple[Array, dict[str, Array]]:
+  """The decode loop: from the prefill's last logits [B, V], emits up to max_new_tokens ids per row -> ([B, N], cache).
+
+  A row that has emitted eos_id is finished: it emits pad_id from then on. The loop ends after N tokens or once
+  every row is finished (the remaining columns stay pad_id). The final cache is returned so that the donated input
+  cache is updated in place rather than copied.
+  """
+  batch = logits.shape[0]
+
+  def emit(step, tokens, finished, out):
+    tokens = jnp.where(finished, pad_id, tokens)
+    out = jax.lax.dynamic_update_slice_in_dim(out, tokens[:, None], step, axis=1)
+    if eos_id is not None:
+      finished = finished | (tokens == eos_id)
+    return tokens, finished, out
+
+  rng, key = jax.random.split(rng)
+  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  tokens, finished, out = emit(0, _pick(logits, key, temperature, top_p), jnp.zeros((batch,), jnp.bool_), out)
+
+  def cond(carry):
+    step, _, _, _, finished, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(finished)
+
+  def body(carry):
+    step, cache, tokens, rng, finished, out = carry
+    logits, cache = llama.Llama(cfg).apply({'params': params}, tokens[:, None], cache=cache)
+    rng, key = jax.random.split(rng)
+    tokens, finished, out = emit(step, _pick(logits[:, -1], key, temperature, top_p), finished, out)
+    return step + 1, cache, tokens, rng, finished, out
+
+  carry = (jnp.ones((), jnp.int32), cache, tokens, rng, finished, out)
+  _, cache, _, _, _, out = jax.lax.while_loop(cond, body, carry)
+  return out, cache
+
+
+def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+  """The tokens up to and including the first eos_id (all of them without one)."""
+  if eos_id is not None and eos_id in tokens:
+    return tokens[:tokens.index(eos_id) + 1]
+  return tokens
+
+
+def generate(cfg: llama.LlamaConfig, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+             pad_id: int = 0) -> list[list[int]]:
+  """Continues each prompt (a list of token ids) by up to max_new_tokens tokens; returns only the new tokens.
+
+  Greedy when temperature == 0, else temperature + nucleus sampling with `jax.random.key(seed)`. A row stops after
+  emitting eos_id (which ends its output). pad_id fills the left padding of shorter prompts and is never attended.
+  """
+  check_prompts(prompts, cfg.vocab_size)
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens={max_new_tokens} must be at least 1')
+  if temperature < 0:
+    raise ValueError(f'temperature={temperature} must be >= 0 (0 = greedy)')
+  if not 0 < top_p <= 1:
+    raise ValueError(f'top_p={top_p} must be in (0, 1]')
+  if not 0 <= pad_id < cfg.vocab_size:
+    raise ValueError(f'pad_id={pad_id} must be a token id in [0, {cfg.vocab_size})')
+  ids, mask = left_pad(prompts, pad_id)
+  cache, logits = _prefill(params, ids, mask, cfg=cfg, cache_length=ids.shape[1] + max_new_tokens)
+  out, _ = _decode(params, cache, logits, jax.random.key(seed), cfg=cfg, max_new_tokens=max_new_tokens,
+                   temperature=float(temperature), top_p=float(top_p),
+                   eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id))
+  return [_until_eos(row, eos_id) for row in np.asarray(out).tolist()]
