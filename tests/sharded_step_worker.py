@@ -66,10 +66,25 @@ def main():
   eight.mesh.data, eight.mesh.fsdp, eight.mesh.tensor = 2, 2, 2
   p8, g8, m8, layout = run(eight, jax.devices(), init_params, batches)
 
+  # Sharded init (eval_shape -> shardings -> jit(out_shardings)) creates each shard in place, with the same values
+  # as an unsharded init from the same key.
+  mesh8 = mesh_lib.create_mesh(eight.mesh)
+  cfg8 = config_lib.llm_config(eight)
+  tx = optimizer_lib.make_optimizer(eight.optimizer, STEPS)
+  init = lm.init_state_fn(llama.Llama(cfg8), tx, jax.random.key(1), eight.train.seq_len)
+  state8, shardings8 = sharding.init_sharded(init, mesh8, eight.logical_axis_rules)
+  mu_spec = str(jax.tree.leaves(state8.opt_state[1][0].mu)[0].sharding.spec)
+  init_diff = max(float(np.abs(np.asarray(a) - b).max())
+                  for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(init_params)))
+  init_sharded_as_planned = all(x.sharding == s for x, s in zip(jax.tree.leaves(state8), jax.tree.leaves(shardings8)))
+
   param_diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
   grad_diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)))
   print(json.dumps({
       'grad_max_abs_diff': grad_diff,
+      'init_max_abs_diff': init_diff,
+      'init_sharded_as_planned': init_sharded_as_planned,
+      'adam_mu_first_leaf_spec': mu_spec,
       'param_max_abs_diff': param_diff,
       'loss_max_abs_diff': max(abs(a['loss'] - b['loss']) for a, b in zip(m1, m8)),
       'grad_norm_max_abs_diff': max(abs(a['grad_norm'] - b['grad_norm']) for a, b in zip(m1, m8)),
