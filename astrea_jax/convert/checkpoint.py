@@ -90,11 +90,11 @@ def tokenizer_dir(ckpt_dir: str) -> str | None:
   return path if os.path.isdir(path) else None
 
 
-def save_params_partial(params_dir: str, leaf_tree: dict) -> None:
-  """Adds leaves to a partially written Orbax checkpoint (finish with `finalize_params`)."""
+def save_params_partial(params_dir: str, path: tuple[str, ...], leaf: np.ndarray) -> None:
+  """Adds one parameter at `path` to a partially written Orbax checkpoint (finish with `finalize_params`)."""
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
-    ocp.partial.save(params_dir, leaf_tree)
+    ocp.partial.save(params_dir, _nest(path, leaf))
 
 
 def finalize_params(params_dir: str) -> None:

@@ -70,7 +70,7 @@ def import_hf(hf_dir: str, out_dir: str, family: str, param_dtype: str = 'float3
         return reader.get(key)
       for r in plan.rules:
         leaf = table.assemble(r, cfg.num_layers, read, dtype)
-        checkpoint.save_params_partial(params_dir, checkpoint._nest(r.param_path, leaf))
+        checkpoint.save_params_partial(params_dir, r.param_path, leaf)
         del leaf
     checkpoint.finalize_params(params_dir)
     metadata['tokenizer_files'] = checkpoint.copy_tokenizer_files(

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import struct
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -184,7 +184,3 @@ def write_folder(out_dir: str, specs: list[TensorSpec], produce: Callable[[Tenso
     json.dump(index, f, indent=2, sort_keys=True)
   return names
 
-
-def iter_tensors(reader: SafetensorsReader, keys: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
-  for key in keys:
-    yield key, reader.get(key)
