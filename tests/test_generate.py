@@ -15,6 +15,7 @@ from transformers.generation import logits_process
 from astrea_jax import config
 from astrea_jax.convert import checkpoint, hf
 from astrea_jax.eval import generate
+from astrea_jax.models import llama
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.testing import hf_fixtures
 
@@ -201,3 +202,12 @@ def test_cli_takes_config_and_overrides(models):
   assert proc.stdout.splitlines() == ['ids: ' + ' '.join(map(str, expected))]
   bad = run_cli(f'--ckpt={ckpt_dir}', '--prompt_ids=1', f'--config={config}', '--config.generate.max_new_tokns=5')
   assert bad.returncode != 0 and 'max_new_tokns' in bad.stderr
+
+
+def test_generation_from_embeddings_equals_generation_from_ids(models):
+  _, _, cfg, params = models['gqa']
+  prompts = [[1, 5, 9, 33, 7], [1, 40]]
+  ids, mask = generate.left_pad(prompts, 0)
+  embeds = llama.Llama(cfg).apply({'params': params}, ids, method=llama.Llama.embed)
+  by_embeds = generate.generate_from_inputs(cfg, params, embeds, mask, 12, eos_id=EOS)
+  assert by_embeds == generate.generate(cfg, params, prompts, 12, eos_id=EOS)

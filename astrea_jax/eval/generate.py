@@ -87,11 +87,18 @@ def _pick(logits: Array, rng: Array, temperature: float, top_p: float) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'cache_length'))
-def _prefill(params: Any, ids: Array, mask: Array, *, cfg: llama.LlamaConfig,
+def _prefill(params: Any, inputs: Array, mask: Array, *, cfg: llama.LlamaConfig,
              cache_length: int) -> tuple[dict[str, Array], Array]:
-  """Runs the whole prompt ids/mask [B, P] into a fresh cache of cache_length slots -> (cache, last logits [B, V])."""
-  cache = llama.init_cache(cfg, ids.shape[0], cache_length)
-  logits, cache = llama.Llama(cfg).apply({'params': params}, ids, attention_mask=mask, cache=cache)
+  """Runs the whole prompt into a fresh cache of cache_length slots -> (cache, last logits [B, V]).
+
+  inputs: token ids [B, P] or input embeddings [B, P, E] (e.g. with visual tokens spliced in); mask [B, P].
+  """
+  cache = llama.init_cache(cfg, inputs.shape[0], cache_length)
+  model = llama.Llama(cfg)
+  if inputs.ndim == 3:
+    logits, cache = model.apply({'params': params}, inputs_embeds=inputs, attention_mask=mask, cache=cache)
+  else:
+    logits, cache = model.apply({'params': params}, inputs, attention_mask=mask, cache=cache)
   return cache, logits[:, -1]
 
 
@@ -151,6 +158,17 @@ def generate(cfg: llama.LlamaConfig, params: Any, prompts: Sequence[Sequence[int
   emitting eos_id (which ends its output). pad_id fills the left padding of shorter prompts and is never attended.
   """
   check_prompts(prompts, cfg.vocab_size)
+  ids, mask = left_pad(prompts, pad_id)
+  return generate_from_inputs(cfg, params, ids, mask, max_new_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed, eos_id=eos_id, pad_id=pad_id)
+
+
+def generate_from_inputs(cfg: llama.LlamaConfig, params: Any, inputs: Array | np.ndarray, mask: Array | np.ndarray,
+                         max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                         eos_id: int | None = None, pad_id: int = 0) -> list[list[int]]:
+  """`generate` from a left-padded prompt: token ids [B, P] or input embeddings [B, P, E], mask [B, P] (True on
+  real positions). A vision-language model passes its embeddings with the visual tokens spliced in, so the visual
+  prefix is computed once and decoding runs on the LLM's KV cache alone."""
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens} must be at least 1')
   if temperature < 0:
@@ -159,8 +177,7 @@ def generate(cfg: llama.LlamaConfig, params: Any, prompts: Sequence[Sequence[int
     raise ValueError(f'top_p={top_p} must be in (0, 1]')
   if not 0 <= pad_id < cfg.vocab_size:
     raise ValueError(f'pad_id={pad_id} must be a token id in [0, {cfg.vocab_size})')
-  ids, mask = left_pad(prompts, pad_id)
-  cache, logits = _prefill(params, ids, mask, cfg=cfg, cache_length=ids.shape[1] + max_new_tokens)
+  cache, logits = _prefill(params, inputs, mask, cfg=cfg, cache_length=inputs.shape[1] + max_new_tokens)
   out, _ = _decode(params, cache, logits, jax.random.key(seed), cfg=cfg, max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_p=float(top_p),
                    eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id))
