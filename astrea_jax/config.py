@@ -11,9 +11,14 @@ from typing import Any
 
 import ml_collections
 
+from astrea_jax.astrea import router
 from astrea_jax.models import llama
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Training stages in the paper's order (the pre-alignment order is `config.data.align_order`).
+ALIGN_STAGES = ('align_caption', 'align_classification', 'align_detection', 'align_segmentation')
+STAGES = ALIGN_STAGES + ('instruct', 'main')
 
 # Logical axis name -> mesh axes (None: replicated). Params and activations both use these names; the first rule
 # whose mesh axes are all present (and unused in that array) applies, as in flax.linen.logical_to_mesh_axes.
@@ -34,6 +39,8 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ('kv_heads', 'tensor'),
     ('head_dim', None),
     ('mlp', 'tensor'),
+    ('experts', None),       # the router's outputs and the adapters' leading axis (4 experts: replicated)
+    ('contrastive', None),   # the MoCo heads' embedding width
 )
 
 
@@ -62,6 +69,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.llm.dtype = 'float32'            # compute dtype: float32 | bfloat16 | float16
   c.llm.param_dtype = 'float32'      # storage dtype of parameters (master weights)
   c.llm.remat_policy = 'none'        # none | full | dots_saveable | dots_with_no_batch_dims_saveable | ...
+
+  # --- the paper's parts (astrea_jax.astrea): residual attention (Eq. 2-4), router + adapters (Eq. 9-10) ---
+  c.astrea = ml_collections.ConfigDict()
+  c.astrea.residual_prob = 0.5       # P(p_i = 1) per earlier stage and sample at train time (paper: not given)
+  c.astrea.residual_heads = 4        # heads of the residual cross-attention; must divide llm.hidden_size
+  c.astrea.residual_gamma = 1.0      # gamma of Eq. 3, the weight of the earlier stages' features
+  c.astrea.residual_add = False      # True: f' = f + attention; False: f' = attention (Eq. 2 as written)
+  c.astrea.top_k = 3                 # experts mixed per token (Eq. 9-10; paper's default and best, Table 3)
+  c.astrea.router_context = 'visual'  # router input: 'visual' (experts' tokens) | 'visual+text' (+ pooled instruction)
+  c.astrea.load_balance_coef = 0.0   # Switch load-balancing loss weight; 0 = off (the paper has none)
+  c.astrea.router_z_coef = 0.0       # router z-loss weight; 0 = off
+
+  # --- momentum contrast (Eq. 5-8, 11; astrea_jax.astrea.moco) ---
+  c.moco = ml_collections.ConfigDict()
+  c.moco.momentum = 0.995            # m of Eq. 8, EMA of the key encoder
+  c.moco.queue_size = 4096           # keys per queue (one image, one text); a multiple of train.global_batch_size
+  c.moco.temperature = 0.07          # tau of Eq. 5 (MoCo's value; paper: not given)
+  c.moco.lam = 0.5                   # lambda of Eq. 7: weight of image->text (rows) vs text->image (columns)
+  c.moco.mu = 0.1                    # mu of Eq. 11: weight of L_moco in the total loss (paper: not given)
+  c.moco.embed_dim = 32              # width of the pooled, L2-normalised contrastive embeddings (ALBEF: 256)
+  c.moco.momentum_modules = ('projectors', 'adapters', 'router', 'heads')  # top-level param trees the EMA copies
 
   # --- where weights and the tokenizer come from ---
   c.init_checkpoint = ''             # converted Orbax checkpoint (launch.convert_hf_to_orbax); '' = random init
@@ -145,6 +173,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.train.global_batch_size={config.train.global_batch_size}: expected > 0')
   if not 0.0 <= config.optimizer.warmup_fraction <= 1.0:
     raise ConfigError(f'config.optimizer.warmup_fraction={config.optimizer.warmup_fraction}: expected in [0, 1]')
+  _validate_astrea(config)
+
+
+def _validate_astrea(config: ml_collections.ConfigDict) -> None:
+  a, m = config.astrea, config.moco
+  for field, value, low, high in (('astrea.residual_prob', a.residual_prob, 0.0, 1.0),
+                                  ('moco.momentum', m.momentum, 0.0, 1.0), ('moco.lam', m.lam, 0.0, 1.0)):
+    if not low <= value <= high:
+      raise ConfigError(f'config.{field}={value}: expected in [{low}, {high}]')
+  if a.residual_heads <= 0 or config.llm.hidden_size % a.residual_heads:
+    raise ConfigError(f'config.astrea.residual_heads={a.residual_heads}: expected a positive divisor of '
+                      f'llm.hidden_size={config.llm.hidden_size}')
+  if a.top_k < 1:
+    raise ConfigError(f'config.astrea.top_k={a.top_k}: expected >= 1')
+  if a.router_context not in router.ROUTER_CONTEXTS:
+    raise ConfigError(f'config.astrea.router_context={a.router_context!r}: expected one of {router.ROUTER_CONTEXTS}')
+  for field, value in (('moco.temperature', m.temperature), ('moco.embed_dim', m.embed_dim)):
+    if value <= 0:
+      raise ConfigError(f'config.{field}={value}: expected > 0')
+  for field, value in (('astrea.load_balance_coef', a.load_balance_coef), ('astrea.router_z_coef', a.router_z_coef),
+                       ('moco.mu', m.mu)):
+    if value < 0:
+      raise ConfigError(f'config.{field}={value}: expected >= 0')
+  if m.queue_size <= 0 or m.queue_size % config.train.global_batch_size:
+    raise ConfigError(f'config.moco.queue_size={m.queue_size}: expected a positive multiple of '
+                      f'train.global_batch_size={config.train.global_batch_size}')
 
 
 def _validate_rules(rules: Any) -> None:
