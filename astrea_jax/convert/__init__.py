@@ -1,8 +1,8 @@
 """Hugging Face <-> Orbax conversion, one module (config mapping + tensor table) per model family."""
 
-from astrea_jax.convert import llama
+from astrea_jax.convert import clip, dinov2, llama, siglip
 
-FAMILIES = {llama.NAME: llama}
+FAMILIES = {m.NAME: m for m in (llama, siglip, clip, dinov2)}
 
 
 def get_family(name: str):

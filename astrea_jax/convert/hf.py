@@ -5,6 +5,11 @@ tensor data, then builds one parameter at a time (reading its HF tensors one by 
 checkpoint: host memory is bounded by the largest (layer-stacked) parameter, not the model. `export_hf` restores one
 parameter at a time and streams the HF tensors into size-limited shards. Both write to a temporary folder renamed
 at the end, so a failure leaves nothing at `out_dir`.
+
+A family whose tensors sit under a prefix that depends on the checkpoint kind (e.g. `vision_model.` in a two-tower
+SigLIP/CLIP file and in vision-only files saved by transformers 4.x, none in 5.x vision-only saves) defines
+`key_prefix(hf_config, keys) -> str`; its table is written without the prefix, and the prefix found at import is
+stored in the metadata (`hf_key_prefix`) so export writes the same names back.
 """
 
 from __future__ import annotations
@@ -49,17 +54,24 @@ def import_hf(hf_dir: str, out_dir: str, family: str, param_dtype: str = 'float3
   """HF folder -> converted Orbax checkpoint at out_dir; returns the written metadata."""
   fam = get_family(family)
   hf_config = _read_json(os.path.join(hf_dir, 'config.json'))
-  cfg = fam.config_from_hf(hf_config, where=os.path.join(hf_dir, 'config.json'))
+  try:
+    cfg = fam.config_from_hf(hf_config, where=os.path.join(hf_dir, 'config.json'))
+  except table.ConversionError:
+    raise
+  except ValueError as e:  # the model config's own checks
+    raise table.ConversionError(f'{os.path.join(hf_dir, "config.json")}: {e}') from e
   reader = safetensors_io.SafetensorsReader(hf_dir)
   available = {k: reader.info(k).shape for k in reader.keys()}
-  plan = table.plan(fam.NAME, fam.rules(cfg), cfg.num_layers, available, fam.IGNORE_PATTERNS,
-                    fam.optional_keys(cfg))
+  prefix = fam.key_prefix(hf_config, available) if hasattr(fam, 'key_prefix') else ''
+  plan = table.plan(fam.NAME, table.with_key_prefix(fam.rules(cfg), prefix), cfg.num_layers, available,
+                    fam.IGNORE_PATTERNS, fam.optional_keys(cfg))
   dtype = np.dtype(to_dtype(param_dtype))
   gen_path = os.path.join(hf_dir, 'generation_config.json')
   metadata = {
       'family': fam.NAME, 'model_config': cfg.to_dict(), 'hf_config': hf_config,
       'hf_generation_config': _read_json(gen_path) if os.path.exists(gen_path) else None,
       'source_dtype': source_dtype(reader), 'param_dtype': param_dtype, 'ignored_hf_tensors': plan.ignored,
+      'hf_key_prefix': prefix,
   }
   with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
     params_dir = os.path.join(tmp, checkpoint.PARAMS_DIR)
@@ -92,7 +104,7 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
   cfg = fam.CONFIG.from_dict(meta['model_config'])
   dtype = dtype or meta.get('source_dtype') or 'float32'
   out_np = np.dtype(to_dtype(dtype))
-  rules = fam.rules(cfg)
+  rules = table.with_key_prefix(fam.rules(cfg), meta.get('hf_key_prefix', ''))
   stored = checkpoint.param_shapes(ckpt_dir)
   table.check_params(fam.NAME, rules, cfg.num_layers, {p: s for p, (s, _) in stored.items()})
 

@@ -153,7 +153,7 @@ def write_file(path: str, specs: list[TensorSpec], produce: Callable[[TensorSpec
     f.write(struct.pack('<Q', len(blob)))
     f.write(blob)
     for spec in specs:
-      arr = np.ascontiguousarray(produce(spec))
+      arr = np.asarray(produce(spec))  # tobytes() below writes C order; 0-d tensors keep their shape
       if arr.shape != spec.shape or arr.dtype != spec.dtype:
         raise SafetensorsError(f'{path}: tensor {spec.name} produced {arr.dtype}{list(arr.shape)}, '
                                f'planned {np.dtype(spec.dtype)}{list(spec.shape)}')

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -54,10 +54,10 @@ def linear() -> tuple[Transform, Transform]:
   return (lambda w: w.T), (lambda k: k.T)
 
 
-def linear_split_out(heads: int, head_dim: int) -> tuple[Transform, Transform]:
-  """[heads*head_dim, in] <-> DenseGeneral kernel [in, heads, head_dim]."""
-  return ((lambda w: w.T.reshape(w.shape[1], heads, head_dim)),
-          (lambda k: k.reshape(k.shape[0], heads * head_dim).T))
+def linear_split_out(*out_dims: int) -> tuple[Transform, Transform]:
+  """[prod(out_dims), in] <-> DenseGeneral kernel [in, *out_dims] (e.g. out_dims = (heads, head_dim))."""
+  return ((lambda w: w.T.reshape(w.shape[1], *out_dims)),
+          (lambda k: k.reshape(k.shape[0], -1).T))
 
 
 def linear_split_in(heads: int, head_dim: int) -> tuple[Transform, Transform]:
@@ -68,6 +68,58 @@ def linear_split_in(heads: int, head_dim: int) -> tuple[Transform, Transform]:
 
 def rule(hf_key: str, param_path: str, hf_shape: Sequence[int], transforms: tuple[Transform, Transform]):
   return TensorRule(hf_key, tuple(param_path.split('/')), tuple(hf_shape), *transforms)
+
+
+def reshape(hf_shape: Sequence[int], param_shape: Sequence[int]) -> tuple[Transform, Transform]:
+  """Same values, another shape (e.g. a bias [heads*head_dim] <-> [heads, head_dim], a token [1, 1, D] <-> [D])."""
+  return (lambda x: x.reshape(tuple(param_shape))), (lambda x: x.reshape(tuple(hf_shape)))
+
+
+def conv2d() -> tuple[Transform, Transform]:
+  """torch Conv2d weight [out, in, kh, kw] <-> Flax Conv kernel [kh, kw, in, out]."""
+  return (lambda w: w.transpose(2, 3, 1, 0)), (lambda k: k.transpose(3, 2, 0, 1))
+
+
+def layer_norm(hf_module: str, param_module: str, width: int) -> list[TensorRule]:
+  """torch LayerNorm `{hf_module}.weight/.bias` <-> Flax LayerNorm `{param_module}/scale, /bias`."""
+  return [rule(f'{hf_module}.weight', f'{param_module}/scale', (width,), identity()),
+          rule(f'{hf_module}.bias', f'{param_module}/bias', (width,), identity())]
+
+
+def dense(hf_module: str, param_module: str, in_features: int, out_features: int) -> list[TensorRule]:
+  """torch Linear with bias <-> Flax Dense kernel [in, out] and bias [out]."""
+  return [rule(f'{hf_module}.weight', f'{param_module}/kernel', (out_features, in_features), linear()),
+          rule(f'{hf_module}.bias', f'{param_module}/bias', (out_features,), identity())]
+
+
+def heads_in(hf_module: str, param_module: str, width: int, heads: int, head_dim: int) -> list[TensorRule]:
+  """A q/k/v torch Linear with bias <-> DenseGeneral kernel [width, heads, head_dim] and bias [heads, head_dim]."""
+  return [rule(f'{hf_module}.weight', f'{param_module}/kernel', (heads * head_dim, width),
+               linear_split_out(heads, head_dim)),
+          rule(f'{hf_module}.bias', f'{param_module}/bias', (heads * head_dim,),
+               reshape((heads * head_dim,), (heads, head_dim)))]
+
+
+def heads_out(hf_module: str, param_module: str, heads: int, head_dim: int, width: int) -> list[TensorRule]:
+  """An attention output torch Linear with bias <-> DenseGeneral kernel [heads, head_dim, width] and bias [width]."""
+  return [rule(f'{hf_module}.weight', f'{param_module}/kernel', (width, heads * head_dim),
+               linear_split_in(heads, head_dim)),
+          rule(f'{hf_module}.bias', f'{param_module}/bias', (width,), identity())]
+
+
+def hf_config(config_class: str, d: Mapping[str, Any], where: str) -> Any:
+  """`transformers.<config_class>` built from a config.json dict (fields left out take transformers' defaults);
+  a config transformers rejects is a ConversionError naming `where`."""
+  import transformers
+  try:
+    return getattr(transformers, config_class).from_dict(dict(d))
+  except Exception as e:  # transformers raises its own validation error types
+    raise ConversionError(f'{where}: not a valid {config_class}: {e}') from e
+
+
+def with_key_prefix(rules: list[TensorRule], prefix: str) -> list[TensorRule]:
+  """The same table with `prefix` in front of every HF key (e.g. 'vision_model.' in a two-tower checkpoint)."""
+  return [dataclasses.replace(r, hf_key=prefix + r.hf_key) for r in rules]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,17 @@ def make_tokenizer(vocab_size: int = 320):
                                               unk_token='<unk>')
 
 
+CHAT_TOKENS = ('<image>', '<|im_start|>', '<|im_end|>', '<pad>')
+
+
+def make_chat_tokenizer(vocab_size: int = 320):
+  """`make_tokenizer` with the chat markers added as special tokens (<image>, <|im_start|>, <|im_end|>, and <pad>
+  as the pad token) in its last four ids, so that both chat templates work; at most vocab_size entries."""
+  tok = make_tokenizer(vocab_size - len(CHAT_TOKENS))
+  tok.add_special_tokens({'pad_token': '<pad>', 'additional_special_tokens': list(CHAT_TOKENS[:-1])})
+  return tok
+
+
 def tiny_llama_hf_config(**overrides: Any):
   """A `transformers.LlamaConfig` small enough for CPU tests (GQA 4:2, 2 layers, vocab 320)."""
   import transformers
@@ -61,4 +72,51 @@ def make_tiny_llama(out_dir: str, *, seed: int = 0, dtype: str = 'float32', with
   model.save_pretrained(out_dir, **kwargs)
   if with_tokenizer:
     make_tokenizer(min(model.config.vocab_size, 320)).save_pretrained(out_dir)
+  return out_dir
+
+
+# family -> (vision-only model, its config, two-tower model, its config); DINOv2 has no two-tower form.
+VIT_CLASSES = {
+    'siglip': ('SiglipVisionModel', 'SiglipVisionConfig', 'SiglipModel', 'SiglipConfig'),
+    'clip': ('CLIPVisionModel', 'CLIPVisionConfig', 'CLIPModel', 'CLIPConfig'),
+    'dinov2': ('Dinov2Model', 'Dinov2Config', None, None),
+}
+TINY_TEXT_TOWER = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                       num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=2,
+                       pad_token_id=1)
+
+
+def tiny_vit_hf_config(family: str, two_tower: bool = False, **overrides: Any):
+  """A `transformers` vision config (or a two-tower config holding it) small enough for CPU tests: width 32,
+  3 blocks of 4 heads, 32x32 images in 8x8 patches (a 4x4 grid)."""
+  import transformers
+  vision_cls, vision_config_cls, _, two_tower_config_cls = VIT_CLASSES[family]
+  kw = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+  kw.update(dict(mlp_ratio=2) if family == 'dinov2' else dict(intermediate_size=48))
+  kw.update(overrides)
+  if not two_tower:
+    return getattr(transformers, vision_config_cls)(**kw)
+  if two_tower_config_cls is None:
+    raise ValueError(f'family {family!r} has no two-tower checkpoint (it is {vision_cls} only)')
+  return getattr(transformers, two_tower_config_cls)(vision_config=kw, text_config=TINY_TEXT_TOWER)
+
+
+def make_tiny_vit(family: str, out_dir: str, *, two_tower: bool = False, seed: int = 0, dtype: str = 'float32',
+                  **config_overrides: Any) -> str:
+  """Saves a random `SiglipVisionModel` / `CLIPVisionModel` / `Dinov2Model` (or a two-tower `SiglipModel` /
+  `CLIPModel`) to out_dir; returns out_dir. Every parameter gets noise on top of transformers' init, so biases,
+  norms and layer scales are not their constant defaults and a mis-mapped tensor shows in the outputs."""
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  vision_cls, _, two_tower_cls, _ = VIT_CLASSES[family]
+  cls = getattr(transformers, two_tower_cls if two_tower else vision_cls)
+  model = cls(tiny_vit_hf_config(family, two_tower, **config_overrides)).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  model = model.to(getattr(torch, dtype))
+  os.makedirs(out_dir, exist_ok=True)
+  model.save_pretrained(out_dir)
   return out_dir

@@ -1,0 +1,357 @@
+"""Vision experts: one interface for every expert, and resampling to the common visual token grid.
+
+Contract (what the composed model relies on)
+  An expert is a Linen module built from its config (an `ExpertConfig`) by `build_expert(cfg)`:
+    cfg.name                     its slot: 'caption' | 'classification' | 'detection' | 'segmentation' (SLOTS)
+    cfg.feature_width            C, the channel width of its resampled tokens (what its projector takes)
+    encode(images) -> Features   images [B, H, W, 3]: RGB floats in [0, 1], any size. The expert resizes them to its
+                                 `image_size` square (`jax.image.resize` bicubic with antialiasing, close to the PIL
+                                 bicubic of Hugging Face processors; skipped when the size already matches, so feed
+                                 processor-resized images for processor-exact numbers), normalises them with its own
+                                 `image_mean` / `image_std`, and returns its native features.
+    resample(features) -> [B, T, C]  T = `num_visual_tokens`, a square g*g (default 576 = 24 x 24); no parameters.
+    __call__(images) = resample(encode(images)).
+  Experts are pure functions of (params, images): no mutable state, no randomness.
+
+Native feature kinds (`Features.kind`; build them with `Features.grid / .tokens / .multiscale / .queries`)
+  'grid'        one map [B, H, W, C], row-major (ViT patch tokens in their h x w layout)
+  'tokens'      a sequence [B, N, C] of a square grid's tokens (SigLIP-384's 729 with feature_select='full')
+  'multiscale'  maps [B, H_i, W_i, C_i], finest first (SAM2 Hiera / FPN levels, Swin stages)
+  'queries'     a set [B, Q, C] with no spatial layout (Grounding DINO's decoder queries), optional scores [B, Q]
+
+Resampling to [B, T, C] (g = sqrt(T); computed in float32, returned in the input dtype)
+  grid        identity when already g x g. Adaptive average pooling when H and W are integer multiples of g: each
+              token is the mean of its (H/g) x (W/g) block (48 x 48 -> 24 x 24 is 2 x 2 mean pooling). Otherwise
+              bilinear interpolation with half-pixel centres, antialiased when shrinking (a triangle filter widened
+              by the scale: `jax.image.resize(method='linear', antialias=True)`), e.g. SigLIP-384's 27 x 27 -> 24 x 24.
+  tokens      a square N = n*n is the n x n grid above (so N == T is the identity); any other N is an error.
+  multiscale  every level by the grid rule, then concatenated on channels: C = sum_i C_i.
+  queries     with scores: the T highest-scoring queries, highest first; without: the first T in order. Fewer than
+              T queries are followed by zero vectors.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from astrea_jax.models import vit
+from astrea_jax.models.llama import BATCH, EMBED_ACT, LENGTH, to_dtype
+
+Array = jax.Array
+
+SLOTS = ('caption', 'classification', 'detection', 'segmentation')
+FEATURE_SELECTS = ('default', 'full')
+
+# (image_mean, image_std) of the image processors each family was trained with.
+NORMALIZATION = {
+    'siglip': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    'clip': ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    'dinov2': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@flax.struct.dataclass
+class Features:
+  """An expert's native features: `kind` (static) with its arrays (see the module docstring)."""
+  kind: str = flax.struct.field(pytree_node=False)
+  arrays: tuple[Array, ...]
+  scores: Array | None = None
+
+  @classmethod
+  def grid(cls, x: Array) -> 'Features':
+    """x: [B, H, W, C]."""
+    _check_rank('grid', x, 4, '[B, H, W, C]')
+    return cls('grid', (x,))
+
+  @classmethod
+  def tokens(cls, x: Array) -> 'Features':
+    """x: [B, N, C]."""
+    _check_rank('tokens', x, 3, '[B, N, C]')
+    return cls('tokens', (x,))
+
+  @classmethod
+  def multiscale(cls, maps: Sequence[Array]) -> 'Features':
+    """maps: [B, H_i, W_i, C_i], finest first."""
+    if not maps:
+      raise ValueError('multiscale features: expected at least one map [B, H_i, W_i, C_i], got none')
+    for i, m in enumerate(maps):
+      _check_rank(f'multiscale level {i}', m, 4, '[B, H_i, W_i, C_i]')
+    if len({m.shape[0] for m in maps}) != 1:
+      raise ValueError(f'multiscale features: batch sizes differ across levels: {[m.shape for m in maps]}')
+    return cls('multiscale', tuple(maps))
+
+  @classmethod
+  def queries(cls, x: Array, scores: Array | None = None) -> 'Features':
+    """x: [B, Q, C]; scores: [B, Q] ranking scores (e.g. the best class logit per query), optional."""
+    _check_rank('queries', x, 3, '[B, Q, C]')
+    if scores is not None and scores.shape != x.shape[:2]:
+      raise ValueError(f'queries features: scores have shape {scores.shape}; expected [B, Q] = {x.shape[:2]}')
+    return cls('queries', (x,), scores)
+
+
+def _check_rank(what: str, x: Array, rank: int, layout: str) -> None:
+  if x.ndim != rank:
+    raise ValueError(f'{what} features: got shape {x.shape}; expected {layout}')
+
+
+def grid_side(num_tokens: int) -> int:
+  """g with g * g == num_tokens; anything else is an error."""
+  g = math.isqrt(num_tokens)
+  if num_tokens <= 0 or g * g != num_tokens:
+    raise ValueError(f'num_visual_tokens={num_tokens}: expected a square number of tokens (e.g. 576 = 24 x 24)')
+  return g
+
+
+def resample_grid(x: Array, side: int) -> Array:
+  """[B, H, W, C] -> [B, side*side, C]: identity, block mean (integer factors), or antialiased bilinear."""
+  b, h, w, c = x.shape
+  if (h, w) == (side, side):
+    return x.reshape(b, side * side, c)
+  x32 = x.astype(jnp.float32)
+  if h % side == 0 and w % side == 0:
+    out = x32.reshape(b, side, h // side, side, w // side, c).mean(axis=(2, 4))
+  else:
+    out = jax.image.resize(x32, (b, side, side, c), method='linear', antialias=True)
+  return out.reshape(b, side * side, c).astype(x.dtype)
+
+
+def resample_tokens(x: Array, num_tokens: int) -> Array:
+  """[B, N, C] -> [B, T, C]; N must be a square n*n (the tokens of an n x n grid, row-major)."""
+  b, n, c = x.shape
+  side = math.isqrt(n)
+  if side * side != n:
+    raise ValueError(f'tokens features: N={n} tokens do not form a square grid (num_visual_tokens={num_tokens}); '
+                     'a kept class token makes N = n*n + 1: use feature_select="default"')
+  return resample_grid(x.reshape(b, side, side, c), grid_side(num_tokens))
+
+
+def resample_multiscale(maps: Sequence[Array], num_tokens: int) -> Array:
+  """Levels [B, H_i, W_i, C_i] -> [B, T, sum C_i]: each level to the grid, channels concatenated."""
+  side = grid_side(num_tokens)
+  return jnp.concatenate([resample_grid(m, side) for m in maps], axis=-1)
+
+
+def resample_queries(x: Array, scores: Array | None, num_tokens: int) -> Array:
+  """[B, Q, C] (+ scores [B, Q]) -> [B, T, C]: top-T by score (highest first) or the first T; zero-padded."""
+  b, q, c = x.shape
+  keep = min(q, num_tokens)
+  if scores is None:
+    kept = x[:, :keep]
+  else:
+    _, index = jax.lax.top_k(scores.astype(jnp.float32), keep)
+    kept = jnp.take_along_axis(x, index[..., None], axis=1)
+  return jnp.pad(kept, ((0, 0), (0, num_tokens - keep), (0, 0)))
+
+
+def resample(features: Features, num_tokens: int) -> Array:
+  """Native features -> [B, num_tokens, C] by the rules of the module docstring."""
+  side = grid_side(num_tokens)
+  if features.kind == 'grid':
+    return resample_grid(features.arrays[0], side)
+  if features.kind == 'tokens':
+    return resample_tokens(features.arrays[0], num_tokens)
+  if features.kind == 'multiscale':
+    return resample_multiscale(features.arrays, num_tokens)
+  if features.kind == 'queries':
+    return resample_queries(features.arrays[0], features.scores, num_tokens)
+  raise ValueError(f'features of kind {features.kind!r}: expected one of grid, tokens, multiscale, queries')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExpertConfig(abc.ABC):
+  """What every expert has: its slot, its input resolution and normalisation, and the visual token count.
+  Each expert kind subclasses it with its model config and feature options."""
+  name: str                               # slot, one of SLOTS
+  image_size: int                         # side of the square input the expert runs at (pixels)
+  image_mean: tuple[float, float, float]  # per-channel mean of [0, 1] RGB, subtracted
+  image_std: tuple[float, float, float]   # per-channel std, divided by
+  num_visual_tokens: int = 576            # T: tokens after `resample` (a square)
+
+  def __post_init__(self):
+    problems = self.problems()
+    if problems:
+      raise ValueError(f'invalid {type(self).__name__}: ' + '; '.join(problems))
+
+  def problems(self) -> list[str]:
+    """What is wrong with the field values (empty when valid)."""
+    out = []
+    if self.name not in SLOTS:
+      out.append(f'name={self.name!r} must be one of the slots {SLOTS}')
+    if self.image_size <= 0:
+      out.append(f'image_size={self.image_size} must be positive')
+    if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
+      out.append(f'image_mean={self.image_mean}, image_std={self.image_std} must be 3 values each, std > 0')
+    try:
+      grid_side(self.num_visual_tokens)
+    except ValueError as e:
+      out.append(str(e))
+    return out
+
+  @property
+  @abc.abstractmethod
+  def family(self) -> str:
+    """The model family ('siglip', 'clip', 'dinov2', ...)."""
+
+  @property
+  @abc.abstractmethod
+  def feature_width(self) -> int:
+    """C: channels of the resampled tokens."""
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-able fields plus `family` (which `expert_config_from_dict` dispatches on)."""
+    return dict(dataclasses.asdict(self), family=self.family)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ViTExpertConfig(ExpertConfig):
+  """A SigLIP / CLIP / DINOv2 expert. `feature_layer`: None takes the model's last_hidden_state (final-normed for
+  SigLIP and DINOv2, as Hugging Face returns it); an int k takes Hugging Face's hidden_states[k] (LLaVA's
+  `vision_feature_layer`, e.g. -2 for CLIP). `feature_select`: 'default' keeps the patch tokens as an h x w grid
+  (the class token dropped), 'full' keeps every token as a 'tokens' sequence (LLaVA's select strategies). With a
+  class token (CLIP, DINOv2) 'full' gives n*n + 1 tokens, which `encode` returns but `resample` refuses: use it
+  where the native sequence is consumed as is; SigLIP has no class token, so its 'full' tokens resample."""
+  model: vit.ViTConfig
+  feature_layer: int | None = None
+  feature_select: str = 'default'
+
+  def problems(self) -> list[str]:
+    out = super().problems()
+    if self.feature_select not in FEATURE_SELECTS:
+      out.append(f'feature_select={self.feature_select!r} must be one of {FEATURE_SELECTS}')
+    if self.feature_layer is not None:
+      try:
+        vit.hidden_state_index(self.feature_layer, self.model.num_layers)
+      except ValueError as e:
+        out.append(f'feature_layer: {e}')
+    if self.image_size < self.model.patch_size:
+      out.append(f'image_size={self.image_size} must be at least patch_size={self.model.patch_size}')
+    return out
+
+  @property
+  def family(self) -> str:
+    return self.model.family
+
+  @property
+  def feature_width(self) -> int:
+    return self.model.hidden_size
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'ViTExpertConfig':
+    """Builds from `to_dict()` output (or a ConfigDict of the same fields); unknown keys are an error."""
+    d = dict(d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names - {'family'})
+    if unknown or 'model' not in d:
+      raise ValueError(f'ViTExpertConfig fields {sorted(d)}: unknown {unknown} or no "model"; expected a subset of '
+                       f'{sorted(names)} with "model"')
+    model = d['model'] if isinstance(d['model'], vit.ViTConfig) else vit.ViTConfig.from_dict(d['model'])
+    family = d.pop('family', model.family)
+    if family != model.family:
+      raise ValueError(f'ViTExpertConfig: family={family!r} differs from the model family {model.family!r}')
+    return cls(**dict(d, model=model, image_mean=tuple(d['image_mean']), image_std=tuple(d['image_std'])))
+
+
+def vit_expert_config(name: str, model: vit.ViTConfig, **overrides: Any) -> ViTExpertConfig:
+  """An expert config with the family's defaults: the model's native image_size, the family's processor
+  normalisation, and LLaVA's feature choice for CLIP (hidden_states[-2], class token dropped)."""
+  mean, std = NORMALIZATION[model.family]
+  kw = dict(name=name, model=model, image_size=model.image_size, image_mean=mean, image_std=std,
+            feature_layer=-2 if model.family == 'clip' else None)
+  kw.update(overrides)
+  return ViTExpertConfig(**kw)
+
+
+def preprocess(images: Array, cfg: ExpertConfig, dtype: Any) -> Array:
+  """[B, H, W, 3] RGB in [0, 1] -> [B, S, S, 3] normalised (S = cfg.image_size), resized only when needed."""
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f'expert {cfg.name!r}: images have shape {images.shape}; expected [B, H, W, 3] RGB in [0, 1]')
+  b, h, w, _ = images.shape
+  x = images.astype(jnp.float32)
+  if (h, w) != (cfg.image_size, cfg.image_size):
+    x = jax.image.resize(x, (b, cfg.image_size, cfg.image_size, 3), method='cubic', antialias=True)
+  x = (x - jnp.asarray(cfg.image_mean, jnp.float32)) / jnp.asarray(cfg.image_std, jnp.float32)
+  return x.astype(dtype)
+
+
+class ViTExpert(nn.Module):
+  """A ViT-family expert; its parameters are {'backbone': VisionTransformer params}."""
+  cfg: ViTExpertConfig
+
+  def setup(self):
+    self.backbone = vit.VisionTransformer(self.cfg.model)
+
+  def encode(self, images: Array) -> Features:
+    """images [B, H, W, 3] in [0, 1] -> 'grid' [B, h, w, D] (feature_select='default') or 'tokens' [B, N, D]."""
+    cfg = self.cfg
+    pixels = preprocess(images, cfg, to_dtype(cfg.model.dtype))
+    out = self.backbone(pixels, hidden_state_layer=cfg.feature_layer)
+    tokens = out.last_hidden_state if cfg.feature_layer is None else out.hidden_state
+    if cfg.feature_select == 'full':
+      return Features.tokens(tokens)
+    if cfg.model.class_token:
+      tokens = tokens[:, 1:]
+    side = cfg.image_size // cfg.model.patch_size
+    return Features.grid(tokens.reshape(tokens.shape[0], side, side, tokens.shape[-1]))
+
+  def resample(self, features: Features) -> Array:
+    return resample(features, self.cfg.num_visual_tokens)
+
+  def __call__(self, images: Array) -> Array:
+    """images [B, H, W, 3] in [0, 1] -> [B, num_visual_tokens, feature_width]."""
+    return nn.with_logical_constraint(self.resample(self.encode(images)), (BATCH, LENGTH, EMBED_ACT))
+
+
+# Expert config class -> module; `family` (from to_dict) -> config class. Later experts (SAM2, Swin, Grounding DINO)
+# add their entries here.
+EXPERT_MODULES = {ViTExpertConfig: ViTExpert}
+EXPERT_CONFIGS = {family: ViTExpertConfig for family in vit.FAMILIES}
+
+
+def build_expert(cfg: ExpertConfig) -> nn.Module:
+  """The expert module for a config, named by its slot."""
+  if type(cfg) not in EXPERT_MODULES:
+    raise ValueError(f'no expert module for {type(cfg).__name__}; expected one of {list(EXPERT_MODULES)}')
+  return EXPERT_MODULES[type(cfg)](cfg, name=cfg.name)
+
+
+def expert_config_from_dict(d: Mapping[str, Any]) -> ExpertConfig:
+  """An expert config from `to_dict()` output, by its `family`."""
+  family = d.get('family')
+  if family not in EXPERT_CONFIGS:
+    raise ValueError(f'expert config family={family!r}: expected one of {sorted(EXPERT_CONFIGS)}')
+  return EXPERT_CONFIGS[family].from_dict(d)
+
+
+def load_vit_expert(ckpt_dir: str, name: str, mesh: jax.sharding.Mesh, rules,
+                    model_overrides: Mapping[str, Any] | None = None,
+                    **expert_overrides: Any) -> tuple[ViTExpertConfig, dict]:
+  """(config, params) of a ViT-family expert from a converted checkpoint, restored into the mesh's shardings.
+
+  The model config comes from the checkpoint; `model_overrides` may change numerics only (dtype, param_dtype,
+  remat_policy); `expert_overrides` set expert fields (image_size, feature_layer, num_visual_tokens, ...).
+  """
+  from astrea_jax.convert import checkpoint
+  from astrea_jax.parallel import sharding
+
+  meta = checkpoint.read_metadata(ckpt_dir)
+  if meta['family'] not in vit.FAMILIES:
+    raise checkpoint.CheckpointError(f'{ckpt_dir}: family {meta["family"]!r} is not a ViT expert; expected one of '
+                                     f'{vit.FAMILIES}')
+  model_overrides = dict(model_overrides or {})
+  bad = sorted(set(model_overrides) - {'dtype', 'param_dtype', 'remat_policy'})
+  if bad:
+    raise checkpoint.CheckpointError(f'{ckpt_dir}: model overrides {bad} would change the stored model shape')
+  model = vit.ViTConfig.from_dict(dict(meta['model_config'], **model_overrides))
+  cfg = vit_expert_config(name, model, **expert_overrides)
+  images = jnp.zeros((1, model.image_size, model.image_size, model.num_channels), jnp.float32)
+  init = lambda: vit.VisionTransformer(model).init(jax.random.key(0), images)['params']
+  abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
+  return cfg, {'backbone': checkpoint.load_params(ckpt_dir, sharding.with_shardings(abstract, shardings))}
