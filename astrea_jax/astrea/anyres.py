@@ -85,9 +85,10 @@ def _resize_bicubic(image: np.ndarray, size: Size) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BICUBIC))
 
 
-def anyres_tiles(image: np.ndarray, pinpoints: Sequence[Size], tile_size: int, mean: Sequence[float],
-                 std: Sequence[float]) -> np.ndarray:
-  """uint8 image [H, W, 3] -> normalised tiles [1 + rows*cols, tile, tile, 3] float32, base tile first."""
+def anyres_tiles(image: np.ndarray, pinpoints: Sequence[Size], tile_size: int, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> np.ndarray:
+  """uint8 image [H, W, 3] -> tiles [1 + rows*cols, tile, tile, 3] float32 in [0, 1], base tile first; normalised
+  by mean/std when given (experts normalise their own inputs, so the model path passes none)."""
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'anyres_tiles: expected a uint8 RGB image [H, W, 3], got {image.dtype}{list(image.shape)}')
   target = select_best_resolution(image.shape[:2], pinpoints)
@@ -100,6 +101,8 @@ def anyres_tiles(image: np.ndarray, pinpoints: Sequence[Size], tile_size: int, m
   base = _resize_bicubic(image, (tile_size, tile_size))[None]
   pixels = np.concatenate([base, tiles]).astype(np.float64) * (1 / 255)
   pixels = pixels.astype(np.float32)
+  if mean is None:
+    return pixels
   return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 

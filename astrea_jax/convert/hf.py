@@ -42,6 +42,19 @@ def _progress(total: int, desc: str, show: bool):
   return tqdm.tqdm(total=total, desc=desc, unit='tensor', file=sys.stderr, disable=not show, leave=False)
 
 
+def keyed_rules(fam, cfg, prefix: str) -> list[table.TensorRule]:
+  """The family's table with the checkpoint's key prefix applied: in front of every key, or where the family's own
+  `keyed_rules(cfg, prefix)` puts it (a composite whose prefix varies in one part only)."""
+  if hasattr(fam, 'keyed_rules'):
+    return fam.keyed_rules(cfg, prefix)
+  return table.with_key_prefix(fam.rules(cfg), prefix)
+
+
+def num_layers(cfg) -> int:
+  """Layer count for per-layer rules; composite configs set it per rule (`TensorRule.layers`) instead."""
+  return getattr(cfg, 'num_layers', 0)
+
+
 def source_dtype(reader: safetensors_io.SafetensorsReader) -> str:
   """The floating dtype of the HF tensors ('float32', 'bfloat16', 'float16'), from the headers."""
   dtypes = {str(reader.info(k).dtype) for k in reader.keys()}
@@ -63,8 +76,8 @@ def import_hf(hf_dir: str, out_dir: str, family: str, param_dtype: str = 'float3
   reader = safetensors_io.SafetensorsReader(hf_dir)
   available = {k: reader.info(k).shape for k in reader.keys()}
   prefix = fam.key_prefix(hf_config, available) if hasattr(fam, 'key_prefix') else ''
-  plan = table.plan(fam.NAME, table.with_key_prefix(fam.rules(cfg), prefix), cfg.num_layers, available,
-                    fam.IGNORE_PATTERNS, fam.optional_keys(cfg))
+  plan = table.plan(fam.NAME, keyed_rules(fam, cfg, prefix), num_layers(cfg), available, fam.IGNORE_PATTERNS,
+                    fam.optional_keys(cfg))
   dtype = np.dtype(to_dtype(param_dtype))
   gen_path = os.path.join(hf_dir, 'generation_config.json')
   metadata = {
@@ -75,13 +88,13 @@ def import_hf(hf_dir: str, out_dir: str, family: str, param_dtype: str = 'float3
   }
   with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
     params_dir = os.path.join(tmp, checkpoint.PARAMS_DIR)
-    total = sum(len(r.hf_keys(cfg.num_layers)) for r in plan.rules)
+    total = sum(len(r.hf_keys(num_layers(cfg))) for r in plan.rules)
     with _progress(total, f'{fam.NAME}: HF -> Orbax', show_progress) as bar:
       def read(key):
         bar.update(1)
         return reader.get(key)
       for r in plan.rules:
-        leaf = table.assemble(r, cfg.num_layers, read, dtype)
+        leaf = table.assemble(r, num_layers(cfg), read, dtype)
         checkpoint.save_params_partial(params_dir, r.param_path, leaf)
         del leaf
     checkpoint.finalize_params(params_dir)
@@ -104,14 +117,14 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
   cfg = fam.CONFIG.from_dict(meta['model_config'])
   dtype = dtype or meta.get('source_dtype') or 'float32'
   out_np = np.dtype(to_dtype(dtype))
-  rules = table.with_key_prefix(fam.rules(cfg), meta.get('hf_key_prefix', ''))
+  rules = keyed_rules(fam, cfg, meta.get('hf_key_prefix', ''))
   stored = checkpoint.param_shapes(ckpt_dir)
-  table.check_params(fam.NAME, rules, cfg.num_layers, {p: s for p, (s, _) in stored.items()})
+  table.check_params(fam.NAME, rules, num_layers(cfg), {p: s for p, (s, _) in stored.items()})
 
   by_key = {}
   specs = []
   for r in rules:
-    for key in r.hf_keys(cfg.num_layers):
+    for key in r.hf_keys(num_layers(cfg)):
       by_key[key] = r
       specs.append(safetensors_io.TensorSpec(key, r.hf_shape, out_np))
 
@@ -123,7 +136,7 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
       shape, stored_dtype = stored[r.param_path]
       cache.update(path=r.param_path, value=checkpoint.load_param_leaf(ckpt_dir, r.param_path, shape, stored_dtype))
     if r.per_layer:
-      layer = r.hf_keys(cfg.num_layers).index(spec.name)
+      layer = r.hf_keys(num_layers(cfg)).index(spec.name)
       return np.asarray(r.to_hf(cache['value'][layer]), dtype=out_np)
     return np.asarray(r.to_hf(cache['value']), dtype=out_np)
 

@@ -29,6 +29,7 @@ class TensorRule:
   hf_shape: tuple[int, ...]     # shape of the HF tensor (one layer)
   to_param: Transform           # HF array -> our array (one layer)
   to_hf: Transform              # our array (one layer) -> HF array
+  layers: int | None = None     # layer count of a per-layer rule when it differs from the model's (composites)
 
   @property
   def per_layer(self) -> bool:
@@ -36,12 +37,12 @@ class TensorRule:
 
   def hf_keys(self, num_layers: int) -> list[str]:
     if self.per_layer:
-      return [self.hf_key.format(layer=i) for i in range(num_layers)]
+      return [self.hf_key.format(layer=i) for i in range(self.layers or num_layers)]
     return [self.hf_key]
 
   def param_shape(self, num_layers: int) -> tuple[int, ...]:
     one = self.to_param(np.empty(self.hf_shape, np.float32)).shape
-    return (num_layers, *one) if self.per_layer else one
+    return (self.layers or num_layers, *one) if self.per_layer else one
 
 
 # Transforms between a torch `nn.Linear` weight [out, in] and Flax kernels.
@@ -120,6 +121,14 @@ def hf_config(config_class: str, d: Mapping[str, Any], where: str) -> Any:
 def with_key_prefix(rules: list[TensorRule], prefix: str) -> list[TensorRule]:
   """The same table with `prefix` in front of every HF key (e.g. 'vision_model.' in a two-tower checkpoint)."""
   return [dataclasses.replace(r, hf_key=prefix + r.hf_key) for r in rules]
+
+
+def nest(rules: list[TensorRule], hf_prefix: str, param_prefix: str, layers: int) -> list[TensorRule]:
+  """A family's table inside a composite model: HF keys under `hf_prefix`, parameters under `param_prefix`
+  ('a/b'), per-layer rules counting `layers` layers (a composite's parts have different depths)."""
+  path = tuple(param_prefix.split('/'))
+  return [dataclasses.replace(r, hf_key=hf_prefix + r.hf_key, param_path=path + r.param_path, layers=layers)
+          for r in rules]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,273 @@
+"""The composed Astrea model: experts -> projectors -> the stage's fusion -> visual tokens at `<image>` -> the LLM.
+
+Stages (names as in `astrea_jax.config.STAGES`) decide the fusion of the visual tokens:
+- `align_<slot>` (pre-alignment stage k, in `align_order`): the slot's expert and projector give f_k [B, T, D]; the
+  random residual cross-attention of stage k (Eq. 2-4) lets f_k attend to the frozen projected tokens C_i of the
+  earlier stages i < k (passed in from the feature cache, or recomputed from the earlier projectors when not).
+  Stage 1 passes f_1 through.
+- `instruct`, `main`: every expert's projected tokens go through the top-k router and the MLP adapters
+  (Eq. 9-10). `main` adds the momentum-contrastive heads (`image_embedding`, `text_embedding`) used by Eq. 5-8.
+
+Sequence assembly: the prompt holds one `<image>` placeholder token per visual token; `splice_visual_tokens`
+replaces the placeholders, in order, by the visual tokens, and the LLM runs on the resulting input embeddings.
+
+AnyRes (LLaVA-NeXT) is available for single-expert models: the caption expert encodes the tiles of
+`astrea_jax.astrea.anyres.anyres_tiles`, the projector maps them, and `pack_anyres_features` lays them out with the
+learned `image_newline`.
+
+Parameters: experts/<slot>/..., projectors/<slot>/..., residual/<slot>/... (every alignment stage but the first),
+routing/{router,adapters}/... and heads/{image,text}/... (models with more than one expert), image_newline [D]
+(AnyRes), llm/...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from astrea_jax.astrea import anyres
+from astrea_jax.astrea.moco import ContrastiveHead
+from astrea_jax.astrea.projector import Projector
+from astrea_jax.astrea.residual import ResidualAttention
+from astrea_jax.astrea.router import RoutedMixture
+from astrea_jax.models import expert as expert_lib
+from astrea_jax.models import llama
+
+Array = jax.Array
+ALIGN_PREFIX = 'align_'
+ROUTED_STAGES = ('instruct', 'main')
+
+
+@dataclasses.dataclass(frozen=True)
+class AstreaConfig:
+  """Everything that shapes the composed model (a frozen mirror of the run config's model fields)."""
+  llm: llama.LlamaConfig
+  experts: tuple[expert_lib.ExpertConfig, ...]
+  align_order: tuple[str, ...] = ()          # slots in pre-alignment order; () = the order of `experts`
+  num_visual_tokens: int = 576               # T, the common visual token grid (a square)
+  train_experts: bool = False                # False: experts are frozen (no gradient flows into them)
+  residual_heads: int = 4                    # Eq. 2-4
+  residual_gamma: float = 1.0
+  residual_prob: float = 0.5
+  residual_add: bool = False
+  top_k: int = 3                             # Eq. 9
+  router_context: str = 'visual'
+  contrastive_dim: int = 32                  # width of the MoCo embeddings (Eq. 5-8)
+  anyres_pinpoints: tuple[tuple[int, int], ...] = ()  # AnyRes grid resolutions (h, w); () = off
+  anyres_tile: int = 0                       # AnyRes tile size in pixels
+
+  def __post_init__(self):
+    slots = [e.name for e in self.experts]
+    problems = []
+    if len(set(slots)) != len(slots) or not slots:
+      problems.append(f'experts must have distinct slot names, got {slots}')
+    if self.align_order and sorted(self.align_order) != sorted(slots):
+      problems.append(f'align_order={self.align_order} must be a permutation of the expert slots {slots}')
+    if not 1 <= self.top_k <= len(slots):
+      problems.append(f'top_k={self.top_k} must be between 1 and the number of experts {len(slots)}')
+    if self.anyres_pinpoints and (len(slots) != 1 or self.anyres_tile <= 0):
+      problems.append('AnyRes needs exactly one expert and a positive anyres_tile')
+    if problems:
+      raise ValueError('invalid AstreaConfig: ' + '; '.join(problems))
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-able fields (the checkpoint metadata's `model_config`)."""
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return dict(d, llm=self.llm.to_dict(), experts=[e.to_dict() for e in self.experts],
+                anyres_pinpoints=[list(p) for p in self.anyres_pinpoints], align_order=list(self.align_order))
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'AstreaConfig':
+    """Inverse of `to_dict`; unknown fields are an error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f'unknown AstreaConfig fields {unknown}; expected a subset of {sorted(names)}')
+    return cls(**dict(d, llm=llama.LlamaConfig.from_dict(d['llm']),
+                      experts=tuple(expert_lib.expert_config_from_dict(e) for e in d['experts']),
+                      align_order=tuple(d.get('align_order', ())),
+                      anyres_pinpoints=tuple(tuple(p) for p in d.get('anyres_pinpoints', ()))))
+
+  @property
+  def slots(self) -> tuple[str, ...]:
+    return tuple(e.name for e in self.experts)
+
+  @property
+  def routed(self) -> bool:
+    """Whether the model has the router, adapters and MoCo heads (the instruct and main stages): more than one
+    expert. A single-expert model (LLaVA-style) only has the alignment path."""
+    return len(self.experts) > 1
+
+  @property
+  def stage_slots(self) -> tuple[str, ...]:
+    """Slots in pre-alignment order."""
+    return self.align_order or self.slots
+
+  def align_slot(self, stage: str) -> str:
+    """'align_detection' -> 'detection'; any other stage name is an error naming the valid ones."""
+    slot = stage[len(ALIGN_PREFIX):] if stage.startswith(ALIGN_PREFIX) else None
+    if slot not in self.stage_slots:
+      valid = [ALIGN_PREFIX + s for s in self.stage_slots] + list(ROUTED_STAGES)
+      raise ValueError(f'unknown stage {stage!r}; expected one of {valid}')
+    return slot
+
+
+def splice_visual_tokens(text_embeds: Array, visual: Array, image_mask: Array) -> Array:
+  """Replaces the `<image>` placeholders by the visual tokens, in order.
+
+  text_embeds [B, L, D], visual [B, N, D], image_mask [B, L] (True at placeholders; each row holds at most N of them,
+  which the data pipeline guarantees) -> [B, L, D].
+  """
+  index = jnp.clip(jnp.cumsum(image_mask, axis=-1) - 1, 0, visual.shape[1] - 1)  # [B, L]
+  gathered = jnp.take_along_axis(visual, index[..., None], axis=1)
+  return jnp.where(image_mask[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+class BySlot(nn.Module):
+  """One submodule per expert slot, its parameters under the slot's name."""
+  slots: tuple[str, ...]
+  make: Callable[[str, str], nn.Module]  # (slot, name) -> module
+
+  def setup(self):
+    self.members = {slot: self.make(slot, slot) for slot in self.slots}
+
+  def __call__(self, slot: str, *args, **kwargs):
+    return self.members[slot](*args, **kwargs)
+
+  def encode(self, slot: str, images: Array) -> expert_lib.Features:
+    return self.members[slot].encode(images)
+
+
+class Astrea(nn.Module):
+  cfg: AstreaConfig
+
+  def setup(self):
+    cfg = self.cfg
+    width = cfg.llm.hidden_size
+    dtype, pdtype = llama.to_dtype(cfg.llm.dtype), llama.to_dtype(cfg.llm.param_dtype)
+    by_name = {e.name: e for e in cfg.experts}
+    self.experts = BySlot(cfg.slots, lambda slot, _: expert_lib.build_expert(by_name[slot]))
+    self.projectors = BySlot(cfg.slots, lambda slot, name: Projector(width, dtype, pdtype, name=name))
+    self.residual = BySlot(cfg.stage_slots[1:], lambda slot, name: ResidualAttention(
+        cfg.residual_heads, cfg.residual_gamma, cfg.residual_prob, cfg.residual_add, dtype, pdtype, name=name))
+    self.mixture = RoutedMixture(cfg.top_k, cfg.router_context, dtype, pdtype, name='routing')
+    self.heads = BySlot(('image', 'text'), lambda slot, name: ContrastiveHead(cfg.contrastive_dim, pdtype, name=name))
+    if cfg.anyres_pinpoints:
+      self.image_newline = self.param('image_newline', nn.with_logical_partitioning(
+          nn.initializers.normal(width**-0.5), ('embed',)), (width,), pdtype)
+    self.llm = llama.Llama(cfg.llm, name='llm')
+
+  # --- visual tokens ---
+
+  def project(self, slot: str, images: Array) -> Array:
+    """One expert's projected tokens: images [B, H, W, 3] in [0, 1] -> [B, T, D] (the C_i of later stages)."""
+    tokens = self.experts(slot, images)
+    if not self.cfg.train_experts:
+      tokens = jax.lax.stop_gradient(tokens)
+    return self.projectors(slot, tokens)
+
+  def align_tokens(self, stage: str, images: Mapping[str, Array], cached: Sequence[Array] | None = None, *,
+                   deterministic: bool = True) -> Array:
+    """Visual tokens [B, T, D] of pre-alignment stage `align_<slot>` (Eq. 2-4 with the earlier stages' C_i).
+
+    cached: the frozen projected tokens of the earlier stages in stage order (from the feature cache); None
+    recomputes them with the earlier experts and projectors (the `recompute` backend).
+    """
+    slot = self.cfg.align_slot(stage)
+    k = self.cfg.stage_slots.index(slot)
+    f = self.project(slot, images[slot])
+    if k == 0:
+      return f
+    if cached is None:
+      cached = [self.project(prev, images[prev]) for prev in self.cfg.stage_slots[:k]]
+    if len(cached) != k:
+      raise ValueError(f'stage {stage!r} needs the cached tokens of {k} earlier stage(s), got {len(cached)}')
+    return self.residual(slot, f, [jax.lax.stop_gradient(c) for c in cached], deterministic=deterministic)
+
+  def routed_tokens(self, images: Mapping[str, Array],
+                    instruction: Array | None = None) -> tuple[Array, dict[str, Array]]:
+    """Visual tokens [B, T, D] of the instruct and main stages (Eq. 9-10) and the router's logits/probs [B, T, n]."""
+    stacked = jnp.stack([self.project(slot, images[slot]) for slot in self.cfg.slots])  # [n, B, T, D]
+    return self.mixture(stacked, instruction)
+
+  def visual_tokens(self, stage: str, images: Mapping[str, Array], *, cached: Sequence[Array] | None = None,
+                    instruction: Array | None = None, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+    """The stage's visual tokens [B, T, D] and auxiliary outputs (router logits/probs in the routed stages)."""
+    if stage in ROUTED_STAGES:
+      if not self.cfg.routed:
+        raise ValueError(f'stage {stage!r} routes between experts, but this model has one expert {self.cfg.slots}')
+      return self.routed_tokens(images, instruction)
+    return self.align_tokens(stage, images, cached, deterministic=deterministic), {}
+
+  def anyres_tokens(self, tiles: Array, image_size: tuple[int, int]) -> Array:
+    """AnyRes visual tokens of one image: tiles [1 + n, tile, tile, 3] in [0, 1] (base first) -> [N, D]."""
+    slot = self.cfg.slots[0]
+    features = self.project(slot, tiles)  # [1 + n, T, D]
+    return anyres.pack_anyres_features(features, image_size, self.cfg.anyres_pinpoints, self.cfg.anyres_tile,
+                                       self.image_newline)
+
+  # --- MoCo heads (main stage) ---
+
+  def image_embedding(self, visual: Array) -> Array:
+    """Pooled, L2-normalised embedding of visual tokens [B, T, D] -> [B, contrastive_dim] (the image query)."""
+    return self.heads('image', visual)
+
+  def text_embedding(self, text_embeds: Array, mask: Array) -> Array:
+    """Pooled, L2-normalised embedding of text embeddings [B, L, D] where mask [B, L] -> [B, contrastive_dim]."""
+    return self.heads('text', text_embeds, mask)
+
+  # --- the language model ---
+
+  def embed_tokens(self, tokens: Array) -> Array:
+    return self.llm.embed(tokens)
+
+  def prompt_embeddings(self, tokens: Array, visual: Array, image_mask: Array) -> Array:
+    """Token ids [B, L] with `<image>` placeholders (image_mask) -> LLM input embeddings [B, L, D]."""
+    return splice_visual_tokens(self.embed_tokens(tokens), visual, image_mask)
+
+  def __call__(self, tokens: Array, images: Mapping[str, Array], image_mask: Array, *, stage: str,
+               attention_mask: Array | None = None, cached: Sequence[Array] | None = None,
+               instruction: Array | None = None, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+    """(logits [B, L, V] fp32, aux) for a batch: tokens [B, L] with placeholders, images {slot: [B, H, W, 3]}."""
+    visual, aux = self.visual_tokens(stage, images, cached=cached, instruction=instruction,
+                                     deterministic=deterministic)
+    logits, _ = self.llm(inputs_embeds=self.prompt_embeddings(tokens, visual, image_mask),
+                         attention_mask=attention_mask)
+    return logits, dict(aux, visual=visual)
+
+  def init_all(self, images: Mapping[str, Array], tokens: Array) -> None:
+    """Touches every submodule so that `init` creates all parameters (use `Astrea.init(..., method=...)`)."""
+    for stage in [ALIGN_PREFIX + s for s in self.cfg.stage_slots]:
+      visual = self.align_tokens(stage, images)
+    embeds = self.prompt_embeddings(tokens, visual, jnp.zeros(tokens.shape, jnp.bool_))
+    if self.cfg.routed:
+      visual, _ = self.routed_tokens(images)
+      self.image_embedding(visual)
+      self.text_embedding(embeds, jnp.ones(tokens.shape, jnp.bool_))
+    self.llm(inputs_embeds=embeds)
+
+
+def init_params(cfg: AstreaConfig, rng: Array, image_size: int | Mapping[str, int], seq_len: int = 8) -> Any:
+  """Boxed initial parameters of every module (wrap in `sharding.init_sharded` for a mesh)."""
+  sizes = {s: image_size if isinstance(image_size, int) else image_size[s] for s in cfg.slots}
+  images = {s: jnp.zeros((1, sizes[s], sizes[s], 3), jnp.float32) for s in cfg.slots}
+  return Astrea(cfg).init({'params': rng}, images, jnp.zeros((1, seq_len), jnp.int32),
+                          method=Astrea.init_all)['params']
+
+
+def load_converted(ckpt_dir: str, mesh: jax.sharding.Mesh, rules) -> tuple[AstreaConfig, Any]:
+  """(AstreaConfig, params) of a converted composite checkpoint (e.g. `--family=llava_next`), restored into the
+  mesh's shardings; the config comes from the checkpoint."""
+  from astrea_jax.convert import checkpoint
+  from astrea_jax.parallel import sharding
+
+  meta = checkpoint.read_metadata(ckpt_dir)
+  cfg = AstreaConfig.from_dict(meta['model_config'])
+  sizes = {e.name: e.image_size for e in cfg.experts}
+  abstract, shardings = sharding.abstract_and_shardings(lambda: init_params(cfg, jax.random.key(0), sizes), mesh,
+                                                        rules)
+  return cfg, checkpoint.load_params(ckpt_dir, sharding.with_shardings(abstract, shardings))
