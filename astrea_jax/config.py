@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from astrea_jax.astrea import router
+from astrea_jax.data import images, templates
 from astrea_jax.models import llama
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -89,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.moco.lam = 0.5                   # lambda of Eq. 7: weight of image->text (rows) vs text->image (columns)
   c.moco.mu = 0.1                    # mu of Eq. 11: weight of L_moco in the total loss (paper: not given)
   c.moco.embed_dim = 32              # width of the pooled, L2-normalised contrastive embeddings (ALBEF: 256)
-  c.moco.momentum_modules = ('projectors', 'adapters', 'router', 'heads')  # top-level param trees the EMA copies
+  c.moco.momentum_modules = ('projectors', 'routing', 'heads')  # top-level param trees the EMA copies
 
   # --- where weights and the tokenizer come from ---
   c.init_checkpoint = ''             # converted Orbax checkpoint (launch.convert_hf_to_orbax); '' = random init
@@ -116,7 +117,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0                   # seed for init, data order and dropout
   c.train.global_batch_size = 8      # sequences per step, over all hosts
-  c.train.seq_len = 64               # tokens per sequence
   c.train.num_steps = 20             # optimizer steps
 
   # --- decoding defaults (launch.generate flags override them) ---
@@ -124,6 +124,35 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.max_new_tokens = 16     # tokens to generate after the prompt
   c.generate.temperature = 0.0       # 0 = greedy
   c.generate.top_p = 1.0             # nucleus sampling mass when temperature > 0
+
+  # --- data (astrea_jax.data): sources, chat template, one image input per expert, rows, batching ---
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = 'shapes'          # 'shapes': the synthetic set the project builds (data.shapes) | 'llava': files
+  c.data.files = ml_collections.ConfigDict({s: '' for s in STAGES})  # per stage: LLaVA JSON/JSONL; {split} -> split
+  c.data.image_root = ''             # folder the records' image paths are relative to; '' = the JSON file's folder
+  c.data.template = 'chatml'         # chat template: vicuna_v1 (13B) | chatml (34B; and tiny: its prompt is short)
+  c.data.align_order = ALIGN_STAGES  # pre-alignment stage order; stage k's target holds stages 1..k's labels
+  c.data.seq_len = 256               # tokens per training row, visual tokens included (the one sequence length)
+  c.data.visual_tokens = 16          # positions one <image> fills (the model's visual token count)
+  c.data.max_images = 1              # image slots per row; a record with more images is a bad record
+  c.data.packing = False             # first-fit pack several examples per row (segment_ids) instead of padding
+  c.data.on_bad_record = 'error'     # error: raise naming the file and record | skip: drop, count and log it
+  c.data.num_epochs = 0              # passes over the training split; 0 = repeat forever
+  c.data.num_workers = 0             # grain worker processes; 0 = prepare batches in the training process
+  c.data.worker_buffer_size = 2      # batches each worker prepares ahead
+  c.data.read_threads = 2            # threads reading and preprocessing records in each process
+  c.data.image_square = 'pad'        # 'pad': pad to square with the expert's mean colour (LLaVA-1.5) | 'resize'
+  c.data.experts = ml_collections.ConfigDict()  # per expert slot: input side in pixels and normalisation
+  c.data.experts.caption = dict(image_size=64, mean=images.SIGLIP_MEAN, std=images.SIGLIP_STD)  # SigLIP
+  for slot in ('classification', 'detection', 'segmentation'):  # RAM++, Grounding DINO, SAM2: ImageNet statistics
+    c.data.experts[slot] = dict(image_size=64, mean=images.IMAGENET_MEAN, std=images.IMAGENET_STD)
+  c.data.shapes = ml_collections.ConfigDict()  # the synthetic dataset (astrea_jax.data.shapes_tfds)
+  c.data.shapes.image_size = 64      # image side in pixels, 16 to 384
+  c.data.shapes.num_train = 1024     # scenes per split; the three splits come from disjoint seed streams
+  c.data.shapes.num_validation = 128  # scenes in the validation split
+  c.data.shapes.num_test = 128       # scenes in the test split
+  c.data.shapes.seed = 0             # generation seed (the data order comes from train.seed)
+  c.data.shapes.data_dir = ''        # TFDS data dir it is prepared in; '' = TFDS's default (~/tensorflow_datasets)
   return c
 
 
@@ -136,8 +165,12 @@ def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.train.global_batch_size = 128
-  c.train.seq_len = 2048
   c.generate.max_new_tokens = 128
+  c.data.seq_len = 2048
+  c.data.template = 'vicuna_v1'      # Vicuna-1.5 (13B); the 34B config sets chatml
+  c.data.visual_tokens = 576         # 24 x 24
+  for slot, side in (('caption', 384), ('classification', 384), ('detection', 800), ('segmentation', 1024)):
+    c.data.experts[slot].image_size = side  # SigLIP-SO400M@384, RAM++ Swin-L@384, Grounding DINO, SAM2
   return c
 
 
@@ -174,6 +207,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.optimizer.warmup_fraction <= 1.0:
     raise ConfigError(f'config.optimizer.warmup_fraction={config.optimizer.warmup_fraction}: expected in [0, 1]')
   _validate_astrea(config)
+  _validate_data(config)
 
 
 def _validate_astrea(config: ml_collections.ConfigDict) -> None:
@@ -199,6 +233,37 @@ def _validate_astrea(config: ml_collections.ConfigDict) -> None:
   if m.queue_size <= 0 or m.queue_size % config.train.global_batch_size:
     raise ConfigError(f'config.moco.queue_size={m.queue_size}: expected a positive multiple of '
                       f'train.global_batch_size={config.train.global_batch_size}')
+
+
+def _validate_data(config: ml_collections.ConfigDict) -> None:
+  d = config.data
+  for field, allowed in (('dataset', ('shapes', 'llava')), ('template', tuple(templates.TEMPLATES)),
+                         ('on_bad_record', ('error', 'skip')), ('image_square', ('pad', 'resize'))):
+    if d[field] not in allowed:
+      raise ConfigError(f'config.data.{field}={d[field]!r}: expected one of {allowed}')
+  order = tuple(d.align_order)
+  if not order or len(set(order)) != len(order) or not set(order) <= set(ALIGN_STAGES):
+    raise ConfigError(f'config.data.align_order={order}: expected distinct stages from {ALIGN_STAGES}')
+  for field, low in (('visual_tokens', 1), ('max_images', 1), ('read_threads', 1), ('num_epochs', 0),
+                     ('num_workers', 0), ('worker_buffer_size', 0)):
+    if d[field] < low:
+      raise ConfigError(f'config.data.{field}={d[field]}: expected >= {low}')
+  if not d.visual_tokens * d.max_images < d.seq_len <= config.llm.max_position_embeddings:
+    raise ConfigError(f'config.data.seq_len={d.seq_len}: expected more than visual_tokens * max_images = '
+                      f'{d.visual_tokens * d.max_images} and at most llm.max_position_embeddings='
+                      f'{config.llm.max_position_embeddings}')
+  for stage in order:
+    if stage[len('align_'):] not in d.experts:
+      raise ConfigError(f"config.data.experts has no {stage[len('align_'):]!r} entry, which {stage} needs")
+  for slot, e in d.experts.items():
+    if e.image_size < 1 or len(e.mean) != 3 or len(e.std) != 3 or min(e.std) <= 0:
+      raise ConfigError(f'config.data.experts.{slot}={e.to_dict()}: expected image_size >= 1 and three means and '
+                        f'three positive stds')
+  if not 16 <= d.shapes.image_size <= 384:
+    raise ConfigError(f'config.data.shapes.image_size={d.shapes.image_size}: expected 16 to 384 pixels')
+  for split in ('train', 'validation', 'test'):
+    if d.shapes[f'num_{split}'] < 1:
+      raise ConfigError(f"config.data.shapes.num_{split}={d.shapes[f'num_{split}']}: expected >= 1")
 
 
 def _validate_rules(rules: Any) -> None:

@@ -14,4 +14,5 @@ def get_config():
   c.llm.head_dim = 128
   c.llm.rope_theta = 5000000.0
   c.llm.rms_norm_eps = 1e-5
+  c.data.template = 'chatml'    # Hermes-2-Yi is a ChatML model
   return config_lib.lock(c)

@@ -28,7 +28,7 @@ def run(config, devices, init_params, batches):
   cfg = config_lib.llm_config(config)
   model = llama.Llama(cfg)
   tx = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)
-  init = lm.init_state_fn(model, tx, jax.random.key(0), config.train.seq_len)
+  init = lm.init_state_fn(model, tx, jax.random.key(0), config.data.seq_len)
   _, state_shardings = sharding.abstract_and_shardings(init, mesh, rules)
   params = jax.device_put(init_params, state_shardings.params)
   state = lm.state_from_params(params, tx, state_shardings)
@@ -48,9 +48,10 @@ def main():
   config = config_lib.base_config()
   config.train.num_steps = STEPS
   config.optimizer.warmup_fraction = 0.0
+  config.data.seq_len = 64
   cfg = config_lib.llm_config(config)
   rng = np.random.RandomState(0)
-  b, l = config.train.global_batch_size, config.train.seq_len
+  b, l = config.train.global_batch_size, config.data.seq_len
   batches = []
   for _ in range(STEPS):
     tokens = rng.randint(0, cfg.vocab_size, (b, l + 1)).astype(np.int32)
@@ -71,7 +72,7 @@ def main():
   mesh8 = mesh_lib.create_mesh(eight.mesh)
   cfg8 = config_lib.llm_config(eight)
   tx = optimizer_lib.make_optimizer(eight.optimizer, STEPS)
-  init = lm.init_state_fn(llama.Llama(cfg8), tx, jax.random.key(1), eight.train.seq_len)
+  init = lm.init_state_fn(llama.Llama(cfg8), tx, jax.random.key(1), eight.data.seq_len)
   state8, shardings8 = sharding.init_sharded(init, mesh8, eight.logical_axis_rules)
   mu_spec = str(jax.tree.leaves(state8.opt_state[1][0].mu)[0].sharding.spec)
   init_diff = max(float(np.abs(np.asarray(a) - b).max())

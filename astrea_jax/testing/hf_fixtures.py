@@ -71,7 +71,7 @@ def make_tiny_llama(out_dir: str, *, seed: int = 0, dtype: str = 'float32', with
   kwargs = {} if max_shard_size is None else {'max_shard_size': max_shard_size}
   model.save_pretrained(out_dir, **kwargs)
   if with_tokenizer:
-    make_tokenizer(min(model.config.vocab_size, 320)).save_pretrained(out_dir)
+    make_chat_tokenizer(min(model.config.vocab_size, 320)).save_pretrained(out_dir)
   return out_dir
 
 

@@ -1,0 +1,102 @@
+"""Conversation records in the LLaVA format, and the sample a record becomes.
+
+A record is `{"id", "image": path | "images": [paths], "conversations": [{"from": "human"|"gpt", "value": ...}]}`;
+each `<image>` in a value stands for one image, in order. A valid conversation alternates human and gpt turns,
+starting with human and ending with gpt (the answer the loss is taken on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+
+HUMAN, GPT = 'human', 'gpt'
+IMAGE_PLACEHOLDER = '<image>'
+Turn = tuple[str, str]  # (role, text)
+
+
+class BadRecordError(ValueError):
+  """A record that cannot become an example. Raised with the problem alone by the checks, then located (`at`) with
+  the source it came from and its index there, which the message names."""
+
+  def __init__(self, problem: str, source: str | None = None, index: int | None = None):
+    self.problem, self.source, self.index = problem, source, index
+    super().__init__(problem if source is None else f'{source} record {index}: {problem}')
+
+  def at(self, source: str, index: int) -> BadRecordError:
+    return BadRecordError(self.problem, source, index)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """A record ready to tokenise: its turns and decoded images (RGB uint8 [H, W, 3]) with their ids."""
+  source: str
+  index: int
+  id: str
+  turns: tuple[Turn, ...]
+  images: tuple[np.ndarray, ...]
+  image_ids: tuple[int, ...]
+
+
+def check_turns(turns: Sequence[Turn]) -> None:
+  """Raises BadRecordError unless the turns alternate human, gpt, ..., gpt with string texts."""
+  if not turns:
+    raise BadRecordError('the conversation has no turns')
+  for i, (role, text) in enumerate(turns):
+    expected = HUMAN if i % 2 == 0 else GPT
+    if role != expected:
+      raise BadRecordError(f'roles out of order: turn {i} is from {role!r}, expected {expected!r} (turns alternate '
+                           f'human, gpt, ... starting with human)')
+    if not isinstance(text, str):
+      raise BadRecordError(f'turn {i} has a value of type {type(text).__name__}, expected a string')
+  if len(turns) % 2:
+    raise BadRecordError(f'the conversation ends with a {HUMAN!r} turn ({len(turns)} turns); expected it to end '
+                         f'with a {GPT!r} answer')
+
+
+def llava_turns(record: Any) -> tuple[Turn, ...]:
+  """The checked (role, text) turns of a LLaVA record."""
+  if not isinstance(record, dict):
+    raise BadRecordError(f'expected a JSON object, got {type(record).__name__}')
+  conversations = record.get('conversations')
+  if conversations is None:
+    raise BadRecordError('no "conversations" field')
+  if not isinstance(conversations, list):
+    raise BadRecordError(f'"conversations" is a {type(conversations).__name__}, expected a list of turns')
+  turns = []
+  for i, turn in enumerate(conversations):
+    if not (isinstance(turn, dict) and 'from' in turn and 'value' in turn):
+      raise BadRecordError(f'conversations[{i}]={turn!r:.80}: expected {{"from": ..., "value": ...}}')
+    turns.append((turn['from'], turn['value']))
+  check_turns(turns)
+  return tuple(turns)
+
+
+def llava_image_paths(record: dict) -> tuple[str, ...]:
+  """The record's image paths ("image": path or "images": [paths]; neither = a text-only record)."""
+  if 'image' in record and 'images' in record:
+    raise BadRecordError('has both "image" and "images"; expected one of them')
+  paths = [record['image']] if 'image' in record else record.get('images', [])
+  if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+    raise BadRecordError(f'image paths {paths!r:.80} are not a string or a list of strings')
+  return tuple(paths)
+
+
+def count_images(record: Any) -> int:
+  """Images a parsed record refers to, 0 for anything malformed (the checks report that when it is read)."""
+  try:
+    return len(llava_image_paths(record)) if isinstance(record, dict) else 0
+  except BadRecordError:
+    return 0
+
+
+def check_placeholders(turns: Sequence[Turn], num_images: int) -> None:
+  """Raises BadRecordError unless the `<image>` placeholders number the images and stand in human turns only."""
+  for i, (role, text) in enumerate(turns):
+    if role == GPT and IMAGE_PLACEHOLDER in text:
+      raise BadRecordError(f'turn {i} (an answer) contains {IMAGE_PLACEHOLDER}; expected placeholders in human turns')
+  found = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+  if found != num_images:
+    raise BadRecordError(f'{found} {IMAGE_PLACEHOLDER} placeholders for {num_images} images; expected one each')

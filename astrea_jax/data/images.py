@@ -1,0 +1,97 @@
+"""Reading images safely and preparing one input per vision expert.
+
+Every expert has its own input size and normalisation constants (`config.data.experts`): SigLIP-style experts use
+mean = std = 0.5, ImageNet-trained ones the ImageNet statistics. An image is made square (padded with the expert's
+mean colour as in LLaVA-1.5, or stretched), resized with bicubic filtering and normalised: `(x / 255 - mean) / std`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from astrea_jax.data.conversation import BadRecordError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+SQUARE_MODES = ('pad', 'resize')
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertImage:
+  """How one expert wants its input: a square of `image_size` pixels, normalised per channel."""
+  name: str
+  image_size: int
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+
+
+def experts_from_config(experts: Mapping[str, Mapping], names: Sequence[str] | None = None) -> tuple[ExpertImage, ...]:
+  """`config.data.experts` (all of them, or those in `names`, in that order) as ExpertImage specs."""
+  names = list(experts) if names is None else list(names)
+  missing = [n for n in names if n not in experts]
+  if missing:
+    raise KeyError(f'config.data.experts has no {missing}; it has {sorted(experts)}')
+  return tuple(ExpertImage(n, int(experts[n]['image_size']), tuple(map(float, experts[n]['mean'])),
+                           tuple(map(float, experts[n]['std']))) for n in names)
+
+
+def resolve_image_path(image_root: str, path: str) -> str:
+  """image_root/path, refusing absolute paths and paths that climb out of the root (`../`)."""
+  root = os.path.normpath(os.path.abspath(image_root))
+  if os.path.isabs(path):
+    raise BadRecordError(f'image path {path!r} is absolute; expected a path relative to the image root {root}')
+  full = os.path.normpath(os.path.join(root, path))
+  if os.path.commonpath([root, full]) != root:
+    raise BadRecordError(f'image path {path!r} escapes the image root {root}')
+  return full
+
+
+def load_image(path: str) -> np.ndarray:
+  """The file at `path` decoded as RGB uint8 [H, W, 3]; a missing, unreadable or truncated file is a BadRecordError."""
+  if not os.path.isfile(path):
+    raise BadRecordError(f'image file {path} is missing')
+  try:
+    with Image.open(path) as image:
+      return np.asarray(image.convert('RGB'), np.uint8)
+  except (OSError, SyntaxError, ValueError) as e:
+    raise BadRecordError(f'image file {path} cannot be decoded ({type(e).__name__}: {e})') from None
+
+
+def square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
+  """[H, W, 3] -> [S, S, 3] with S = max(H, W), the image centred on a `fill` background."""
+  h, w, _ = image.shape
+  if h == w:
+    return image
+  side = max(h, w)
+  out = np.empty((side, side, 3), image.dtype)
+  out[...] = np.asarray(fill, image.dtype)
+  top, left = (side - h) // 2, (side - w) // 2
+  out[top:top + h, left:left + w] = image
+  return out
+
+
+def expert_input(image: np.ndarray, expert: ExpertImage, square_mode: str = 'pad') -> np.ndarray:
+  """RGB uint8 [H, W, 3] -> float32 [S, S, 3] for one expert (S = expert.image_size)."""
+  if square_mode == 'pad':
+    image = square(image, tuple(int(round(m * 255)) for m in expert.mean))
+  elif square_mode != 'resize':
+    raise ValueError(f'square_mode={square_mode!r}: expected one of {SQUARE_MODES}')
+  size = expert.image_size
+  if image.shape[:2] != (size, size):
+    image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), np.uint8)
+  mean = np.asarray(expert.mean, np.float32)
+  std = np.asarray(expert.std, np.float32)
+  return (image.astype(np.float32) / 255.0 - mean) / std
+
+
+def expert_inputs(images: Sequence[np.ndarray], experts: Sequence[ExpertImage],
+                  square_mode: str = 'pad') -> dict[str, np.ndarray]:
+  """Each expert's inputs for a list of images: {name: float32 [len(images), S, S, 3]}."""
+  return {e.name: np.stack([expert_input(im, e, square_mode) for im in images]) if images else
+          np.zeros((0, e.image_size, e.image_size, 3), np.float32) for e in experts}

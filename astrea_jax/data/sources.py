@@ -1,0 +1,178 @@
+"""Random-access sources of records, and the decoders that turn a record into a `Sample`.
+
+Two kinds, chosen by `config.data.dataset`:
+  'shapes'  the synthetic TFDS dataset (ArrayRecord files read with `tfds.data_sources`); each stage makes its own
+            conversation from the stored annotations (`stage_targets`).
+  'llava'   a LLaVA-style JSON array or JSONL file per stage (`config.data.files`), read through a byte-offset index
+            built once when the source opens: workers seek to a record and parse only that record, so no process
+            holds the whole file. Image paths are relative to `config.data.image_root`.
+
+A source yields raw records; its decoder (a small picklable object that runs in the workers) checks them and reads
+the images, raising `BadRecordError` for anything wrong with one record. A whole file that is not valid JSON is an
+error of the file (ValueError naming it and the position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from astrea_jax.data import conversation, images, stage_targets
+from astrea_jax.data.conversation import BadRecordError, Sample
+
+_WHITESPACE = re.compile(r'\s*')
+
+
+def _byte_offsets(text: str, char_offsets: list[int]) -> np.ndarray:
+  """Increasing character offsets into `text` -> the same offsets in its UTF-8 encoding."""
+  if text.isascii():
+    return np.asarray(char_offsets, np.int64)
+  out, byte_pos, prev = [], 0, 0
+  for pos in char_offsets:
+    byte_pos += len(text[prev:pos].encode('utf-8'))
+    out.append(byte_pos)
+    prev = pos
+  return np.asarray(out, np.int64)
+
+
+def _json_error(path: str, text: str, pos: int, problem: str) -> ValueError:
+  line = text.count('\n', 0, pos) + 1
+  column = pos - (text.rfind('\n', 0, pos) + 1) + 1
+  return ValueError(f'{path}: not a valid JSON array of records at line {line} column {column}: {problem}')
+
+
+def _index_json_array(path: str, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  decoder = json.JSONDecoder()
+  pos = _WHITESPACE.match(text, 0).end() + 1  # past '['
+  starts, ends, counts = [], [], []
+  pos = _WHITESPACE.match(text, pos).end()
+  if text.startswith(']', pos):
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+  while True:
+    try:
+      record, end = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+      raise _json_error(path, text, e.pos, e.msg) from None
+    starts.append(pos)
+    ends.append(end)
+    counts.append(conversation.count_images(record))
+    pos = _WHITESPACE.match(text, end).end()
+    if text.startswith(']', pos):
+      break
+    if not text.startswith(',', pos):
+      raise _json_error(path, text, pos, "expected ',' or ']' after a record")
+    pos = _WHITESPACE.match(text, pos + 1).end()
+  starts_b, ends_b = _byte_offsets(text, starts), _byte_offsets(text, ends)
+  return starts_b, ends_b - starts_b, np.asarray(counts, np.int64)
+
+
+def _index_jsonl(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  starts, lengths, counts = [], [], []
+  pos = 0
+  for line in data.split(b'\n'):
+    if line.strip():
+      starts.append(pos)
+      lengths.append(len(line))
+      try:
+        counts.append(conversation.count_images(json.loads(line)))
+      except ValueError:
+        counts.append(0)  # reported as a bad record when read
+    pos += len(line) + 1
+  return np.asarray(starts, np.int64), np.asarray(lengths, np.int64), np.asarray(counts, np.int64)
+
+
+def index_json(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(byte offset, byte length, number of images) of every record of a JSON array or JSONL (one record a line;
+  blank lines ignored) file. A JSON array must parse as a whole; a bad JSONL line is left to the reader."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path}: not UTF-8 text ({e})') from None
+  if text.lstrip().startswith('['):
+    return _index_json_array(path, text)
+  return _index_jsonl(data)
+
+
+class JsonRecords:
+  """A grain random-access source over a LLaVA JSON/JSONL file: record i -> its raw JSON bytes."""
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'conversation file {path} does not exist')
+    self.path = path
+    self.offsets, self.lengths, self.image_counts = index_json(path)
+
+  def __len__(self) -> int:
+    return len(self.offsets)
+
+  def __getitem__(self, index: int) -> bytes:
+    with open(self.path, 'rb') as f:
+      f.seek(int(self.offsets[index]))
+      return f.read(int(self.lengths[index]))
+
+  def __repr__(self) -> str:
+    return f'JsonRecords({self.path!r}, {len(self)} records)'
+
+  def first_image_ids(self) -> np.ndarray:
+    """[num_records] the id of each record's first image: images are numbered in file order from 0."""
+    return np.cumsum(self.image_counts) - self.image_counts
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaDecoder:
+  """Raw JSON bytes of a LLaVA record -> Sample, its images read from under `image_root`."""
+  image_root: str
+  first_image_ids: np.ndarray
+
+  def __call__(self, source: str, index: int, raw: bytes) -> Sample:
+    try:
+      record = json.loads(raw)
+    except ValueError as e:
+      raise BadRecordError(f'not valid JSON ({e})') from None
+    turns = conversation.llava_turns(record)
+    paths = conversation.llava_image_paths(record)
+    conversation.check_placeholders(turns, len(paths))
+    pixels = tuple(images.load_image(images.resolve_image_path(self.image_root, p)) for p in paths)
+    first = int(self.first_image_ids[index])
+    return Sample(source=source, index=index, id=str(record.get('id', index)), turns=turns, images=pixels,
+                  image_ids=tuple(range(first, first + len(paths))))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesDecoder:
+  """A decoded shapes record -> Sample with the stage's conversation; the image id is the record index."""
+  stage: str
+  align_order: tuple[str, ...]
+
+  def __call__(self, source: str, index: int, record: Mapping[str, Any]) -> Sample:
+    from astrea_jax.data import shapes_tfds
+    annotations = shapes_tfds.annotations_from_record(record)
+    turns = stage_targets.stage_conversation(self.stage, annotations, self.align_order)
+    return Sample(source=source, index=index, id=record['id'].decode('utf-8'), turns=turns,
+                  images=(np.asarray(record['image'], np.uint8),), image_ids=(index,))
+
+
+def open_source(data_config: Mapping[str, Any], stage: str, split: str) -> tuple[Any, Any, str]:
+  """(grain random-access source, its decoder, the source's name for messages) for a stage's split."""
+  if data_config['dataset'] == 'shapes':
+    from astrea_jax.data import shapes_tfds
+    dataset_dir = shapes_tfds.prepare(data_config['shapes'])
+    decoder = ShapesDecoder(stage, tuple(data_config['align_order']))
+    return shapes_tfds.data_source(dataset_dir, split, with_segmentation=False), decoder, f'{dataset_dir} [{split}]'
+  if data_config['dataset'] != 'llava':
+    raise ValueError(f"config.data.dataset={data_config['dataset']!r}: expected 'shapes' or 'llava'")
+  pattern = data_config['files'][stage]
+  if not pattern:
+    raise ValueError(f'config.data.files.{stage} is empty; set it to the LLaVA JSON/JSONL file of that stage '
+                     "('{split}' in it is replaced by the split name)")
+  path = pattern.replace('{split}', split)
+  records = JsonRecords(path)
+  image_root = data_config['image_root'] or os.path.dirname(os.path.abspath(path))
+  return records, LlavaDecoder(image_root, records.first_image_ids()), path

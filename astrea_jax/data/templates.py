@@ -1,0 +1,125 @@
+r"""Chat templates and the tokenisation of a conversation into ids and the Eq. 1 loss mask.
+
+`vicuna_v1` (Astrea-13B, LLaVA's `conv_vicuna_v1`):
+  "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
+`chatml` (Astrea-34B on Hermes-2-Yi, LLaVA-NeXT's `conv_chatml_direct`):
+  "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{q1}<|im_end|>\n"
+  "<|im_start|>assistant\n{a1}<|im_end|>\n..."
+
+The loss covers each answer and the end-of-turn marker after it ("{a}</s>", "{a}<|im_end|>"), nothing else: the
+model learns to answer and to stop, never to write the user's turns. The text between `<image>` placeholders is
+tokenised in one piece (so BPE merges match what the model sees at inference) and each token is marked as a target
+from its character offsets. Every `<image>` becomes `visual_tokens` positions that the model fills with visual
+tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from astrea_jax.data.conversation import GPT, IMAGE_PLACEHOLDER, Turn
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+  """A conversation is rendered as: system, then per exchange `user_prefix + question + user_suffix` (no loss) and
+  `answer + answer_suffix` (the loss, Eq. 1), then `turn_separator` (no loss)."""
+  name: str
+  system: str
+  user_prefix: str
+  user_suffix: str
+  answer_suffix: str
+  turn_separator: str
+  add_bos: bool
+  special_tokens: tuple[str, ...]  # strings the tokenizer must hold as single tokens
+
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
+TEMPLATES = {
+    'vicuna_v1': ChatTemplate(name='vicuna_v1', system=VICUNA_SYSTEM + ' ', user_prefix='USER: ',
+                              user_suffix=' ASSISTANT: ', answer_suffix='</s>', turn_separator='', add_bos=True,
+                              special_tokens=('</s>',)),
+    'chatml': ChatTemplate(name='chatml', system='<|im_start|>system\nAnswer the questions.<|im_end|>\n',
+                           user_prefix='<|im_start|>user\n', user_suffix='<|im_end|>\n<|im_start|>assistant\n',
+                           answer_suffix='<|im_end|>', turn_separator='\n', add_bos=False,
+                           special_tokens=('<|im_start|>', '<|im_end|>')),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedConversation:
+  """ids [T] int32 (image positions hold `image_token_id`), target_mask [T] bool (answer tokens, Eq. 1),
+  image_mask [T] bool (positions the visual tokens fill, `visual_tokens` per image in order)."""
+  ids: np.ndarray
+  target_mask: np.ndarray
+  image_mask: np.ndarray
+
+
+def get_template(name: str) -> ChatTemplate:
+  if name not in TEMPLATES:
+    raise ValueError(f'unknown chat template {name!r}; expected one of {sorted(TEMPLATES)}')
+  return TEMPLATES[name]
+
+
+def render(template: ChatTemplate, turns: Sequence[Turn]) -> tuple[str, list[tuple[int, int]]]:
+  """(the conversation as text, the [start, end) character spans of the answers with their end-of-turn marker)."""
+  parts, spans, length = [template.system], [], len(template.system)
+  for role, text in turns:
+    if role == GPT:
+      piece = text + template.answer_suffix
+      spans.append((length, length + len(piece)))
+      piece += template.turn_separator
+    else:
+      piece = template.user_prefix + text + template.user_suffix
+    parts.append(piece)
+    length += len(piece)
+  return ''.join(parts), spans
+
+
+def check_special_tokens(tokenizer, template: ChatTemplate, where: str) -> None:
+  """Raises ValueError unless each of the template's markers is one token of the (`tokenizers`) tokenizer."""
+  for marker in template.special_tokens:
+    ids = tokenizer.encode(marker, add_special_tokens=False).ids
+    if len(ids) != 1:
+      raise ValueError(f'tokenizer {where}: the {template.name} template needs {marker!r} as one token, but it '
+                       f'encodes to {len(ids)} tokens {ids}; add it as a special token')
+
+
+def _mark_targets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
+  """Eq. 1's mask over tokens [T] bool: a token is a target if its characters overlap an answer span."""
+  o = np.asarray(offsets, np.int64).reshape(-1, 2)
+  s = np.asarray(spans, np.int64).reshape(1, -1, 2)
+  starts, ends = o[:, :1], np.maximum(o[:, 1:], o[:, :1] + 1)
+  return ((starts < s[..., 1]) & (s[..., 0] < ends)).any(axis=1)
+
+
+def tokenize_conversation(tokenizer, template: ChatTemplate, turns: Sequence[Turn], *, visual_tokens: int,
+                          image_token_id: int, bos_id: int | None) -> TokenizedConversation:
+  """Renders and tokenises a conversation; the loss mask (Eq. 1) marks the answers' tokens.
+
+  `tokenizer` is a `tokenizers.Tokenizer` (a transformers tokenizer's `backend_tokenizer`, which gives offsets).
+  The text between `<image>` placeholders is tokenised piece by piece, as LLaVA does, and each placeholder becomes
+  `visual_tokens` copies of `image_token_id`. BOS is prepended when the template asks for it and bos_id is given.
+  """
+  text, spans = render(template, turns)
+  ids, target, image = [], [], []
+  if template.add_bos and bos_id is not None:
+    ids, target, image = [bos_id], [False], [False]
+  start = 0
+  pieces = text.split(IMAGE_PLACEHOLDER)
+  for k, piece in enumerate(pieces):
+    if piece:
+      encoding = tokenizer.encode(piece, add_special_tokens=False)
+      ids.extend(encoding.ids)
+      target.extend(_mark_targets([(start + a, start + b) for a, b in encoding.offsets], spans))
+      image.extend([False] * len(encoding.ids))
+    start += len(piece)
+    if k < len(pieces) - 1:
+      ids.extend([image_token_id] * visual_tokens)
+      target.extend([False] * visual_tokens)
+      image.extend([True] * visual_tokens)
+      start += len(IMAGE_PLACEHOLDER)
+  return TokenizedConversation(np.asarray(ids, np.int32), np.asarray(target, bool), np.asarray(image, bool))
