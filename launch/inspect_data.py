@@ -65,9 +65,9 @@ def decode(tokenizer, ids: np.ndarray, image: np.ndarray) -> str:
   return ''.join(pieces)
 
 
-def denormalize(pixels: np.ndarray, expert) -> np.ndarray:
-  """An expert's float input [S, S, 3] back to uint8 RGB."""
-  return np.clip((pixels * np.asarray(expert.std) + np.asarray(expert.mean)) * 255 + 0.5, 0, 255).astype(np.uint8)
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+  """An expert's float input [S, S, 3] in [0, 1] back to uint8 RGB."""
+  return np.clip(pixels * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
 def draw_tile(image: np.ndarray, masked_text: str, segmentation: np.ndarray | None) -> Image.Image:
@@ -95,6 +95,7 @@ def save_grid(tiles: list[Image.Image], path: str) -> None:
   for i, tile in enumerate(tiles):
     grid.paste(tile, (i * (TILE + 4), 0))
   directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
   with tempfile.NamedTemporaryFile(dir=directory, suffix='.png', delete=False) as f:
     grid.save(f, format='PNG')
   os.replace(f.name, path)
@@ -141,7 +142,7 @@ def main(argv):
       tiles.append(Image.new('RGB', (TILE, TILE), (128, 128, 128)))
       continue
     segmentation = None if segmentation_source is None else segmentation_source[image_id]['segmentation'][..., 0]
-    tiles.append(draw_tile(denormalize(batch['images'][expert_name][row, 0], expert), masked, segmentation))
+    tiles.append(draw_tile(to_uint8(batch['images'][expert_name][row, 0]), masked, segmentation))
   for name, count in it.counts.items():
     if count:
       print(f'{name}: {count}')

@@ -2,7 +2,9 @@
 
 Every expert has its own input size and normalisation constants (`config.data.experts`): SigLIP-style experts use
 mean = std = 0.5, ImageNet-trained ones the ImageNet statistics. An image is made square (padded with the expert's
-mean colour as in LLaVA-1.5, or stretched), resized with bicubic filtering and normalised: `(x / 255 - mean) / std`.
+mean colour as in LLaVA-1.5, or stretched), resized with bicubic filtering and scaled to [0, 1]. The normalisation
+`(x - mean) / std` is the expert's own (`astrea_jax.models.expert.preprocess`), so that the model is the same
+function of an image in training, evaluation and export; here the mean only sets the padding colour.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
 
 
 def expert_input(image: np.ndarray, expert: ExpertImage, square_mode: str = 'pad') -> np.ndarray:
-  """RGB uint8 [H, W, 3] -> float32 [S, S, 3] for one expert (S = expert.image_size)."""
+  """RGB uint8 [H, W, 3] -> float32 [S, S, 3] in [0, 1] for one expert (S = expert.image_size)."""
   if square_mode == 'pad':
     image = square(image, tuple(int(round(m * 255)) for m in expert.mean))
   elif square_mode != 'resize':
@@ -85,9 +87,7 @@ def expert_input(image: np.ndarray, expert: ExpertImage, square_mode: str = 'pad
   size = expert.image_size
   if image.shape[:2] != (size, size):
     image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), np.uint8)
-  mean = np.asarray(expert.mean, np.float32)
-  std = np.asarray(expert.std, np.float32)
-  return (image.astype(np.float32) / 255.0 - mean) / std
+  return image.astype(np.float32) / 255.0
 
 
 def expert_inputs(images: Sequence[np.ndarray], experts: Sequence[ExpertImage],
