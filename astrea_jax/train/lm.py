@@ -63,7 +63,7 @@ def make_train_step(model: llama.Llama, optimizer: optax.GradientTransformation,
       (loss, tokens), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(model, state.params, batch)
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads), 'tokens': tokens}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'tokens': tokens}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   data = batch_sharding(mesh, rules)
