@@ -7,6 +7,7 @@ and wrong types, so `--config.llm.num_layers=abc` or `--config.llm.nmu_layers=2`
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import ml_collections
@@ -82,6 +83,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.astrea.load_balance_coef = 0.0   # Switch load-balancing loss weight; 0 = off (the paper has none)
   c.astrea.router_z_coef = 0.0       # router z-loss weight; 0 = off
 
+  # --- the vision experts' backbones (astrea_jax.models.vit); their input size and normalisation are
+  # config.data.experts.<slot>, their common token count config.data.visual_tokens ---
+  c.model = ml_collections.ConfigDict()
+  c.model.train_experts = False      # False: experts are frozen (no gradient flows into them)
+  c.model.experts = ml_collections.ConfigDict()  # per slot: a ViT-family backbone (family siglip | clip | dinov2)
+  for slot, family in (('caption', 'siglip'), ('classification', 'clip'), ('detection', 'dinov2'),
+                       ('segmentation', 'dinov2')):
+    c.model.experts[slot] = dict(family=family, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                                 patch_size=8)
+
   # --- momentum contrast (Eq. 5-8, 11; astrea_jax.astrea.moco) ---
   c.moco = ml_collections.ConfigDict()
   c.moco.momentum = 0.995            # m of Eq. 8, EMA of the key encoder
@@ -118,6 +129,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.seed = 0                   # seed for init, data order and dropout
   c.train.global_batch_size = 8      # sequences per step, over all hosts
   c.train.num_steps = 20             # optimizer steps
+
+  # --- checkpoints (astrea_jax.train.checkpointing): one Orbax manager in <workdir>/checkpoints, steps count on
+  # over the whole run and each checkpoint names its stage; running the same command again resumes the latest ---
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 200     # save when step % every_steps == 0 (and at a stage's end and on SIGTERM)
+  c.checkpoint.max_to_keep = 3       # newest checkpoints kept; 0 = keep all
+  c.checkpoint.async_save = True     # write in background threads while training goes on
+
+  # --- metrics (astrea_jax.train.metrics): TensorBoard event files in the workdir + console, from process 0 ---
+  c.logging = ml_collections.ConfigDict()
+  c.logging.every_steps = 10         # write the window's mean of each per-step scalar, steps/s and ETA this often
+  c.logging.profile_first_step = 10  # step at which the profiler trace starts (clu Profile, in the workdir)
+  c.logging.profile_steps = 0        # steps the trace covers; 0 = no profiling
+
+  # --- multi-host (astrea_jax.parallel.distributed): jax.distributed.initialize before any device is used ---
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = 'auto'  # auto: when coordinator_address is set or SLURM / Open MPI started several
+  #                                    tasks | always: also with nothing set (TPU VMs, where JAX finds the slice) | never
+  c.distributed.coordinator_address = ''  # host:port of process 0; '' = from the cluster environment
+  c.distributed.num_processes = 0    # processes in the job; 0 = from the cluster environment
+  c.distributed.process_id = -1      # this process's index; -1 = from the cluster environment
+  c.distributed.local_device_ids = ''  # accelerators this process drives, e.g. '0,1,2,3'; '' = JAX's choice (all
+  #                                      local ones, except one per task under SLURM / Open MPI on GPUs)
 
   # --- decoding defaults (launch.generate flags override them) ---
   c.generate = ml_collections.ConfigDict()
@@ -169,6 +203,16 @@ def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.seq_len = 2048
   c.data.template = 'vicuna_v1'      # Vicuna-1.5 (13B); the 34B config sets chatml
   c.data.visual_tokens = 576         # 24 x 24
+  # Caption: SigLIP-SO400M/14@384 (the paper's). The other slots hold ViT stand-ins of about the size and token count of
+  # RAM++ (Swin-L, ~200M), Grounding DINO (~170M) and SAM2 Hiera-L (~220M) until those modules exist.
+  c.model.experts.caption = dict(family='siglip', hidden_size=1152, intermediate_size=4304, num_layers=27,
+                                 num_heads=16, patch_size=14)
+  c.model.experts.classification = dict(family='clip', hidden_size=1024, intermediate_size=4096, num_layers=24,
+                                        num_heads=16, patch_size=16)
+  c.model.experts.detection = dict(family='dinov2', hidden_size=768, intermediate_size=3072, num_layers=12,
+                                   num_heads=12, patch_size=32)
+  c.model.experts.segmentation = dict(family='dinov2', hidden_size=1024, intermediate_size=4096, num_layers=16,
+                                      num_heads=16, patch_size=32)
   for slot, side in (('caption', 384), ('classification', 384), ('detection', 800), ('segmentation', 1024)):
     c.data.experts[slot].image_size = side  # SigLIP-SO400M@384, RAM++ Swin-L@384, Grounding DINO, SAM2
   return c
@@ -187,6 +231,36 @@ def llm_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
     return llama.LlamaConfig.from_dict(config.llm.to_dict())
   except (TypeError, ValueError) as e:
     raise ConfigError(f'config.llm: {e}') from e
+
+
+def model_config(config: ml_collections.ConfigDict):
+  """The frozen `AstreaConfig` of a run: config.llm, config.model.experts (backbones), config.data.experts (input
+  size, normalisation), config.data.visual_tokens (T), config.data.align_order and config.astrea / config.moco."""
+  from astrea_jax.astrea.model import AstreaConfig
+  from astrea_jax.models import expert, vit
+
+  dtypes = dict(dtype=config.llm.dtype, param_dtype=config.llm.param_dtype, remat_policy=config.llm.remat_policy)
+  experts = []
+  for slot, backbone in config.model.experts.items():
+    inputs = config.data.experts[slot]
+    try:
+      model = vit.ViTConfig(image_size=inputs.image_size, **dict(backbone.to_dict(), **dtypes))
+      experts.append(expert.vit_expert_config(slot, model, image_size=inputs.image_size,
+                                              image_mean=tuple(inputs.mean), image_std=tuple(inputs.std),
+                                              num_visual_tokens=config.data.visual_tokens))
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f'config.model.experts.{slot}: {e}') from e
+  a = config.astrea
+  try:
+    return AstreaConfig(llm=llm_config(config), experts=tuple(experts),
+                        align_order=tuple(stage[len('align_'):] for stage in config.data.align_order)
+                        if len(config.data.align_order) == len(experts) else (),
+                        num_visual_tokens=config.data.visual_tokens, train_experts=config.model.train_experts,
+                        residual_heads=a.residual_heads, residual_gamma=a.residual_gamma,
+                        residual_prob=a.residual_prob, residual_add=a.residual_add, top_k=a.top_k,
+                        router_context=a.router_context, contrastive_dim=config.moco.embed_dim)
+  except ValueError as e:
+    raise ConfigError(f'config.model / config.astrea: {e}') from e
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -208,6 +282,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.optimizer.warmup_fraction={config.optimizer.warmup_fraction}: expected in [0, 1]')
   _validate_astrea(config)
   _validate_data(config)
+  _validate_run_services(config)
 
 
 def _validate_astrea(config: ml_collections.ConfigDict) -> None:
@@ -264,6 +339,27 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
   for split in ('train', 'validation', 'test'):
     if d.shapes[f'num_{split}'] < 1:
       raise ConfigError(f"config.data.shapes.num_{split}={d.shapes[f'num_{split}']}: expected >= 1")
+
+
+def _validate_run_services(config: ml_collections.ConfigDict) -> None:
+  """checkpoint.*, logging.* and distributed.*."""
+  for field, value, low in (('checkpoint.every_steps', config.checkpoint.every_steps, 1),
+                            ('checkpoint.max_to_keep', config.checkpoint.max_to_keep, 0),
+                            ('logging.every_steps', config.logging.every_steps, 1),
+                            ('logging.profile_first_step', config.logging.profile_first_step, 1),
+                            ('logging.profile_steps', config.logging.profile_steps, 0),
+                            ('distributed.num_processes', config.distributed.num_processes, 0),
+                            ('distributed.process_id', config.distributed.process_id, -1)):
+    if value < low:
+      raise ConfigError(f'config.{field}={value}: expected >= {low}')
+  d = config.distributed
+  if d.initialize not in ('auto', 'always', 'never'):
+    raise ConfigError(f"config.distributed.initialize={d.initialize!r}: expected one of ('auto', 'always', 'never')")
+  if d.coordinator_address and not re.fullmatch(r'\S+:\d+', d.coordinator_address):
+    raise ConfigError(f'config.distributed.coordinator_address={d.coordinator_address!r}: expected host:port or ""')
+  if not re.fullmatch(r'(\d+(,\d+)*)?', d.local_device_ids):
+    raise ConfigError(f'config.distributed.local_device_ids={d.local_device_ids!r}: expected comma-separated '
+                      f'integers like "0,1,2,3" or ""')
 
 
 def _validate_rules(rules: Any) -> None:

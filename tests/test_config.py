@@ -75,3 +75,10 @@ def test_mesh_sizes_must_multiply_to_device_count():
     mesh_lib.resolve_axis_sizes({'data': 1, 'fsdp': 2, 'tensor': 2}, 8)
   with pytest.raises(config_lib.ConfigError, match='do not divide the 8 devices'):
     mesh_lib.resolve_axis_sizes({'data': -1, 'fsdp': 3, 'tensor': 1}, 8)
+
+
+def test_global_batch_must_divide_over_the_data_axes():
+  mesh_lib.check_batch_divides(128, {'data': 2, 'fsdp': 32, 'tensor': 4})
+  with pytest.raises(config_lib.ConfigError, match=r'global_batch_size=128 is not divisible by the data axes '
+                     r'data x fsdp = 1 x 256 = 256'):
+    mesh_lib.check_batch_divides(128, {'data': 1, 'fsdp': 256, 'tensor': 1})

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astrea_jax.models.layers import LogicalDenseGeneral
+
 Array = jax.Array
 
 # Logical axis names used by this module (the rules that map them to mesh axes live in the config).
@@ -172,8 +174,9 @@ class Attention(nn.Module):
     dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
 
     def proj(name, heads, axis_name):
-      return nn.DenseGeneral((heads, cfg.head_dim), use_bias=False, dtype=dtype, param_dtype=pdtype,
-                             kernel_init=_kernel_init(cfg, ('embed', axis_name, 'head_dim')), name=name)(x)
+      return LogicalDenseGeneral((heads, cfg.head_dim), ('embed', axis_name, 'head_dim'),
+                                 kernel_init=nn.initializers.normal(cfg.initializer_range), dtype=dtype,
+                                 param_dtype=pdtype, name=name)(x)
 
     q = proj('q_proj', cfg.num_heads, 'q_heads')
     k = proj('k_proj', cfg.num_kv_heads, 'kv_heads')
@@ -194,8 +197,9 @@ class Attention(nn.Module):
 
     out = grouped_query_attention(q, k, v, mask)
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS_ACT, 'head_dim'))
-    out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype,
-                          kernel_init=_kernel_init(cfg, ('q_heads', 'head_dim', 'embed')), name='o_proj')(out)
+    out = LogicalDenseGeneral((cfg.hidden_size,), ('q_heads', 'head_dim', 'embed'), in_axes=2,
+                              kernel_init=nn.initializers.normal(cfg.initializer_range), dtype=dtype,
+                              param_dtype=pdtype, name='o_proj')(out)
     return out, new_cache
 
 

@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astrea_jax.models.layers import LogicalDenseGeneral
 from astrea_jax.models.llama import (BATCH, EMBED_ACT, HEADS_ACT, LENGTH, MLP_ACT, REMAT_POLICIES, remat_policy,
                                      to_dtype)
 
@@ -188,8 +189,12 @@ def interpolate_positions(positions: Array, grid: tuple[int, int]) -> Array:
   return out.reshape(grid[0] * grid[1], -1).astype(positions.dtype)
 
 
+def _normal(cfg: ViTConfig):
+  return nn.initializers.normal(cfg.initializer_range)
+
+
 def _init(cfg: ViTConfig, names: tuple[str | None, ...], init=None):
-  return nn.with_logical_partitioning(init or nn.initializers.normal(cfg.initializer_range), names)
+  return nn.with_logical_partitioning(init or _normal(cfg), names)
 
 
 def _layer_norm(cfg: ViTConfig, name: str) -> nn.LayerNorm:
@@ -242,9 +247,9 @@ class Attention(nn.Module):
     dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
 
     def proj(name, heads_axis):
-      return nn.DenseGeneral((cfg.num_heads, cfg.head_dim), dtype=dtype, param_dtype=pdtype,
-                             kernel_init=_init(cfg, ('embed', heads_axis, 'head_dim')),
-                             bias_init=_init(cfg, (heads_axis, 'head_dim'), nn.initializers.zeros), name=name)(x)
+      return LogicalDenseGeneral((cfg.num_heads, cfg.head_dim), ('embed', heads_axis, 'head_dim'),
+                                 bias_names=(heads_axis, 'head_dim'), kernel_init=_normal(cfg), dtype=dtype,
+                                 param_dtype=pdtype, name=name)(x)
 
     q, k, v = proj('q_proj', 'q_heads'), proj('k_proj', 'kv_heads'), proj('v_proj', 'kv_heads')
     q, k, v = (nn.with_logical_constraint(t, (BATCH, LENGTH, HEADS_ACT, 'head_dim')) for t in (q, k, v))
@@ -254,10 +259,9 @@ class Attention(nn.Module):
 
 def _out_proj(cfg: ViTConfig, heads: Array) -> Array:
   """[B, N, H, d] -> [B, N, D]."""
-  return nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=to_dtype(cfg.dtype),
-                         param_dtype=to_dtype(cfg.param_dtype),
-                         kernel_init=_init(cfg, ('q_heads', 'head_dim', 'embed')),
-                         bias_init=_init(cfg, ('embed',), nn.initializers.zeros), name='o_proj')(heads)
+  return LogicalDenseGeneral((cfg.hidden_size,), ('q_heads', 'head_dim', 'embed'), in_axes=2, bias_names=('embed',),
+                             kernel_init=_normal(cfg), dtype=to_dtype(cfg.dtype),
+                             param_dtype=to_dtype(cfg.param_dtype), name='o_proj')(heads)
 
 
 class MLP(nn.Module):
@@ -336,11 +340,9 @@ class AttentionPool(nn.Module):
   @nn.compact
   def __call__(self, query: Array, tokens: Array) -> Array:
     cfg = self.cfg
-    in_proj = nn.DenseGeneral((3, cfg.num_heads, cfg.head_dim), dtype=to_dtype(cfg.dtype),
-                              param_dtype=to_dtype(cfg.param_dtype),
-                              kernel_init=_init(cfg, ('embed', None, 'q_heads', 'head_dim')),
-                              bias_init=_init(cfg, (None, 'q_heads', 'head_dim'), nn.initializers.zeros),
-                              name='in_proj')
+    in_proj = LogicalDenseGeneral((3, cfg.num_heads, cfg.head_dim), ('embed', None, 'q_heads', 'head_dim'),
+                                  bias_names=(None, 'q_heads', 'head_dim'), kernel_init=_normal(cfg),
+                                  dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype), name='in_proj')
     q = in_proj(query)[:, :, 0]
     kv = in_proj(tokens)
     out = jax.nn.dot_product_attention(q, kv[:, :, 1], kv[:, :, 2])

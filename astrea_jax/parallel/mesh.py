@@ -28,6 +28,14 @@ def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, 
   return sizes
 
 
+def check_batch_divides(global_batch: int, sizes: Mapping[str, int]) -> None:
+  """The global batch splits evenly over the data axes (data x fsdp); ConfigError naming the fields if not."""
+  shards = sizes['data'] * sizes['fsdp']
+  if global_batch % shards:
+    raise ConfigError(f'config.train.global_batch_size={global_batch} is not divisible by the data axes '
+                      f'data x fsdp = {sizes["data"]} x {sizes["fsdp"]} = {shards}; change the batch or config.mesh')
+
+
 def create_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A `Mesh` over `devices` (default: all) with axes data, fsdp, tensor; tensor is innermost (fastest links)."""
   devices = list(jax.devices() if devices is None else devices)

@@ -59,7 +59,7 @@ def make_train_step(model: llama.Llama, optimizer: optax.GradientTransformation,
   batch: {'inputs', 'targets', 'loss_mask'} each [B, L]; metrics: loss, grad_norm, tokens (replicated scalars).
   """
   def step(state: TrainState, batch: dict[str, jax.Array]):
-    with nn.logical_axis_rules(sharding.normalize_rules(rules)):
+    with sharding.logical_context(mesh, rules):
       (loss, tokens), grads = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(model, state.params, batch)
       updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)

@@ -170,7 +170,7 @@ def batch_shardings(batch: Mapping[str, Any], mesh: Mesh, rules) -> Any:
 def jit_step(step: Callable, mesh: Mesh, rules, state_shardings: TrainState, batch_shard: Any) -> Callable:
   """One `jax.jit` with explicit in/out shardings, the state donated, the logical rules active while tracing."""
   def traced(state, batch):
-    with nn.logical_axis_rules(sharding.normalize_rules(rules)):
+    with sharding.logical_context(mesh, rules):
       return step(state, batch)
   return jax.jit(traced, in_shardings=(state_shardings, batch_shard),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))

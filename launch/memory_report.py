@@ -1,0 +1,133 @@
+r"""Per-device memory and FLOPs of the full Astrea train step, by ahead-of-time compilation on a fake device mesh.
+
+  python -m launch.memory_report --config=configs/astrea_13b.py --devices=64 [--stage=main] [--config.mesh.fsdp=..]
+
+Nothing is allocated: the train state (LLM + the four experts + projectors + residual attention + router and adapters
++ MoCo heads, momentum copies and queues, and the stage's AdamW state) and a global batch (config.train
+.global_batch_size rows of config.data.seq_len tokens with one image per expert) are `jax.ShapeDtypeStruct`s
+carrying their shardings; the jitted, donated step is lowered and compiled for `--devices` fake CPU devices, and
+XLA's `memory_analysis()` (per device) and `cost_analysis()` are read. Prints a table and, as its last line, one JSON
+object with devices, params, argument_bytes, temp_bytes, output_bytes, alias_bytes, peak_bytes (per device), flops.
+"""
+
+import os
+import sys
+
+
+def _devices_from_argv(argv) -> int:
+  for arg in argv:
+    if arg.startswith('--devices='):
+      return int(arg.split('=', 1)[1])
+  return 64
+
+
+if __name__ == '__main__':  # the fake devices must exist before jax is imported
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             f' --xla_force_host_platform_device_count={_devices_from_argv(sys.argv)}')
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from astrea_jax import config as config_lib  # noqa: E402
+from astrea_jax.astrea import model as model_lib  # noqa: E402
+from astrea_jax.parallel import mesh as mesh_lib  # noqa: E402
+from astrea_jax.parallel import sharding  # noqa: E402
+from astrea_jax.train import optimizer as optimizer_lib  # noqa: E402
+from astrea_jax.train import stages, step as step_lib  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config.')
+_DEVICES = flags.DEFINE_integer('devices', 64, 'Fake devices to compile for.')
+_STAGE = flags.DEFINE_string('stage', 'main', 'Stage whose step is compiled (its trainable set and losses).')
+_ACCUM = flags.DEFINE_integer('accum_steps', 1, 'Gradient-accumulation micro-batches per step.')
+flags.mark_flags_as_required(['config'])
+
+GIB = 2**30
+
+
+def abstract_batch(config, cfg: model_lib.AstreaConfig, mesh, rules):
+  """ShapeDtypeStructs of one global batch, with the batch axis sharded over the data axes."""
+  b, l = config.train.global_batch_size, config.data.seq_len
+  batch = {name: jax.ShapeDtypeStruct((b, l), jnp.int32) for name in ('inputs', 'targets', 'loss_mask',
+                                                                      'image_mask')}
+  batch['images'] = {e.name: jax.ShapeDtypeStruct((b, 1, e.image_size, e.image_size, 3), jnp.float32)
+                     for e in cfg.experts}
+  return sharding.with_shardings(batch, step_lib.batch_shardings(batch, mesh, rules))
+
+
+def compile_step(config, stage: str, devices: int, accum_steps: int):
+  """(compiled step, number of parameters, seconds to lower and compile)."""
+  config_lib.validate(config)
+  cfg = config_lib.model_config(config)
+  mesh_lib.check_batch_divides(config.train.global_batch_size, mesh_lib.resolve_axis_sizes(config.mesh, devices))
+  mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:devices])
+  rules = config.logical_axis_rules
+  model = model_lib.Astrea(cfg)
+  sizes = {e.name: e.image_size for e in cfg.experts}
+  boxed = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0), sizes))
+  params = nn.unbox(boxed)
+  patterns = stages.default_trainable(stage, cfg)
+  stages.check_trains_something(stage, params, patterns)
+  steps = config.train.num_steps
+  tx = stages.stage_optimizer(config.optimizer, steps, params, patterns)
+  init = lambda: step_lib.init_state(model_lib.init_params(cfg, jax.random.key(0), sizes), tx, stage, config.moco,
+                                     jax.random.key(1))
+  abstract_state, state_shardings = sharding.abstract_and_shardings(init, mesh, rules)
+  batch = abstract_batch(config, cfg, mesh, rules)
+  step = step_lib.make_step(model, stage, tx, config, optimizer_lib.learning_rate_schedule(config.optimizer, steps),
+                            accum_steps)
+  jitted = step_lib.jit_step(step, mesh, rules, state_shardings, jax.tree.map(lambda x: x.sharding, batch))
+  start = time.perf_counter()
+  with sharding.logical_context(mesh, rules):
+    compiled = jitted.lower(sharding.with_shardings(abstract_state, state_shardings), batch).compile()
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  return compiled, num_params, time.perf_counter() - start
+
+
+def report(config, stage: str, devices: int, accum_steps: int) -> dict:
+  compiled, num_params, seconds = compile_step(config, stage, devices, accum_steps)
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out = {
+      'devices': devices, 'stage': stage, 'params': int(num_params),
+      'mesh': dict(mesh_lib.resolve_axis_sizes(config.mesh, devices)),
+      'global_batch': config.train.global_batch_size, 'seq_len': config.data.seq_len,
+      'remat_policy': config.llm.remat_policy,
+      'argument_bytes': int(mem.argument_size_in_bytes), 'output_bytes': int(mem.output_size_in_bytes),
+      'alias_bytes': int(mem.alias_size_in_bytes), 'temp_bytes': int(mem.temp_size_in_bytes),
+      'flops': float(cost.get('flops', 0.0)), 'compile_seconds': round(seconds, 1),
+  }
+  # Donated state aliases its outputs: live memory is arguments + temporaries + outputs not aliased to inputs.
+  out['peak_bytes'] = out['argument_bytes'] + out['temp_bytes'] + out['output_bytes'] - out['alias_bytes']
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if jax.device_count() < _DEVICES.value:
+    raise SystemExit(f'memory_report: only {jax.device_count()} devices; run it as `python -m launch.memory_report` '
+                     'so that --devices fake devices are created before jax starts')
+  r = report(_CONFIG.value, _STAGE.value, _DEVICES.value, _ACCUM.value)
+  rows = [('stage', r['stage']), ('devices / mesh', f"{r['devices']} {r['mesh']}"),
+          ('parameters', f"{r['params'] / 1e9:.2f} B"),
+          ('global batch x tokens', f"{r['global_batch']} x {r['seq_len']} (remat {r['remat_policy']})"),
+          ('arguments / device', f"{r['argument_bytes'] / GIB:.2f} GiB"),
+          ('temporaries / device', f"{r['temp_bytes'] / GIB:.2f} GiB"),
+          ('outputs (aliased) / device', f"{r['output_bytes'] / GIB:.2f} GiB ({r['alias_bytes'] / GIB:.2f})"),
+          ('peak / device', f"{r['peak_bytes'] / GIB:.2f} GiB"),
+          ('FLOPs / step / device', f"{r['flops']:.3e}"), ('compile', f"{r['compile_seconds']} s")]
+  for name, value in rows:
+    print(f'{name:28s} {value}')
+  print(json.dumps(r))
+
+
+if __name__ == '__main__':
+  app.run(main)
