@@ -11,6 +11,7 @@ from astrea_jax.astrea import model as model_lib
 from astrea_jax.models import expert, llama, vit
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
+from astrea_jax.train import metrics as metrics_lib
 from astrea_jax.train import stages
 from astrea_jax.train import step as step_lib
 
@@ -63,7 +64,7 @@ def _train(setup, stage, steps, accum_steps):
   history = []
   for _ in range(steps):
     state, metrics = step(state, batch)
-    history.append(step_lib.flat_metrics(metrics, cfg.slots))
+    history.append(metrics_lib.flatten_scalars(jax.device_get(metrics), cfg.slots))
   return state, history
 
 

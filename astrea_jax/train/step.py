@@ -18,7 +18,6 @@ from typing import Any, Callable, Mapping
 
 import flax
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -175,14 +174,3 @@ def jit_step(step: Callable, mesh: Mesh, rules, state_shardings: TrainState, bat
   return jax.jit(traced, in_shardings=(state_shardings, batch_shard),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
-
-def flat_metrics(metrics: Mapping[str, Any], slots: tuple[str, ...]) -> dict[str, float]:
-  """Host scalars for logging: per-expert router statistics become `router/mean_prob/<slot>` etc."""
-  out = {}
-  for name, value in flax.traverse_util.flatten_dict(dict(metrics), sep='/').items():
-    value = jax.device_get(value)
-    if getattr(value, 'ndim', 0) == 1 and len(value) == len(slots):
-      out.update({f'{name}/{slot}': float(v) for slot, v in zip(slots, value)})
-    else:
-      out[name] = float(value)
-  return out

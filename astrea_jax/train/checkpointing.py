@@ -1,0 +1,165 @@
+"""Checkpoints of a training run (Orbax `CheckpointManager`), and a clean stop on SIGTERM.
+
+One manager holds the whole run, in `<workdir>/checkpoints/<step>`. Steps count on over the run (the stage runner
+numbers a stage's steps after the previous stage's), and each checkpoint names the stage whose state it holds, so
+"where was I" is one question: `latest()` -> (step, stage). A checkpoint has four items:
+
+  state/   the train state (any pytree of jax.Arrays), each process writing its own shards, in the background
+  data/    the grain iterator's state, one JSON file per process (grain's Orbax handler)
+  stage/   {"stage": name}: whose state this is (the state's tree differs between stages, so the runner builds the
+           matching abstract state before `restore`)
+  config/  the resolved config as JSON; a resumed run logs the fields that differ from it
+
+`save` writes when step % config.checkpoint.every_steps == 0, or when forced (a stage's end, SIGTERM), and keeps the
+config.checkpoint.max_to_keep newest. The device-to-host copy happens inside `save`, so the state may be donated to
+the next step at once; the files are written by background threads (`wait` blocks until they are). A checkpoint is
+complete once Orbax renames its temporary folder; one killed mid-write is ignored by `latest` and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any, NamedTuple
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+
+class Saved(NamedTuple):
+  """A complete checkpoint: its step and the stage whose state it holds."""
+  step: int
+  stage: str
+
+
+def config_changes(saved: Any, current: Any, prefix: str = '') -> list[str]:
+  """'field: saved -> current' for each leaf of two JSON trees (nested dicts) that differs, or exists in one only."""
+  if not (isinstance(saved, dict) and isinstance(current, dict)):
+    return [] if saved == current else [f'{prefix}: {saved!r} -> {current!r}']
+  changes = []
+  for key in sorted(set(saved) | set(current)):
+    name = f'{prefix}.{key}' if prefix else key
+    changes += config_changes(saved.get(key, '<absent>'), current.get(key, '<absent>'), name)
+  return changes
+
+
+class Checkpointer:
+  """The run's checkpoints in `<workdir>/checkpoints`; every process makes one and calls each method in step."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
+    c = config.checkpoint
+    self.directory = epath.Path(workdir if '://' in workdir else os.path.abspath(workdir)) / 'checkpoints'
+    self._config = json.loads(config.to_json_best_effort())
+    policy = ocp.checkpoint_managers.AnySavePolicy([  # Orbax's default also saves the first step: not wanted
+        ocp.checkpoint_managers.FixedIntervalPolicy(c.every_steps),
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+    options = ocp.CheckpointManagerOptions(save_decision_policy=policy, max_to_keep=c.max_to_keep or None,
+                                           enable_async_checkpointing=c.async_save, create=True,
+                                           cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
+                       'stage': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()})
+
+  def latest(self) -> Saved | None:
+    """(step, stage) of the newest complete checkpoint, or None when there is none."""
+    step = self._manager.latest_step()
+    if step is None:
+      return None
+    meta = self._manager.restore(step, args=ocp.args.Composite(stage=ocp.args.JsonRestore()))
+    return Saved(step, meta['stage']['stage'])
+
+  def all_steps(self) -> list[int]:
+    """Steps of the checkpoints kept, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, stage: str, state: Any, data_iter: grain.DatasetIterator, *, force: bool = False) -> bool:
+    """Saves (state, data_iter's position, stage, config) as `step` if the interval says so or `force`; returns
+    whether it did. A step already saved is not written again."""
+    if step in self._manager.all_steps():
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+                              stage=ocp.args.JsonSave({'stage': stage}), config=ocp.args.JsonSave(self._config))
+    saved = self._manager.save(step, args=args, force=force)
+    if saved:
+      logging.info('checkpoint: saving step %d (stage %s) to %s', step, stage, self.directory)
+    return saved
+
+  def restore(self, step: int, abstract_state: Any,
+              data_iter: grain.DatasetIterator | None = None) -> tuple[Any, str]:
+    """(state, stage) of checkpoint `step`. abstract_state: `jax.ShapeDtypeStruct`s with `.sharding`
+    (`sharding.with_shardings`); each array is read straight into its shards. data_iter, if given, is set to the
+    saved position (this process's file); leave it out to read only the state (e.g. with another process count)."""
+    args = {'state': ocp.args.StandardRestore(abstract_state), 'stage': ocp.args.JsonRestore(),
+            'config': ocp.args.JsonRestore()}
+    if data_iter is not None:
+      args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    changes = config_changes(restored['config'], self._config)
+    if changes:
+      logging.warning('checkpoint: step %d was written with another config; now: %s', step, '; '.join(changes))
+    logging.info('checkpoint: restored step %d (stage %s) from %s', step, restored['stage']['stage'], self.directory)
+    return restored['state'], restored['stage']['stage']
+
+  def wait(self) -> None:
+    """Blocks until every save started has been written."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the saves in flight, then releases the manager's threads."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+class Preemption:
+  """A clean stop on SIGTERM, the notice that SLURM, Kubernetes and TPU maintenance send before killing a job.
+
+    with Preemption() as preemption:
+      for step in ...:
+        ...
+        if preemption.reached(step): save (force) and leave the loop
+
+  One process: a SIGTERM handler (installed on entry, the previous one restored on exit; main thread only) sets a
+  flag that `reached` returns. Several processes: JAX's preemption service, started by `jax.distributed.initialize`,
+  catches SIGTERM itself and agrees with every process on a step they all reach, so all save the same step; there
+  every process must call `reached` at every step (`multihost_utils.reached_preemption_sync_point`).
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> Preemption:
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`."""
+    if jax.process_count() > 1:
+      reached = multihost_utils.reached_preemption_sync_point(step)
+    else:
+      reached = self.requested
+    if reached:
+      logging.warning('preemption: SIGTERM received; stopping after step %d', step)
+    return reached
