@@ -1,0 +1,138 @@
+"""launch.bench_flops against hand counts, and every `launch.benchmark` subcommand end to end on the tiny config.
+
+No timing is asserted: the CLI runs only check that each subcommand finishes and ends with its JSON line.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from astrea_jax import config as config_lib
+from astrea_jax.models import llama
+from configs import astrea_13b, tiny
+from launch import bench_flops
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DATA = ['--config.data.shapes.num_train=16', '--config.data.shapes.num_validation=2',
+             '--config.data.shapes.num_test=2']
+# subcommand -> arguments of a fast run on the tiny config
+RUNS = {
+    'train': ['--model=tiny', '--steps=2', '--batch=2', '--seq_len=32', '--notorch_compile', '--peak_tflops=1'],
+    'generate': ['--model=tiny', '--steps=1', '--batch=2', '--prompt_len=8', '--max_new_tokens=8'],
+    'data': ['--workers=0', '--batches=2', '--warmup=1', '--steps=1'] + TINY_DATA,
+    'flops': ['--config=configs/astrea_13b.py'],
+    'convert': ['--hidden=64', '--intermediate=128', '--layers=2', '--heads=4', '--kv_heads=2', '--vocab=320'],
+    # 0.005 GiB holds a few 64-wide layers at 2 x 32 tokens, fewer than 6: the search has to stop early.
+    'mfu': ['--device_memory_gib=0.005', '--steps=1', '--batch=2', '--seq_len=32', '--peak_tflops=1',
+            '--config.llm.num_layers=6'],
+}
+
+
+@pytest.fixture(scope='module')
+def results():
+  """{subcommand: the JSON object of its last line}; the runs go in parallel."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
+  procs = {name: subprocess.Popen([sys.executable, '-m', 'launch.benchmark', name, *args], cwd=REPO_ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for name, args in RUNS.items()}
+  out = {}
+  try:
+    for name, proc in procs.items():
+      stdout, stderr = proc.communicate(timeout=300)
+      assert proc.returncode == 0, f'{name}: {stderr[-3000:]}'
+      out[name] = json.loads(stdout.strip().splitlines()[-1])
+  finally:
+    for proc in procs.values():
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return out
+
+
+def tiny_llm():
+  return config_lib.llm_config(tiny.get_config())
+
+
+def test_llm_matmul_params_hand_count():
+  # L * (E*Q*(2H + 2Hkv) + 3*E*M) + E*V = 2 * (64*16*12 + 3*64*128) + 64*320
+  cfg = tiny_llm()
+  assert bench_flops.llm_matmul_params(cfg) == 2 * (12288 + 24576) + 20480 == 94208
+  # every parameter but the embedding table and the norm scales
+  assert bench_flops.llm_matmul_params(cfg) == llama.num_params(cfg) - 320 * 64 - (2 * 2 + 1) * 64
+
+
+def test_llm_flops_per_token_hand_count():
+  cfg, n, attention = tiny_llm(), 94208, 4 * 2 * 256 * 4 * 16  # 4 * L * S * H * Q, forward
+  assert bench_flops.llm_flops_per_token(cfg, 256) == 6 * n + 3 * attention == 958464
+  assert bench_flops.llm_flops_per_token(cfg, 256, 'through') == 4 * n + 3 * attention
+  assert bench_flops.llm_flops_per_token(cfg, 256, 'forward') == 2 * n + attention
+  with pytest.raises(ValueError, match='mode'):
+    bench_flops.llm_flops_per_token(cfg, 256, 'backward')
+
+
+def test_13b_llm_is_palm_6n_plus_12lhqt():
+  cfg = config_lib.llm_config(astrea_13b.get_config())
+  assert llama.num_params(cfg) == 13_015_864_320  # Llama-2-13B / Vicuna-1.5-13B
+  n = 40 * (5120 * 128 * 160 + 3 * 5120 * 13824) + 5120 * 32000
+  assert bench_flops.llm_flops_per_token(cfg, 2048) == 6 * n + 12 * 40 * 40 * 128 * 2048
+
+
+def test_vit_expert_forward_hand_count():
+  # tiny experts: width 32, MLP 64, 2 blocks, 64 x 64 images in 8 x 8 patches (64 patches; CLIP, DINOv2 + 1 class token)
+  experts = {e.name: e for e in config_lib.model_config(tiny.get_config()).experts}
+  patch_embed, block_weights = 2 * 8 * 8 * 3 * 32 * 64, 4 * 32 * 32 + 2 * 32 * 64
+  block = lambda n: 2 * block_weights * n + 4 * n * n * 32
+  assert bench_flops.expert_forward_flops(experts['caption']) == patch_embed + 2 * block(64) == 3932160  # SigLIP
+  assert bench_flops.expert_forward_flops(experts['detection']) == patch_embed + 2 * block(65)  # DINOv2
+  assert bench_flops.expert_forward_flops(experts['classification']) == patch_embed + block(65)  # CLIP: layer -2
+
+
+def test_stage_flops_hand_count():
+  config = tiny.get_config()  # S = 256, T = 16 visual tokens, D = 64, 4 experts of width 32, batch 8, queue 4096
+  experts = {e.name: bench_flops.expert_forward_flops(e) for e in config_lib.model_config(config).experts}
+  s, projector = 256, 32 * 64 + 64 * 64
+  first = bench_flops.stage_flops_per_example(config, 'align_caption')
+  assert first == {'llm (frozen, gradient through)': s * bench_flops.llm_flops_per_token(tiny_llm(), s, 'through'),
+                   'expert caption (frozen)': experts['caption'], 'projector caption': 6 * projector * 16}
+  second = bench_flops.stage_flops_per_example(config, 'align_classification')
+  assert second['residual attention classification'] == 6 * 4 * 64 * 64 * 16 + 12 * 16 * 16 * 64
+  instruct = bench_flops.stage_flops_per_example(config, 'instruct')
+  routing = 4 * 64 * 4 + 4 * 2 * 64 * 64
+  assert instruct == {'llm': s * 958464, 'experts (frozen)': sum(experts.values()),
+                      'projectors (frozen)': 4 * 2 * projector * 16, 'router + adapters': 6 * routing * 16}
+  main = bench_flops.stage_flops_per_example(config, 'main')
+  assert main['momentum encoder'] == 2 * (4 * projector + routing) * 16 + 2 * 2 * 64 * 32
+  assert main['contrastive heads'] == 6 * 2 * 64 * 32
+  assert main['contrastive logits'] == 2 * 4 * 32 * (8 + 4096)
+  with pytest.raises(ValueError, match='unknown stage'):
+    bench_flops.stage_flops_per_example(config, 'pretrain')
+
+
+def test_mfu():
+  assert bench_flops.mfu(3e12, 2.0, 1e12) == 1.5
+  with pytest.raises(ValueError, match='expected both > 0'):
+    bench_flops.mfu(1e12, 0.0, 1e12)
+
+
+def test_train_and_generate_cli(results):
+  train = results['train']
+  for key in ('jax_tokens_per_s', 'torch_tokens_per_s', 'ratio', 'first_loss_max_abs_diff', 'flops_per_token'):
+    assert key in train
+  assert train['first_loss_max_abs_diff'] <= 1e-4
+  assert train['flops_per_token'] == bench_flops.llm_flops_per_token(tiny_llm(), 32)
+  gen = results['generate']
+  assert gen['outputs_equal'] and gen['jax_tokens_per_s'] > 0 and gen['torch_tokens_per_s'] > 0 and 'ratio' in gen
+
+
+def test_data_flops_convert_mfu_cli(results):
+  assert set(results['data']['pipeline_examples_per_s']) == {'0'} and results['data']['step_examples_per_s'] > 0
+  flops = results['flops']
+  assert set(flops['stages']) == {'llm (all trained)', *config_lib.ALIGN_STAGES, 'instruct', 'main'}
+  assert flops['llm_train_flops_per_token'] == bench_flops.llm_flops_per_token(
+      config_lib.llm_config(astrea_13b.get_config()), 2048)
+  assert results['convert']['peak_rss_bytes'] > 0
+  mfu = results['mfu']
+  assert 1 <= mfu['layers'] < 6 and mfu['step_bytes'] <= 0.9 * 0.005 * 2**30 and mfu['mfu'] > 0
