@@ -83,10 +83,7 @@ class AstreaConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'AstreaConfig':
     """Inverse of `to_dict`; unknown fields are an error."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f'unknown AstreaConfig fields {unknown}; expected a subset of {sorted(names)}')
+    llama.check_known_fields(cls, d)
     return cls(**dict(d, llm=llama.LlamaConfig.from_dict(d['llm']),
                       experts=tuple(expert_lib.expert_config_from_dict(e) for e in d['experts']),
                       align_order=tuple(d.get('align_order', ())),

@@ -53,6 +53,14 @@ def to_dtype(name: str) -> Any:
   return _DTYPES[name]
 
 
+def check_known_fields(cls: type, d: Mapping[str, Any]) -> None:
+  """Raises ValueError naming the keys of d that are not fields of the dataclass cls (configs built from JSON)."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f'unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(names)}')
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Shape and numerics of a Llama-family decoder (a frozen mirror of `config.llm`)."""
@@ -93,10 +101,7 @@ class LlamaConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'LlamaConfig':
     """Builds from a mapping (a `ConfigDict` or stored JSON); unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f'unknown LlamaConfig fields {unknown}; expected a subset of {sorted(names)}')
+    check_known_fields(cls, d)
     return cls(**{k: d[k] for k in d})
 
   def to_dict(self) -> dict[str, Any]:

@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from astrea_jax.models.layers import LogicalDenseGeneral
-from astrea_jax.models.llama import (BATCH, EMBED_ACT, HEADS_ACT, LENGTH, MLP_ACT, REMAT_POLICIES, remat_policy,
-                                     to_dtype)
+from astrea_jax.models.llama import (BATCH, EMBED_ACT, HEADS_ACT, LENGTH, MLP_ACT, REMAT_POLICIES, check_known_fields,
+                                     remat_policy, to_dtype)
 
 Array = jax.Array
 
@@ -114,10 +114,7 @@ class ViTConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'ViTConfig':
     """Builds from a mapping (a `ConfigDict` or stored JSON); unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f'unknown ViTConfig fields {unknown}; expected a subset of {sorted(names)}')
+    check_known_fields(cls, d)
     return cls(**dict(d))
 
   def to_dict(self) -> dict[str, Any]:
