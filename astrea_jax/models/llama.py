@@ -61,8 +61,24 @@ def check_known_fields(cls: type, d: Mapping[str, Any]) -> None:
     raise ValueError(f'unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(names)}')
 
 
+class ConfigFields:
+  """`from_dict` / `to_dict` / `replace` for the frozen config dataclasses of the model families."""
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]):
+    """Builds from a mapping (a `ConfigDict` or stored JSON); unknown keys are an error."""
+    check_known_fields(cls, d)
+    return cls(**dict(d))
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ConfigFields):
   """Shape and numerics of a Llama-family decoder (a frozen mirror of `config.llm`)."""
   vocab_size: int
   hidden_size: int
@@ -98,17 +114,6 @@ class LlamaConfig:
     if problems:
       raise ValueError('invalid LlamaConfig: ' + '; '.join(problems))
 
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'LlamaConfig':
-    """Builds from a mapping (a `ConfigDict` or stored JSON); unknown keys are an error."""
-    check_known_fields(cls, d)
-    return cls(**{k: d[k] for k in d})
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  def replace(self, **kw) -> 'LlamaConfig':
-    return dataclasses.replace(self, **kw)
 
 
 def _kernel_init(cfg: LlamaConfig, names: tuple[str | None, ...]):

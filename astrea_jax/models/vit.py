@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
 
 import flax.linen as nn
 import flax.struct
@@ -48,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from astrea_jax.models.layers import LogicalDenseGeneral
-from astrea_jax.models.llama import (BATCH, EMBED_ACT, HEADS_ACT, LENGTH, MLP_ACT, REMAT_POLICIES, check_known_fields,
+from astrea_jax.models.llama import (BATCH, EMBED_ACT, HEADS_ACT, LENGTH, MLP_ACT, REMAT_POLICIES, ConfigFields,
                                      remat_policy, to_dtype)
 
 Array = jax.Array
@@ -63,7 +62,7 @@ ACTIVATIONS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(ConfigFields):
   """Shape and numerics of a SigLIP / CLIP / DINOv2 vision tower."""
   family: str                   # one of FAMILIES: the layout (see the module docstring)
   hidden_size: int
@@ -111,17 +110,6 @@ class ViTConfig:
     if problems:
       raise ValueError('invalid ViTConfig: ' + '; '.join(problems))
 
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'ViTConfig':
-    """Builds from a mapping (a `ConfigDict` or stored JSON); unknown keys are an error."""
-    check_known_fields(cls, d)
-    return cls(**dict(d))
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  def replace(self, **kw) -> 'ViTConfig':
-    return dataclasses.replace(self, **kw)
 
   @property
   def head_dim(self) -> int:
