@@ -50,6 +50,45 @@ class ConfigError(ValueError):
   """A config value is wrong; the message names the field, the value and what was expected."""
 
 
+GROUP_SEPARATOR = '+'  # an align_order entry 'align_a+align_b' aligns several experts in one stage (Table 6)
+EXPERTS_STAGE = 'experts'  # stage 0 of the tiny default: the specialist experts (astrea_jax.train.experts)
+STAGE_KINDS = ('align', 'instruct', 'main')  # config.stages.<kind>
+
+
+def align_members(stage: str) -> tuple[str, ...]:
+  """'align_a+align_b' -> ('align_a', 'align_b'); 'align_a' -> ('align_a',)."""
+  return tuple(stage.split(GROUP_SEPARATOR))
+
+
+def align_slot_order(align_order) -> tuple[str, ...]:
+  """The slots of `data.align_order` in stage order, groups flattened: ('caption', 'classification', ...)."""
+  return tuple(member[len('align_'):] for stage in align_order for member in align_members(stage))
+
+
+def stage_kind(stage: str) -> str:
+  """'align_x' / 'align_x+align_y' -> 'align'; 'instruct', 'main' and 'experts' are their own kind."""
+  return 'align' if stage.startswith('align_') else stage
+
+
+def run_stages(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`train.stages` with 'align' expanded to `data.align_order`; raises ConfigError naming a bad entry."""
+  order = tuple(config.data.align_order)
+  out = []
+  for i, name in enumerate(config.train.stages):
+    if name == 'align':
+      out += order
+    elif name in order or name in ('instruct', 'main', EXPERTS_STAGE):
+      out.append(name)
+    else:
+      raise ConfigError(f'config.train.stages[{i}]={name!r}: unknown stage; expected one of '
+                        f"{('experts', 'align') + order + ('instruct', 'main')} (align stages as in data.align_order)")
+  if len(set(out)) != len(out):
+    raise ConfigError(f'config.train.stages={tuple(config.train.stages)}: runs a stage twice ({out})')
+  if EXPERTS_STAGE in out and out.index(EXPERTS_STAGE) != 0:
+    raise ConfigError(f"config.train.stages={tuple(config.train.stages)}: 'experts' must come first")
+  return tuple(out)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, with defaults that suit the tiny CPU model; config files override shapes and scale."""
   c = ml_collections.ConfigDict()
@@ -128,7 +167,36 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0                   # seed for init, data order and dropout
   c.train.global_batch_size = 8      # sequences per step, over all hosts
-  c.train.num_steps = 20             # optimizer steps
+  c.train.num_steps = 20             # optimizer steps of the LLM-only driver (train.lm_loop); stages: config.stages
+  # Stages `launch.train` runs, in order: 'experts' (stage 0: pre-train the tiny specialist experts on their own tasks,
+  # astrea_jax.train.experts), 'align' (every stage of data.align_order), a single align stage, 'instruct', 'main'.
+  c.train.stages = ('align', 'instruct', 'main')
+  c.train.grad_accum_steps = 1       # micro-batches per optimizer step (global_batch_size is their sum)
+  c.train.feature_cache = 'recompute'  # earlier stages' tokens C_i (Eq. 3): 'disk' (stored after each align stage) |
+  #                                      'recompute' (earlier frozen experts + projectors run in the step)
+  c.train.feature_cache_dir = ''     # where the 'disk' cache lives; '' = <workdir>/feature_cache
+
+  # --- per-stage settings: 'align' applies to each alignment stage; warm-up + cosine restart in every stage ---
+  c.stages = ml_collections.ConfigDict()
+  for kind, steps, lr in (('align', 20, 1e-3), ('instruct', 20, 1e-4), ('main', 20, 1e-4)):
+    c.stages[kind] = ml_collections.ConfigDict()
+    c.stages[kind].num_steps = steps   # optimizer steps of the stage
+    c.stages[kind].learning_rate = lr  # peak learning rate (paper: 1e-4; optimizer.* gives the rest)
+    c.stages[kind].trainable = ()      # param-path regexes trained; () = the paper's set (train.stages module doc)
+
+  # --- stage 0 (tiny default only): the four specialist experts trained on their own tasks (train.experts) ---
+  c.experts_pretrain = ml_collections.ConfigDict()
+  c.experts_pretrain.num_steps = 300  # optimizer steps per expert
+  c.experts_pretrain.batch_size = 32  # images per step
+  c.experts_pretrain.learning_rate = 1e-3  # peak learning rate (AdamW, warm-up + cosine)
+  c.experts_pretrain.checkpoint = ''  # Orbax folder with pre-trained experts; '' = <workdir>/experts
+
+  # --- evaluation at the end of the run (astrea_jax.eval.evaluate): DIR/eval.json and DIR/router.png ---
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = 'test'              # held-out split of the synthetic set
+  c.eval.num_scenes = 0              # scenes evaluated; 0 = the whole split
+  c.eval.batch_size = 32             # prompts decoded at once
+  c.eval.max_new_tokens = 24         # answer length limit (a box answer is ~20 tokens)
 
   # --- checkpoints (astrea_jax.train.checkpointing): one Orbax manager in <workdir>/checkpoints, steps count on
   # over the whole run and each checkpoint names its stage; running the same command again resumes the latest ---
@@ -253,8 +321,8 @@ def model_config(config: ml_collections.ConfigDict):
   a = config.astrea
   try:
     return AstreaConfig(llm=llm_config(config), experts=tuple(experts),
-                        align_order=tuple(stage[len('align_'):] for stage in config.data.align_order)
-                        if len(config.data.align_order) == len(experts) else (),
+                        align_order=align_slot_order(config.data.align_order)
+                        if len(align_slot_order(config.data.align_order)) == len(experts) else (),
                         num_visual_tokens=config.data.visual_tokens, train_experts=config.model.train_experts,
                         residual_heads=a.residual_heads, residual_gamma=a.residual_gamma,
                         residual_prob=a.residual_prob, residual_add=a.residual_add, top_k=a.top_k,
@@ -283,6 +351,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_astrea(config)
   _validate_data(config)
   _validate_run_services(config)
+  _validate_stages(config)
+
+
+def _validate_stages(config: ml_collections.ConfigDict) -> None:
+  """train.stages, train.grad_accum_steps, train.feature_cache, stages.*, experts_pretrain.*, eval.*."""
+  run_stages(config)
+  t = config.train
+  if t.grad_accum_steps < 1 or t.global_batch_size % t.grad_accum_steps:
+    raise ConfigError(f'config.train.grad_accum_steps={t.grad_accum_steps}: expected a positive divisor of '
+                      f'train.global_batch_size={t.global_batch_size}')
+  if t.feature_cache not in ('disk', 'recompute'):
+    raise ConfigError(f"config.train.feature_cache={t.feature_cache!r}: expected 'disk' or 'recompute'")
+  unknown = sorted(set(config.stages.keys()) - set(STAGE_KINDS))
+  if unknown:
+    raise ConfigError(f'config.stages has unknown entries {unknown}; expected {STAGE_KINDS}')
+  for kind in STAGE_KINDS:
+    st = config.stages[kind]
+    if st.num_steps < 1:
+      raise ConfigError(f'config.stages.{kind}.num_steps={st.num_steps}: expected >= 1')
+    if st.learning_rate <= 0:
+      raise ConfigError(f'config.stages.{kind}.learning_rate={st.learning_rate}: expected > 0')
+    for i, pattern in enumerate(st.trainable):
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ConfigError(f'config.stages.{kind}.trainable[{i}]={pattern!r}: not a regular expression ({e})') from e
+  for field in ('num_steps', 'batch_size'):
+    if config.experts_pretrain[field] < 1:
+      raise ConfigError(f'config.experts_pretrain.{field}={config.experts_pretrain[field]}: expected >= 1')
+  if config.experts_pretrain.learning_rate <= 0:
+    raise ConfigError(f'config.experts_pretrain.learning_rate={config.experts_pretrain.learning_rate}: expected > 0')
+  if config.eval.split not in ('train', 'validation', 'test'):
+    raise ConfigError(f"config.eval.split={config.eval.split!r}: expected 'train', 'validation' or 'test'")
+  for field, low in (('num_scenes', 0), ('batch_size', 1), ('max_new_tokens', 1)):
+    if config.eval[field] < low:
+      raise ConfigError(f'config.eval.{field}={config.eval[field]}: expected >= {low}')
 
 
 def _validate_astrea(config: ml_collections.ConfigDict) -> None:
@@ -316,9 +420,10 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
                          ('on_bad_record', ('error', 'skip')), ('image_square', ('pad', 'resize'))):
     if d[field] not in allowed:
       raise ConfigError(f'config.data.{field}={d[field]!r}: expected one of {allowed}')
-  order = tuple(d.align_order)
+  order = tuple(member for stage in d.align_order for member in align_members(stage))
   if not order or len(set(order)) != len(order) or not set(order) <= set(ALIGN_STAGES):
-    raise ConfigError(f'config.data.align_order={order}: expected distinct stages from {ALIGN_STAGES}')
+    raise ConfigError(f'config.data.align_order={tuple(d.align_order)}: expected distinct stages from '
+                      f"{ALIGN_STAGES}, several joined by '{GROUP_SEPARATOR}' for a stage that aligns them at once")
   for field, low in (('visual_tokens', 1), ('max_images', 1), ('read_threads', 1), ('num_epochs', 0),
                      ('num_workers', 0), ('worker_buffer_size', 0)):
     if d[field] < low:

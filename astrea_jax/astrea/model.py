@@ -40,6 +40,7 @@ from astrea_jax.models import llama
 Array = jax.Array
 ALIGN_PREFIX = 'align_'
 ROUTED_STAGES = ('instruct', 'main')
+GROUP_SEPARATOR = '+'  # 'align_a+align_b': one stage aligning several experts at once (Table 6, "Cap->All")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,16 @@ class AstreaConfig:
       raise ValueError(f'unknown stage {stage!r}; expected one of {valid}')
     return slot
 
+  def align_slots(self, stage: str) -> tuple[str, ...]:
+    """The slots an alignment stage trains: 'align_detection' -> ('detection',); a group stage (Table 6's "caption
+    then all at once") 'align_classification+align_detection' -> ('classification', 'detection'). A group's slots
+    follow each other in `stage_slots`."""
+    slots = tuple(self.align_slot(part) for part in stage.split(GROUP_SEPARATOR))
+    k = self.stage_slots.index(slots[0])
+    if self.stage_slots[k:k + len(slots)] != slots:
+      raise ValueError(f'stage {stage!r}: its slots must be consecutive in the alignment order {self.stage_slots}')
+    return slots
+
 
 def splice_visual_tokens(text_embeds: Array, visual: Array, image_mask: Array) -> Array:
   """Replaces the `<image>` placeholders by the visual tokens, in order.
@@ -122,6 +133,14 @@ def splice_visual_tokens(text_embeds: Array, visual: Array, image_mask: Array) -
   index = jnp.clip(jnp.cumsum(image_mask, axis=-1) - 1, 0, visual.shape[1] - 1)  # [B, L]
   gathered = jnp.take_along_axis(visual, index[..., None], axis=1)
   return jnp.where(image_mask[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+def instruction_mask(segment_ids: Array, image_mask: Array, loss_mask: Array) -> Array:
+  """Input positions that hold the instruction: real tokens (segment_ids > 0) that are neither visual placeholders
+  nor answer tokens. loss_mask[t] marks targets[t] = inputs[t + 1], so input t is an answer token when
+  loss_mask[t - 1] is set. All [B, L] -> bool [B, L]."""
+  answer = jnp.pad(loss_mask[:, :-1].astype(bool), ((0, 0), (1, 0)))
+  return (segment_ids > 0) & ~image_mask.astype(bool) & ~answer
 
 
 class BySlot(nn.Module):
@@ -172,18 +191,22 @@ class Astrea(nn.Module):
     """Visual tokens [B, T, D] of pre-alignment stage `align_<slot>` (Eq. 2-4 with the earlier stages' C_i).
 
     cached: the frozen projected tokens of the earlier stages in stage order (from the feature cache); None
-    recomputes them with the earlier experts and projectors (the `recompute` backend).
+    recomputes them with the earlier experts and projectors (the `recompute` backend). A group stage
+    ('align_a+align_b') gives the mean of its slots' tokens, each attending to the stages before the group.
     """
-    slot = self.cfg.align_slot(stage)
-    k = self.cfg.stage_slots.index(slot)
-    f = self.project(slot, images[slot])
-    if k == 0:
-      return f
-    if cached is None:
+    slots = self.cfg.align_slots(stage)
+    k = self.cfg.stage_slots.index(slots[0])
+    if k and cached is None:
       cached = [self.project(prev, images[prev]) for prev in self.cfg.stage_slots[:k]]
-    if len(cached) != k:
+    if k and len(cached) != k:
       raise ValueError(f'stage {stage!r} needs the cached tokens of {k} earlier stage(s), got {len(cached)}')
-    return self.residual(slot, f, [jax.lax.stop_gradient(c) for c in cached], deterministic=deterministic)
+    tokens = []
+    for slot in slots:
+      f = self.project(slot, images[slot])
+      if k:
+        f = self.residual(slot, f, [jax.lax.stop_gradient(c) for c in cached], deterministic=deterministic)
+      tokens.append(f)
+    return tokens[0] if len(tokens) == 1 else jnp.mean(jnp.stack(tokens), axis=0)
 
   def routed_tokens(self, images: Mapping[str, Array],
                     instruction: Array | None = None) -> tuple[Array, dict[str, Array]]:
@@ -217,6 +240,13 @@ class Astrea(nn.Module):
     """Pooled, L2-normalised embedding of text embeddings [B, L, D] where mask [B, L] -> [B, contrastive_dim]."""
     return self.heads('text', text_embeds, mask)
 
+  def pooled_instruction(self, tokens: Array, mask: Array) -> Array:
+    """The router's text context ('visual+text'): the mean input embedding of the instruction tokens.
+    tokens [B, L], mask [B, L] (`instruction_mask`) -> [B, D]."""
+    embeds = self.embed_tokens(tokens).astype(jnp.float32)
+    weights = mask.astype(jnp.float32)[..., None]
+    return (embeds * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+
   # --- the language model ---
 
   def embed_tokens(self, tokens: Array) -> Array:
@@ -242,7 +272,10 @@ class Astrea(nn.Module):
       visual = self.align_tokens(stage, images)
     embeds = self.prompt_embeddings(tokens, visual, jnp.zeros(tokens.shape, jnp.bool_))
     if self.cfg.routed:
-      visual, _ = self.routed_tokens(images)
+      instruction = None
+      if self.cfg.router_context == 'visual+text':
+        instruction = self.pooled_instruction(tokens, jnp.ones(tokens.shape, jnp.bool_))
+      visual, _ = self.routed_tokens(images, instruction)
       self.image_embedding(visual)
       self.text_embedding(embeds, jnp.ones(tokens.shape, jnp.bool_))
     self.llm(inputs_embeds=embeds)

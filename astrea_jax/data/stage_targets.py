@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from astrea_jax.config import ALIGN_STAGES, STAGES
+from astrea_jax.config import ALIGN_STAGES, STAGES, align_members
 from astrea_jax.data.conversation import GPT, HUMAN, IMAGE_PLACEHOLDER, Turn
 from astrea_jax.data.shapes_text import Annotations, box_text, polygon_text
 
@@ -26,11 +26,12 @@ TASK_NAMES = {'align_caption': 'caption', 'align_classification': 'recognition',
 
 
 def stages_through(stage: str, align_order: Sequence[str]) -> tuple[str, ...]:
-  """The pre-alignment stages 1..k of `align_order`, stage k being `stage`."""
+  """The pre-alignment stages 1..k of `align_order`, stage k being `stage`, groups ('align_a+align_b', one stage
+  aligning several experts) expanded into their members."""
   order = tuple(align_order)
   if stage not in order:
     raise ValueError(f'stage {stage!r} is not in the alignment order {order}')
-  return order[:order.index(stage) + 1]
+  return tuple(member for s in order[:order.index(stage) + 1] for member in align_members(s))
 
 
 def instruction(stage: str, align_order: Sequence[str]) -> str:
@@ -59,7 +60,7 @@ def alignment_target(stage: str, annotations: Annotations, align_order: Sequence
 
 def stage_conversation(stage: str, annotations: Annotations, align_order: Sequence[str]) -> tuple[Turn, ...]:
   """The turns a stage trains on for one scene."""
-  if stage in ALIGN_STAGES:
+  if all(member in ALIGN_STAGES for member in align_members(stage)):
     return ((HUMAN, f'{IMAGE_PLACEHOLDER}\n{instruction(stage, align_order)}'),
             (GPT, alignment_target(stage, annotations, align_order)))
   if stage not in STAGES:

@@ -27,8 +27,7 @@ TRAIN, FREEZE = 'train', 'freeze'
 def default_trainable(stage: str, cfg: AstreaConfig) -> tuple[str, ...]:
   """The paper's trainable set of a stage, as regexes over '/'-joined parameter paths."""
   if stage.startswith(ALIGN_PREFIX):
-    slot = cfg.align_slot(stage)
-    return (f'projectors/{slot}/.*', f'residual/{slot}/.*')
+    return tuple(p for slot in cfg.align_slots(stage) for p in (f'projectors/{slot}/.*', f'residual/{slot}/.*'))
   experts = ('experts/.*',) if cfg.train_experts else ()
   if stage == 'instruct':
     return ('routing/.*', 'llm/.*') + experts

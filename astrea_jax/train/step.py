@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,7 +25,7 @@ from jax.sharding import Mesh
 
 from astrea_jax.astrea import losses as astrea_losses
 from astrea_jax.astrea import moco, router
-from astrea_jax.astrea.model import ROUTED_STAGES, Astrea
+from astrea_jax.astrea.model import ROUTED_STAGES, Astrea, instruction_mask
 from astrea_jax.parallel import sharding
 from astrea_jax.train import losses
 
@@ -75,8 +74,13 @@ def make_loss_fn(model: Astrea, stage: str, run: ml_collections.ConfigDict) -> C
   def loss(params, batch, rng, momentum, queues):
     images = stage_images(batch)
     variables = {'params': params}
+    instruction = None
+    if stage in ROUTED_STAGES and model.cfg.router_context == 'visual+text':
+      mask = instruction_mask(batch['segment_ids'], batch['image_mask'], batch['loss_mask'])
+      instruction = model.apply(variables, batch['inputs'], mask, method=Astrea.pooled_instruction)
     logits, aux = model.apply(variables, batch['inputs'], images, batch['image_mask'].astype(bool), stage=stage,
-                              cached=batch.get('cached'), deterministic=False, rngs={'residual': rng})
+                              cached=batch.get('cached'), instruction=instruction, deterministic=False,
+                              rngs={'residual': rng})
     reg, tokens = losses.next_token_loss(logits, batch['targets'], batch['loss_mask'])
     metrics = {'reg_loss': reg, 'tokens': tokens}
     total = reg
@@ -92,7 +96,8 @@ def make_loss_fn(model: Astrea, stage: str, run: ml_collections.ConfigDict) -> C
       img_q = model.apply(variables, aux['visual'], method=Astrea.image_embedding)
       txt_q = model.apply(variables, text, text_mask, method=Astrea.text_embedding)
       key_vars = {'params': _with_momentum(params, momentum)}
-      visual_k, _ = model.apply(key_vars, stage, images, method=Astrea.visual_tokens)
+      visual_k, _ = model.apply(key_vars, stage, images, instruction=jax.lax.stop_gradient(instruction),
+                                method=Astrea.visual_tokens)
       img_k = model.apply(key_vars, visual_k, method=Astrea.image_embedding)
       txt_k = model.apply(key_vars, text, text_mask, method=Astrea.text_embedding)
       l_moco = moco.contrastive_loss(img_q, txt_q, img_k, txt_k, queues['image'], queues['text'],
