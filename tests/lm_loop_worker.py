@@ -7,6 +7,7 @@ Process 0 writes the final parameters to <workdir>/final_params.npz (gathered fr
 
 import argparse
 import dataclasses
+import glob
 import os
 import re
 import subprocess
@@ -98,11 +99,12 @@ class Run:
 
 
 class Runs:
-  """Starts runs of this script for a test; those still running when the `with` block ends (a failed test) are
-  killed. Compiled programs are cached in `root`, so later runs skip most of the compiling."""
+  """Starts runs of a worker script (default: this one) for a test; those still running when the `with` block ends
+  (a failed test) are killed. Compiled programs are cached in `root`, so later runs skip most of the compiling."""
 
-  def __init__(self, root):
+  def __init__(self, root, script: str = __file__):
     self.root = str(root)
+    self.script = os.path.abspath(script)
     self._runs = []
 
   def __enter__(self):
@@ -121,10 +123,23 @@ class Runs:
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
     log_path = os.path.join(self.root, log_name)
     with open(log_path, 'w') as log:
-      proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f'--workdir={workdir}', *flags], env=env,
+      proc = subprocess.Popen([sys.executable, self.script, f'--workdir={workdir}', *flags], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     self._runs.append(Run(proc, log_path))
     return self._runs[-1]
+
+
+def tensorboard_scalars(workdir, tag):
+  """{step: value} of a scalar in every TensorBoard event file of `workdir` (clu writes them as tensors)."""
+  import tensorflow as tf
+  out = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for record in tf.data.TFRecordDataset(path):
+      event = tf.compat.v1.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        if value.tag == tag:
+          out[event.step] = float(tf.make_ndarray(value.tensor))
+  return out
 
 
 if __name__ == '__main__':

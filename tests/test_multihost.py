@@ -105,19 +105,6 @@ def start_job(runner, workdir, name, *flags):
           for i in range(2)]
 
 
-def tensorboard_scalars(workdir, tag):
-  """{step: value} of a scalar in every TensorBoard event file of `workdir` (clu writes them as tensors)."""
-  import tensorflow as tf
-  out = {}
-  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
-    for record in tf.data.TFRecordDataset(path):
-      event = tf.compat.v1.Event.FromString(record.numpy())
-      for value in event.summary.value:
-        if value.tag == tag:
-          out[event.step] = float(tf.make_ndarray(value.tensor))
-  return out
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """'one': one process with 8 devices, in one go. 'two': two processes with 4 devices each; the first job is stopped
@@ -153,7 +140,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_they_resume_ther
 
 def test_losses_and_parameters_match_one_process_with_eight_devices(runs):
   dirs, _ = runs
-  one, two = tensorboard_scalars(dirs['one'], 'loss'), tensorboard_scalars(dirs['two'], 'loss')
+  one, two = (lm_loop_worker.tensorboard_scalars(dirs[name], 'loss') for name in ('one', 'two'))
   assert sorted(one) == sorted(two) == list(range(1, NUM_STEPS + 1))
   assert max(abs(one[s] - two[s]) for s in one) <= 1e-5, (one, two)
   with np.load(os.path.join(dirs['one'], 'final_params.npz')) as a, \

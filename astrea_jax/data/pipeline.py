@@ -321,6 +321,8 @@ def batch_logical_axes(key: str, ndim: int) -> tuple[str | None, ...]:
   else batch-sharded on its first axis only."""
   if key in sequence.TOKEN_FIELDS + ('segment_ids', 'positions'):
     return ('activation_batch', 'activation_length')
+  if key == 'cached':  # [k, B, T, D]: the earlier stages' tokens from the feature cache
+    return (None, 'activation_batch') + (None,) * (ndim - 2)
   return ('activation_batch',) + (None,) * (ndim - 1)
 
 

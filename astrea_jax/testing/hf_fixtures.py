@@ -7,7 +7,7 @@ and a byte-level BPE tokenizer trained on a few sentences, and `save_pretrained`
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 TOKENIZER_CORPUS = (
     'a red circle is left of a blue square.',
@@ -19,8 +19,9 @@ TOKENIZER_CORPUS = (
 SPECIAL_TOKENS = ('<unk>', '<s>', '</s>')
 
 
-def make_tokenizer(vocab_size: int = 320):
-  """A byte-level BPE `PreTrainedTokenizerFast` (<unk>=0, <s>=1, </s>=2; BOS prepended) of at most vocab_size."""
+def make_tokenizer(vocab_size: int = 320, corpus: Sequence[str] | None = None):
+  """A byte-level BPE `PreTrainedTokenizerFast` (<unk>=0, <s>=1, </s>=2; BOS prepended) of at most vocab_size,
+  its merges learned from `corpus` (default: a few sentences about shapes)."""
   import tokenizers
   import transformers
   from tokenizers import decoders, models, pre_tokenizers, processors, trainers
@@ -30,7 +31,7 @@ def make_tokenizer(vocab_size: int = 320):
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator(list(TOKENIZER_CORPUS) * 4, trainer)
+  tok.train_from_iterator(list(TOKENIZER_CORPUS) * 4 if corpus is None else list(corpus), trainer)
   tok.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A <s> $B',
                                                      special_tokens=[('<s>', tok.token_to_id('<s>'))])
   return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>', eos_token='</s>',
@@ -40,10 +41,10 @@ def make_tokenizer(vocab_size: int = 320):
 CHAT_TOKENS = ('<image>', '<|im_start|>', '<|im_end|>', '<pad>')
 
 
-def make_chat_tokenizer(vocab_size: int = 320):
+def make_chat_tokenizer(vocab_size: int = 320, corpus: Sequence[str] | None = None):
   """`make_tokenizer` with the chat markers added as special tokens (<image>, <|im_start|>, <|im_end|>, and <pad>
   as the pad token) in its last four ids, so that both chat templates work; at most vocab_size entries."""
-  tok = make_tokenizer(vocab_size - len(CHAT_TOKENS))
+  tok = make_tokenizer(vocab_size - len(CHAT_TOKENS), corpus)
   tok.add_special_tokens({'pad_token': '<pad>', 'additional_special_tokens': list(CHAT_TOKENS[:-1])})
   return tok
 

@@ -1,0 +1,459 @@
+"""The stage runner: one config, one command, every training stage in order, resumable at any step.
+
+  train_and_evaluate(config, workdir) runs `config.train.stages` (expanded by `config.run_stages`):
+    experts     stage 0 of the tiny default: the four specialist experts trained on their own tasks
+                (`astrea_jax.train.experts`; kept in <workdir>/experts, skipped when already there)
+    align_*     progressive pre-alignment in `config.data.align_order` (a group 'align_a+align_b' aligns several
+                experts at once: Table 6's "caption then all"); before stage k > 1 with the 'disk' feature cache, the
+                tokens C_i of the earlier stages are computed once per image and stored (`FeatureStore`)
+    instruct    instruction tuning through the router and adapters
+    main        the router, adapters and MoCo heads with the total loss (Eq. 11)
+  then evaluates the held-out split (`astrea_jax.eval.evaluate`: DIR/eval.json, DIR/router.png).
+
+Steps count on over the run: stage s covers global steps (offset_s, offset_s + stages.<kind>.num_steps], and every
+checkpoint names its stage (`checkpointing.Checkpointer`). Running the same command again restores the newest
+checkpoint: the middle of a stage continues it (train state and data position); the end of a stage starts the next
+one from its parameters. Each stage has its own optimizer (freezing by param-path regex, AdamW with warm-up + cosine
+to the stage's peak), its own data stream and its own jitted step, compiled ahead of time with its memory analysis
+logged. Everything that can be checked about the config (stage names, trainable sets, mesh, batch) is checked before
+anything compiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from astrea_jax import config as config_lib
+from astrea_jax.astrea.model import ROUTED_STAGES, Astrea, AstreaConfig, init_params
+from astrea_jax.data import pipeline
+from astrea_jax.parallel import mesh as mesh_lib
+from astrea_jax.parallel import sharding
+from astrea_jax.train import checkpointing, metrics, stages, step as step_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+  """One trained stage of the run: its name, steps, where its steps start in the run, and what it trains."""
+  name: str
+  num_steps: int
+  offset: int                    # global step before the stage's first step
+  learning_rate: float
+  trainable: tuple[str, ...]     # param-path regexes
+
+  @property
+  def end(self) -> int:
+    return self.offset + self.num_steps
+
+
+def plan_stages(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> list[StagePlan]:
+  """The trained stages of `config.train.stages` ('experts' excluded: it is not a step of the train state)."""
+  plans, offset = [], 0
+  for name in config_lib.run_stages(config):
+    if name == config_lib.EXPERTS_STAGE:
+      continue
+    st = config.stages[config_lib.stage_kind(name)]
+    if name in ROUTED_STAGES and not cfg.routed:
+      raise config_lib.ConfigError(f'config.train.stages: stage {name!r} routes between experts, but '
+                                   f'config.model.experts has one ({cfg.slots})')
+    trainable = tuple(st.trainable) or stages.default_trainable(name, cfg)
+    plans.append(StagePlan(name, st.num_steps, offset, st.learning_rate, trainable))
+    offset += st.num_steps
+  return plans
+
+
+def check_run(config: ml_collections.ConfigDict, num_devices: int) -> tuple[AstreaConfig, list[StagePlan]]:
+  """Every check that needs no compiling: the config's fields, the mesh against the devices, the batch against the
+  data axes and the gradient accumulation, and that each stage trains some parameter. ConfigError names the field."""
+  config_lib.validate(config)
+  sizes = mesh_lib.resolve_axis_sizes(config.mesh, num_devices)
+  mesh_lib.check_batch_divides(config.train.global_batch_size, sizes)
+  shards = sizes['data'] * sizes['fsdp']
+  micro = config.train.global_batch_size // config.train.grad_accum_steps
+  if micro % shards:
+    raise config_lib.ConfigError(
+        f'config.train.grad_accum_steps={config.train.grad_accum_steps}: a micro-batch of '
+        f'{config.train.global_batch_size} / {config.train.grad_accum_steps} = {micro} sequences does not split over '
+        f'the data axes data x fsdp = {shards}')
+  cfg = config_lib.model_config(config)
+  plans = plan_stages(config, cfg)
+  abstract = abstract_params(config, cfg)
+  for plan in plans:
+    try:
+      stages.check_trains_something(plan.name, abstract, plan.trainable)
+    except ValueError as e:
+      kind = config_lib.stage_kind(plan.name)
+      raise config_lib.ConfigError(f'config.stages.{kind}.trainable: {e}') from e
+  return cfg, plans
+
+
+def abstract_params(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> Any:
+  return flax.linen.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), image_sizes(config))))
+
+
+def image_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+  return {slot: e.image_size for slot, e in config.data.experts.items()}
+
+
+# --- inputs: data and tokenizer ---
+
+def prepare_data(config: ml_collections.ConfigDict) -> None:
+  """Builds the synthetic set if absent (process 0 first, so that hosts sharing a filesystem do not race)."""
+  if config.data.dataset != 'shapes':
+    return
+  from astrea_jax.data import shapes_tfds
+  if jax.process_index() == 0:
+    shapes_tfds.prepare(config.data.shapes)
+  _barrier('shapes_prepared')
+  shapes_tfds.prepare(config.data.shapes)
+
+
+def ensure_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """config.tokenizer_dir, else the init checkpoint's tokenizer, else (tiny runs) a byte-level BPE tokenizer with
+  the chat markers trained on the synthetic set's text, kept in <workdir>/tokenizer."""
+  found = pipeline.resolve_tokenizer_dir(config)
+  if found:
+    return found
+  if config.data.dataset != 'shapes':
+    raise config_lib.ConfigError('config.tokenizer_dir and config.init_checkpoint are empty; a run on LLaVA files '
+                                 'needs a tokenizer (set config.tokenizer_dir)')
+  out = os.path.join(os.path.abspath(workdir), 'tokenizer')
+  if jax.process_index() == 0 and not os.path.isfile(os.path.join(out, 'tokenizer.json')):
+    from astrea_jax.data import shapes_tfds
+    from astrea_jax.testing import hf_fixtures
+    from astrea_jax.data import stage_targets
+    source = shapes_tfds.data_source(shapes_tfds.prepare(config.data.shapes), 'train', with_segmentation=False)
+    corpus = []
+    for i in range(min(len(source), 256)):
+      ann = shapes_tfds.annotations_from_record(source[i])
+      for stage in config_lib.ALIGN_STAGES + ('instruct',):
+        corpus += [text for _, text in stage_targets.stage_conversation(stage, ann, config_lib.ALIGN_STAGES)]
+    tok = hf_fixtures.make_chat_tokenizer(config.llm.vocab_size, corpus=corpus)
+    tmp = f'{out}.tmp{os.getpid()}'
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+  _barrier('tokenizer_ready')
+  return out
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+# --- parameters ---
+
+def put_global(value: Any, sharding_: jax.sharding.Sharding) -> Array:
+  """A host value that every process holds whole -> a global array in `sharding_`."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding_, lambda index: value[index])
+
+
+def initial_params(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules, workdir: str) -> Any:
+  """Fresh parameters from train.seed, with the LLM from config.init_checkpoint (converted with
+  launch.convert_hf_to_orbax) and the experts from stage 0 when the run has it."""
+  init = lambda: init_params(cfg, jax.random.key(config.train.seed), image_sizes(config))
+  params, shardings = sharding.init_sharded(init, mesh, rules)
+  params = dict(params)
+  if config.init_checkpoint:
+    from astrea_jax.convert import checkpoint
+    llm_cfg, llm = checkpoint.load_llm(config.init_checkpoint, mesh, rules, dtype=cfg.llm.dtype,
+                                       remat_policy=cfg.llm.remat_policy)
+    shape = lambda c: {k: v for k, v in c.to_dict().items() if k not in ('dtype', 'param_dtype', 'remat_policy')}
+    if shape(llm_cfg) != shape(cfg.llm):
+      diff = {k: (v, shape(cfg.llm).get(k)) for k, v in shape(llm_cfg).items() if shape(cfg.llm).get(k) != v}
+      raise config_lib.ConfigError(f'config.init_checkpoint={config.init_checkpoint}: its LLM differs from config.llm '
+                                   f'(field: (checkpoint, config)): {diff}')
+    params['llm'] = llm
+  if config_lib.EXPERTS_STAGE in config_lib.run_stages(config):
+    from astrea_jax.train import experts as experts_lib
+    trained = experts_lib.train_experts(config, workdir)
+    params['experts'] = dict(params['experts'])
+    for slot, tree in trained.items():
+      params['experts'][slot] = jax.tree.map(put_global, tree, shardings['experts'][slot])
+  return params
+
+
+def param_shardings(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules) -> Any:
+  init = lambda: init_params(cfg, jax.random.key(0), image_sizes(config))
+  return sharding.abstract_and_shardings(init, mesh, rules)
+
+
+# --- one stage ---
+
+def stage_optimizer(config: ml_collections.ConfigDict, plan: StagePlan, params: Any):
+  opt = ml_collections.ConfigDict(dict(config.optimizer.to_dict(), learning_rate=plan.learning_rate))
+  from astrea_jax.train import optimizer as optimizer_lib
+  return (stages.stage_optimizer(opt, plan.num_steps, params, plan.trainable),
+          optimizer_lib.learning_rate_schedule(opt, plan.num_steps))
+
+
+def stage_rng(config: ml_collections.ConfigDict, index: int) -> Array:
+  return jax.random.fold_in(jax.random.key(config.train.seed), 1000 + index)
+
+
+def earlier_slots(cfg: AstreaConfig, stage: str) -> tuple[str, ...]:
+  """The slots whose tokens C_i an alignment stage attends to (those of the stages before it)."""
+  if not stage.startswith('align_'):
+    return ()
+  return cfg.stage_slots[:cfg.stage_slots.index(cfg.align_slots(stage)[0])]
+
+
+def stage_experts(cfg: AstreaConfig, stage: str, backend: str) -> tuple[str, ...]:
+  """The experts whose images a stage's batches carry."""
+  if stage in ROUTED_STAGES:
+    return cfg.slots
+  own = cfg.align_slots(stage)
+  return own if backend == 'disk' else earlier_slots(cfg, stage) + own
+
+
+def state_shardings(state_fn: Callable[[Any], Any], params_abstract: Any, params_shardings: Any, mesh) -> Any:
+  """Shardings of a train state built by `state_fn`: params (and their optimizer moments and EMA copies, which share
+  the params' tree paths) as the params; every other leaf replicated."""
+  abstract = jax.eval_shape(state_fn, params_abstract)
+  flat_params = {tuple(_key(k) for k in path): s
+                 for path, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+  replicated = sharding.replicated(mesh)
+
+  def pick(path, leaf):
+    keys = tuple(_key(k) for k in path)
+    for start in range(len(keys)):
+      s = flat_params.get(keys[start:])
+      if s is not None and len(s.spec) <= leaf.ndim:
+        return s
+    return replicated
+  return abstract, jax.tree_util.tree_map_with_path(pick, abstract)
+
+
+def _key(k) -> str:
+  return str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+
+
+# --- the run ---
+
+class StageData:
+  """A stage's host batches with the 'disk' cache's tokens of the earlier stages added (`cached` [k, B, T, D])."""
+
+  def __init__(self, iterator, store, slots: Sequence[str]):
+    self.iterator, self._store, self._slots = iterator, store, tuple(slots)
+
+  def next(self) -> dict[str, Any]:
+    batch = dict(next(self.iterator))
+    if self._slots:
+      batch['cached'] = self._store.lookup(self._slots, np.asarray(batch['image_ids'])[:, 0])
+    return batch
+
+
+def _drop_counters(batch: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in batch.items() if k not in pipeline.COUNTERS and k not in ('id', 'positions')}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       extra_hooks: Sequence[Callable[[int], Any]] = (), evaluate: bool = True) -> dict[str, Any]:
+  """Runs (or resumes) every stage, then the evaluation. Returns {'params', 'stage', 'step', 'eval'}."""
+  cfg, plans = check_run(config, jax.device_count())
+  mesh = mesh_lib.create_mesh(config.mesh)
+  rules = config.logical_axis_rules
+  os.makedirs(workdir, exist_ok=True)
+  prepare_data(config)
+  tokenizer_dir = ensure_tokenizer(config, workdir)
+  model = Astrea(cfg)
+  _, p_shardings = param_shardings(config, cfg, mesh, rules)
+  total = plans[-1].end if plans else 0
+  result: dict[str, Any] = {'stage': None, 'step': 0, 'eval': None}
+
+  with (contextlib.closing(metrics.create_writer(workdir)) as writer,
+        checkpointing.Checkpointer(workdir, config) as ckpt, checkpointing.Preemption() as preemption):
+    latest = ckpt.latest()
+    if latest is not None and latest.stage not in [p.name for p in plans]:
+      raise ValueError(f'{ckpt.directory}: the newest checkpoint (step {latest.step}) holds stage '
+                       f'{latest.stage!r}, which config.train.stages {tuple(config.train.stages)} does not run; use '
+                       f'another workdir or the config it was written with')
+    params = None
+    hooks = [*metrics.periodic_hooks(config.logging, workdir, total, writer), *extra_hooks]
+    logger = metrics.MetricLogger(writer, config.logging.every_steps, vector_names=cfg.slots)
+    start_index = 0
+    if latest is not None:
+      start_index = [p.name for p in plans].index(latest.stage)
+    else:
+      params = initial_params(config, cfg, mesh, rules, workdir)
+      metrics.log_parameter_overview(params)
+
+    for index in range(start_index, len(plans)):
+      plan = plans[index]
+      resume_step = latest.step if latest is not None and latest.stage == plan.name else None
+      params, stopped = _run_stage(config, cfg, model, plan, index, params, p_shardings, mesh, rules, workdir,
+                                   tokenizer_dir, ckpt, preemption, logger, hooks, resume_step)
+      result.update(stage=plan.name, step=plan.end)
+      if stopped is not None:
+        result['step'] = stopped
+        logger.write(stopped)
+        result['params'] = params
+        return result
+    result['params'] = params
+
+  if evaluate and plans and config.data.dataset == 'shapes':
+    from astrea_jax.eval import evaluate as evaluate_lib
+    result['eval'] = evaluate_lib.evaluate(config, cfg, params, tokenizer_dir, workdir, stage=plans[-1].name)
+  return result
+
+
+def _run_stage(config, cfg, model, plan: StagePlan, index: int, params, p_shardings, mesh, rules, workdir,
+               tokenizer_dir, ckpt, preemption, logger, hooks, resume_step):
+  """Trains one stage from `params` (or from the checkpoint at `resume_step`); returns (params, step it stopped at
+  on SIGTERM or None)."""
+  backend = config.train.feature_cache
+  params_abstract = abstract_params(config, cfg)
+  tx, schedule = stage_optimizer(config, plan, params_abstract)
+  state_fn = lambda p: step_lib.init_state(p, tx, plan.name, config.moco, stage_rng(config, index))
+  abstract_state, s_shardings = state_shardings(state_fn, params_abstract, p_shardings, mesh)
+  restore_into = sharding.with_shardings(abstract_state, s_shardings)
+  if resume_step == plan.end:  # the stage had finished: only its parameters are needed
+    state, _ = ckpt.restore(resume_step, restore_into)
+    return state.params, None
+
+  cached_slots = earlier_slots(cfg, plan.name) if backend == 'disk' else ()
+  store = None
+  if cached_slots:
+    store = ensure_feature_cache(config, model, plan.name, cached_slots, params, restore_into, ckpt, resume_step,
+                                 mesh, rules, workdir)
+  data_iter = iter(pipeline.make_dataset(config, plan.name, 'train', tokenizer_dir=tokenizer_dir,
+                                         experts=stage_experts(cfg, plan.name, backend)))
+  if resume_step is not None:
+    state, _ = ckpt.restore(resume_step, restore_into, data_iter)
+    logging.info('runner: stage %s resumes at global step %d', plan.name, resume_step)
+  else:
+    state = jax.jit(state_fn, out_shardings=s_shardings)(params)
+
+  data = StageData(data_iter, store, cached_slots)
+  first = data.next()
+  global_batch = pipeline.to_global_batch(_drop_counters(first), mesh, rules)
+  train_step = step_lib.make_step(model, plan.name, tx, config, schedule, config.train.grad_accum_steps)
+  jitted = step_lib.jit_step(train_step, mesh, rules, s_shardings, step_lib.batch_shardings(global_batch, mesh, rules))
+  compiled = jitted.lower(restore_into, global_batch).compile()
+  log_memory(plan.name, compiled)
+
+  step = plan.offset + int(state.step)
+  logging.info('runner: stage %s, global steps %d..%d (%d trainable parameters)', plan.name, step + 1, plan.end,
+               stages.check_trains_something(plan.name, state.params, plan.trainable))
+  while step < plan.end:
+    state, step_metrics = compiled(state, global_batch)
+    step += 1
+    logger.update(step, {**step_metrics, 'stage_index': jnp.asarray(index, jnp.float32)})
+    for hook in hooks:
+      hook(step)
+    stop = preemption.reached(step)
+    ckpt.save(step, plan.name, state, data_iter, force=stop or step == plan.end)
+    if stop:
+      ckpt.wait()
+      return state.params, step
+    if step < plan.end:
+      global_batch = pipeline.to_global_batch(_drop_counters(data.next()), mesh, rules)
+  logger.write(step)
+  ckpt.wait()
+  return state.params, None
+
+
+def log_memory(stage: str, compiled) -> dict[str, int]:
+  """Logs the compiled step's per-device memory (arguments, outputs, temporaries) from XLA's memory analysis."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    logging.info('runner: stage %s compiled (no memory analysis on this backend)', stage)
+    return {}
+  fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes', 'alias_size_in_bytes',
+            'generated_code_size_in_bytes')
+  out = {f: int(getattr(analysis, f, 0) or 0) for f in fields}
+  logging.info('runner: stage %s compiled; per device: arguments %.1f MiB, outputs %.1f MiB, temporaries %.1f MiB, '
+               'aliased %.1f MiB', stage, *(out[f] / 2**20 for f in fields[:4]))
+  return out
+
+
+# --- the 'disk' feature cache ---
+
+def cache_directory(config: ml_collections.ConfigDict, workdir: str, source_name: str) -> str:
+  """<feature_cache_dir or workdir/feature_cache>/<source digest>: image ids are positions in one source."""
+  root = config.train.feature_cache_dir or os.path.join(os.path.abspath(workdir), 'feature_cache')
+  return os.path.join(root, hashlib.sha1(source_name.encode()).hexdigest()[:16])
+
+
+def ensure_feature_cache(config, model, stage, slots, params, restore_into, ckpt, resume_step, mesh, rules, workdir):
+  """The store holding the tokens C_i of `slots` for every image of the stage's training source; the slots not yet
+  complete are computed now with the (frozen) experts and projectors of `params`, or of the resumed checkpoint."""
+  from astrea_jax.data import feature_cache, sources
+  source, decoder, name = sources.open_source(config.data, stage, 'train')
+  store = feature_cache.FeatureStore(cache_directory(config, workdir, name))
+  todo = [slot for slot in slots if not store.is_complete(slot)]
+  if todo:
+    if params is None:  # resuming inside this stage: the checkpoint holds the parameters
+      params = ckpt.restore(resume_step, restore_into)[0].params
+    write_features(config, model, params, todo, source, decoder, name, store, mesh, rules)
+  return store
+
+
+def image_counts(source) -> np.ndarray:
+  """Images per record: a LLaVA file's counts; one per record for the shapes set."""
+  counts = getattr(source, 'image_counts', None)
+  return np.asarray(counts, np.int64) if counts is not None else np.ones(len(source), np.int64)
+
+
+def host_images(source, decoder, name: str, records: Sequence[int], counts: np.ndarray):
+  """(image id, RGB image or None) for every image of `records`; a record that fails to decode gives None for each of
+  its images (its rows are written from a blank image: the training pipeline drops or rejects that record)."""
+  from astrea_jax.data.conversation import BadRecordError
+  first_ids = np.cumsum(counts) - counts
+  for index in records:
+    try:
+      sample = decoder(name, index, source[index])
+      yield from zip(sample.image_ids, sample.images)
+    except BadRecordError:
+      for image_id in range(first_ids[index], first_ids[index] + counts[index]):
+        yield int(image_id), None
+
+
+def write_features(config, model: Astrea, params, slots, source, decoder, name, store, mesh, rules) -> None:
+  """Computes `Astrea.project(slot, image)` of every image of `source` and writes it under its image id. Host p reads
+  the records i = p (mod process_count), every host runs the same number of global batches (padded with id -1), and
+  each writes the rows of its own images."""
+  from astrea_jax.data import images as images_lib
+  experts = images_lib.experts_from_config(config.data.experts, slots)
+  local = pipeline.local_batch_size(config.train.global_batch_size, jax.process_count())
+  counts = image_counts(source)
+  hosts = [range(p, len(source), jax.process_count()) for p in range(jax.process_count())]
+  num_batches = max(-(-int(counts[list(r)].sum()) // local) for r in hosts)
+  for slot in slots:
+    store.create(slot, int(counts.sum()), model.cfg.num_visual_tokens, model.cfg.llm.hidden_size)
+  project = jax.jit(lambda p, imgs: {s: model.apply({'params': p}, s, imgs[s], method=Astrea.project) for s in slots})
+  items = host_images(source, decoder, name, hosts[jax.process_index()], counts)
+  blank = {e.name: np.zeros((e.image_size, e.image_size, 3), np.float32) for e in experts}
+  for _ in range(num_batches):
+    ids, pixels = [], {e.name: [] for e in experts}
+    for image_id, image in [next(items, (-1, None)) for _ in range(local)]:
+      ids.append(image_id)
+      inputs = blank if image is None else {
+          k: v[0] for k, v in images_lib.expert_inputs([image], experts, config.data.image_square).items()}
+      for slot, value in inputs.items():
+        pixels[slot].append(value)
+    batch = pipeline.to_global_batch({'images': {k: np.stack(v) for k, v in pixels.items()}}, mesh, rules)
+    with sharding.logical_context(mesh, rules):
+      out = project(params, batch['images'])
+    ids = np.asarray(ids, np.int64)
+    first = jax.process_index() * local  # the global batch holds the hosts' rows in process order
+    for slot in slots:
+      rows = multihost_utils.process_allgather(out[slot], tiled=True)[first:first + local]
+      store.write(slot, ids[ids >= 0], np.asarray(rows, np.float32)[ids >= 0])
+  for slot in slots:
+    store.finalize(slot)
+  logging.info('runner: feature cache of %s written for the images of %s', list(slots), name)
