@@ -112,7 +112,9 @@ def test_instruct_turns_are_the_vqa_pairs():
   turns = stage_targets.stage_conversation('instruct', ann, config_lib.ALIGN_STAGES)
   assert turns[0] == ('human', '<image>\n' + ann.vqa[0].question)
   assert [t for _, t in turns[1::2]] == [p.answer for p in ann.vqa]
-  assert stage_targets.stage_conversation('main', ann, config_lib.ALIGN_STAGES) == turns
+  main = stage_targets.stage_conversation('main', ann, config_lib.ALIGN_STAGES)  # the caption first, then the VQA
+  assert main[:2] == (('human', '<image>\ncaption'), ('gpt', ann.captions[0]))
+  assert main[2] == ('human', ann.vqa[0].question) and main[3:] == turns[1:]
 
 
 @pytest.fixture(scope='module')

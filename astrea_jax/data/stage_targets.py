@@ -10,7 +10,8 @@ recognization'"):
          detection: red circle [31,46,187,218]; blue square [531,296,999,781]
 
 Boxes are `[x1,y1,x2,y2]` and polygons `[x1,y1,...,x8,y8]`, integers in 0-999. `instruct` and `main` use the scene's
-VQA pairs as one multi-turn conversation.
+VQA pairs as one multi-turn conversation; `main` asks for the caption first (its answers are the text side of the
+momentum contrast, Eq. 5-7, and the evaluation's retrieval embeds captions).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def stage_conversation(stage: str, annotations: Annotations, align_order: Sequen
   if stage not in STAGES:
     raise ValueError(f'unknown stage {stage!r}; expected one of {STAGES}')
   turns = []
-  for i, pair in enumerate(annotations.vqa):
-    turns += [(HUMAN, f'{IMAGE_PLACEHOLDER}\n{pair.question}' if i == 0 else pair.question), (GPT, pair.answer)]
+  if stage == 'main':  # the caption first: MoCo's text side (Eq. 5-7) then holds what describes the image
+    turns += [(HUMAN, f"{IMAGE_PLACEHOLDER}\n{TASK_NAMES['align_caption']}"), (GPT, annotations.captions[0])]
+  for pair in annotations.vqa:
+    turns += [(HUMAN, pair.question if turns else f'{IMAGE_PLACEHOLDER}\n{pair.question}'), (GPT, pair.answer)]
   return tuple(turns)
