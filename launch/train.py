@@ -36,12 +36,15 @@ def main(argv):
 
   from astrea_jax.train import runner
   result = runner.train_and_evaluate(config, _WORKDIR.value)
-  if jax.process_index() == 0:
-    if result['eval'] is not None:
-      print(json.dumps(result['eval'].get('summary', result['eval']), indent=1, sort_keys=True))
-      print(f"eval: {os.path.join(_WORKDIR.value, 'eval.json')}")
-    else:
-      print(f"train: stopped after step {result['step']} (stage {result['stage']}); run the same command to resume")
+  if jax.process_index() != 0:
+    return
+  if not result['finished']:
+    print(f"train: stopped after step {result['step']} (stage {result['stage']}); run the same command to resume")
+  elif result['eval'] is not None:
+    print(json.dumps(result['eval'].get('summary', result['eval']), indent=1, sort_keys=True))
+    print(f"eval: {os.path.join(_WORKDIR.value, 'eval.json')}")
+  else:
+    print(f"train: finished at step {result['step']} (stage {result['stage']})")
 
 if __name__ == '__main__':
   app.run(main)

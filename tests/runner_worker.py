@@ -79,7 +79,8 @@ def main():
     path = os.path.join(args.workdir, 'final_params.npz')
     np.savez(path + '.tmp.npz', **flat)
     os.replace(path + '.tmp.npz', path)
-    print(f"runner_worker: finished at step {result['step']} (stage {result['stage']})")
+    print(f"runner_worker: {'finished' if result['finished'] else 'stopped'} at step {result['step']} "
+          f"(stage {result['stage']})")
 
 
 if __name__ == '__main__':

@@ -263,7 +263,8 @@ def _drop_counters(batch: dict[str, Any]) -> dict[str, Any]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        extra_hooks: Sequence[Callable[[int], Any]] = (), evaluate: bool = True) -> dict[str, Any]:
-  """Runs (or resumes) every stage, then the evaluation. Returns {'params', 'stage', 'step', 'eval'}."""
+  """Runs (or resumes) every stage, then the evaluation. Returns {'params', 'stage', 'step', 'eval', 'finished'}:
+  the parameters, stage and global step where training ended (at the last step, or on SIGTERM: finished=False)."""
   cfg, plans = check_run(config, jax.device_count())
   mesh = mesh_lib.create_mesh(config.mesh)
   rules = config.logical_axis_rules
@@ -273,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   model = Astrea(cfg)
   _, p_shardings = param_shardings(config, cfg, mesh, rules)
   total = plans[-1].end if plans else 0
-  result: dict[str, Any] = {'stage': None, 'step': 0, 'eval': None}
+  result: dict[str, Any] = {'stage': None, 'step': 0, 'eval': None, 'finished': False}
 
   with (contextlib.closing(metrics.create_writer(workdir)) as writer,
         checkpointing.Checkpointer(workdir, config) as ckpt, checkpointing.Preemption() as preemption):
@@ -303,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logger.write(stopped)
         result['params'] = params
         return result
-    result['params'] = params
+    result.update(params=params, finished=True)
 
   if evaluate and plans and config.data.dataset == 'shapes':
     from astrea_jax.eval import evaluate as evaluate_lib

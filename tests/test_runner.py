@@ -1,0 +1,137 @@
+"""The stage runner in this process: the bad-config checks (before anything compiles), a smoke run of the whole
+stage list (experts, four alignment stages, instruct, main, evaluation) with a few steps per stage, a rerun of the
+finished run, and the two feature-cache backends giving the same training losses."""
+
+import json
+import os
+import re
+
+import pytest
+from PIL import Image
+
+from astrea_jax import config as config_lib
+from astrea_jax.train import checkpointing, runner
+
+import lm_loop_worker  # tests/: tensorboard_scalars
+import runner_worker  # tests/: small_config
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('shapes'))
+
+
+def unlocked(data_dir, **kwargs):
+  c = runner_worker.small_config(data_dir, **kwargs)
+  c.unlock()
+  return c
+
+
+@pytest.mark.parametrize('change,devices,message', [
+    (lambda c: c.train.update(stages=('align', 'finetune')), 1,
+     "config.train.stages[1]='finetune': unknown stage"),
+    (lambda c: c.train.update(stages=('main', 'align')), 1, None),  # any order of known stages is allowed
+    (lambda c: c.train.update(stages=('align', 'align_caption')), 1, 'runs a stage twice'),
+    (lambda c: c.train.update(stages=('align', 'experts')), 1, "'experts' must come first"),
+    (lambda c: c.stages.main.update(trainable=('nothing/.*',)), 1,
+     "config.stages.main.trainable: stage 'main' trains nothing: its patterns ['nothing/.*'] match no parameter"),
+    (lambda c: c.stages.align.update(trainable=('llm/(',)), 1, "config.stages.align.trainable[0]='llm/(': not a"),
+    (lambda c: c.mesh.update(data=3), 8, 'axes multiply to 3, but there are 8 devices'),
+    (lambda c: (c.train.update(global_batch_size=12), c.moco.update(queue_size=48)), 8,
+     'config.train.global_batch_size=12 is not divisible by the data axes data x fsdp = 8 x 1 = 8'),
+    (lambda c: c.train.update(grad_accum_steps=4), 8,
+     'config.train.grad_accum_steps=4: a micro-batch of 16 / 4 = 4 sequences does not split over the data axes'),
+    (lambda c: c.train.update(feature_cache='memory'), 1, "config.train.feature_cache='memory'"),
+    (lambda c: c.data.update(align_order=('align_caption', 'align_caption+align_detection')), 1,
+     'config.data.align_order='),
+])
+def test_bad_configs_fail_before_compiling_naming_the_field(data_dir, change, devices, message):
+  c = unlocked(data_dir)
+  change(c)
+  if message is None:
+    runner.check_run(c, devices)
+    return
+  with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+    runner.check_run(c, devices)
+
+
+def test_a_bad_config_leaves_no_workdir_behind(data_dir, tmp_path):
+  c = unlocked(data_dir)
+  c.train.stages = ('align', 'finetune')
+  with pytest.raises(config_lib.ConfigError, match='finetune'):
+    runner.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_plan_numbers_steps_over_the_run_and_table6_orders(data_dir):
+  c = unlocked(data_dir, steps=(2, 3, 4))
+  cfg, plans = runner.check_run(c, 1)
+  assert [(p.name, p.offset, p.end) for p in plans] == [
+      ('align_caption', 0, 2), ('align_classification', 2, 4), ('align_detection', 4, 6),
+      ('align_segmentation', 6, 8), ('instruct', 8, 11), ('main', 11, 15)]
+  assert plans[1].trainable == ('projectors/classification/.*', 'residual/classification/.*')
+  c.data.align_order = tuple(reversed(config_lib.ALIGN_STAGES))  # Table 6 "reverse"
+  cfg, plans = runner.check_run(c, 1)
+  assert [p.name for p in plans[:4]] == list(reversed(config_lib.ALIGN_STAGES))
+  assert runner.earlier_slots(cfg, 'align_classification') == ('segmentation', 'detection')
+  c.data.align_order = ('align_caption', 'align_classification+align_detection+align_segmentation')  # "Cap->All"
+  cfg, plans = runner.check_run(c, 1)
+  assert [p.name for p in plans[:2]] == list(c.data.align_order)
+  assert runner.earlier_slots(cfg, plans[1].name) == ('caption',)
+  assert len(plans[1].trainable) == 6
+
+
+@pytest.fixture(scope='module')
+def smoke(data_dir, tmp_path_factory):
+  """The whole stage list, two steps per stage, then the evaluation; then the same call again."""
+  workdir = str(tmp_path_factory.mktemp('smoke'))
+  c = runner_worker.small_config(data_dir)
+  first = runner.train_and_evaluate(c, workdir)
+  again = runner.train_and_evaluate(c, workdir)
+  return c, workdir, first, again
+
+
+def test_smoke_run_of_every_stage(smoke):
+  c, workdir, first, _ = smoke
+  assert (first['stage'], first['step']) == ('main', 4 * 2 + 2 + 2)
+  ckpt = checkpointing.Checkpointer(workdir, c)
+  assert ckpt.latest() == checkpointing.Saved(12, 'main')
+  ckpt.close()
+  assert os.path.isdir(os.path.join(workdir, 'experts'))  # stage 0
+  losses = lm_loop_worker.tensorboard_scalars(workdir, 'loss')
+  assert sorted(losses) == list(range(1, 13))
+  moco = lm_loop_worker.tensorboard_scalars(workdir, 'moco_loss')
+  assert sorted(moco) == [11, 12]  # the main stage only
+  assert sorted(lm_loop_worker.tensorboard_scalars(workdir, 'router/mean_prob/caption')) == [9, 10, 11, 12]
+
+
+def test_smoke_run_writes_the_evaluation(smoke):
+  _, workdir, first, _ = smoke
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    written = json.load(f)
+  assert written == json.loads(json.dumps(first['eval']))
+  with Image.open(os.path.join(workdir, 'router.png')) as image:
+    assert image.size[0] > 100 and image.size[1] > 100
+
+
+def test_running_a_finished_run_again_trains_nothing_and_keeps_the_parameters(smoke):
+  import numpy as np
+  import jax
+  _, _, first, again = smoke
+  assert (again['stage'], again['step']) == ('main', 12)
+  for a, b in zip(jax.tree.leaves(first['params']), jax.tree.leaves(again['params'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_disk_and_recompute_feature_caches_give_the_same_losses(data_dir, tmp_path):
+  losses = {}
+  for cache in ('recompute', 'disk'):
+    c = runner_worker.small_config(data_dir, stages='align_caption,align_classification,align_detection',
+                                   steps=(3, 1, 1), cache=cache)
+    runner.train_and_evaluate(c, str(tmp_path / cache), evaluate=False)
+    losses[cache] = lm_loop_worker.tensorboard_scalars(str(tmp_path / cache), 'loss')
+  assert sorted(losses['disk']) == sorted(losses['recompute']) == list(range(1, 10))
+  assert max(abs(losses['disk'][s] - losses['recompute'][s]) for s in losses['disk']) <= 1e-5, losses
+  cache_root = tmp_path / 'disk' / 'feature_cache'
+  (store_dir,) = os.listdir(cache_root)
+  assert sorted(os.listdir(cache_root / store_dir)) == ['caption', 'classification']
