@@ -121,6 +121,11 @@ def test_two_hosts_get_disjoint_shards_covering_the_split(setup):
   assert len(hosts[0]) == len(hosts[1]) == NUM_TRAIN // 2
   assert not set(hosts[0]) & set(hosts[1])
   assert sorted(hosts[0] + hosts[1]) == list(range(NUM_TRAIN))
+  one_host = next(iter(pipeline.make_dataset(c, 'instruct', tokenizer_dir=tok, num_epochs=1)))
+  two_hosts = [next(iter(pipeline.make_dataset(c, 'instruct', tokenizer_dir=tok, num_epochs=1,
+                                               shard_options=grain.sharding.ShardOptions(i, 2)))) for i in range(2)]
+  for key in ('inputs', 'image_ids', 'loss_mask'):  # the global batch does not depend on the number of hosts
+    np.testing.assert_array_equal(np.concatenate([b[key] for b in two_hosts]), one_host[key])
   with pytest.raises(ValueError, match='global_batch_size=8 is not divisible by the 3 data shards'):
     pipeline.make_dataset(c, 'instruct', tokenizer_dir=tok, shard_options=grain.sharding.ShardOptions(0, 3))
 

@@ -4,8 +4,9 @@
     -> decode + tokenise + per-expert images (threads, or worker processes) -> drop bad records (policy 'skip')
     -> pad or pack to config.data.seq_len -> batch -> [worker processes] -> count what was skipped or cut
 
-Each host reads every shard_count-th element of the shuffled stream starting at shard_index, so hosts see disjoint
-parts of every epoch. `iter(make_dataset(...))` is a `grain.DatasetIterator`: `get_state()` / `set_state()` (or the
+Each host reads its blocks of the shuffled stream (`HostBlocks`: of every global batch's worth of examples, host p takes
+the p-th per-host batch), so hosts see disjoint parts of every epoch and the global batch is the same for any number
+of hosts. `iter(make_dataset(...))` is a `grain.DatasetIterator`: `get_state()` / `set_state()` (or the
 Orbax checkpointing grain provides) restore it to continue exactly where it stopped. `to_global_batch` assembles the
 hosts' batches into `jax.Array`s sharded over the mesh's batch axes.
 
@@ -150,6 +151,31 @@ class WithRecordIndex:
 
   def __call__(self, index: int, raw: Any) -> tuple[int, Any]:
     return index % self.num_records, raw
+
+
+class HostBlocks(grain.MapDataset):
+  """This host's part of a stream: element k is element (k // block) * block * count + index * block + k % block of
+  the parent, i.e. host `index` of `count` takes the index-th block of `block` consecutive elements out of every
+  block * count. With block = the per-host batch size, the global batch (hosts' batches in process order) holds the
+  same examples in the same order for any number of hosts, so runs on 1 and on N hosts train alike."""
+
+  def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+    super().__init__(parent)
+    self._block, self._index, self._count = block, index, count
+
+  def __len__(self) -> int:
+    n, span = len(self._parent), self._block * self._count
+    full, rest = divmod(n, span)
+    return full * self._block + min(max(rest - self._index * self._block, 0), self._block)
+
+  def __getitem__(self, k):
+    if isinstance(k, slice):
+      return self.slice(k)
+    row, i = divmod(k, self._block)
+    return self._parent[row * self._block * self._count + self._index * self._block + i]
+
+  def __str__(self) -> str:
+    return f'HostBlocks(block={self._block}, index={self._index}, count={self._count})'
 
 
 class _DropIterator(grain.DatasetIterator):
@@ -300,7 +326,7 @@ def make_dataset(config, stage: str, split: str = 'train', *, tokenizer_dir: str
   ds = grain.MapDataset.source(source).map_with_index(WithRecordIndex(len(source)))
   if shuffle:
     ds = ds.shuffle(seed=seed)
-  ds = ds.repeat(num_epochs)[shard.shard_index::shard.shard_count].map(encoder)
+  ds = HostBlocks(ds.repeat(num_epochs), batch_size, shard.shard_index, shard.shard_count).map(encoder)
   it = _Drop(ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
                                                   prefetch_buffer_size=2 * batch_size)))
   if data.packing:

@@ -447,14 +447,17 @@ def write_features(config, model: Astrea, params, slots, source, decoder, name, 
           k: v[0] for k, v in images_lib.expert_inputs([image], experts, config.data.image_square).items()}
       for slot, value in inputs.items():
         pixels[slot].append(value)
-    batch = pipeline.to_global_batch({'images': {k: np.stack(v) for k, v in pixels.items()}}, mesh, rules)
+    mine = np.asarray(ids, np.int64)
+    batch = pipeline.to_global_batch({'images': {k: np.stack(v) for k, v in pixels.items()}, 'ids': mine}, mesh,
+                                     rules)
     with sharding.logical_context(mesh, rules):
       out = project(params, batch['images'])
-    ids = np.asarray(ids, np.int64)
-    first = jax.process_index() * local  # the global batch holds the hosts' rows in process order
+    # Where the mesh puts each host's rows is the devices' business: gather ids and rows alike, keep this host's.
+    ids = np.asarray(multihost_utils.process_allgather(batch['ids'], tiled=True))
+    keep = np.isin(ids, mine[mine >= 0])
     for slot in slots:
-      rows = multihost_utils.process_allgather(out[slot], tiled=True)[first:first + local]
-      store.write(slot, ids[ids >= 0], np.asarray(rows, np.float32)[ids >= 0])
+      rows = np.asarray(multihost_utils.process_allgather(out[slot], tiled=True), np.float32)
+      store.write(slot, ids[keep], rows[keep])
   for slot in slots:
     store.finalize(slot)
   logging.info('runner: feature cache of %s written for the images of %s', list(slots), name)
