@@ -10,7 +10,6 @@ the whole model. Prints a table and, as its last line, one JSON object.
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile

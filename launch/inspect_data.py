@@ -125,7 +125,6 @@ def main(argv):
     raise SystemExit(f'inspect_data: error: {e}') from None
 
   expert_name = next(iter(config.data.experts))
-  expert = config.data.experts[expert_name]
   segmentation_source = (shapes_tfds.data_source(shapes_tfds.prepare(config.data.shapes), split)
                          if config.data.dataset == 'shapes' else None)
   tiles = []

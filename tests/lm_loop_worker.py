@@ -51,23 +51,43 @@ def main():
   parser.add_argument('--checkpoint_every', type=int, default=10)
   parser.add_argument('--log_every', type=int, default=1)
   parser.add_argument('--profile_steps', type=int, default=0)
-  parser.add_argument('--step_sleep', type=float, default=0.0, help='seconds to wait after each step (a slow model)')
-  parser.add_argument('--coordinator', default='')
-  parser.add_argument('--num_processes', type=int, default=0)
-  parser.add_argument('--process_id', type=int, default=-1)
+  add_run_flags(parser)
   args = parser.parse_args()
   logging.set_verbosity(logging.INFO)
   config = tiny_config(args)
   distributed.maybe_initialize(config)
-  hooks = [lambda step: time.sleep(args.step_sleep)] if args.step_sleep else []
-  state = lm_loop.train_and_evaluate(config, args.workdir, extra_hooks=hooks)
-  params = multihost_utils.process_allgather(state.params, tiled=True)
+  state = lm_loop.train_and_evaluate(config, args.workdir, extra_hooks=sleep_hooks(args))
+  save_final_params(state.params, args.workdir)
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+  """Flags every worker takes: a slow-down, and this process's place in a multi-process job."""
+  parser.add_argument('--step_sleep', type=float, default=0.0, help='seconds to wait after each step (a slow model)')
+  parser.add_argument('--coordinator', default='')
+  parser.add_argument('--num_processes', type=int, default=0)
+  parser.add_argument('--process_id', type=int, default=-1)
+
+
+def sleep_hooks(args) -> list:
+  return [lambda step: time.sleep(args.step_sleep)] if args.step_sleep else []
+
+
+def save_final_params(params, workdir: str) -> None:
+  """Gathers the parameters from every process; process 0 writes <workdir>/final_params.npz keyed by path."""
+  params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() == 0:
     flat = {'/'.join(str(k.key) for k in keys): np.asarray(leaf)
             for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    path = os.path.join(args.workdir, 'final_params.npz')
+    path = os.path.join(workdir, 'final_params.npz')
     np.savez(path + '.tmp.npz', **flat)
     os.replace(path + '.tmp.npz', path)
+
+
+def max_param_difference(dir_a: str, dir_b: str) -> float:
+  """The largest absolute difference between the final_params.npz of two workdirs (which hold the same names)."""
+  with np.load(os.path.join(dir_a, 'final_params.npz')) as a, np.load(os.path.join(dir_b, 'final_params.npz')) as b:
+    assert sorted(a.files) == sorted(b.files)
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a.files)
 
 
 @dataclasses.dataclass

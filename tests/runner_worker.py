@@ -7,19 +7,18 @@ multi-process job when --num_processes > 1. Process 0 writes the final parameter
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 
 from astrea_jax import config as config_lib  # noqa: E402
 from astrea_jax.parallel import distributed  # noqa: E402
 from configs import tiny  # noqa: E402
+
+import lm_loop_worker  # noqa: E402  (tests/)
 
 STAGES = 'experts,align,instruct,main'
 
@@ -57,10 +56,7 @@ def main():
   parser.add_argument('--cache', default='recompute')
   parser.add_argument('--checkpoint_every', type=int, default=100)
   parser.add_argument('--evaluate', action='store_true')
-  parser.add_argument('--step_sleep', type=float, default=0.0, help='seconds to wait after each step (a slow model)')
-  parser.add_argument('--coordinator', default='')
-  parser.add_argument('--num_processes', type=int, default=0)
-  parser.add_argument('--process_id', type=int, default=-1)
+  lm_loop_worker.add_run_flags(parser)
   args = parser.parse_args()
   logging.set_verbosity(logging.INFO)
   config = small_config(args.data_dir, stages=args.stages, steps=tuple(int(n) for n in args.steps.split(',')),
@@ -70,18 +66,12 @@ def main():
                            'distributed.process_id': args.process_id})
   distributed.maybe_initialize(config)
   from astrea_jax.train import runner
-  hooks = [lambda step: time.sleep(args.step_sleep)] if args.step_sleep else []
-  result = runner.train_and_evaluate(config, args.workdir, extra_hooks=hooks, evaluate=args.evaluate)
-  params = multihost_utils.process_allgather(result['params'], tiled=True)
+  result = runner.train_and_evaluate(config, args.workdir, extra_hooks=lm_loop_worker.sleep_hooks(args),
+                                     evaluate=args.evaluate)
+  lm_loop_worker.save_final_params(result['params'], args.workdir)
   if jax.process_index() == 0:
-    flat = {'/'.join(str(k.key) for k in keys): np.asarray(leaf)
-            for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    path = os.path.join(args.workdir, 'final_params.npz')
-    np.savez(path + '.tmp.npz', **flat)
-    os.replace(path + '.tmp.npz', path)
     print(f"runner_worker: {'finished' if result['finished'] else 'stopped'} at step {result['step']} "
           f"(stage {result['stage']})")
-
 
 if __name__ == '__main__':
   main()

@@ -4,7 +4,6 @@ and logged under either policy."""
 
 import json
 import logging
-import os
 
 import numpy as np
 import pytest

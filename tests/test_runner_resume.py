@@ -3,11 +3,9 @@ after a checkpoint inside the instruct stage, resumed by the same command, stopp
 stage (it saves and exits with status 0), and resumed to the end, finishes with the parameters of a run never
 interrupted."""
 
-import os
 import re
 import signal
 
-import numpy as np
 import pytest
 
 import lm_loop_worker  # tests/: Runs
@@ -62,10 +60,7 @@ def test_interrupted_run_ends_with_the_parameters_of_one_never_interrupted(runs)
   dirs, logs = runs
   for name in ('final', 'straight'):
     assert f'runner_worker: finished at step {LAST} (stage main)' in logs[name]
-  with np.load(os.path.join(dirs['straight'], 'final_params.npz')) as a, \
-       np.load(os.path.join(dirs['interrupted'], 'final_params.npz')) as b:
-    assert sorted(a.files) == sorted(b.files)
-    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a.files)
+  worst = lm_loop_worker.max_param_difference(dirs['straight'], dirs['interrupted'])
   assert worst <= 1e-6, worst
   straight = lm_loop_worker.tensorboard_scalars(dirs['straight'], 'loss')
   interrupted = lm_loop_worker.tensorboard_scalars(dirs['interrupted'], 'loss')
