@@ -126,6 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
   # config.data.experts.<slot>, their common token count config.data.visual_tokens ---
   c.model = ml_collections.ConfigDict()
   c.model.train_experts = False      # False: experts are frozen (no gradient flows into them)
+  # Per slot: a converted expert checkpoint (launch.convert_hf_to_orbax --family=siglip|clip|dinov2) loaded into that
+  # slot at the start of a run; its shapes must equal config.model.experts.<slot>; '' = random init (or stage 0).
+  c.model.expert_checkpoints = ml_collections.ConfigDict({slot: '' for slot in
+                                                          ('caption', 'classification', 'detection', 'segmentation')})
   c.model.experts = ml_collections.ConfigDict()  # per slot: a ViT-family backbone (family siglip | clip | dinov2)
   for slot, family in (('caption', 'siglip'), ('classification', 'clip'), ('detection', 'dinov2'),
                        ('segmentation', 'dinov2')):

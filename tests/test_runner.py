@@ -135,3 +135,32 @@ def test_disk_and_recompute_feature_caches_give_the_same_losses(data_dir, tmp_pa
   cache_root = tmp_path / 'disk' / 'feature_cache'
   (store_dir,) = os.listdir(cache_root)
   assert sorted(os.listdir(cache_root / store_dir)) == ['caption', 'classification']
+
+
+def test_a_converted_expert_checkpoint_is_loaded_into_its_slot(data_dir, tmp_path):
+  import jax
+  import numpy as np
+  from astrea_jax.convert import hf
+  from astrea_jax.parallel import mesh as mesh_lib
+  from astrea_jax.testing import hf_fixtures
+  hf_dir = hf_fixtures.make_tiny_vit('siglip', str(tmp_path / 'hf'), image_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64)
+  ckpt = str(tmp_path / 'siglip')
+  hf.import_hf(hf_dir, ckpt, 'siglip', show_progress=False)
+  c = unlocked(data_dir, stages='align')
+  c.model.expert_checkpoints.caption = ckpt
+  cfg, _ = runner.check_run(c, 1)
+  mesh = mesh_lib.create_mesh(c.mesh)
+  params = runner.initial_params(c, cfg, mesh, c.logical_axis_rules, str(tmp_path / 'run'))
+  from astrea_jax.models import expert
+  _, want = expert.load_vit_expert(ckpt, 'caption', mesh, c.logical_axis_rules)
+  assert 'head' in want['backbone']  # SigLIP's pooling head is not part of the expert
+  del want['backbone']['head']
+  for a, b in zip(jax.tree.leaves(params['experts']['caption']), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  c.model.experts.caption.hidden_size = 48  # the checkpoint no longer fits the config
+  c.model.experts.caption.num_heads = 2
+  cfg, _ = runner.check_run(c, 1)
+  with pytest.raises(config_lib.ConfigError, match=r'config.model.expert_checkpoints.caption=.*do not fit '
+                                                   r'config.model.experts.caption'):
+    runner.initial_params(c, cfg, mesh, c.logical_axis_rules, str(tmp_path / 'run'))

@@ -178,6 +178,10 @@ def initial_params(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, r
       raise config_lib.ConfigError(f'config.init_checkpoint={config.init_checkpoint}: its LLM differs from config.llm '
                                    f'(field: (checkpoint, config)): {diff}')
     params['llm'] = llm
+  for slot, path in config.model.expert_checkpoints.items():
+    if path:
+      params['experts'] = dict(params['experts'], **{slot: load_expert_checkpoint(config, cfg, slot, path, mesh, rules,
+                                                                                   params['experts'][slot])})
   if config_lib.EXPERTS_STAGE in config_lib.run_stages(config):
     from astrea_jax.train import experts as experts_lib
     trained = experts_lib.train_experts(config, workdir)
@@ -185,6 +189,31 @@ def initial_params(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, r
     for slot, tree in trained.items():
       params['experts'][slot] = jax.tree.map(put_global, tree, shardings['experts'][slot])
   return params
+
+
+def load_expert_checkpoint(config, cfg: AstreaConfig, slot: str, path: str, mesh, rules, current: Any) -> Any:
+  """The backbone of a converted expert checkpoint for `slot`, sharded like `current` (the slot's initial params);
+  ConfigError naming config.model.experts.<slot> when the checkpoint's shapes differ from the config's."""
+  from astrea_jax.models import expert as expert_lib
+  if slot not in cfg.slots:
+    raise config_lib.ConfigError(f'config.model.expert_checkpoints.{slot}={path!r}: the model has no {slot!r} expert '
+                                 f'(config.model.experts has {list(cfg.slots)})')
+  numerics = dict(dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype, remat_policy=cfg.llm.remat_policy)
+  _, loaded = expert_lib.load_vit_expert(path, slot, mesh, rules, model_overrides=numerics)
+  backbone = dict(loaded['backbone'])
+  if 'head' in backbone and 'head' not in current['backbone']:
+    del backbone['head']  # SigLIP's attention-pooling head: the expert passes on the patch tokens, not the pooled one
+  loaded = dict(loaded, backbone=backbone)
+  def shape(tree):
+    return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  got, want = shape(loaded), shape(current)
+  if got != want:
+    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    raise config_lib.ConfigError(
+        f'config.model.expert_checkpoints.{slot}={path!r}: its parameters do not fit config.model.experts.{slot} / '
+        f'config.data.experts.{slot}.image_size (first of {len(diff)} differences: '
+        + ', '.join(f'{k}: checkpoint {got.get(k)} vs config {want.get(k)}' for k in diff[:3]) + ')')
+  return loaded
 
 
 def param_shardings(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules) -> Any:
