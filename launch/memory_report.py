@@ -55,7 +55,7 @@ def abstract_batch(config, cfg: model_lib.AstreaConfig, mesh, rules):
   """ShapeDtypeStructs of one global batch, with the batch axis sharded over the data axes."""
   b, l = config.train.global_batch_size, config.data.seq_len
   batch = {name: jax.ShapeDtypeStruct((b, l), jnp.int32) for name in ('inputs', 'targets', 'loss_mask',
-                                                                      'image_mask')}
+                                                                      'image_mask', 'segment_ids')}
   batch['images'] = {e.name: jax.ShapeDtypeStruct((b, 1, e.image_size, e.image_size, 3), jnp.float32)
                      for e in cfg.experts}
   return sharding.with_shardings(batch, step_lib.batch_shardings(batch, mesh, rules))

@@ -12,7 +12,7 @@ import pytest
 
 from astrea_jax import config as config_lib
 from astrea_jax.models import llama
-from configs import astrea_13b, tiny
+from configs import astrea_13b
 from launch import bench_flops
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,8 +52,13 @@ def results():
   return out
 
 
+def base():
+  """The base config's model (vocab 320, batch 8, queue 4096): the shapes the hand counts below are written for."""
+  return config_lib.lock(config_lib.base_config())
+
+
 def tiny_llm():
-  return config_lib.llm_config(tiny.get_config())
+  return config_lib.llm_config(base())
 
 
 def test_llm_matmul_params_hand_count():
@@ -82,7 +87,7 @@ def test_13b_llm_is_palm_6n_plus_12lhqt():
 
 def test_vit_expert_forward_hand_count():
   # tiny experts: width 32, MLP 64, 2 blocks, 64 x 64 images in 8 x 8 patches (64 patches; CLIP, DINOv2 + 1 class token)
-  experts = {e.name: e for e in config_lib.model_config(tiny.get_config()).experts}
+  experts = {e.name: e for e in config_lib.model_config(base()).experts}
   patch_embed, block_weights = 2 * 8 * 8 * 3 * 32 * 64, 4 * 32 * 32 + 2 * 32 * 64
   block = lambda n: 2 * block_weights * n + 4 * n * n * 32
   assert bench_flops.expert_forward_flops(experts['caption']) == patch_embed + 2 * block(64) == 3932160  # SigLIP
@@ -91,7 +96,7 @@ def test_vit_expert_forward_hand_count():
 
 
 def test_stage_flops_hand_count():
-  config = tiny.get_config()  # S = 256, T = 16 visual tokens, D = 64, 4 experts of width 32, batch 8, queue 4096
+  config = base()  # S = 256, T = 16 visual tokens, D = 64, 4 experts of width 32, batch 8, queue 4096
   experts = {e.name: bench_flops.expert_forward_flops(e) for e in config_lib.model_config(config).experts}
   s, projector = 256, 32 * 64 + 64 * 64
   first = bench_flops.stage_flops_per_example(config, 'align_caption')
