@@ -29,7 +29,6 @@ from typing import Any, Callable, Sequence
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -41,6 +40,7 @@ from astrea_jax.data import pipeline
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
 from astrea_jax.train import checkpointing, metrics, stages, step as step_lib
+from astrea_jax.train import optimizer as optimizer_lib
 
 Array = jax.Array
 
@@ -100,8 +100,13 @@ def check_run(config: ml_collections.ConfigDict, num_devices: int) -> tuple[Astr
   return cfg, plans
 
 
+def params_init_fn(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> Callable[[], Any]:
+  """The boxed initial parameters of the run's model, from train.seed."""
+  return lambda: init_params(cfg, jax.random.key(config.train.seed), image_sizes(config))
+
+
 def abstract_params(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> Any:
-  return flax.linen.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), image_sizes(config))))
+  return flax.linen.unbox(jax.eval_shape(params_init_fn(config, cfg)))
 
 
 def image_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
@@ -165,8 +170,7 @@ def put_global(value: Any, sharding_: jax.sharding.Sharding) -> Array:
 def initial_params(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules, workdir: str) -> Any:
   """Fresh parameters from train.seed, with the LLM from config.init_checkpoint (converted with
   launch.convert_hf_to_orbax) and the experts from stage 0 when the run has it."""
-  init = lambda: init_params(cfg, jax.random.key(config.train.seed), image_sizes(config))
-  params, shardings = sharding.init_sharded(init, mesh, rules)
+  params, shardings = sharding.init_sharded(params_init_fn(config, cfg), mesh, rules)
   params = dict(params)
   if config.init_checkpoint:
     from astrea_jax.convert import checkpoint
@@ -217,15 +221,13 @@ def load_expert_checkpoint(config, cfg: AstreaConfig, slot: str, path: str, mesh
 
 
 def param_shardings(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules) -> Any:
-  init = lambda: init_params(cfg, jax.random.key(0), image_sizes(config))
-  return sharding.abstract_and_shardings(init, mesh, rules)
+  return sharding.abstract_and_shardings(params_init_fn(config, cfg), mesh, rules)
 
 
 # --- one stage ---
 
 def stage_optimizer(config: ml_collections.ConfigDict, plan: StagePlan, params: Any):
   opt = ml_collections.ConfigDict(dict(config.optimizer.to_dict(), learning_rate=plan.learning_rate))
-  from astrea_jax.train import optimizer as optimizer_lib
   return (stages.stage_optimizer(opt, plan.num_steps, params, plan.trainable),
           optimizer_lib.learning_rate_schedule(opt, plan.num_steps))
 
@@ -382,7 +384,7 @@ def _run_stage(config, cfg, model, plan: StagePlan, index: int, params, p_shardi
   while step < plan.end:
     state, step_metrics = compiled(state, global_batch)
     step += 1
-    logger.update(step, {**step_metrics, 'stage_index': jnp.asarray(index, jnp.float32)})
+    logger.update(step, {**step_metrics, 'stage_index': float(index)})
     for hook in hooks:
       hook(step)
     stop = preemption.reached(step)
