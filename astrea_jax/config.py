@@ -13,7 +13,9 @@ from typing import Any
 import ml_collections
 
 from astrea_jax.astrea import router
-from astrea_jax.data import images, templates
+from astrea_jax.astrea.model import INSTRUCT_FUSIONS
+from astrea_jax.data import templates
+from astrea_jax.models import expert as expert_lib
 from astrea_jax.models import llama
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -52,7 +54,6 @@ class ConfigError(ValueError):
 
 GROUP_SEPARATOR = '+'  # an align_order entry 'align_a+align_b' aligns several experts in one stage (Table 6)
 EXPERTS_STAGE = 'experts'  # stage 0 of the tiny default: the specialist experts (astrea_jax.train.experts)
-STAGE_KINDS = ('align', 'instruct', 'main')  # config.stages.<kind>
 
 
 def align_members(stage: str) -> tuple[str, ...]:
@@ -68,6 +69,30 @@ def align_slot_order(align_order) -> tuple[str, ...]:
 def stage_kind(stage: str) -> str:
   """'align_x' / 'align_x+align_y' -> 'align'; 'instruct', 'main' and 'experts' are their own kind."""
   return 'align' if stage.startswith('align_') else stage
+
+
+def settings_name(stage: str) -> str:
+  """The `config.stages` entry holding a stage's settings: its own, or for a group ('align_a+align_b') its first
+  member's."""
+  return align_members(stage)[0]
+
+
+def stage_settings(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """`config.stages.<stage>` (steps, peak learning rate, trainable regexes; instruct: fusion)."""
+  return config.stages[settings_name(stage)]
+
+
+def single_turn_rows(config: ml_collections.ConfigDict, stage: str) -> bool:
+  """Whether a stage's rows hold one question and its answer each: the stages that route with the instruction as the
+  router's text context ('visual+text'), so that the context pooled is the instruction being answered, as in
+  evaluation."""
+  routed = stage == 'main' or (stage == 'instruct' and config.stages.instruct.fusion == 'routed')
+  return routed and config.astrea.router_context == 'visual+text'
+
+
+def expert_families(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """slot -> `config.model.experts.<slot>.family`."""
+  return {slot: e.family for slot, e in config.model.experts.items()}
 
 
 def run_stages(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -126,6 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
   # config.data.experts.<slot>, their common token count config.data.visual_tokens ---
   c.model = ml_collections.ConfigDict()
   c.model.train_experts = False      # False: experts are frozen (no gradient flows into them)
+  # A part that would start from random weights and stay frozen (the LLM without init_checkpoint, an expert without
+  # its checkpoint or stage 0) is a ConfigError naming the field; True allows it (the tiny default's LLM, tests).
+  c.allow_random_init = False
   # Per slot: a converted expert checkpoint (launch.convert_hf_to_orbax --family=siglip|clip|dinov2) loaded into that
   # slot at the start of a run; its shapes must equal config.model.experts.<slot>; '' = random init (or stage 0).
   c.model.expert_checkpoints = ml_collections.ConfigDict({slot: '' for slot in
@@ -145,6 +173,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.moco.mu = 0.1                    # mu of Eq. 11: weight of L_moco in the total loss (paper: not given)
   c.moco.embed_dim = 32              # width of the pooled, L2-normalised contrastive embeddings (ALBEF: 256)
   c.moco.momentum_modules = ('projectors', 'routing', 'heads')  # top-level param trees the EMA copies
+  c.moco.caption_len = 48            # tokens of each image's caption, the text side of the contrast (cut beyond)
 
   # --- where weights and the tokenizer come from ---
   c.init_checkpoint = ''             # converted Orbax checkpoint (launch.convert_hf_to_orbax); '' = random init
@@ -157,9 +186,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1                  # tensor (model) parallelism over heads / mlp / vocab
   c.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES  # (logical name, mesh axes) pairs; see above
 
-  # --- optimisation (paper: AdamW b1 0.9, b2 0.98, wd 0.05, cosine, warm-up 15%) ---
+  # --- optimisation (paper: AdamW b1 0.9, b2 0.98, wd 0.05, cosine, warm-up 15%); the peak learning rate is each
+  # stage's (config.stages.<stage>.learning_rate) ---
   c.optimizer = ml_collections.ConfigDict()
-  c.optimizer.learning_rate = 1e-4   # peak learning rate
   c.optimizer.warmup_fraction = 0.15  # linear warm-up as a fraction of the stage's steps
   c.optimizer.b1 = 0.9               # AdamW beta1
   c.optimizer.b2 = 0.98              # AdamW beta2
@@ -171,22 +200,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0                   # seed for init, data order and dropout
   c.train.global_batch_size = 8      # sequences per step, over all hosts
-  c.train.num_steps = 20             # optimizer steps of the LLM-only driver (train.lm_loop); stages: config.stages
   # Stages `launch.train` runs, in order: 'experts' (stage 0: pre-train the tiny specialist experts on their own tasks,
   # astrea_jax.train.experts), 'align' (every stage of data.align_order), a single align stage, 'instruct', 'main'.
   c.train.stages = ('align', 'instruct', 'main')
-  c.train.grad_accum_steps = 1       # micro-batches per optimizer step (global_batch_size is their sum)
+  # Micro-batches per optimizer step (global_batch_size is their sum). Eq. 1 is weighted by answer tokens over the
+  # whole batch, so accumulation equals one big batch; the MoCo loss (Eq. 5-7) is taken per micro-batch, its in-batch
+  # negatives being the micro-batch's (the queue holds the rest), and averaged over the micro-batches.
+  c.train.grad_accum_steps = 1
   c.train.feature_cache = 'recompute'  # earlier stages' tokens C_i (Eq. 3): 'disk' (stored after each align stage) |
   #                                      'recompute' (earlier frozen experts + projectors run in the step)
   c.train.feature_cache_dir = ''     # where the 'disk' cache lives; '' = <workdir>/feature_cache
+  # A 'disk' cache slot written by other parameters, data or preprocessing (its fingerprint differs): 'rebuild' it,
+  # or stop with an 'error'. A slot is never read unless its fingerprint matches.
+  c.train.feature_cache_reuse = 'rebuild'
 
-  # --- per-stage settings: 'align' applies to each alignment stage; warm-up + cosine restart in every stage ---
+  # --- per-stage settings, one entry per stage name; a group stage ('align_a+align_b') uses its first member's.
+  # Warm-up + cosine restart in every stage. ---
   c.stages = ml_collections.ConfigDict()
-  for kind, steps, lr in (('align', 20, 1e-3), ('instruct', 20, 1e-4), ('main', 20, 1e-4)):
-    c.stages[kind] = ml_collections.ConfigDict()
-    c.stages[kind].num_steps = steps   # optimizer steps of the stage
-    c.stages[kind].learning_rate = lr  # peak learning rate (paper: 1e-4; optimizer.* gives the rest)
-    c.stages[kind].trainable = ()      # param-path regexes trained; () = the paper's set (train.stages module doc)
+  for name, steps, lr in [(s, 20, 1e-3) for s in ALIGN_STAGES] + [('instruct', 20, 1e-4), ('main', 20, 1e-4)]:
+    c.stages[name] = ml_collections.ConfigDict()
+    c.stages[name].num_steps = steps   # optimizer steps of the stage
+    c.stages[name].learning_rate = lr  # peak learning rate (paper: 1e-4; optimizer.* gives the rest)
+    c.stages[name].trainable = ()      # param-path regexes trained; () = the paper's set (train.stages module doc)
+  # The instruct stage's visual tokens: 'residual' = the last alignment stage's tokens with its residual attention
+  # over every earlier stage (gates on), training the LLM, projectors and residual modules (the paper's Fig. 1 puts
+  # instruction tuning in the pre-alignment panel); 'routed' = router + adapters (Eq. 9-10) and the LLM.
+  c.stages.instruct.fusion = 'residual'
 
   # --- stage 0 (tiny default only): the four specialist experts trained on their own tasks (train.experts) ---
   c.experts_pretrain = ml_collections.ConfigDict()
@@ -243,15 +282,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_images = 1              # image slots per row; a record with more images is a bad record
   c.data.packing = False             # first-fit pack several examples per row (segment_ids) instead of padding
   c.data.on_bad_record = 'error'     # error: raise naming the file and record | skip: drop, count and log it
+  c.data.max_consecutive_drops = 1000  # this many records dropped in a row (bad, or no answer within seq_len) stop
+  #                                      the pipeline with an error naming the source and the reasons
   c.data.num_epochs = 0              # passes over the training split; 0 = repeat forever
   c.data.num_workers = 0             # grain worker processes; 0 = prepare batches in the training process
   c.data.worker_buffer_size = 2      # batches each worker prepares ahead
   c.data.read_threads = 2            # threads reading and preprocessing records in each process
   c.data.image_square = 'pad'        # 'pad': pad to square with the expert's mean colour (LLaVA-1.5) | 'resize'
-  c.data.experts = ml_collections.ConfigDict()  # per expert slot: input side in pixels and normalisation
-  c.data.experts.caption = dict(image_size=64, mean=images.SIGLIP_MEAN, std=images.SIGLIP_STD)  # SigLIP
-  for slot in ('classification', 'detection', 'segmentation'):  # RAM++, Grounding DINO, SAM2: ImageNet statistics
-    c.data.experts[slot] = dict(image_size=64, mean=images.IMAGENET_MEAN, std=images.IMAGENET_STD)
+  # Per expert slot: input side in pixels and normalisation; an empty mean / std is the family's
+  # (config.model.experts.<slot>.family: SigLIP 0.5 / 0.5, CLIP's, ImageNet's for DINOv2, Swin, SAM2, Grounding DINO).
+  c.data.experts = ml_collections.ConfigDict()
+  for slot in ('caption', 'classification', 'detection', 'segmentation'):
+    c.data.experts[slot] = dict(image_size=64, mean=(), std=())
   c.data.shapes = ml_collections.ConfigDict()  # the synthetic dataset (astrea_jax.data.shapes_tfds)
   c.data.shapes.image_size = 64      # image side in pixels, 16 to 384
   c.data.shapes.num_train = 1024     # scenes per split; the three splits come from disjoint seed streams
@@ -287,6 +329,14 @@ def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                                       num_heads=16, patch_size=32)
   for slot, side in (('caption', 384), ('classification', 384), ('detection', 800), ('segmentation', 1024)):
     c.data.experts[slot].image_size = side  # SigLIP-SO400M@384, RAM++ Swin-L@384, Grounding DINO, SAM2
+  # The recipe of Sec. 4.1: pre-alignment 2000k, 500k, 200k, 200k steps; instruction tuning 500k; peak learning rate
+  # 1e-4 everywhere (AdamW 0.9 / 0.98, wd 0.05, cosine, 15% warm-up: config.optimizer). The paper does not give the
+  # main stage's steps ("its training load is significantly reduced"): we choose 100k, a fifth of instruction tuning.
+  for name, steps in zip(ALIGN_STAGES + ('instruct', 'main'), (2_000_000, 500_000, 200_000, 200_000, 500_000,
+                                                                100_000)):
+    c.stages[name].num_steps = steps
+    c.stages[name].learning_rate = 1e-4
+  c.stages.instruct.fusion = 'residual'  # Fig. 1: instruction tuning belongs to the pre-alignment panel
   return c
 
 
@@ -307,30 +357,31 @@ def llm_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
 
 def model_config(config: ml_collections.ConfigDict):
   """The frozen `AstreaConfig` of a run: config.llm, config.model.experts (backbones), config.data.experts (input
-  size, normalisation), config.data.visual_tokens (T), config.data.align_order and config.astrea / config.moco."""
+  size, normalisation: the family's where empty), config.data.visual_tokens (T), config.data.align_order,
+  config.stages.instruct.fusion and config.astrea / config.moco."""
   from astrea_jax.astrea.model import AstreaConfig
-  from astrea_jax.models import expert, vit
+  from astrea_jax.models import vit
 
   dtypes = dict(dtype=config.llm.dtype, param_dtype=config.llm.param_dtype, remat_policy=config.llm.remat_policy)
   experts = []
   for slot, backbone in config.model.experts.items():
     inputs = config.data.experts[slot]
     try:
+      mean, std = expert_lib.normalization(backbone.family, inputs.mean, inputs.std)
       model = vit.ViTConfig(image_size=inputs.image_size, **dict(backbone.to_dict(), **dtypes))
-      experts.append(expert.vit_expert_config(slot, model, image_size=inputs.image_size,
-                                              image_mean=tuple(inputs.mean), image_std=tuple(inputs.std),
-                                              num_visual_tokens=config.data.visual_tokens))
+      experts.append(expert_lib.vit_expert_config(slot, model, image_size=inputs.image_size,
+                                                  image_mean=tuple(mean), image_std=tuple(std),
+                                                  num_visual_tokens=config.data.visual_tokens))
     except (TypeError, ValueError) as e:
       raise ConfigError(f'config.model.experts.{slot}: {e}') from e
   a = config.astrea
   try:
-    return AstreaConfig(llm=llm_config(config), experts=tuple(experts),
-                        align_order=align_slot_order(config.data.align_order)
-                        if len(align_slot_order(config.data.align_order)) == len(experts) else (),
+    return AstreaConfig(llm=llm_config(config), experts=tuple(experts), align_stages=tuple(config.data.align_order),
                         num_visual_tokens=config.data.visual_tokens, train_experts=config.model.train_experts,
                         residual_heads=a.residual_heads, residual_gamma=a.residual_gamma,
                         residual_prob=a.residual_prob, residual_add=a.residual_add, top_k=a.top_k,
-                        router_context=a.router_context, contrastive_dim=config.moco.embed_dim)
+                        router_context=a.router_context, instruct_fusion=config.stages.instruct.fusion,
+                        contrastive_dim=config.moco.embed_dim)
   except ValueError as e:
     raise ConfigError(f'config.model / config.astrea: {e}') from e
 
@@ -359,7 +410,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_stages(config: ml_collections.ConfigDict) -> None:
-  """train.stages, train.grad_accum_steps, train.feature_cache, stages.*, experts_pretrain.*, eval.*."""
+  """train.stages, train.grad_accum_steps, train.feature_cache*, stages.*, experts_pretrain.*, eval.*."""
   run_stages(config)
   t = config.train
   if t.grad_accum_steps < 1 or t.global_batch_size % t.grad_accum_steps:
@@ -367,20 +418,26 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
                       f'train.global_batch_size={t.global_batch_size}')
   if t.feature_cache not in ('disk', 'recompute'):
     raise ConfigError(f"config.train.feature_cache={t.feature_cache!r}: expected 'disk' or 'recompute'")
-  unknown = sorted(set(config.stages.keys()) - set(STAGE_KINDS))
+  if t.feature_cache_reuse not in ('rebuild', 'error'):
+    raise ConfigError(f"config.train.feature_cache_reuse={t.feature_cache_reuse!r}: expected 'rebuild' or 'error'")
+  names = ALIGN_STAGES + ('instruct', 'main')
+  unknown = sorted(set(config.stages.keys()) - set(names))
   if unknown:
-    raise ConfigError(f'config.stages has unknown entries {unknown}; expected {STAGE_KINDS}')
-  for kind in STAGE_KINDS:
-    st = config.stages[kind]
+    raise ConfigError(f'config.stages has unknown entries {unknown}; expected one per stage {names}')
+  for name in names:
+    st = config.stages[name]
     if st.num_steps < 1:
-      raise ConfigError(f'config.stages.{kind}.num_steps={st.num_steps}: expected >= 1')
+      raise ConfigError(f'config.stages.{name}.num_steps={st.num_steps}: expected >= 1')
     if st.learning_rate <= 0:
-      raise ConfigError(f'config.stages.{kind}.learning_rate={st.learning_rate}: expected > 0')
+      raise ConfigError(f'config.stages.{name}.learning_rate={st.learning_rate}: expected > 0')
     for i, pattern in enumerate(st.trainable):
       try:
         re.compile(pattern)
       except re.error as e:
-        raise ConfigError(f'config.stages.{kind}.trainable[{i}]={pattern!r}: not a regular expression ({e})') from e
+        raise ConfigError(f'config.stages.{name}.trainable[{i}]={pattern!r}: not a regular expression ({e})') from e
+  if config.stages.instruct.fusion not in INSTRUCT_FUSIONS:
+    raise ConfigError(f'config.stages.instruct.fusion={config.stages.instruct.fusion!r}: expected one of '
+                      f'{INSTRUCT_FUSIONS}')
   for field in ('num_steps', 'batch_size'):
     if config.experts_pretrain[field] < 1:
       raise ConfigError(f'config.experts_pretrain.{field}={config.experts_pretrain[field]}: expected >= 1')
@@ -406,7 +463,8 @@ def _validate_astrea(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.astrea.top_k={a.top_k}: expected >= 1')
   if a.router_context not in router.ROUTER_CONTEXTS:
     raise ConfigError(f'config.astrea.router_context={a.router_context!r}: expected one of {router.ROUTER_CONTEXTS}')
-  for field, value in (('moco.temperature', m.temperature), ('moco.embed_dim', m.embed_dim)):
+  for field, value in (('moco.temperature', m.temperature), ('moco.embed_dim', m.embed_dim),
+                       ('moco.caption_len', m.caption_len)):
     if value <= 0:
       raise ConfigError(f'config.{field}={value}: expected > 0')
   for field, value in (('astrea.load_balance_coef', a.load_balance_coef), ('astrea.router_z_coef', a.router_z_coef),
@@ -429,20 +487,25 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.data.align_order={tuple(d.align_order)}: expected distinct stages from '
                       f"{ALIGN_STAGES}, several joined by '{GROUP_SEPARATOR}' for a stage that aligns them at once")
   for field, low in (('visual_tokens', 1), ('max_images', 1), ('read_threads', 1), ('num_epochs', 0),
-                     ('num_workers', 0), ('worker_buffer_size', 0)):
+                     ('num_workers', 0), ('worker_buffer_size', 0), ('max_consecutive_drops', 1)):
     if d[field] < low:
       raise ConfigError(f'config.data.{field}={d[field]}: expected >= {low}')
   if not d.visual_tokens * d.max_images < d.seq_len <= config.llm.max_position_embeddings:
     raise ConfigError(f'config.data.seq_len={d.seq_len}: expected more than visual_tokens * max_images = '
                       f'{d.visual_tokens * d.max_images} and at most llm.max_position_embeddings='
                       f'{config.llm.max_position_embeddings}')
-  for stage in order:
-    if stage[len('align_'):] not in d.experts:
-      raise ConfigError(f"config.data.experts has no {stage[len('align_'):]!r} entry, which {stage} needs")
+  aligned = sorted(member[len('align_'):] for member in order)
+  if aligned != sorted(config.model.experts.keys()):
+    raise ConfigError(f'config.data.align_order={tuple(d.align_order)}: expected every expert slot of '
+                      f'config.model.experts {tuple(config.model.experts.keys())} aligned exactly once (its stage '
+                      f'order decides which earlier stages each residual attention sees); aligned: {tuple(aligned)}')
+  for slot in config.model.experts.keys():
+    if slot not in d.experts:
+      raise ConfigError(f'config.data.experts has no {slot!r} entry, which config.model.experts.{slot} needs')
   for slot, e in d.experts.items():
-    if e.image_size < 1 or len(e.mean) != 3 or len(e.std) != 3 or min(e.std) <= 0:
+    if e.image_size < 1 or len(e.mean) not in (0, 3) or len(e.std) not in (0, 3) or min(e.std, default=1) <= 0:
       raise ConfigError(f'config.data.experts.{slot}={e.to_dict()}: expected image_size >= 1 and three means and '
-                        f'three positive stds')
+                        f'three positive stds (or none: the family\'s)')
   if not 16 <= d.shapes.image_size <= 384:
     raise ConfigError(f'config.data.shapes.image_size={d.shapes.image_size}: expected 16 to 384 pixels')
   for split in ('train', 'validation', 'test'):

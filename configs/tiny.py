@@ -21,9 +21,12 @@ def get_config():
   c.experts_pretrain.num_steps = 500
   c.experts_pretrain.learning_rate = 3e-3  # stage 0: about the metrics of 1000 steps at 1e-3, in half the time
   c.data.shapes.num_train = 4096      # more scenes than steps can revisit often: 1024 overfit (held-out VQA fell)
-  for kind, steps, lr in (('align', 100, 2e-3), ('instruct', 1800, 2e-3), ('main', 300, 1e-3)):
-    c.stages[kind].num_steps = steps
-    c.stages[kind].learning_rate = lr
+  c.allow_random_init = True  # the tiny LLM starts random (frozen while the projectors align); stage 0 trains experts
+  for name in config_lib.ALIGN_STAGES:
+    c.stages[name].num_steps = 100
+    c.stages[name].learning_rate = 2e-3
+  c.stages.instruct.update(num_steps=1800, learning_rate=2e-3, fusion='routed')
+  c.stages.main.update(num_steps=300, learning_rate=1e-3)
   c.checkpoint.every_steps = 500
   c.logging.every_steps = 50
   return config_lib.lock(c)

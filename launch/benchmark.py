@@ -81,6 +81,7 @@ LOSS_TOLERANCE = 1e-4
 BUSY_LOAD = 0.2  # other processes' CPU share above which timings are flagged as taken on a busy machine
 RULES = config_lib.DEFAULT_LOGICAL_AXIS_RULES
 OPTIMIZER = config_lib.base_config().optimizer  # the paper's AdamW (astrea_jax/config.py)
+PEAK_LR = 1e-4  # the paper's peak learning rate
 
 _MODEL = flags.DEFINE_enum('model', 'tiny', list(MODELS), 'train, generate: the random Llama to benchmark.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'train, generate, data, mfu: timed calls after the warm-up ones.')
@@ -234,7 +235,7 @@ class LlmStep:
 
 def llm_step(cfg: llama.LlamaConfig, mesh: jax.sharding.Mesh, num_steps: int, seq_len: int) -> LlmStep:
   model = llama.Llama(cfg)
-  tx = optimizer_lib.make_optimizer(OPTIMIZER, num_steps)
+  tx = optimizer_lib.make_optimizer(OPTIMIZER, num_steps, PEAK_LR)
   init = lm.init_state_fn(model, tx, jax.random.key(0), seq_len)
   abstract, shardings = sharding.abstract_and_shardings(init, mesh, RULES)
   return LlmStep(lm.make_train_step(model, tx, mesh, RULES, shardings), init, abstract, shardings, tx)
@@ -257,14 +258,15 @@ def jax_steps(step: Callable, state: lm.TrainState, batches: Sequence[dict[str, 
 # --- PyTorch: transformers + torch.optim.AdamW with the same hyper-parameters ---
 
 def torch_optimizer(model: torch.nn.Module, num_steps: int):
-  """(AdamW, LambdaLR) equal to `optimizer_lib.make_optimizer(OPTIMIZER)`: decay on matrices only, the same
-  learning rate at every step (the optax schedule's values)."""
+  """(AdamW, LambdaLR) equal to `optimizer_lib.make_optimizer(OPTIMIZER, num_steps, PEAK_LR)`: decay on the Llama's
+  weight matrices and embedding (its 2-D tensors; its 1-D ones are the norm scales, as `optimizer_lib.decays`
+  reads the paths), the same learning rate at every step (the optax schedule's values)."""
   params = list(model.parameters())
   groups = [{'params': [p for p in params if p.ndim > 1], 'weight_decay': OPTIMIZER.weight_decay},
             {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0}]
-  adamw = torch.optim.AdamW(groups, lr=OPTIMIZER.learning_rate, betas=(OPTIMIZER.b1, OPTIMIZER.b2), eps=OPTIMIZER.eps)
-  schedule = optimizer_lib.learning_rate_schedule(OPTIMIZER, num_steps)
-  rates = np.asarray(jax.vmap(schedule)(jnp.arange(num_steps))) / OPTIMIZER.learning_rate
+  adamw = torch.optim.AdamW(groups, lr=PEAK_LR, betas=(OPTIMIZER.b1, OPTIMIZER.b2), eps=OPTIMIZER.eps)
+  schedule = optimizer_lib.learning_rate_schedule(OPTIMIZER, num_steps, PEAK_LR)
+  rates = np.asarray(jax.vmap(schedule)(jnp.arange(num_steps))) / PEAK_LR
   return adamw, torch.optim.lr_scheduler.LambdaLR(adamw, lambda i: float(rates[min(i, num_steps - 1)]))
 
 

@@ -7,7 +7,8 @@ Nothing is allocated: the train state (LLM + the four experts + projectors + res
 .global_batch_size rows of config.data.seq_len tokens with one image per expert) are `jax.ShapeDtypeStruct`s
 carrying their shardings; the jitted, donated step is lowered and compiled for `--devices` fake CPU devices, and
 XLA's `memory_analysis()` (per device) and `cost_analysis()` are read. Prints a table and, as its last line, one JSON
-object with devices, params, argument_bytes, temp_bytes, output_bytes, alias_bytes, peak_bytes (per device), flops.
+object with devices, params, state_bytes, frozen_param_bytes and batch_bytes (whole, unsharded), argument_bytes,
+temp_bytes, output_bytes, alias_bytes, peak_bytes (per device), flops.
 """
 
 import os
@@ -39,7 +40,6 @@ from astrea_jax import config as config_lib  # noqa: E402
 from astrea_jax.astrea import model as model_lib  # noqa: E402
 from astrea_jax.parallel import mesh as mesh_lib  # noqa: E402
 from astrea_jax.parallel import sharding  # noqa: E402
-from astrea_jax.train import optimizer as optimizer_lib  # noqa: E402
 from astrea_jax.train import stages, step as step_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config.')
@@ -51,18 +51,23 @@ flags.mark_flags_as_required(['config'])
 GIB = 2**30
 
 
-def abstract_batch(config, cfg: model_lib.AstreaConfig, mesh, rules):
-  """ShapeDtypeStructs of one global batch, with the batch axis sharded over the data axes."""
-  b, l = config.train.global_batch_size, config.data.seq_len
-  batch = {name: jax.ShapeDtypeStruct((b, l), jnp.int32) for name in ('inputs', 'targets', 'loss_mask',
-                                                                      'image_mask', 'segment_ids')}
-  batch['images'] = {e.name: jax.ShapeDtypeStruct((b, 1, e.image_size, e.image_size, 3), jnp.float32)
+def abstract_batch(config, cfg: model_lib.AstreaConfig, stage: str, mesh, rules):
+  """ShapeDtypeStructs of one global batch (every field the stage's step reads; one image slot per row, every expert's
+  input), with the batch axis sharded over the data axes."""
+  b, l, n = config.train.global_batch_size, config.data.seq_len, config.data.max_images
+  batch = {name: jax.ShapeDtypeStruct((b, l), jnp.int32) for name in ('inputs', 'targets', 'loss_mask', 'image_mask',
+                                                                      'instruction_mask', 'segment_ids', 'positions')}
+  batch['image_ids'] = batch['image_segment_ids'] = jax.ShapeDtypeStruct((b, n), jnp.int32)
+  batch['images'] = {e.name: jax.ShapeDtypeStruct((b, n, e.image_size, e.image_size, 3), jnp.float32)
                      for e in cfg.experts}
+  if stage == step_lib.MAIN:
+    batch['captions'] = batch['caption_mask'] = jax.ShapeDtypeStruct((b, n, config.moco.caption_len), jnp.int32)
   return sharding.with_shardings(batch, step_lib.batch_shardings(batch, mesh, rules))
 
 
 def compile_step(config, stage: str, devices: int, accum_steps: int):
-  """(compiled step, number of parameters, seconds to lower and compile)."""
+  """(compiled step, {params, state_bytes (the whole train state, unsharded), frozen_param_bytes (the stage's frozen
+  parameters, unsharded), batch_bytes (one global batch)}, seconds to lower and compile)."""
   config_lib.validate(config)
   cfg = config_lib.model_config(config)
   mesh_lib.check_batch_divides(config.train.global_batch_size, mesh_lib.resolve_axis_sizes(config.mesh, devices))
@@ -70,33 +75,38 @@ def compile_step(config, stage: str, devices: int, accum_steps: int):
   rules = config.logical_axis_rules
   model = model_lib.Astrea(cfg)
   sizes = {e.name: e.image_size for e in cfg.experts}
-  boxed = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0), sizes))
-  params = nn.unbox(boxed)
-  patterns = stages.default_trainable(stage, cfg)
-  stages.check_trains_something(stage, params, patterns)
-  steps = config.train.num_steps
-  tx = stages.stage_optimizer(config.optimizer, steps, params, patterns)
-  init = lambda: step_lib.init_state(model_lib.init_params(cfg, jax.random.key(0), sizes), tx, stage, config.moco,
-                                     jax.random.key(1))
+  init_params = lambda: model_lib.init_params(cfg, jax.random.key(0), sizes)
+  params_abstract, p_shardings = sharding.abstract_and_shardings(init_params, mesh, rules)
+  patterns = tuple(config_lib.stage_settings(config, stage).trainable) or stages.default_trainable(stage, cfg)
+  stages.check_trains_something(stage, params_abstract, patterns)
+  labels = stages.param_labels(params_abstract, patterns)
+  settings = config_lib.stage_settings(config, stage)
+  tx, schedule = stages.stage_optimizer(config.optimizer, settings.num_steps, settings.learning_rate)
+  init = lambda: step_lib.init_state(init_params(), tx, labels, stage, config.moco, jax.random.key(1))
   abstract_state, state_shardings = sharding.abstract_and_shardings(init, mesh, rules)
-  batch = abstract_batch(config, cfg, mesh, rules)
-  step = step_lib.make_step(model, stage, tx, config, optimizer_lib.learning_rate_schedule(config.optimizer, steps),
-                            accum_steps)
+  batch = abstract_batch(config, cfg, stage, mesh, rules)
+  step = step_lib.make_step(model, stage, tx, config, labels, schedule, accum_steps, p_shardings)
   jitted = step_lib.jit_step(step, mesh, rules, state_shardings, jax.tree.map(lambda x: x.sharding, batch))
   start = time.perf_counter()
   with sharding.logical_context(mesh, rules):
     compiled = jitted.lower(sharding.with_shardings(abstract_state, state_shardings), batch).compile()
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  return compiled, num_params, time.perf_counter() - start
+  sizes = {'params': sum(x.size for x in jax.tree.leaves(params_abstract)),
+           'batch_bytes': sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)),
+           'state_bytes': sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)),
+           'frozen_param_bytes': sum(x.size * x.dtype.itemsize
+                                     for x in jax.tree.leaves(stages.split(params_abstract, labels)[1]))}
+  return compiled, sizes, time.perf_counter() - start
 
 
 def report(config, stage: str, devices: int, accum_steps: int) -> dict:
-  compiled, num_params, seconds = compile_step(config, stage, devices, accum_steps)
+  compiled, sizes, seconds = compile_step(config, stage, devices, accum_steps)
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   out = {
-      'devices': devices, 'stage': stage, 'params': int(num_params),
+      'devices': devices, 'stage': stage, 'params': int(sizes['params']),
+      'state_bytes': int(sizes['state_bytes']), 'frozen_param_bytes': int(sizes['frozen_param_bytes']),
+      'batch_bytes': int(sizes['batch_bytes']),
       'mesh': dict(mesh_lib.resolve_axis_sizes(config.mesh, devices)),
       'global_batch': config.train.global_batch_size, 'seq_len': config.data.seq_len,
       'remat_policy': config.llm.remat_policy,

@@ -29,8 +29,6 @@ from astrea_jax.train import lm_loop  # noqa: E402
 def tiny_config(args):
   c = config_lib.base_config()
   c.data.seq_len = 32
-  c.train.num_steps = args.num_steps
-  c.optimizer.learning_rate = 3e-3
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(n) for n in args.mesh.split(','))
   c.checkpoint.every_steps = args.checkpoint_every
   c.checkpoint.max_to_keep = 2
@@ -56,7 +54,8 @@ def main():
   logging.set_verbosity(logging.INFO)
   config = tiny_config(args)
   distributed.maybe_initialize(config)
-  state = lm_loop.train_and_evaluate(config, args.workdir, extra_hooks=sleep_hooks(args))
+  state = lm_loop.train_and_evaluate(config, args.workdir, num_steps=args.num_steps, learning_rate=3e-3,
+                                     extra_hooks=sleep_hooks(args))
   save_final_params(state.params, args.workdir)
 
 

@@ -32,8 +32,8 @@ def small_config(data_dir: str, *, stages: str = STAGES, steps: tuple[int, int, 
   c.data.shapes.update(num_train=32, num_validation=8, num_test=8, data_dir=data_dir)
   c.train.stages = tuple(stages.split(','))
   c.train.feature_cache = cache
-  for kind, n in zip(('align', 'instruct', 'main'), steps):
-    c.stages[kind].num_steps = n
+  for name in config_lib.STAGES:
+    c.stages[name].num_steps = steps[0] if name.startswith('align_') else steps[('instruct', 'main').index(name) + 1]
   c.moco.queue_size = 4 * c.train.global_batch_size
   c.experts_pretrain.update(num_steps=3, batch_size=8)
   c.eval.update(num_scenes=2, batch_size=8, max_new_tokens=4)

@@ -27,7 +27,7 @@ def run(config, devices, init_params, batches):
   rules = config.logical_axis_rules
   cfg = config_lib.llm_config(config)
   model = llama.Llama(cfg)
-  tx = optimizer_lib.make_optimizer(config.optimizer, config.train.num_steps)
+  tx = optimizer_lib.make_optimizer(config.optimizer, STEPS, 1e-4)
   init = lm.init_state_fn(model, tx, jax.random.key(0), config.data.seq_len)
   _, state_shardings = sharding.abstract_and_shardings(init, mesh, rules)
   params = jax.device_put(init_params, state_shardings.params)
@@ -46,7 +46,6 @@ def run(config, devices, init_params, batches):
 def main():
   assert jax.device_count() == 8, jax.devices()
   config = config_lib.base_config()
-  config.train.num_steps = STEPS
   config.optimizer.warmup_fraction = 0.0
   config.data.seq_len = 64
   cfg = config_lib.llm_config(config)
@@ -71,7 +70,7 @@ def main():
   # as an unsharded init from the same key.
   mesh8 = mesh_lib.create_mesh(eight.mesh)
   cfg8 = config_lib.llm_config(eight)
-  tx = optimizer_lib.make_optimizer(eight.optimizer, STEPS)
+  tx = optimizer_lib.make_optimizer(eight.optimizer, STEPS, 1e-4)
   init = lm.init_state_fn(llama.Llama(cfg8), tx, jax.random.key(1), eight.data.seq_len)
   state8, shardings8 = sharding.init_sharded(init, mesh8, eight.logical_axis_rules)
   mu_spec = str(jax.tree.leaves(state8.opt_state[1][0].mu)[0].sharding.spec)

@@ -247,7 +247,7 @@ def test_enqueue_wraps_around():
   queue, ptr = moco.enqueue(queue, ptr, 10.0 + keys)
   np.testing.assert_array_equal(queue, [[3, 3], [11, 11], [12, 12], [13, 13], [2, 2]])
   assert int(ptr) == 4
-  with pytest.raises(ValueError, match='B <= 5'):
+  with pytest.raises(ValueError, match='P <= 5'):
     moco.enqueue(queue, ptr, jnp.zeros((6, 2)))
 
 

@@ -185,3 +185,40 @@ def test_multi_image_and_text_only_records(root):
   padded[2:22] = np.asarray(Image.open(root / 'images' / 'good_2.png').convert('RGB'))
   reference = np.asarray(Image.fromarray(padded).resize((64, 64), Image.BICUBIC), np.float32) / 255
   np.testing.assert_allclose(caption[1][1], reference, atol=1e-6)  # [0, 1]; the expert normalises
+
+
+@pytest.mark.parametrize('policy', ['error', 'skip'])
+def test_a_file_whose_records_are_all_dropped_stops_with_an_error(root, policy):
+  """Every record dropped (bad and skipped, or no answer within seq_len): the pipeline used to read the repeated
+  stream forever; it stops after config.data.max_consecutive_drops drops in a row, naming the file and the reasons."""
+  long_question = good_record(8)
+  long_question['conversations'][0]['value'] = '<image>\n' + 'why ' * 100
+  records = [long_question] * 3 + [with_image('nope.png')] * (2 if policy == 'skip' else 0)
+  path = write_jsonl(root / f'all_dropped_{policy}.jsonl', records)
+  config = make_config(root, path, policy, max_consecutive_drops=7)
+  it = iter(pipeline.make_dataset(config, 'instruct', tokenizer_dir=str(root / 'tokenizer'), shuffle=False,
+                                  batch_size=1))  # repeats forever (num_epochs=0)
+  skipped = 'bad records skipped' if policy == 'skip' else ''
+  with pytest.raises(pipeline.DroppedEverythingError,
+                     match=rf'^{path}: the last 7 records were all dropped \(\d+ {skipped}.*no answer token'):
+    next(it)
+  it.close()
+
+
+def test_single_turn_rows_hold_one_exchange_each_with_the_image_in_front(root):
+  three = {'id': 'three', 'image': 'good_1.png', 'conversations': [
+      {'from': 'human', 'value': '<image>\nfirst?'}, {'from': 'gpt', 'value': 'one'},
+      {'from': 'human', 'value': 'second?'}, {'from': 'gpt', 'value': 'two'},
+      {'from': 'human', 'value': 'third?'}, {'from': 'gpt', 'value': 'three'}]}
+  path = write_jsonl(root / 'single_turn.jsonl', [good_record(0), with_image('nope.png'), three])
+  config = make_config(root, path, 'skip')
+  it = iter(pipeline.make_dataset(config, 'instruct', tokenizer_dir=str(root / 'tokenizer'), shuffle=False,
+                                  num_epochs=1, batch_size=1, single_turn=True))
+  batches, counts = list(it), it.counts
+  assert answers(root, batches) == ['answer 0<|im_end|>', 'one<|im_end|>', 'two<|im_end|>', 'three<|im_end|>']
+  assert [b['image_ids'][0].tolist() for b in batches] == [[0], [2], [2], [2]]  # the same image for each exchange
+  assert all(int(b['image_mask'].sum()) == 4 for b in batches)
+  tok = pipeline.load_tokenizer(str(root / 'tokenizer')).backend
+  questions = [tok.decode(b['inputs'][0][b['instruction_mask'][0] > 0].tolist()) for b in batches]
+  assert questions == ['what is it?', 'first?', 'second?', 'third?']  # the instruction being answered
+  assert counts['skipped'] == 1

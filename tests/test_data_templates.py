@@ -35,15 +35,17 @@ def runs(tokenizer, ids, mask):
 
 
 def test_vicuna_v1_renders_like_llava():
-  text, spans = templates.render(templates.TEMPLATES['vicuna_v1'], TURNS)
+  text, spans, instruction = templates.render(templates.TEMPLATES['vicuna_v1'], TURNS)
   assert text == ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                   "helpful, detailed, and polite answers to the user's questions. USER: <image>\nhow many shapes? "
                   "ASSISTANT: three.</s>USER: is there a red circle? ASSISTANT: yes</s>")
   assert [text[a:b] for a, b in spans] == ['three.</s>', 'yes</s>']
+  assert [text[a:b] for a, b in instruction] == ['how many shapes?']  # the first user message, no placeholder
 
 
 def test_chatml_renders_like_llava_next():
-  text, spans = templates.render(templates.TEMPLATES['chatml'], TURNS)
+  text, spans, instruction = templates.render(templates.TEMPLATES['chatml'], TURNS)
+  assert [text[a:b] for a, b in instruction] == ['how many shapes?']
   assert text == ('<|im_start|>system\nAnswer the questions.<|im_end|>\n'
                   '<|im_start|>user\n<image>\nhow many shapes?<|im_end|>\n<|im_start|>assistant\nthree.<|im_end|>\n'
                   '<|im_start|>user\nis there a red circle?<|im_end|>\n<|im_start|>assistant\nyes<|im_end|>\n')
@@ -100,7 +102,8 @@ def test_missing_template_marker_is_named(tokenizer):
 
 
 def conversation(ids, target, image):
-  return TokenizedConversation(np.asarray(ids, np.int32), np.asarray(target, bool), np.asarray(image, bool))
+  return TokenizedConversation(np.asarray(ids, np.int32), np.asarray(target, bool), np.asarray(image, bool),
+                               np.zeros(len(ids), bool))
 
 
 def test_next_token_shift_puts_the_loss_on_answer_targets():
@@ -120,3 +123,27 @@ def test_truncation_never_cuts_through_an_image():
   assert cut and list(kept.ids) == [1, 5, 9, 9, 9, 6, 7]
   kept, cut = sequence.truncate(tc, 3)  # inputs would end inside the image: it is dropped
   assert cut and list(kept.ids) == [1, 5, 9] and len(sequence.image_block_starts(kept.image_mask[:-1])) == 0
+
+
+def test_instruction_tokens_are_the_same_in_a_training_row_and_an_evaluation_prompt(tokenizer):
+  """The router's text context ('visual+text') pools the tokens of the question being answered: the same ids in a
+  single-turn training conversation and in the generation prompt the evaluation builds."""
+  from astrea_jax.eval import evaluate
+  template = templates.TEMPLATES['chatml']
+  question = 'what colour is the small circle?'
+  train = templates.tokenize_conversation(tokenizer.backend_tokenizer, template,
+                                          [('human', f'<image>\n{question}'), ('gpt', 'red')], visual_tokens=3,
+                                          image_token_id=5, bos_id=None)
+  prompt = templates.tokenize_conversation(tokenizer.backend_tokenizer, evaluate.generation_template(template),
+                                           [('human', f'<image>\n{question}')], visual_tokens=3, image_token_id=5,
+                                           bos_id=None)
+  assert list(train.ids[train.instruction_mask]) == list(prompt.ids[prompt.instruction_mask])
+  assert tokenizer.decode(list(train.ids[train.instruction_mask])) == question
+
+
+def test_caption_tokens_are_the_caption_and_the_end_marker(tokenizer):
+  template = templates.TEMPLATES['chatml']
+  ids, mask = templates.caption_tokens(tokenizer.backend_tokenizer, template, 'a red circle', 12, pad_id=0)
+  assert tokenizer.decode(list(ids[mask])) == 'a red circle<|im_end|>' and not ids[~mask].any()
+  short, short_mask = templates.caption_tokens(tokenizer.backend_tokenizer, template, 'a red circle', 2, pad_id=0)
+  assert short_mask.all() and list(short) == list(ids[:2])

@@ -141,18 +141,18 @@ def test_generation_prompt_is_the_training_prefix(tokenizer_dir, name):
   assert int(prompt.image_mask.sum()) == 4
   header = template.user_suffix.rstrip(' ')
   assert tok.backend.decode(prompt.ids.tolist(), skip_special_tokens=False).endswith(header)
-  answer = evaluate.answer_token_ids(tok, template, '<image>\ncaption', 'a red circle.', 4)
-  assert tok.backend.decode(answer.tolist(), skip_special_tokens=False).strip() == 'a red circle.' + \
-      template.answer_suffix
+  np.testing.assert_array_equal(prompt.instruction_mask, full.instruction_mask[:first_answer])
 
 
 def test_left_pad_prompts():
-  prompts = [evaluate.Prompt(0, 'counting', np.array([5, 9, 9, 7]), np.array([0, 1, 1, 0], bool)),
-             evaluate.Prompt(1, 'color', np.array([9, 3]), np.array([1, 0], bool))]
-  ids, mask, image_mask = evaluate.left_pad_prompts(prompts, pad_id=0)
+  prompts = [evaluate.Prompt(0, 'counting', np.array([5, 9, 9, 7]), np.array([0, 1, 1, 0], bool),
+                             np.array([0, 0, 0, 1], bool)),
+             evaluate.Prompt(1, 'color', np.array([9, 3]), np.array([1, 0], bool), np.array([0, 1], bool))]
+  ids, mask, image_mask, instruction = evaluate.left_pad_prompts(prompts, pad_id=0)
   np.testing.assert_array_equal(ids, [[5, 9, 9, 7], [0, 0, 9, 3]])
   np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [0, 0, 1, 1]])
   np.testing.assert_array_equal(image_mask, [[0, 1, 1, 0], [0, 0, 1, 0]])
+  np.testing.assert_array_equal(instruction, [[0, 0, 0, 1], [0, 0, 0, 1]])
 
 
 def test_heatmap_and_atomic_write(tmp_path):
@@ -227,31 +227,33 @@ def test_prompt_encoders_match_the_model_forward(models, tokenizer_dir):
   c, cfg, params = models['visual+text']
   tok, template = pipeline.load_tokenizer(tokenizer_dir), templates.get_template(c.data.template)
   texts = ['<image>\nwhere is the red circle?', evaluate.CAPTION_PROMPT]
-  prompts = [evaluate.Prompt(0, 'x', t.ids, t.image_mask)
+  prompts = [evaluate.Prompt(0, 'x', t.ids, t.image_mask, t.instruction_mask)
              for t in (evaluate.prompt_tokens(tok, template, text, 4) for text in texts)]
-  ids, mask, image_mask = evaluate.left_pad_prompts(prompts, tok.pad_id)
+  ids, mask, image_mask, instruction_mask = evaluate.left_pad_prompts(prompts, tok.pad_id)
   rng = np.random.RandomState(0)
   image = {slot: rng.rand(1, 32, 32, 3).astype(np.float32) for slot in cfg.slots}
   batch_images = {slot: np.repeat(x, 2, axis=0) for slot, x in image.items()}
   model = model_lib.Astrea(cfg)
-  embeds, probs = evaluate.make_encoders(model, 'main').prompt_inputs(params, ids, mask, image_mask, batch_images)
+  embeds, probs = evaluate.make_encoders(model, 'main').prompt_inputs(params, ids, image_mask, instruction_mask,
+                                                                      batch_images)
   first = [row[0] for row in generate.generate_from_inputs(cfg.llm, params['llm'], embeds, mask, 1)]
 
   @jax.jit
-  def forward(tokens, img_mask):  # the train step's routing context, on one unpadded prompt
-    text = model_lib.instruction_mask(jnp.ones_like(tokens), img_mask, jnp.zeros_like(tokens))
-    instruction = model.apply({'params': params}, tokens, text, method=model_lib.Astrea.pooled_instruction)
-    return model.apply({'params': params}, tokens, image, img_mask, stage='main', instruction=instruction)
+  def forward(tokens, img_mask, text):  # the train step's routing context, on one unpadded prompt
+    instruction = model.apply({'params': params}, tokens, text[:, None], method=model_lib.Astrea.pooled_instruction)
+    rows = {slot: x[:, None] for slot, x in image.items()}
+    return model.apply({'params': params}, tokens, rows, img_mask, stage='main', instruction=instruction)
 
   assert mask[1].sum() < mask.shape[1]  # the caption prompt is the shorter one: left-padded in the batch
-  logits, aux = forward(jnp.asarray(prompts[1].ids[None]), jnp.asarray(prompts[1].image_mask[None]))
+  logits, aux = forward(jnp.asarray(prompts[1].ids[None]), jnp.asarray(prompts[1].image_mask[None]),
+                        jnp.asarray(prompts[1].instruction_mask[None]))
   assert first[1] == int(jnp.argmax(logits[0, -1]))
-  np.testing.assert_allclose(probs[1], aux['probs'][0].mean(axis=0), atol=1e-6)
+  np.testing.assert_allclose(probs[1], aux['probs'][0, 0].mean(axis=0), atol=1e-6)
   assert np.abs(probs[0] - probs[1]).max() > 1e-6
 
   c, cfg, params = models['visual']
-  _, probs = evaluate.make_encoders(model_lib.Astrea(cfg), 'main').prompt_inputs(params, ids, mask, image_mask,
-                                                                                 batch_images)
+  _, probs = evaluate.make_encoders(model_lib.Astrea(cfg), 'main').prompt_inputs(params, ids, image_mask,
+                                                                                 instruction_mask, batch_images)
   np.testing.assert_allclose(probs[0], probs[1], atol=1e-7)
 
 
@@ -342,3 +344,55 @@ def test_evaluate_alignment_stage_scores_right_answers(models, tokenizer_dir, tm
   assert all(s['prediction'] == s['answer'] for s in result['vqa']['samples'])
   with pytest.raises(ValueError, match="unknown stage 'align_nothing'"):
     evaluate.evaluate(c, cfg, params, tokenizer_dir, str(tmp_path), stage='align_nothing')
+
+
+def test_per_type_accuracy_with_a_decoder_right_on_some_answers_pairs_each_question_with_its_own_image(
+    models, tokenizer_dir, tmp_path, monkeypatch):
+  """A decoder that sees which scene's pixels and which question each row holds, and answers right only when the
+  pixels are the question's own scene and the question's position in its scene is even: the per-type accuracy is
+  then the hand-counted share of such questions (a question evaluated against another scene's image scores 0)."""
+  import dataclasses
+  from astrea_jax.data import images as images_lib
+  c, cfg, params = models['visual']
+  tok = pipeline.load_tokenizer(tokenizer_dir)
+  source = shapes_tfds.data_source(shapes_tfds.prepare(c.data.shapes), c.eval.split, with_segmentation=False)
+  scenes = [source[i] for i in range(NUM_SCENES)]
+  caption_inputs = images_lib.expert_inputs([s['image'] for s in scenes], images_lib.experts_from_config(
+      c.data.experts, config_lib.expert_families(c), ['caption']), c.data.image_square)['caption']
+  seen = []
+  real = evaluate.make_encoders
+
+  def spying(model, stage):
+    encoders = real(model, stage)
+
+    def prompt_inputs(params, ids, image_mask, instruction_mask, images):
+      seen.append((np.asarray(ids), np.asarray(images['caption'])))
+      return encoders.prompt_inputs(params, ids, image_mask, instruction_mask, images)
+    return dataclasses.replace(encoders, prompt_inputs=prompt_inputs)
+
+  def decoder(llm_cfg, llm_params, inputs, mask, max_new_tokens, *, eos_id, pad_id):
+    ids, pixels = seen[-1]
+    out = []
+    for row_ids, row_pixels in zip(ids, pixels):
+      (scene,) = [i for i in range(NUM_SCENES) if np.array_equal(caption_inputs[i], row_pixels)]
+      text = tok.backend.decode(row_ids.tolist(), skip_special_tokens=False)
+      questions = [q.decode() for q in scenes[scene]['vqa']['question']]
+      answer = 'wrong answer'
+      hits = [k for k, q in enumerate(questions) if f'\n{q}{END}' in text]  # this scene's question, if it is one
+      if hits and hits[0] % 2 == 0:
+        answer = scenes[scene]['vqa']['answer'][hits[0]].decode()
+      out.append(tok.backend.encode(' ' + answer + END, add_special_tokens=False).ids)
+    return out
+
+  monkeypatch.setattr(evaluate, 'make_encoders', spying)
+  monkeypatch.setattr(generate, 'generate_from_inputs', decoder)
+  result = evaluate.evaluate(c, cfg, params, tokenizer_dir, str(tmp_path), stage='align_caption')
+  right, total = collections.Counter(), collections.Counter()
+  for scene in scenes:
+    questions = [q.decode() for q in scene['vqa']['question']]
+    for k, t in enumerate(scene['vqa']['type']):
+      total[VQA_TYPES[t]] += 1
+      right[VQA_TYPES[t]] += int(questions.index(questions[k]) % 2 == 0)  # (a repeated question: its first place)
+  expected = {t: right[t] / total[t] for t in VQA_TYPES if total[t]}
+  assert result['vqa']['accuracy'] == pytest.approx(expected)
+  assert 0.0 < result['vqa']['mean_accuracy'] < 1.0

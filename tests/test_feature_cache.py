@@ -187,16 +187,42 @@ def test_shape_and_dtype_mismatch_errors(tmp_path):
 def test_create_over_complete_slot(tmp_path):
   _, x = filled_store(tmp_path)
   store = FeatureStore(str(tmp_path), process_index=0, process_count=1)
-  with pytest.raises(FeatureCacheError, match=r'complete with float32 \[12, 3, 5\], asked to create float32 '
-                                              r'\[12, 3, 6\]'):
+  with pytest.raises(FeatureCacheError, match=r'holds float32 \[12, 3, 5\] with fingerprint \(none\), this run '
+                                              r'needs float32 \[12, 3, 6\]'):
     store.create('caption', N, T, D + 1)
-  with pytest.raises(FeatureCacheError, match='complete with float32 .* asked to create bfloat16'):
+  with pytest.raises(FeatureCacheError, match='holds float32 .* needs bfloat16'):
     store.create('caption', N, T, D, dtype='bfloat16')
   assert store.create('caption', N, T, D) is False  # a resumed run reuses it
   with pytest.raises(FeatureCacheError, match='is complete .*its features are final'):
     store.write('caption', np.arange(1), features(7, n=1))
   store.finalize('caption')  # a no-op on a reused slot
   np.testing.assert_array_equal(store.read('caption', np.arange(N)), x)
+
+
+def test_a_slot_written_by_other_parameters_is_never_read(tmp_path):
+  """A complete slot is current only for the fingerprint it was written with: another one (other parameters, data
+  or preprocessing) is rebuilt, or refused with on_stale='error'; it is never reused as it is."""
+  store = FeatureStore(str(tmp_path), process_index=0, process_count=1)
+  old = features(1)
+  assert store.create('caption', N, T, D, fingerprint='aaa')
+  store.write('caption', np.arange(N), old)
+  store.finalize('caption')
+  assert store.is_current('caption', 'aaa') and not store.is_current('caption', 'bbb')
+  assert store.create('caption', N, T, D, fingerprint='aaa', on_stale='error') is False  # same producer: reused
+  with pytest.raises(FeatureCacheError, match=r'feature cache .*/caption was written by something else: it holds '
+                                              r'float32 \[12, 3, 5\] with fingerprint aaa, this run needs float32 '
+                                              r"\[12, 3, 5\] with fingerprint bbb .* train.feature_cache_reuse='rebuild'"):
+    store.create('caption', N, T, D, fingerprint='bbb', on_stale='error')
+  np.testing.assert_array_equal(store.read('caption', np.arange(N)), old)  # refused: nothing touched
+  assert store.create('caption', N, T, D, fingerprint='bbb', on_stale='rebuild') is True
+  assert not store.is_complete('caption')
+  new = features(2)
+  store.write('caption', np.arange(N), new)
+  store.finalize('caption')
+  assert store.is_current('caption', 'bbb')
+  fresh = FeatureStore(str(tmp_path), process_index=0, process_count=1)
+  np.testing.assert_array_equal(fresh.read('caption', np.arange(N)), new)
+  assert json.loads((tmp_path / 'caption' / feature_cache.MARKER_KEY).read_text())['fingerprint'] == 'bbb'
 
 
 def test_recreate_after_incomplete_write(tmp_path):

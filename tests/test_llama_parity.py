@@ -101,3 +101,11 @@ def test_remat_policies_do_not_change_gradients(policy):
   base, remat = grads(cfg), grads(cfg.replace(remat_policy=policy))
   for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(remat)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_the_fixture_leaves_no_parameter_at_its_constant_init(tmp_path):
+  """The RMSNorm scales of a fresh transformers Llama are all 1: a swapped norm mapping would pass parity."""
+  hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False)
+  model = transformers.LlamaForCausalLM.from_pretrained(hf_dir)
+  for name, p in model.named_parameters():
+    assert float(p.detach().std()) > 1e-3, name

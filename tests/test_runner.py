@@ -35,7 +35,8 @@ def unlocked(data_dir, **kwargs):
     (lambda c: c.train.update(stages=('align', 'experts')), 1, "'experts' must come first"),
     (lambda c: c.stages.main.update(trainable=('nothing/.*',)), 1,
      "config.stages.main.trainable: stage 'main' trains nothing: its patterns ['nothing/.*'] match no parameter"),
-    (lambda c: c.stages.align.update(trainable=('llm/(',)), 1, "config.stages.align.trainable[0]='llm/(': not a"),
+    (lambda c: c.stages.align_detection.update(trainable=('llm/(',)), 1,
+     "config.stages.align_detection.trainable[0]='llm/(': not a"),
     (lambda c: c.mesh.update(data=3), 8, 'axes multiply to 3, but there are 8 devices'),
     (lambda c: (c.train.update(global_batch_size=12), c.moco.update(queue_size=48)), 8,
      'config.train.global_batch_size=12 is not divisible by the data axes data x fsdp = 8 x 1 = 8'),
@@ -73,11 +74,11 @@ def test_plan_numbers_steps_over_the_run_and_table6_orders(data_dir):
   c.data.align_order = tuple(reversed(config_lib.ALIGN_STAGES))  # Table 6 "reverse"
   cfg, plans = runner.check_run(c, 1)
   assert [p.name for p in plans[:4]] == list(reversed(config_lib.ALIGN_STAGES))
-  assert runner.earlier_slots(cfg, 'align_classification') == ('segmentation', 'detection')
+  assert cfg.earlier_slots('align_classification') == ('segmentation', 'detection')
   c.data.align_order = ('align_caption', 'align_classification+align_detection+align_segmentation')  # "Cap->All"
   cfg, plans = runner.check_run(c, 1)
   assert [p.name for p in plans[:2]] == list(c.data.align_order)
-  assert runner.earlier_slots(cfg, plans[1].name) == ('caption',)
+  assert cfg.earlier_slots(plans[1].name) == ('caption',)
   assert len(plans[1].trainable) == 6
 
 
@@ -137,6 +138,30 @@ def test_disk_and_recompute_feature_caches_give_the_same_losses(data_dir, tmp_pa
   assert sorted(os.listdir(cache_root / store_dir)) == ['caption', 'classification']
 
 
+def test_a_feature_cache_written_by_other_parameters_is_rebuilt_or_refused(data_dir, tmp_path):
+  """A run whose caption projector differs (another seed) finds the caption slot of an earlier run in the shared
+  cache folder: with feature_cache_reuse='error' it stops naming the slot; with 'rebuild' it recomputes the slot
+  and trains exactly as the recompute backend does."""
+  from astrea_jax.data.feature_cache import FeatureCacheError
+  shared = str(tmp_path / 'shared_cache')
+  first = runner_worker.small_config(data_dir, stages='align_caption,align_classification', steps=(1, 1, 1),
+                                     cache='disk', **{'train.feature_cache_dir': shared})
+  runner.train_and_evaluate(first, str(tmp_path / 'first'), evaluate=False)
+  overrides = {'train.seed': 1, 'train.feature_cache_dir': shared}
+  refuse = runner_worker.small_config(data_dir, stages='align_classification', steps=(1, 1, 1), cache='disk',
+                                      **overrides, **{'train.feature_cache_reuse': 'error'})
+  with pytest.raises(FeatureCacheError, match=r'/caption was written by something else'):
+    runner.train_and_evaluate(refuse, str(tmp_path / 'refuse'), evaluate=False)
+  losses = {}
+  for name, cache in (('rebuild', 'disk'), ('recompute', 'recompute')):
+    c = runner_worker.small_config(data_dir, stages='align_classification', steps=(3, 1, 1), cache=cache,
+                                   **overrides)
+    runner.train_and_evaluate(c, str(tmp_path / name), evaluate=False)
+    losses[name] = lm_loop_worker.tensorboard_scalars(str(tmp_path / name), 'loss')
+  assert sorted(losses['rebuild']) == [1, 2, 3]
+  assert max(abs(losses['rebuild'][s] - losses['recompute'][s]) for s in losses['rebuild']) <= 1e-5, losses
+
+
 def test_a_converted_expert_checkpoint_is_loaded_into_its_slot(data_dir, tmp_path):
   import jax
   import numpy as np
@@ -164,3 +189,77 @@ def test_a_converted_expert_checkpoint_is_loaded_into_its_slot(data_dir, tmp_pat
   with pytest.raises(config_lib.ConfigError, match=r'config.model.expert_checkpoints.caption=.*do not fit '
                                                    r'config.model.experts.caption'):
     runner.initial_params(c, cfg, mesh, c.logical_axis_rules, str(tmp_path / 'run'))
+
+
+@pytest.mark.parametrize('change,message', [
+    (lambda c: None, r'config.init_checkpoint is empty: the llm parameters would start from random weights and stay '
+                     r"frozen in stage 'align_caption'"),
+    (lambda c: c.update(init_checkpoint='/somewhere/llm'),
+     r'config.model.expert_checkpoints.caption is empty: the experts/caption parameters would start from random '
+     r"weights and stay frozen in stage 'align_caption'.*--config.allow_random_init=True"),
+])
+def test_a_frozen_part_left_at_random_initialisation_is_a_config_error(data_dir, change, message):
+  c = unlocked(data_dir, stages='align,instruct,main')
+  c.allow_random_init = False
+  change(c)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    runner.check_run(c, 1)
+  c.allow_random_init = True
+  runner.check_run(c, 1)
+
+
+def test_random_init_is_fine_when_the_part_is_trained_first(data_dir):
+  c = unlocked(data_dir, stages='experts,instruct,main')  # stage 0 trains the experts; instruct trains the LLM
+  c.allow_random_init = False
+  runner.check_run(c, 1)
+
+
+@pytest.fixture(scope='module')
+def damaged_run(data_dir, tmp_path_factory):
+  """A short run to its end (checkpoints at global steps 2, 4, 6), its final parameters, and its workdir."""
+  workdir = str(tmp_path_factory.mktemp('damaged'))
+  c = runner_worker.small_config(data_dir, stages='align_caption,instruct', steps=(2, 4, 1), checkpoint_every=2)
+  result = runner.train_and_evaluate(c, workdir, evaluate=False)
+  return c, workdir, result
+
+
+def truncate_largest_state_file(workdir, step):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(workdir, 'checkpoints', str(step), 'state'))
+           for f in fs]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  return largest
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(damaged_run, caplog):
+  import logging
+  import jax
+  import numpy as np
+  c, workdir, straight = damaged_run
+  truncate_largest_state_file(workdir, 6)
+  with caplog.at_level(logging.WARNING):
+    resumed = runner.train_and_evaluate(c, workdir, evaluate=False)
+  assert 'checkpoint: step 6 in' in caplog.text and 'does not restore' in caplog.text
+  names = os.listdir(os.path.join(workdir, 'checkpoints'))
+  assert any(re.fullmatch(r'damaged_6_\d{8}-\d{6}', n) for n in names)  # left in place, renamed
+  assert (resumed['stage'], resumed['step'], resumed['finished']) == ('instruct', 6, True)
+  for a, b in zip(jax.tree.leaves(straight['params']), jax.tree.leaves(resumed['params'])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_when_no_checkpoint_restores_the_run_stops_naming_them(damaged_run):
+  c, workdir, _ = damaged_run
+  for step in checkpointing_steps(c, workdir):
+    truncate_largest_state_file(workdir, step)
+  with pytest.raises(checkpointing.CheckpointError, match=r'no checkpoint restores; damaged and renamed aside: '
+                                                          r'6 \(now damaged_6_.*\), 4 \(now damaged_4_'):
+    runner.train_and_evaluate(c, workdir, evaluate=False)
+
+
+def checkpointing_steps(c, workdir):
+  ckpt = checkpointing.Checkpointer(workdir, c)
+  try:
+    return ckpt.all_steps()
+  finally:
+    ckpt.close()

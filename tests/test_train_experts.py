@@ -159,7 +159,7 @@ def test_trees_are_the_composed_models_experts_and_the_backbones_moved(trained):
   train = experts.load_scenes(dataset_dir, 'train')
   for index, cfg in enumerate(model_config.experts):  # the seed train_experts uses for expert `index`
     task = experts.TASKS[cfg.name]
-    inputs = images_lib.experts_from_config(config.data.experts, [cfg.name])[0]
+    inputs = images_lib.experts_from_config(config.data.experts, config_lib.expert_families(config), [cfg.name])[0]
     images = jnp.asarray(experts.expert_inputs(train, inputs, 'pad')[:1])
     batch = jax.tree.map(lambda t: jnp.asarray(t[:1]), task.targets(train, 4))
     start = experts.initial_params(expert_lib.build_expert(cfg), task.head(), images, batch,

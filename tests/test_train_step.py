@@ -15,30 +15,16 @@ from astrea_jax.train import metrics as metrics_lib
 from astrea_jax.train import stages
 from astrea_jax.train import step as step_lib
 
-FAMILIES = {'caption': 'siglip', 'classification': 'clip', 'detection': 'dinov2', 'segmentation': 'dinov2'}
-B, L = 4, 24
+from astrea_fixtures import ANSWER_LENGTHS, B, make_batch, model_config
 
 
 @pytest.fixture(scope='module')
 def setup():
   run = config_lib.base_config()
   run.moco.queue_size, run.train.global_batch_size = 16, B
-  llm = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                          num_kv_heads=2, head_dim=8)
-  experts = tuple(expert.vit_expert_config(slot, vit.ViTConfig(family=f, hidden_size=16, intermediate_size=32,
-                                                               num_layers=2, num_heads=2, image_size=32,
-                                                               patch_size=8), num_visual_tokens=16)
-                  for slot, f in FAMILIES.items())
-  cfg = model_lib.AstreaConfig(llm=llm, experts=experts, num_visual_tokens=16, residual_heads=2, contrastive_dim=32)
+  cfg = model_config()
   params = nn.unbox(model_lib.init_params(cfg, jax.random.key(0), 32))
-  rng = np.random.RandomState(0)
-  tokens = rng.randint(0, 64, (B, L + 1)).astype(np.int32)
-  image_mask = np.zeros((B, L), np.int32)
-  image_mask[:, 2:18] = 1
-  loss_mask = np.zeros((B, L), np.int32)
-  loss_mask[:, 18:] = 1
-  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': loss_mask, 'image_mask': image_mask,
-           'images': {s: rng.rand(B, 1, 32, 32, 3).astype(np.float32) for s in cfg.slots}}
+  batch = make_batch(np.random.RandomState(0), cfg.slots)
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   return run, cfg, params, batch, mesh, {}
 
@@ -51,15 +37,16 @@ def train(setup, stage, steps=3, accum_steps=1):
   return cache[stage, steps, accum_steps]
 
 
-def _train(setup, stage, steps, accum_steps):
-  run, cfg, params, batch, mesh, _ = setup
+def _train(setup, stage, steps, accum_steps, cfg=None):
+  run, default_cfg, params, batch, mesh, _ = setup
+  cfg = cfg or default_cfg
   model = model_lib.Astrea(cfg)
-  patterns = stages.default_trainable(stage, cfg)
-  tx = stages.stage_optimizer(run.optimizer, 10, params, patterns)
-  state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx, stage, run.moco, jax.random.key(1))
+  labels = stages.param_labels(params, stages.default_trainable(stage, cfg))
+  tx, _ = stages.stage_optimizer(run.optimizer, 10, 1e-3)
+  state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx, labels, stage, run.moco, jax.random.key(1))
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
   rules = config_lib.DEFAULT_LOGICAL_AXIS_RULES
-  step = step_lib.jit_step(step_lib.make_step(model, stage, tx, run, accum_steps=accum_steps), mesh, rules,
+  step = step_lib.jit_step(step_lib.make_step(model, stage, tx, run, labels, accum_steps=accum_steps), mesh, rules,
                            shardings, step_lib.batch_shardings(batch, mesh, rules))
   history = []
   for _ in range(steps):
@@ -108,11 +95,77 @@ def test_main_stage_moco_state_and_metrics(setup):
   assert last['loss'] == pytest.approx(last['reg_loss'] + run.moco.mu * last['moco_loss'], rel=1e-5)
 
 
-def test_gradient_accumulation_equals_one_big_batch(setup):
-  one, _ = train(setup, 'instruct', steps=3, accum_steps=1)
-  two, _ = train(setup, 'instruct', steps=3, accum_steps=2)
-  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+def test_instruct_with_residual_fusion_trains_the_llm_projectors_and_residual_modules(setup):
+  params = setup[2]
+  cfg = model_config(instruct_fusion='residual')
+  state, history = _train(setup, 'instruct', 2, 1, cfg)
+  assert {k for k, v in changed(params, state.params).items() if v} == {'projectors', 'residual', 'llm'}
+  assert {k for k, v in changed(params['projectors'], state.params['projectors']).items() if v} == set(cfg.slots)
+  assert 'router/mean_prob' not in history[-1] and all(np.isfinite(h['loss']) for h in history)
+
+
+def gradients(setup, stage, batch, accum_steps, **run_overrides):
+  """The trained part's gradients and the metrics of one step's gradient computation (no update); the jitted
+  function is kept per (stage, accum_steps, overrides)."""
+  run, cfg, params, _, _, cache = setup
+  key = ('grads', stage, accum_steps, tuple(sorted(run_overrides.items())))
+  if key not in cache:
+    run = run.copy_and_resolve_references()
+    for name, value in run_overrides.items():
+      section, field = name.split('__')
+      run[section][field] = value
+    labels = stages.param_labels(params, stages.default_trainable(stage, cfg))
+    tx, _ = stages.stage_optimizer(run.optimizer, 10, 1e-3)
+    state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx, labels, stage, run.moco, jax.random.key(1))
+    cache[key] = state, jax.jit(step_lib.make_grad_fn(model_lib.Astrea(cfg), stage, run, labels, accum_steps))
+  state, grad_fn = cache[key]
+  grads, metrics, _ = grad_fn(state.params, batch, state.rng, state.momentum, state.queues)
+  return grads, metrics
+
+
+def half(batch, i):
+  return jax.tree.map(lambda x: x[2 * i:2 * i + 2], batch)
+
+
+def assert_trees_close(a, b, atol):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  worst = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert worst <= atol, worst
+
+
+@pytest.mark.parametrize('stage', ['instruct', 'main'])
+def test_gradient_accumulation_with_uneven_answers_equals_one_big_batch(setup, stage):
+  batch = setup[3]
+  assert len({int(batch['loss_mask'][2 * i:2 * i + 2].sum()) for i in range(2)}) == 2  # micro-batches differ
+  one, m1 = gradients(setup, stage, batch, 1, moco__mu=0.0)  # the main stage's MoCo is compared below
+  two, m2 = gradients(setup, stage, batch, 2, moco__mu=0.0)
+  assert_trees_close(one, two, 1e-6)
+  assert float(m1['reg_loss']) == pytest.approx(float(m2['reg_loss']), abs=1e-6)
+  assert float(m1['tokens']) == float(m2['tokens']) == sum(ANSWER_LENGTHS)
+
+
+def test_accumulated_moco_loss_is_the_mean_of_the_micro_batches_contrasts(setup):
+  """Eq. 1 weighted by tokens over the whole batch, MoCo per micro-batch (its negatives) averaged: accumulated
+  gradients = the big batch's Eq. 1 gradients + mu * mean_i (MoCo gradients of micro-batch i)."""
+  batch, mu = setup[3], setup[0].moco.mu
+  reg, _ = gradients(setup, 'main', batch, 1, moco__mu=0.0)
+  acc, metrics = gradients(setup, 'main', batch, 2)
+  parts = []
+  for i in range(2):
+    with_moco, mi = gradients(setup, 'main', half(batch, i), 1)
+    without, _ = gradients(setup, 'main', half(batch, i), 1, moco__mu=0.0)
+    parts.append((jax.tree.map(lambda a, b: a - b, with_moco, without), float(mi['moco_loss'])))
+  expected = jax.tree.map(lambda r, a, b: r + (a + b) / 2, reg, parts[0][0], parts[1][0])
+  assert_trees_close(acc, expected, 2e-6)
+  assert float(metrics['moco_loss']) == pytest.approx((parts[0][1] + parts[1][1]) / 2, abs=1e-6)
+  assert mu > 0
+
+
+def test_only_trainable_parameters_get_gradients(setup):
+  params = setup[2]
+  grads, _ = gradients(setup, 'align_detection', setup[3], 1)
+  assert set(grads) == {'projectors', 'residual'}
+  assert set(grads['projectors']) == {'detection'} and set(grads['residual']) == {'detection'}
 
 
 def test_repeated_batch_loss_goes_down(setup):

@@ -76,42 +76,56 @@ def init_queue(rng: Array, size: int, dim: int) -> tuple[Array, Array]:
   return l2_normalize(jax.random.normal(rng, (size, dim), jnp.float32)), jnp.zeros((), jnp.int32)
 
 
-def enqueue(queue: Array, ptr: Array | int, keys: Array) -> tuple[Array, Array]:
-  """Writes keys [B, d] into queue [N, d] from row `ptr` on, wrapping past the end; returns (queue, new ptr).
+def enqueue(queue: Array, ptr: Array | int, keys: Array, valid: Array | None = None) -> tuple[Array, Array]:
+  """Writes keys [P, d] into queue [N, d] from row `ptr` on, wrapping past the end; returns (queue, new ptr).
 
-  The oldest keys are the ones overwritten. Keys carry no gradient.
+  valid [P] (optional) marks the keys that exist (an empty image slot's does not): only those are written, packed in
+  order, and the pointer moves by their number. The oldest keys are the ones overwritten. Keys carry no gradient.
   """
-  size, batch = queue.shape[0], keys.shape[0]
-  if batch > size or keys.shape[1:] != queue.shape[1:]:
-    raise ValueError(f'keys have shape {keys.shape}; expected [B <= {size}, {queue.shape[1]}] for a queue of shape '
+  size, count = queue.shape[0], keys.shape[0]
+  if count > size or keys.shape[1:] != queue.shape[1:]:
+    raise ValueError(f'keys have shape {keys.shape}; expected [P <= {size}, {queue.shape[1]}] for a queue of shape '
                      f'{queue.shape}')
-  rows = (ptr + jnp.arange(batch)) % size
-  queue = queue.at[rows].set(jax.lax.stop_gradient(keys).astype(queue.dtype))
-  return queue, jnp.asarray((ptr + batch) % size, jnp.int32)
+  if valid is None:
+    valid = jnp.ones((count,), jnp.bool_)
+  valid = valid.astype(jnp.bool_)
+  order = jnp.cumsum(valid) - 1
+  rows = jnp.where(valid, (ptr + order) % size, size)  # row `size` is out of bounds: dropped
+  queue = queue.at[rows].set(jax.lax.stop_gradient(keys).astype(queue.dtype), mode='drop')
+  return queue, jnp.asarray((ptr + valid.sum()) % size, jnp.int32)
 
 
-def positive_log_prob(queries: Array, keys: Array, queue: Array, tau: float) -> Array:
+def positive_log_prob(queries: Array, keys: Array, queue: Array, tau: float, valid: Array | None = None) -> Array:
   """Eq. 5-6 for one direction: log of the softmax of q_i · [keys; queue] / tau taken at the positive keys_i.
 
-  queries, keys [B, d], queue [N, d] -> [B] (log r_i for image queries and text keys, log c_i the other way round).
-  Keys and queue come from the momentum encoder and carry no gradient.
+  queries, keys [P, d], queue [N, d] -> [P] (log r_i for image queries and text keys, log c_i the other way round).
+  valid [P] (optional): keys that do not exist are left out of every softmax. Keys and queue come from the momentum
+  encoder and carry no gradient.
   """
-  candidates = jax.lax.stop_gradient(jnp.concatenate([keys, queue], axis=0).astype(jnp.float32))  # [B + N, d]
+  candidates = jax.lax.stop_gradient(jnp.concatenate([keys, queue], axis=0).astype(jnp.float32))  # [P + N, d]
   logits = jnp.einsum('bd,kd->bk', queries.astype(jnp.float32), candidates,
                       precision=jax.lax.Precision.HIGHEST) / tau
+  if valid is not None:
+    exists = jnp.concatenate([valid.astype(jnp.bool_), jnp.ones((queue.shape[0],), jnp.bool_)])
+    logits = jnp.where(exists[None, :], logits, -jnp.inf)
   return jnp.diagonal(jax.nn.log_softmax(logits, axis=-1))
 
 
 def contrastive_loss(img_q: Array, txt_q: Array, img_k: Array, txt_k: Array, img_queue: Array, txt_queue: Array,
-                     tau: float, lam: float) -> Array:
-  """Eq. 7: L_moco = -mean_i [lam * log r_i + (1 - lam) * log c_i] (Eq. 7's 1/N read as the mean over the batch).
+                     tau: float, lam: float, valid: Array | None = None) -> Array:
+  """Eq. 7: L_moco = -mean_i [lam * log r_i + (1 - lam) * log c_i] (Eq. 7's 1/N read as the mean over the pairs).
 
   r_i: image query i against the text keys and text queue, positive txt_k_i; c_i: text query i against the image
-  keys and image queue, positive img_k_i. Queries and keys [B, d], queues [N, d] -> scalar fp32.
+  keys and image queue, positive img_k_i. Queries and keys [P, d] (one image-text pair per row), queues [N, d],
+  valid [P] (optional: the pairs that exist; the mean runs over them) -> scalar fp32.
   """
   if img_q.shape != txt_q.shape or img_k.shape != img_q.shape or txt_k.shape != img_q.shape:
-    raise ValueError(f'queries and keys must share one shape [B, d]; got img_q {img_q.shape}, txt_q {txt_q.shape}, '
+    raise ValueError(f'queries and keys must share one shape [P, d]; got img_q {img_q.shape}, txt_q {txt_q.shape}, '
                      f'img_k {img_k.shape}, txt_k {txt_k.shape}')
-  log_r = positive_log_prob(img_q, txt_k, txt_queue, tau)
-  log_c = positive_log_prob(txt_q, img_k, img_queue, tau)
-  return -jnp.mean(lam * log_r + (1 - lam) * log_c)
+  log_r = positive_log_prob(img_q, txt_k, txt_queue, tau, valid)
+  log_c = positive_log_prob(txt_q, img_k, img_queue, tau, valid)
+  per_pair = lam * log_r + (1 - lam) * log_c
+  if valid is None:
+    return -jnp.mean(per_pair)
+  weights = valid.astype(jnp.float32)
+  return -jnp.sum(jnp.where(valid, per_pair, 0.0)) / jnp.maximum(weights.sum(), 1.0)

@@ -1,15 +1,20 @@
 """The composed Astrea model: experts -> projectors -> the stage's fusion -> visual tokens at `<image>` -> the LLM.
 
-Stages (names as in `astrea_jax.config.STAGES`) decide the fusion of the visual tokens:
-- `align_<slot>` (pre-alignment stage k, in `align_order`): the slot's expert and projector give f_k [B, T, D]; the
+Stages (names as in `astrea_jax.config.STAGES`) decide the fusion of the visual tokens (`AstreaConfig.fusion`):
+- `align_<slot>` (pre-alignment stage k, in `align_stages`): the slot's expert and projector give f_k [M, T, D]; the
   random residual cross-attention of stage k (Eq. 2-4) lets f_k attend to the frozen projected tokens C_i of the
   earlier stages i < k (passed in from the feature cache, or recomputed from the earlier projectors when not).
   Stage 1 passes f_1 through.
-- `instruct`, `main`: every expert's projected tokens go through the top-k router and the MLP adapters
-  (Eq. 9-10). `main` adds the momentum-contrastive heads (`image_embedding`, `text_embedding`) used by Eq. 5-8.
+- `instruct` with `instruct_fusion='residual'` (the paper's reading of Fig. 1): the last alignment stage's tokens,
+  attending to every earlier stage's (all gates on), every projector and residual module trainable.
+- `main`, and `instruct` with `instruct_fusion='routed'`: every expert's projected tokens go through the top-k
+  router and the MLP adapters (Eq. 9-10). `main` adds the momentum-contrastive heads (`image_embedding`,
+  `text_embedding`) used by Eq. 5-8, one embedding per image.
 
-Sequence assembly: the prompt holds one `<image>` placeholder token per visual token; `splice_visual_tokens`
-replaces the placeholders, in order, by the visual tokens, and the LLM runs on the resulting input embeddings.
+Rows hold N image slots ({slot: [B, N, H, W, 3]}; an empty slot has image id -1): `visual_tokens` runs the experts
+over all B * N images and gives [B, N, T, D]. Sequence assembly: the prompt holds T `<image>` placeholder tokens per
+image, images in order; `splice_visual_tokens` replaces the placeholders by image 0's tokens, then image 1's, ...,
+and the LLM runs on the resulting input embeddings (block-diagonal per example for packed rows: `segment_ids`).
 
 AnyRes (LLaVA-NeXT) is available for single-expert models: the caption expert encodes the tiles of
 `astrea_jax.astrea.anyres.anyres_tiles`, the projector maps them, and `pack_anyres_features` lays them out with the
@@ -43,12 +48,16 @@ ROUTED_STAGES = ('instruct', 'main')
 GROUP_SEPARATOR = '+'  # 'align_a+align_b': one stage aligning several experts at once (Table 6, "Cap->All")
 
 
+INSTRUCT_FUSIONS = ('residual', 'routed')
+
+
 @dataclasses.dataclass(frozen=True)
 class AstreaConfig:
   """Everything that shapes the composed model (a frozen mirror of the run config's model fields)."""
   llm: llama.LlamaConfig
   experts: tuple[expert_lib.ExpertConfig, ...]
-  align_order: tuple[str, ...] = ()          # slots in pre-alignment order; () = the order of `experts`
+  align_stages: tuple[str, ...] = ()         # pre-alignment stages in order ('align_a+align_b' aligns both at once);
+  #                                            () = one stage per expert in the order of `experts`
   num_visual_tokens: int = 576               # T, the common visual token grid (a square)
   train_experts: bool = False                # False: experts are frozen (no gradient flows into them)
   residual_heads: int = 4                    # Eq. 2-4
@@ -57,6 +66,8 @@ class AstreaConfig:
   residual_add: bool = False
   top_k: int = 3                             # Eq. 9
   router_context: str = 'visual'
+  instruct_fusion: str = 'routed'            # the instruct stage's visual tokens: 'residual' (the last alignment
+  #                                            stage's, attending to the earlier ones, gates on) | 'routed' (Eq. 9-10)
   contrastive_dim: int = 32                  # width of the MoCo embeddings (Eq. 5-8)
   anyres_pinpoints: tuple[tuple[int, int], ...] = ()  # AnyRes grid resolutions (h, w); () = off
   anyres_tile: int = 0                       # AnyRes tile size in pixels
@@ -66,10 +77,15 @@ class AstreaConfig:
     problems = []
     if len(set(slots)) != len(slots) or not slots:
       problems.append(f'experts must have distinct slot names, got {slots}')
-    if self.align_order and sorted(self.align_order) != sorted(slots):
-      problems.append(f'align_order={self.align_order} must be a permutation of the expert slots {slots}')
+    aligned = [m[len(ALIGN_PREFIX):] for stage in self.align_stages for m in stage.split(GROUP_SEPARATOR)]
+    if self.align_stages and (sorted(aligned) != sorted(slots) or
+                              not all(m.startswith(ALIGN_PREFIX) for s in self.align_stages
+                                      for m in s.split(GROUP_SEPARATOR))):
+      problems.append(f'align_stages={self.align_stages} must align every expert slot {slots} exactly once')
     if not 1 <= self.top_k <= len(slots):
       problems.append(f'top_k={self.top_k} must be between 1 and the number of experts {len(slots)}')
+    if self.instruct_fusion not in INSTRUCT_FUSIONS:
+      problems.append(f'instruct_fusion={self.instruct_fusion!r} must be one of {INSTRUCT_FUSIONS}')
     if self.anyres_pinpoints and (len(slots) != 1 or self.anyres_tile <= 0):
       problems.append('AnyRes needs exactly one expert and a positive anyres_tile')
     if problems:
@@ -79,7 +95,7 @@ class AstreaConfig:
     """JSON-able fields (the checkpoint metadata's `model_config`)."""
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     return dict(d, llm=self.llm.to_dict(), experts=[e.to_dict() for e in self.experts],
-                anyres_pinpoints=[list(p) for p in self.anyres_pinpoints], align_order=list(self.align_order))
+                anyres_pinpoints=[list(p) for p in self.anyres_pinpoints], align_stages=list(self.align_stages))
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'AstreaConfig':
@@ -87,7 +103,7 @@ class AstreaConfig:
     llama.check_known_fields(cls, d)
     return cls(**dict(d, llm=llama.LlamaConfig.from_dict(d['llm']),
                       experts=tuple(expert_lib.expert_config_from_dict(e) for e in d['experts']),
-                      align_order=tuple(d.get('align_order', ())),
+                      align_stages=tuple(d.get('align_stages', ())),
                       anyres_pinpoints=tuple(tuple(p) for p in d.get('anyres_pinpoints', ()))))
 
   @property
@@ -101,9 +117,14 @@ class AstreaConfig:
     return len(self.experts) > 1
 
   @property
+  def stages(self) -> tuple[str, ...]:
+    """The pre-alignment stages in order (groups as 'align_a+align_b')."""
+    return self.align_stages or tuple(ALIGN_PREFIX + s for s in self.slots)
+
+  @property
   def stage_slots(self) -> tuple[str, ...]:
     """Slots in pre-alignment order."""
-    return self.align_order or self.slots
+    return tuple(m[len(ALIGN_PREFIX):] for stage in self.stages for m in stage.split(GROUP_SEPARATOR))
 
   def align_slot(self, stage: str) -> str:
     """'align_detection' -> 'detection'; any other stage name is an error naming the valid ones."""
@@ -123,6 +144,22 @@ class AstreaConfig:
       raise ValueError(f'stage {stage!r}: its slots must be consecutive in the alignment order {self.stage_slots}')
     return slots
 
+  def earlier_slots(self, stage: str) -> tuple[str, ...]:
+    """The slots whose tokens C_i an alignment stage attends to (those of the stages before it); () otherwise."""
+    if not stage.startswith(ALIGN_PREFIX):
+      return ()
+    return self.stage_slots[:self.stage_slots.index(self.align_slots(stage)[0])]
+
+  def fusion(self, stage: str) -> str:
+    """How a stage makes its visual tokens: 'residual' (alignment stages; instruct with instruct_fusion='residual')
+    or 'routed' (main; instruct with instruct_fusion='routed')."""
+    if stage == 'instruct':
+      return self.instruct_fusion
+    if stage == 'main':
+      return 'routed'
+    self.align_slots(stage)
+    return 'residual'
+
 
 def splice_visual_tokens(text_embeds: Array, visual: Array, image_mask: Array) -> Array:
   """Replaces the `<image>` placeholders by the visual tokens, in order.
@@ -133,14 +170,6 @@ def splice_visual_tokens(text_embeds: Array, visual: Array, image_mask: Array) -
   index = jnp.clip(jnp.cumsum(image_mask, axis=-1) - 1, 0, visual.shape[1] - 1)  # [B, L]
   gathered = jnp.take_along_axis(visual, index[..., None], axis=1)
   return jnp.where(image_mask[..., None], gathered.astype(text_embeds.dtype), text_embeds)
-
-
-def instruction_mask(segment_ids: Array, image_mask: Array, loss_mask: Array) -> Array:
-  """Input positions that hold the instruction: real tokens (segment_ids > 0) that are neither visual placeholders
-  nor answer tokens. loss_mask[t] marks targets[t] = inputs[t + 1], so input t is an answer token when
-  loss_mask[t - 1] is set. All [B, L] -> bool [B, L]."""
-  answer = jnp.pad(loss_mask[:, :-1].astype(bool), ((0, 0), (1, 0)))
-  return (segment_ids > 0) & ~image_mask.astype(bool) & ~answer
 
 
 class BySlot(nn.Module):
@@ -177,51 +206,76 @@ class Astrea(nn.Module):
           nn.initializers.normal(width**-0.5), ('embed',)), (width,), pdtype)
     self.llm = llama.Llama(cfg.llm, name='llm')
 
-  # --- visual tokens ---
+  # --- visual tokens of single images: images {slot: [M, H, W, 3]} in [0, 1], M images ---
 
   def project(self, slot: str, images: Array) -> Array:
-    """One expert's projected tokens: images [B, H, W, 3] in [0, 1] -> [B, T, D] (the C_i of later stages)."""
+    """One expert's projected tokens: images [M, H, W, 3] in [0, 1] -> [M, T, D] (the C_i of later stages)."""
     tokens = self.experts(slot, images)
     if not self.cfg.train_experts:
       tokens = jax.lax.stop_gradient(tokens)
     return self.projectors(slot, tokens)
 
-  def align_tokens(self, stage: str, images: Mapping[str, Array], cached: Sequence[Array] | None = None, *,
-                   deterministic: bool = True) -> Array:
-    """Visual tokens [B, T, D] of pre-alignment stage `align_<slot>` (Eq. 2-4 with the earlier stages' C_i).
+  def align_tokens(self, stage: str, images: Mapping[str, Array], cached: Array | None = None, *,
+                   deterministic: bool = True, freeze_earlier: bool = True) -> Array:
+    """Visual tokens [M, T, D] of pre-alignment stage `align_<slot>` (Eq. 2-4 with the earlier stages' C_i).
 
-    cached: the frozen projected tokens of the earlier stages in stage order (from the feature cache); None
+    cached: [k, M, T, D] the projected tokens of the k earlier stages in stage order (from the feature cache); None
     recomputes them with the earlier experts and projectors (the `recompute` backend). A group stage
     ('align_a+align_b') gives the mean of its slots' tokens, each attending to the stages before the group.
+    freeze_earlier: the C_i carry no gradient (alignment stages); False lets the earlier projectors learn through
+    them (instruction tuning with residual fusion).
     """
     slots = self.cfg.align_slots(stage)
-    k = self.cfg.stage_slots.index(slots[0])
-    if k and cached is None:
-      cached = [self.project(prev, images[prev]) for prev in self.cfg.stage_slots[:k]]
-    if k and len(cached) != k:
-      raise ValueError(f'stage {stage!r} needs the cached tokens of {k} earlier stage(s), got {len(cached)}')
+    earlier = self.cfg.earlier_slots(stage)
+    if earlier and cached is None:
+      cached = jnp.stack([self.project(prev, images[prev]) for prev in earlier])
+    if earlier and cached.shape[0] != len(earlier):
+      raise ValueError(f'stage {stage!r} needs the cached tokens of {len(earlier)} earlier stage(s), got '
+                       f'{cached.shape[0]}')
     tokens = []
     for slot in slots:
       f = self.project(slot, images[slot])
-      if k:
-        f = self.residual(slot, f, [jax.lax.stop_gradient(c) for c in cached], deterministic=deterministic)
+      if earlier:
+        f = self.residual(slot, f, cached, deterministic=deterministic, freeze_prev=freeze_earlier)
       tokens.append(f)
     return tokens[0] if len(tokens) == 1 else jnp.mean(jnp.stack(tokens), axis=0)
 
   def routed_tokens(self, images: Mapping[str, Array],
                     instruction: Array | None = None) -> tuple[Array, dict[str, Array]]:
-    """Visual tokens [B, T, D] of the instruct and main stages (Eq. 9-10) and the router's logits/probs [B, T, n]."""
-    stacked = jnp.stack([self.project(slot, images[slot]) for slot in self.cfg.slots])  # [n, B, T, D]
+    """Visual tokens [M, T, D] of the routed stages (Eq. 9-10) and the router's logits/probs [M, T, n];
+    instruction [M, D_text] for router_context='visual+text'."""
+    stacked = jnp.stack([self.project(slot, images[slot]) for slot in self.cfg.slots])  # [n, M, T, D]
     return self.mixture(stacked, instruction)
 
-  def visual_tokens(self, stage: str, images: Mapping[str, Array], *, cached: Sequence[Array] | None = None,
-                    instruction: Array | None = None, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
-    """The stage's visual tokens [B, T, D] and auxiliary outputs (router logits/probs in the routed stages)."""
-    if stage in ROUTED_STAGES:
+  def image_tokens(self, stage: str, images: Mapping[str, Array], *, cached: Array | None = None,
+                   instruction: Array | None = None, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+    """The stage's visual tokens [M, T, D] of M single images, and auxiliary outputs (router logits/probs)."""
+    fusion = self.cfg.fusion(stage)
+    if fusion == 'routed':
       if not self.cfg.routed:
         raise ValueError(f'stage {stage!r} routes between experts, but this model has one expert {self.cfg.slots}')
       return self.routed_tokens(images, instruction)
-    return self.align_tokens(stage, images, cached, deterministic=deterministic), {}
+    if stage.startswith(ALIGN_PREFIX):
+      return self.align_tokens(stage, images, cached, deterministic=deterministic), {}
+    # instruction tuning with residual fusion: the last alignment stage, every earlier stage attended to, trainable
+    return self.align_tokens(self.cfg.stages[-1], images, None, deterministic=True, freeze_earlier=False), {}
+
+  # --- visual tokens of rows: images {slot: [B, N, H, W, 3]}, N image slots per row ---
+
+  def visual_tokens(self, stage: str, images: Mapping[str, Array], *, cached: Array | None = None,
+                    instruction: Array | None = None, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+    """Visual tokens [B, N, T, D] of every image slot of every row, and aux ({'logits', 'probs'} [B, N, T, n] in the
+    routed stages). images {slot: [B, N, H, W, 3]}; cached [k, B, N, T, D]; instruction [B, N, D_text] (the router's
+    text context of each image). Empty slots (image id -1) are computed like the others; the caller masks them."""
+    b, n = next(iter(images.values())).shape[:2]
+    flat = {slot: x.reshape(b * n, *x.shape[2:]) for slot, x in images.items()}
+    if cached is not None:
+      cached = cached.reshape(cached.shape[0], b * n, *cached.shape[3:])
+    if instruction is not None:
+      instruction = instruction.reshape(b * n, instruction.shape[-1])
+    tokens, aux = self.image_tokens(stage, flat, cached=cached, instruction=instruction, deterministic=deterministic)
+    unflat = lambda x: x.reshape(b, n, *x.shape[1:])
+    return unflat(tokens), {k: unflat(v) for k, v in aux.items()}
 
   def anyres_tokens(self, tiles: Array, image_size: tuple[int, int]) -> Array:
     """AnyRes visual tokens of one image: tiles [1 + n, tile, tile, 3] in [0, 1] (base first) -> [N, D]."""
@@ -233,19 +287,22 @@ class Astrea(nn.Module):
   # --- MoCo heads (main stage) ---
 
   def image_embedding(self, visual: Array) -> Array:
-    """Pooled, L2-normalised embedding of visual tokens [B, T, D] -> [B, contrastive_dim] (the image query)."""
-    return self.heads('image', visual)
+    """Pooled, L2-normalised embedding of each image's visual tokens [..., T, D] -> [..., contrastive_dim]."""
+    return self.heads('image', visual.reshape(-1, *visual.shape[-2:])).reshape(*visual.shape[:-2], -1)
 
   def text_embedding(self, text_embeds: Array, mask: Array) -> Array:
-    """Pooled, L2-normalised embedding of text embeddings [B, L, D] where mask [B, L] -> [B, contrastive_dim]."""
-    return self.heads('text', text_embeds, mask)
+    """Pooled, L2-normalised embedding of text embeddings [..., L, D] where mask [..., L] -> [..., contrastive_dim]."""
+    flat = self.heads('text', text_embeds.reshape(-1, *text_embeds.shape[-2:]), mask.reshape(-1, mask.shape[-1]))
+    return flat.reshape(*text_embeds.shape[:-2], -1)
 
   def pooled_instruction(self, tokens: Array, mask: Array) -> Array:
     """The router's text context ('visual+text'): the mean input embedding of the instruction tokens.
-    tokens [B, L], mask [B, L] (`instruction_mask`) -> [B, D]."""
+    tokens [B, L], mask [B, ..., L] (the tokens of the instruction being answered; e.g. [B, N, L], one per image
+    slot) -> [B, ..., D]."""
     embeds = self.embed_tokens(tokens).astype(jnp.float32)
-    weights = mask.astype(jnp.float32)[..., None]
-    return (embeds * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
+    weights = mask.astype(jnp.float32)
+    pooled = jnp.einsum('b...l,bld->b...d', weights, embeds)
+    return pooled / jnp.maximum(weights.sum(axis=-1), 1.0)[..., None]
 
   # --- the language model ---
 
@@ -253,24 +310,29 @@ class Astrea(nn.Module):
     return self.llm.embed(tokens)
 
   def prompt_embeddings(self, tokens: Array, visual: Array, image_mask: Array) -> Array:
-    """Token ids [B, L] with `<image>` placeholders (image_mask) -> LLM input embeddings [B, L, D]."""
-    return splice_visual_tokens(self.embed_tokens(tokens), visual, image_mask)
+    """Token ids [B, L] with `<image>` placeholders (image_mask) -> LLM input embeddings [B, L, D]; visual
+    [B, N, T, D] (or [B, N*T, D]) fills the placeholders in order: image 0's T tokens, then image 1's, ..."""
+    return splice_visual_tokens(self.embed_tokens(tokens), visual.reshape(visual.shape[0], -1, visual.shape[-1]),
+                                image_mask)
 
   def __call__(self, tokens: Array, images: Mapping[str, Array], image_mask: Array, *, stage: str,
-               attention_mask: Array | None = None, cached: Sequence[Array] | None = None,
-               instruction: Array | None = None, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
-    """(logits [B, L, V] fp32, aux) for a batch: tokens [B, L] with placeholders, images {slot: [B, H, W, 3]}."""
+               attention_mask: Array | None = None, segment_ids: Array | None = None,
+               positions: Array | None = None, cached: Array | None = None, instruction: Array | None = None,
+               deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+    """(logits [B, L, V] fp32, aux) for a batch: tokens [B, L] with placeholders, images {slot: [B, N, H, W, 3]};
+    packed rows pass segment_ids (and positions) [B, L] instead of attention_mask. aux['visual']: [B, N, T, D]."""
     visual, aux = self.visual_tokens(stage, images, cached=cached, instruction=instruction,
                                      deterministic=deterministic)
     logits, _ = self.llm(inputs_embeds=self.prompt_embeddings(tokens, visual, image_mask),
-                         attention_mask=attention_mask)
+                         attention_mask=attention_mask, segment_ids=segment_ids, positions=positions)
     return logits, dict(aux, visual=visual)
 
   def init_all(self, images: Mapping[str, Array], tokens: Array) -> None:
-    """Touches every submodule so that `init` creates all parameters (use `Astrea.init(..., method=...)`)."""
-    for stage in [ALIGN_PREFIX + s for s in self.cfg.stage_slots]:
+    """Touches every submodule so that `init` creates all parameters (use `Astrea.init(..., method=...)`);
+    images {slot: [M, H, W, 3]}."""
+    for stage in self.cfg.stages:
       visual = self.align_tokens(stage, images)
-    embeds = self.prompt_embeddings(tokens, visual, jnp.zeros(tokens.shape, jnp.bool_))
+    embeds = self.prompt_embeddings(tokens, visual[:, None], jnp.zeros(tokens.shape, jnp.bool_))
     if self.cfg.routed:
       instruction = None
       if self.cfg.router_context == 'visual+text':

@@ -15,8 +15,9 @@ stages `C_i^j` (i < k, from the feature cache or recomputed), which form the que
   of Eq. 2), and the heads are concatenated and mixed by an output projection `o_proj` (D -> D), as in the standard
   multi-head attention `Concat(head_1..head_h) W^O` (torch's `nn.MultiheadAttention.out_proj`). Without it the heads
   could not exchange information and every output coordinate would be a convex combination of one head's values.
-- `C_i^j` are frozen: gradients are stopped on them, so training reaches only this stage's projector (through
-  `f_kj`) and this module's parameters.
+- `C_i^j` are frozen in the alignment stages: gradients are stopped on them, so training reaches only this stage's
+  projector (through `f_kj`) and this module's parameters. `freeze_prev=False` lets gradients flow into them
+  (instruction tuning with residual fusion trains every projector).
 - `residual_add` (off by default, the paper's Eq. 2 has no skip) returns `f_kj + attention` instead.
 
 Parameters: {q,k,v}_proj/kernel [embed, q_heads|kv_heads] (heads x head_dim flattened), o_proj/kernel [q_heads, embed],
@@ -84,7 +85,7 @@ class ResidualAttention(nn.Module):
 
   @nn.compact
   def __call__(self, f: Array, prev: Array | Sequence[Array], *, deterministic: bool,
-               gates: Array | None = None) -> Array:
+               gates: Array | None = None, freeze_prev: bool = True) -> Array:
     prev = stack_stages(prev, f)
     num_prev, (batch, _, width) = prev.shape[0], f.shape
     if num_prev == 0:
@@ -96,7 +97,8 @@ class ResidualAttention(nn.Module):
     if gates is None:
       gates = (jnp.ones((num_prev, batch), jnp.float32) if deterministic else
                residual_gates(self.make_rng('residual'), self.prob, num_prev, batch))
-    prev = jax.lax.stop_gradient(prev)
+    if freeze_prev:
+      prev = jax.lax.stop_gradient(prev)
 
     def project(x, name, names):
       return dense(width, names, self.dtype, self.param_dtype, name)(x)

@@ -26,18 +26,23 @@ class BadRecordError(ValueError):
     super().__init__(problem if source is None else f'{source} record {index}: {problem}')
 
   def at(self, source: str, index: int) -> BadRecordError:
+    """This error located at record `index` of `source` (an error already located keeps its place)."""
+    if self.source is not None:
+      return self
     return BadRecordError(self.problem, source, index)
 
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-  """A record ready to tokenise: its turns and decoded images (RGB uint8 [H, W, 3]) with their ids."""
+  """A record ready to tokenise: its turns and decoded images (RGB uint8 [H, W, 3]) with their ids, and a caption per
+  image (the text side of the momentum contrast)."""
   source: str
   index: int
   id: str
   turns: tuple[Turn, ...]
   images: tuple[np.ndarray, ...]
   image_ids: tuple[int, ...]
+  captions: tuple[str, ...] = ()
 
 
 def check_turns(turns: Sequence[Turn]) -> None:
@@ -100,3 +105,34 @@ def check_placeholders(turns: Sequence[Turn], num_images: int) -> None:
   found = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
   if found != num_images:
     raise BadRecordError(f'{found} {IMAGE_PLACEHOLDER} placeholders for {num_images} images; expected one each')
+
+
+def record_captions(record: dict, turns: Sequence[Turn], num_images: int) -> tuple[str, ...]:
+  """One caption per image for the momentum contrast: the record's "caption" (a string for every image, or a list
+  with one per image), else its first answer (a caption in LLaVA's pre-training records)."""
+  caption = record.get('caption')
+  if caption is None:
+    return (turns[1][1],) * num_images
+  if isinstance(caption, str):
+    return (caption,) * num_images
+  if isinstance(caption, list) and len(caption) == num_images and all(isinstance(c, str) for c in caption):
+    return tuple(caption)
+  raise BadRecordError(f'"caption" is {caption!r:.80}; expected a string or a list of {num_images} strings')
+
+
+def count_exchanges(record: Any) -> int:
+  """Question-answer exchanges of a parsed record, 1 for anything malformed (the checks report that when read)."""
+  conversations = record.get('conversations') if isinstance(record, dict) else None
+  return max(len(conversations) // 2, 1) if isinstance(conversations, list) else 1
+
+
+def one_exchange(sample: Sample, exchange: int) -> Sample:
+  """The sample reduced to its `exchange`-th question and answer. The images the conversation had shown before that
+  question are placed in front of it (`<image>` placeholders), as the model saw them when it answered."""
+  if not 0 <= exchange < len(sample.turns) // 2:
+    raise BadRecordError(f'exchange {exchange} of a conversation with {len(sample.turns) // 2} exchanges')
+  (_, question), answer = sample.turns[2 * exchange], sample.turns[2 * exchange + 1]
+  shown = sum(text.count(IMAGE_PLACEHOLDER) for _, text in sample.turns[:2 * exchange])
+  if shown:
+    question = f'{IMAGE_PLACEHOLDER}\n' * shown + question
+  return dataclasses.replace(sample, turns=((HUMAN, question), answer))

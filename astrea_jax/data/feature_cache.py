@@ -15,11 +15,17 @@ Layout (one tensorstore key-value store rooted at `directory`: a local path, or 
 Image ids are dense integers in [0, num_images): the shapes dataset's record index, a LLaVA file's image number.
 A size to plan for: 558k images x 576 tokens x D 5120 in bfloat16 is 3.3 TB per slot (5.9 MB per chunk file).
 
+Fingerprints. Each slot's marker stores the fingerprint its writer gave (what produced the tokens: the producing
+expert's and projector's parameters, the data source, the preprocessing; the trainer computes it). A slot is
+*current* for a fingerprint when it is complete with that fingerprint (`is_current`); a complete slot with another
+fingerprint, shape or dtype is *stale*: `create` rebuilds it (on_stale='rebuild', logging a warning) or raises
+(on_stale='error'). Readers check `is_current` first; a stale slot is never read.
+
 Protocol. Every process calls `create`, `write` (its own rows; any number of calls) and `finalize` in step:
-  create    every process reads the marker. A complete slot of the same shape and dtype is reused (returns False:
-            nothing to write, `finalize` is then a no-op); of another shape or dtype it is an error. Otherwise
-            (absent, or left incomplete by a killed run) process 0 deletes whatever is there and creates the array,
-            then all meet at a barrier and open it (returns True).
+  create    every process reads the marker. A current slot (same shape, dtype and fingerprint) is reused (returns
+            False: nothing to write, `finalize` is then a no-op); a stale one is rebuilt or refused (above).
+            Otherwise (absent, stale and rebuilt, or left incomplete by a killed run) process 0 deletes whatever is
+            there and creates the array, then all meet at a barrier and open it (returns True).
   write     one indexed tensorstore write per call; this object records the ids it wrote.
   finalize  each process stores its written-ids bitmap; barrier; every process reads all bitmaps and checks that
             every id in [0, num_images) was written (so all raise the same error, none hangs at the next barrier);
@@ -32,8 +38,8 @@ Reads take any integer id array (repeats, any order; -1 = an empty image slot ->
 slot: of the ids as given when they are distinct (tensorstore fills the rows in that order), else of the sorted unique
 ids (each chunk read once), gathered back; -1 rows are zero-filled around them.
 
-A complete slot is never changed by this class (`create` reuses or refuses it); delete its folder to rebuild it.
-Nothing guards against two runs writing one directory at the same time.
+A current slot is never changed by this class. Nothing guards against two runs writing one directory at the same
+time.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import tensorstore as ts
+from absl import logging
 
 FORMAT_VERSION = 1
 MARKER_KEY = 'astrea_complete.json'
@@ -144,9 +151,9 @@ def written_key(process_index: int) -> str:
 
 
 def marker_json(slot: str, shape: Sequence[int], dtype: str, written_per_process: Sequence[int],
-                rows_written: int) -> dict:
+                rows_written: int, fingerprint: str = '') -> dict:
   """The completion marker of a slot."""
-  return {'format_version': FORMAT_VERSION, 'slot': slot, 'num_images': int(shape[0]),
+  return {'format_version': FORMAT_VERSION, 'slot': slot, 'num_images': int(shape[0]), 'fingerprint': fingerprint,
           'shape': [int(s) for s in shape], 'dtype': dtype, 'zarr_format': 2, 'chunks': [1, *map(int, shape[1:])],
           'rows_written': int(rows_written), 'process_count': len(written_per_process),
           'rows_written_per_process': [int(n) for n in written_per_process]}
@@ -188,6 +195,7 @@ class FeatureStore:
     self._arrays: dict[str, ts.TensorStore] = {}   # opened arrays, by slot
     self._written: dict[str, np.ndarray] = {}      # slot created by this object -> bool [N] ids this process wrote
     self._complete: dict[str, dict] = {}           # slot known complete -> its marker
+    self._fingerprints: dict[str, str] = {}        # slot created by this object -> the fingerprint it will carry
 
   # --- naming ---
 
@@ -220,6 +228,11 @@ class FeatureStore:
   def is_complete(self, slot: str) -> bool:
     """Whether every process finalized the slot (its completion marker exists)."""
     return slot in self._complete or self._read_marker(slot) is not None
+
+  def is_current(self, slot: str, fingerprint: str) -> bool:
+    """Whether the slot is complete and was written with `fingerprint` (what produced its tokens)."""
+    marker = self._complete.get(slot) or self._read_marker(slot)
+    return marker is not None and marker.get('fingerprint', '') == fingerprint
 
   def _require_complete(self, slot: str) -> dict:
     if slot not in self._complete:
@@ -255,29 +268,38 @@ class FeatureStore:
 
   # --- writing ---
 
-  def create(self, slot: str, num_images: int, num_tokens: int, width: int, dtype: str = 'float32') -> bool:
+  def create(self, slot: str, num_images: int, num_tokens: int, width: int, dtype: str = 'float32', *,
+             fingerprint: str = '', on_stale: str = 'error') -> bool:
     """Makes `slot` an empty array [num_images, num_tokens, width] (every process calls it).
 
-    Returns False when a complete slot of that shape and dtype exists (a resumed run reuses it: nothing to write),
-    True when the slot was (re)created and must be written and finalized. An incomplete slot is recreated from
-    scratch; a complete one of another shape or dtype is an error.
+    Returns False when the slot is current (complete with this shape, dtype and fingerprint: a resumed run reuses it,
+    nothing to write), True when the slot was (re)created and must be written and finalized. An incomplete slot is
+    recreated from scratch; a stale one (complete, but another shape, dtype or fingerprint) is rebuilt when
+    on_stale='rebuild' and an error when on_stale='error'.
     """
     where = self._where(check_slot_name(slot))
     shape = [int(num_images), int(num_tokens), int(width)]
     if min(shape) < 1:
       raise FeatureCacheError(f'{where}: num_images, num_tokens, width must be >= 1, got {shape}')
     check_dtype(dtype)
+    if on_stale not in ('rebuild', 'error'):
+      raise FeatureCacheError(f"{where}: on_stale={on_stale!r}; expected 'rebuild' or 'error'")
     marker = self._read_marker(slot)
     self._arrays.pop(slot, None)
     self._complete.pop(slot, None)
     self._written.pop(slot, None)
     if marker is not None:
-      if (list(marker['shape']), marker['dtype']) != (shape, dtype):
-        raise FeatureCacheError(
-            f'{where} is complete with {marker["dtype"]} {marker["shape"]}, asked to create {dtype} {shape}; '
-            'point train.feature_cache_dir at another folder or delete this slot folder to rebuild it')
-      self._complete[slot] = marker
-      return False
+      stored = (list(marker['shape']), marker['dtype'], marker.get('fingerprint', ''))
+      if stored == (shape, dtype, fingerprint):
+        self._complete[slot] = marker
+        return False
+      problem = (f'{where} was written by something else: it holds {stored[1]} {stored[0]} with fingerprint '
+                 f'{stored[2] or "(none)"}, this run needs {dtype} {shape} with fingerprint {fingerprint or "(none)"}')
+      if on_stale == 'error':
+        raise FeatureCacheError(f'{problem} (other parameters, data or preprocessing); its features are not read. '
+                                "Delete the slot folder, point train.feature_cache_dir elsewhere, or set "
+                                "train.feature_cache_reuse='rebuild'")
+      logging.warning('feature cache: %s; rebuilding it', problem)
     if self.process_index == 0:
       self._slot_store(slot).delete_range(ts.KvStore.KeyRange()).result()
       ts.open(self._array_spec(slot), create=True, dtype=ts.dtype(dtype), shape=shape, context=self._context,
@@ -287,6 +309,7 @@ class FeatureStore:
     self._arrays[slot] = ts.open(self._array_spec(slot), open=True, read=True, write=True,
                                  context=self._context).result()
     self._written[slot] = np.zeros(shape[0], bool)
+    self._fingerprints[slot] = fingerprint
     return True
 
   def _writable(self, slot: str) -> tuple[ts.TensorStore, np.ndarray]:
@@ -343,7 +366,8 @@ class FeatureStore:
       missing = np.flatnonzero(~union)
       raise FeatureCacheError(f'{where}: no process wrote image ids {name_ids(missing)} of [0, {union.size}); '
                               'write the features of every image before finalize')
-    marker = marker_json(slot, array.shape, array.dtype.name, per_process, int(union.sum()))
+    marker = marker_json(slot, array.shape, array.dtype.name, per_process, int(union.sum()),
+                         self._fingerprints.get(slot, ''))
     if self.process_index == 0:
       store.write(MARKER_KEY, json.dumps(marker, indent=2, sort_keys=True).encode()).result()
     self._barrier(f'feature_cache_complete_{slot}')

@@ -1,7 +1,8 @@
 """Reading images safely and preparing one input per vision expert.
 
-Every expert has its own input size and normalisation constants (`config.data.experts`): SigLIP-style experts use
-mean = std = 0.5, ImageNet-trained ones the ImageNet statistics. An image is made square (padded with the expert's
+Every expert has its own input size and normalisation constants (`config.data.experts`; empty mean/std = its
+family's, `config.model.experts.<slot>.family`: SigLIP 0.5 / 0.5, CLIP's statistics, ImageNet's for DINOv2, Swin,
+SAM2 and Grounding DINO). An image is made square (padded with the expert's
 mean colour as in LLaVA-1.5, or stretched), resized with bicubic filtering and scaled to [0, 1]. The normalisation
 `(x - mean) / std` is the expert's own (`astrea_jax.models.expert.preprocess`), so that the model is the same
 function of an image in training, evaluation and export; here the mean only sets the padding colour.
@@ -17,10 +18,8 @@ import numpy as np
 from PIL import Image
 
 from astrea_jax.data.conversation import BadRecordError
+from astrea_jax.models.expert import normalization
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 SQUARE_MODES = ('pad', 'resize')
 
 
@@ -33,14 +32,20 @@ class ExpertImage:
   std: tuple[float, float, float]
 
 
-def experts_from_config(experts: Mapping[str, Mapping], names: Sequence[str] | None = None) -> tuple[ExpertImage, ...]:
-  """`config.data.experts` (all of them, or those in `names`, in that order) as ExpertImage specs."""
+def experts_from_config(experts: Mapping[str, Mapping], families: Mapping[str, str],
+                        names: Sequence[str] | None = None) -> tuple[ExpertImage, ...]:
+  """`config.data.experts` (all of them, or those in `names`, in that order) as ExpertImage specs; an empty mean or
+  std is the family's (`families`: slot -> `config.model.experts.<slot>.family`)."""
   names = list(experts) if names is None else list(names)
-  missing = [n for n in names if n not in experts]
+  missing = [n for n in names if n not in experts or n not in families]
   if missing:
-    raise KeyError(f'config.data.experts has no {missing}; it has {sorted(experts)}')
-  return tuple(ExpertImage(n, int(experts[n]['image_size']), tuple(map(float, experts[n]['mean'])),
-                           tuple(map(float, experts[n]['std']))) for n in names)
+    raise KeyError(f'config.data.experts / config.model.experts have no {missing}; they have {sorted(experts)} / '
+                   f'{sorted(families)}')
+  specs = []
+  for n in names:
+    mean, std = normalization(families[n], experts[n]['mean'], experts[n]['std'])
+    specs.append(ExpertImage(n, int(experts[n]['image_size']), tuple(map(float, mean)), tuple(map(float, std))))
+  return tuple(specs)
 
 
 def resolve_image_path(image_root: str, path: str) -> str:

@@ -108,6 +108,7 @@ class ExampleEncoder:
   experts: tuple[images.ExpertImage, ...]
   square_mode: str
   skip_bad: bool
+  caption_len: int = 0  # > 0: each image's caption as tokens ('captions', 'caption_mask'), MoCo's text side
 
   def __call__(self, indexed: tuple[int, Any]) -> dict[str, Any] | Dropped:
     index, raw = indexed
@@ -140,6 +141,14 @@ class ExampleEncoder:
     example['image_ids'] = np.asarray(sample.image_ids[:kept], np.int32)
     for name, pixels in images.expert_inputs(sample.images[:kept], self.experts, self.square_mode).items():
       example[sequence.IMAGE_PREFIX + name] = pixels
+    if self.caption_len:
+      if len(sample.captions) < kept:
+        raise BadRecordError(f'{len(sample.captions)} captions for {kept} images; the main stage contrasts each '
+                             'image with its caption')
+      pairs = [templates.caption_tokens(tok.backend, self.template, c, self.caption_len, tok.pad_id)
+               for c in sample.captions[:kept]]
+      example['captions'] = np.asarray([ids for ids, _ in pairs], np.int32).reshape(kept, self.caption_len)
+      example['caption_mask'] = np.asarray([m for _, m in pairs], np.int32).reshape(kept, self.caption_len)
     example['num_truncated'] = int(truncated)
     return example
 
@@ -178,11 +187,17 @@ class HostBlocks(grain.MapDataset):
     return f'HostBlocks(block={self._block}, index={self._index}, count={self._count})'
 
 
-class _DropIterator(grain.DatasetIterator):
-  """Drops `Dropped` markers; each example kept carries, per drop counter, the markers dropped just before it."""
+class DroppedEverythingError(ValueError):
+  """A run of consecutive records was dropped: the data cannot make a batch (names the source and the reasons)."""
 
-  def __init__(self, parent: grain.DatasetIterator):
+
+class _DropIterator(grain.DatasetIterator):
+  """Drops `Dropped` markers; each example kept carries, per drop counter, the markers dropped just before it. More
+  than `max_run` markers in a row stop the pipeline (`DroppedEverythingError`) instead of reading forever."""
+
+  def __init__(self, parent: grain.DatasetIterator, source: str, max_run: int):
     super().__init__(parent)
+    self._source, self._max_run = source, max_run
     self._pending = {'num_skipped': 0, 'num_too_long': 0}
 
   def __next__(self) -> dict[str, Any]:
@@ -190,6 +205,12 @@ class _DropIterator(grain.DatasetIterator):
       element = next(self._parent)
       if isinstance(element, Dropped):
         self._pending[element.counter] += 1
+        if sum(self._pending.values()) >= self._max_run:
+          raise DroppedEverythingError(
+              f'{self._source}: the last {sum(self._pending.values())} records were all dropped '
+              f'({self._pending["num_skipped"]} bad records skipped, {self._pending["num_too_long"]} with no answer '
+              f'token within config.data.seq_len); the last one: {element.reason}. Fix the data or config.data '
+              '(seq_len, on_bad_record); config.data.max_consecutive_drops sets this limit')
         continue
       element.update(self._pending)
       self._pending = dict.fromkeys(self._pending, 0)
@@ -205,8 +226,12 @@ class _DropIterator(grain.DatasetIterator):
 
 class _Drop(grain.IterDataset):
 
+  def __init__(self, parent: grain.IterDataset, source: str, max_run: int):
+    super().__init__(parent)
+    self._source, self._max_run = source, max_run
+
   def __iter__(self) -> _DropIterator:
-    return _DropIterator(self._parent.__iter__())
+    return _DropIterator(self._parent.__iter__(), self._source, self._max_run)
 
 
 class DataIterator(grain.DatasetIterator):
@@ -271,9 +296,9 @@ def _packed_row(packed: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pack(ds: grain.IterDataset, experts: Sequence[str], seq_len: int, max_images: int, pad_id: int, rows: int,
-          seed: int) -> grain.IterDataset:
+          seed: int, slot_fields: Sequence[str]) -> grain.IterDataset:
   """First-fit packing into `rows` bins at a time: token fields up to seq_len, image slots up to max_images."""
-  lengths = sequence.packing_lengths(experts, seq_len, max_images)
+  lengths = sequence.packing_lengths(experts, seq_len, max_images, slot_fields)
   padding = {k: pad_id if k == 'inputs' else -1 if k == 'image_ids' else None for k in lengths}
   packed = grain.experimental.FirstFitPackIterDataset(ds, length_struct=lengths, num_packing_bins=rows, seed=seed,
                                                       shuffle_bins=True, meta_features=COUNTERS,
@@ -291,14 +316,16 @@ def local_batch_size(global_batch_size: int, shard_count: int) -> int:
 def make_dataset(config, stage: str, split: str = 'train', *, tokenizer_dir: str,
                  shard_options: grain.sharding.ShardOptions | None = None, shuffle: bool | None = None,
                  num_epochs: int | None = None, batch_size: int | None = None,
-                 experts: Sequence[str] | None = None) -> grain.IterDataset:
+                 experts: Sequence[str] | None = None, single_turn: bool = False,
+                 caption_len: int = 0) -> grain.IterDataset:
   """The host-batch pipeline of one stage and split; `iter()` of it is a `DataIterator`.
 
   shard_options default to `grain.sharding.ShardByJaxProcess()` (this process of jax.process_count(); tests simulate
   hosts with explicit `ShardOptions(shard_index, shard_count)`); shuffle defaults to split == 'train';
   num_epochs to config.data.num_epochs for 'train' (0 = forever) and 1 otherwise; batch_size (per host) to
-  train.global_batch_size / shard_count; experts to all of config.data.experts. A batch holds the row fields of
-  `astrea_jax.data.sequence` with a leading [batch_size] axis.
+  train.global_batch_size / shard_count; experts to all of config.data.experts. single_turn: one example per
+  question-answer exchange (`sources.SingleTurnSource`); caption_len > 0 adds each image's caption tokens (MoCo's
+  text side). A batch holds the row fields of `astrea_jax.data.sequence` with a leading [batch_size] axis.
   """
   data = config.data
   shard = shard_options or grain.sharding.ShardByJaxProcess()
@@ -315,22 +342,27 @@ def make_dataset(config, stage: str, split: str = 'train', *, tokenizer_dir: str
     raise ValueError(f'tokenizer {tokenizer_dir} has {tok.size} tokens, more than config.llm.vocab_size='
                      f'{config.llm.vocab_size}')
 
-  source, decoder, name = sources.open_source(data, stage, split)
+  source, decoder, name = sources.open_source(data, stage, split, single_turn=single_turn)
   if len(source) == 0:
     raise ValueError(f'{name}: no records')
   encoder = ExampleEncoder(source=name, decoder=decoder, tokenizer_dir=tokenizer_dir, template=template,
                            seq_len=data.seq_len, visual_tokens=data.visual_tokens, max_images=data.max_images,
-                           experts=images.experts_from_config(data.experts, experts), square_mode=data.image_square,
-                           skip_bad=data.on_bad_record == 'skip')
+                           experts=images.experts_from_config(
+                               data.experts, {slot: e.family for slot, e in config.model.experts.items()}, experts),
+                           square_mode=data.image_square,
+                           skip_bad=data.on_bad_record == 'skip', caption_len=caption_len)
   seed = config.train.seed
   ds = grain.MapDataset.source(source).map_with_index(WithRecordIndex(len(source)))
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = HostBlocks(ds.repeat(num_epochs), batch_size, shard.shard_index, shard.shard_count).map(encoder)
   it = _Drop(ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
-                                                  prefetch_buffer_size=2 * batch_size)))
+                                                  prefetch_buffer_size=2 * batch_size)),
+             name, data.max_consecutive_drops)
   if data.packing:
-    it = _pack(it, [e.name for e in encoder.experts], data.seq_len, data.max_images, tok.pad_id, batch_size, seed)
+    slot_fields = ('image_ids', 'captions', 'caption_mask') if caption_len else ('image_ids',)
+    it = _pack(it, [e.name for e in encoder.experts], data.seq_len, data.max_images, tok.pad_id, batch_size, seed,
+               slot_fields)
   else:
     it = it.map(PadRow(data.seq_len, data.max_images, tok.pad_id))
   it = it.batch(batch_size, drop_remainder=True)

@@ -1,14 +1,17 @@
 """From a tokenised conversation to fixed-length training rows: truncation, next-token shift, padding, packing.
 
 A row holds (all [L] unless noted):
-  inputs      token ids fed to the model (visual-token positions hold the image token id)
-  targets     the next token at each position
-  loss_mask   1 where the target is an answer token (Eq. 1), else 0
-  segment_ids 1, 2, ... per example packed into the row, 0 on padding
-  positions   position of each token within its example, 0 on padding
-  image_mask  1 at the positions the visual tokens fill (`visual_tokens` per image, in image order)
-  image_ids   [N] the id of the image in each of the N image slots, -1 for an empty slot
-  images      {expert: [N, S, S, 3] float32} each expert's input for each slot (zeros when empty)
+  inputs            token ids fed to the model (visual-token positions hold the image token id)
+  targets           the next token at each position
+  loss_mask         1 where the target is an answer token (Eq. 1), else 0
+  segment_ids       1, 2, ... per example packed into the row, 0 on padding
+  positions         position of each token within its example, 0 on padding
+  image_mask        1 at the positions the visual tokens fill (`visual_tokens` per image, in image order)
+  instruction_mask  1 at the tokens of each example's (first) user message: the router's text context
+  image_ids         [N] the id of the image in each of the N image slots, -1 for an empty slot
+  image_segment_ids [N] the segment (example) each image slot belongs to, 0 for an empty slot
+  images            {expert: [N, S, S, 3] float32} each expert's input for each slot (zeros when empty)
+  captions, caption_mask  [N, Lc] (main stage) the caption of each image as tokens: MoCo's text side (Eq. 5-7)
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import numpy as np
 
 from astrea_jax.data.templates import TokenizedConversation
 
-TOKEN_FIELDS = ('inputs', 'targets', 'loss_mask', 'image_mask')
+TOKEN_FIELDS = ('inputs', 'targets', 'loss_mask', 'image_mask', 'instruction_mask')
 IMAGE_PREFIX = 'images/'  # flat key prefix of the per-expert image arrays inside the pipeline
+SLOT_FIELDS = ('image_ids', 'captions', 'caption_mask')  # per image slot (besides the images), when present
 
 
 def image_block_starts(image_mask: np.ndarray) -> np.ndarray:
@@ -38,7 +42,8 @@ def truncate(tokens: TokenizedConversation, seq_len: int) -> tuple[TokenizedConv
   image = tokens.image_mask
   if image[seq_len - 1] and image[seq_len]:  # the last input position is inside an image that goes on
     keep = int(image_block_starts(image[:seq_len])[-1]) + 1
-  return TokenizedConversation(tokens.ids[:keep], tokens.target_mask[:keep], tokens.image_mask[:keep]), True
+  return TokenizedConversation(tokens.ids[:keep], tokens.target_mask[:keep], tokens.image_mask[:keep],
+                               tokens.instruction_mask[:keep]), True
 
 
 def next_token_fields(tokens: TokenizedConversation) -> dict[str, np.ndarray]:
@@ -49,6 +54,7 @@ def next_token_fields(tokens: TokenizedConversation) -> dict[str, np.ndarray]:
       'targets': tokens.ids[1:].astype(np.int32),
       'loss_mask': tokens.target_mask[1:].astype(np.int32),
       'image_mask': tokens.image_mask[:-1].astype(np.int32),
+      'instruction_mask': tokens.instruction_mask[:-1].astype(np.int32),
   }
 
 
@@ -63,29 +69,33 @@ def pad_row(example: Mapping[str, np.ndarray], seq_len: int, max_images: int, pa
   row['segment_ids'] = (np.arange(seq_len) < n).astype(np.int32)
   row['positions'] = np.where(row['segment_ids'] > 0, np.arange(seq_len), 0).astype(np.int32)
   k = len(example['image_ids'])
-  row['image_ids'] = np.full(max_images, -1, np.int32)
-  row['image_ids'][:k] = example['image_ids']
+  row['image_segment_ids'] = (np.arange(max_images) < k).astype(np.int32)
   for key, value in example.items():
-    if key.startswith(IMAGE_PREFIX):
-      row[key] = np.zeros((max_images, *value.shape[1:]), np.float32)
+    if key.startswith(IMAGE_PREFIX) or key in SLOT_FIELDS:
+      fill = -1 if key == 'image_ids' else 0
+      row[key] = np.full((max_images, *np.shape(value)[1:]), fill, np.asarray(value).dtype)
       row[key][:k] = value
   return row
 
 
-def packing_lengths(experts: Sequence[str], seq_len: int, max_images: int) -> dict[str, int]:
-  """grain packing's length_struct: seq_len for the token fields, max_images for the image slots."""
+def packing_lengths(experts: Sequence[str], seq_len: int, max_images: int,
+                    slot_fields: Sequence[str] = ('image_ids',)) -> dict[str, int]:
+  """grain packing's length_struct: seq_len for the token fields, max_images for the image slots' fields."""
   lengths = dict.fromkeys(TOKEN_FIELDS, seq_len)
-  lengths.update(dict.fromkeys(['image_ids'] + [IMAGE_PREFIX + e for e in experts], max_images))
+  lengths.update(dict.fromkeys(list(slot_fields) + [IMAGE_PREFIX + e for e in experts], max_images))
   return lengths
 
 
 def row_from_packed(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """A row of grain's first-fit packing -> the row layout of `pad_row` (segment ids and positions from 'inputs')."""
-  row = {key: packed[key] for key in TOKEN_FIELDS + ('image_ids',)}
+  """A row of grain's first-fit packing -> the row layout of `pad_row` (segment ids and positions from 'inputs',
+  the image slots' segments from 'image_ids')."""
+  row = {key: packed[key] for key in TOKEN_FIELDS}
   row['segment_ids'] = packed['inputs_segment_ids']
   row['positions'] = packed['inputs_positions']
+  row['image_segment_ids'] = packed['image_ids_segment_ids']
   row.update({key: value for key, value in packed.items()
-              if key.startswith(IMAGE_PREFIX) and not key.endswith(('_segment_ids', '_positions'))})
+              if (key.startswith(IMAGE_PREFIX) or key in SLOT_FIELDS)
+              and not key.endswith(('_segment_ids', '_positions'))})
   return row
 
 

@@ -14,6 +14,7 @@ streams). Reading goes through `tfds.data_sources` (random access, no TensorFlow
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -127,6 +128,16 @@ def data_source(dataset_dir: str, split: str, *, with_segmentation: bool = True)
     raise ValueError(f'unknown split {split!r} of the shapes dataset; expected one of {SPLITS}')
   decoders = None if with_segmentation else {'segmentation': tfds.decode.SkipDecoding()}
   return tfds.builder_from_directory(dataset_dir).as_data_source(split=split, decoders=decoders)
+
+
+@functools.lru_cache(maxsize=None)
+def vqa_counts(dataset_dir: str, split: str) -> np.ndarray:
+  """[num scenes] the number of VQA pairs of each scene of a split (images left undecoded; cached per process)."""
+  skip = {'image': tfds.decode.SkipDecoding(), 'segmentation': tfds.decode.SkipDecoding()}
+  source = tfds.builder_from_directory(dataset_dir).as_data_source(split=split, decoders=skip)
+  counts = np.asarray([len(source[i]['vqa']['type']) for i in range(len(source))], np.int64)
+  counts.flags.writeable = False
+  return counts
 
 
 def _text(value: Any) -> str:

@@ -49,10 +49,10 @@ def _json_error(path: str, text: str, pos: int, problem: str) -> ValueError:
 def _index_json_array(path: str, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   decoder = json.JSONDecoder()
   pos = _WHITESPACE.match(text, 0).end() + 1  # past '['
-  starts, ends, counts = [], [], []
+  starts, ends, counts, exchanges = [], [], [], []
   pos = _WHITESPACE.match(text, pos).end()
   if text.startswith(']', pos):
-    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return tuple(np.zeros(0, np.int64) for _ in range(4))
   while True:
     try:
       record, end = decoder.raw_decode(text, pos)
@@ -61,6 +61,7 @@ def _index_json_array(path: str, text: str) -> tuple[np.ndarray, np.ndarray, np.
     starts.append(pos)
     ends.append(end)
     counts.append(conversation.count_images(record))
+    exchanges.append(conversation.count_exchanges(record))
     pos = _WHITESPACE.match(text, end).end()
     if text.startswith(']', pos):
       break
@@ -68,27 +69,30 @@ def _index_json_array(path: str, text: str) -> tuple[np.ndarray, np.ndarray, np.
       raise _json_error(path, text, pos, "expected ',' or ']' after a record")
     pos = _WHITESPACE.match(text, pos + 1).end()
   starts_b, ends_b = _byte_offsets(text, starts), _byte_offsets(text, ends)
-  return starts_b, ends_b - starts_b, np.asarray(counts, np.int64)
+  return starts_b, ends_b - starts_b, np.asarray(counts, np.int64), np.asarray(exchanges, np.int64)
 
 
-def _index_jsonl(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  starts, lengths, counts = [], [], []
+def _index_jsonl(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  starts, lengths, counts, exchanges = [], [], [], []
   pos = 0
   for line in data.split(b'\n'):
     if line.strip():
       starts.append(pos)
       lengths.append(len(line))
       try:
-        counts.append(conversation.count_images(json.loads(line)))
+        record = json.loads(line)
       except ValueError:
-        counts.append(0)  # reported as a bad record when read
+        record = None  # reported as a bad record when read
+      counts.append(conversation.count_images(record))
+      exchanges.append(conversation.count_exchanges(record))
     pos += len(line) + 1
-  return np.asarray(starts, np.int64), np.asarray(lengths, np.int64), np.asarray(counts, np.int64)
+  return tuple(np.asarray(x, np.int64) for x in (starts, lengths, counts, exchanges))
 
 
-def index_json(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(byte offset, byte length, number of images) of every record of a JSON array or JSONL (one record a line;
-  blank lines ignored) file. A JSON array must parse as a whole; a bad JSONL line is left to the reader."""
+def index_json(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(byte offset, byte length, number of images, number of exchanges) of every record of a JSON array or JSONL (one
+  record a line; blank lines ignored) file. A JSON array must parse as a whole; a bad JSONL line is left to the
+  reader."""
   with open(path, 'rb') as f:
     data = f.read()
   try:
@@ -107,7 +111,7 @@ class JsonRecords:
     if not os.path.isfile(path):
       raise FileNotFoundError(f'conversation file {path} does not exist')
     self.path = path
-    self.offsets, self.lengths, self.image_counts = index_json(path)
+    self.offsets, self.lengths, self.image_counts, self.exchange_counts = index_json(path)
 
   def __len__(self) -> int:
     return len(self.offsets)
@@ -142,7 +146,8 @@ class LlavaDecoder:
     pixels = tuple(images.load_image(images.resolve_image_path(self.image_root, p)) for p in paths)
     first = int(self.first_image_ids[index])
     return Sample(source=source, index=index, id=str(record.get('id', index)), turns=turns, images=pixels,
-                  image_ids=tuple(range(first, first + len(paths))))
+                  image_ids=tuple(range(first, first + len(paths))),
+                  captions=conversation.record_captions(record, turns, len(paths)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,16 +161,68 @@ class ShapesDecoder:
     annotations = shapes_tfds.annotations_from_record(record)
     turns = stage_targets.stage_conversation(self.stage, annotations, self.align_order)
     return Sample(source=source, index=index, id=record['id'].decode('utf-8'), turns=turns,
-                  images=(np.asarray(record['image'], np.uint8),), image_ids=(index,))
+                  images=(np.asarray(record['image'], np.uint8),), image_ids=(index,),
+                  captions=(annotations.captions[0],))
 
 
-def open_source(data_config: Mapping[str, Any], stage: str, split: str) -> tuple[Any, Any, str]:
-  """(grain random-access source, its decoder, the source's name for messages) for a stage's split."""
+class SingleTurnSource:
+  """Random access over the exchanges of a source's records: item k -> (record index, exchange, raw record), the
+  records' exchanges in order. Rows made from it hold one question and its answer, so that the router's text
+  context is the instruction being answered (`config.single_turn_rows`)."""
+
+  def __init__(self, source, exchange_counts: np.ndarray):
+    self._source = source
+    counts = np.asarray(exchange_counts, np.int64)
+    if len(counts) != len(source) or (counts < 1).any():
+      raise ValueError(f'{source}: expected one exchange count >= 1 per record ({len(source)}), got {len(counts)}')
+    self._records = np.repeat(np.arange(len(counts)), counts)
+    self._exchanges = np.arange(len(self._records)) - np.repeat(np.cumsum(counts) - counts, counts)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, k: int) -> tuple[int, int, Any]:
+    record = int(self._records[k])
+    return record, int(self._exchanges[k]), self._source[record]
+
+  def __repr__(self) -> str:
+    return f'SingleTurnSource({self._source!r}, {len(self)} exchanges)'
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleTurnDecoder:
+  """(record index, exchange, raw record) -> the record's Sample reduced to that exchange (`one_exchange`); errors
+  name the record."""
+  decoder: Any
+
+  def __call__(self, source: str, index: int, item: tuple[int, int, Any]) -> Sample:
+    record, exchange, raw = item
+    try:
+      return conversation.one_exchange(self.decoder(source, record, raw), exchange)
+    except BadRecordError as e:
+      raise e.at(source, record) from None
+
+
+def shapes_exchange_counts(dataset_dir: str, split: str, stage: str) -> np.ndarray:
+  """Exchanges per scene of a shapes split in a routed stage: its VQA pairs, plus the caption request in `main`."""
+  from astrea_jax.data import shapes_tfds
+  counts = shapes_tfds.vqa_counts(dataset_dir, split)
+  return counts + 1 if stage == 'main' else counts
+
+
+def open_source(data_config: Mapping[str, Any], stage: str, split: str, *,
+                single_turn: bool = False) -> tuple[Any, Any, str]:
+  """(grain random-access source, its decoder, the source's name for messages) for a stage's split; single_turn:
+  one item per question-answer exchange (`SingleTurnSource`)."""
   if data_config['dataset'] == 'shapes':
     from astrea_jax.data import shapes_tfds
     dataset_dir = shapes_tfds.prepare(data_config['shapes'])
-    decoder = ShapesDecoder(stage, tuple(data_config['align_order']))
-    return shapes_tfds.data_source(dataset_dir, split, with_segmentation=False), decoder, f'{dataset_dir} [{split}]'
+    source = shapes_tfds.data_source(dataset_dir, split, with_segmentation=False)
+    decoder, name = ShapesDecoder(stage, tuple(data_config['align_order'])), f'{dataset_dir} [{split}]'
+    if single_turn:
+      return (SingleTurnSource(source, shapes_exchange_counts(dataset_dir, split, stage)), SingleTurnDecoder(decoder),
+              name)
+    return source, decoder, name
   if data_config['dataset'] != 'llava':
     raise ValueError(f"config.data.dataset={data_config['dataset']!r}: expected 'shapes' or 'llava'")
   pattern = data_config['files'][stage]
@@ -175,4 +232,7 @@ def open_source(data_config: Mapping[str, Any], stage: str, split: str) -> tuple
   path = pattern.replace('{split}', split)
   records = JsonRecords(path)
   image_root = data_config['image_root'] or os.path.dirname(os.path.abspath(path))
-  return records, LlavaDecoder(image_root, records.first_image_ids()), path
+  decoder = LlavaDecoder(image_root, records.first_image_ids())
+  if single_turn:
+    return SingleTurnSource(records, records.exchange_counts), SingleTurnDecoder(decoder), path
+  return records, decoder, path

@@ -10,7 +10,11 @@ The loss covers each answer and the end-of-turn marker after it ("{a}</s>", "{a}
 model learns to answer and to stop, never to write the user's turns. The text between `<image>` placeholders is
 tokenised in one piece (so BPE merges match what the model sees at inference) and each token is marked as a target
 from its character offsets. Every `<image>` becomes `visual_tokens` positions that the model fills with visual
-tokens."""
+tokens. The tokens of the first user message (its text without the `<image>` placeholders) are marked as the
+instruction: the router's text context ('visual+text'), the same span in training rows and evaluation prompts.
+
+`caption_tokens` gives the text side of the momentum contrast (Eq. 5-7): a caption's tokens as an answer, with the
+end marker, in training and in the retrieval evaluation alike."""
 
 from __future__ import annotations
 
@@ -52,10 +56,12 @@ TEMPLATES = {
 @dataclasses.dataclass(frozen=True)
 class TokenizedConversation:
   """ids [T] int32 (image positions hold `image_token_id`), target_mask [T] bool (answer tokens, Eq. 1),
-  image_mask [T] bool (positions the visual tokens fill, `visual_tokens` per image in order)."""
+  image_mask [T] bool (positions the visual tokens fill, `visual_tokens` per image in order), instruction_mask [T]
+  bool (the first user message's text tokens)."""
   ids: np.ndarray
   target_mask: np.ndarray
   image_mask: np.ndarray
+  instruction_mask: np.ndarray
 
 
 def get_template(name: str) -> ChatTemplate:
@@ -64,19 +70,36 @@ def get_template(name: str) -> ChatTemplate:
   return TEMPLATES[name]
 
 
-def render(template: ChatTemplate, turns: Sequence[Turn]) -> tuple[str, list[tuple[int, int]]]:
-  """(the conversation as text, the [start, end) character spans of the answers with their end-of-turn marker)."""
-  parts, spans, length = [template.system], [], len(template.system)
+def text_spans(text: str, start: int) -> list[tuple[int, int]]:
+  """The [start, end) character spans of `text` (placed at `start`) between its `<image>` placeholders, each with its
+  surrounding whitespace trimmed; empty pieces give no span."""
+  spans, offset = [], start
+  for piece in text.split(IMAGE_PLACEHOLDER):
+    stripped = piece.strip()
+    if stripped:
+      first = offset + piece.index(stripped)
+      spans.append((first, first + len(stripped)))
+    offset += len(piece) + len(IMAGE_PLACEHOLDER)
+  return spans
+
+
+def render(template: ChatTemplate,
+           turns: Sequence[Turn]) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+  """(the conversation as text, the [start, end) character spans of the answers with their end-of-turn marker, the
+  spans of the first user message's text)."""
+  parts, spans, instruction, length = [template.system], [], [], len(template.system)
   for role, text in turns:
     if role == GPT:
       piece = text + template.answer_suffix
       spans.append((length, length + len(piece)))
       piece += template.turn_separator
     else:
+      if not instruction:
+        instruction = text_spans(text, length + len(template.user_prefix))
       piece = template.user_prefix + text + template.user_suffix
     parts.append(piece)
     length += len(piece)
-  return ''.join(parts), spans
+  return ''.join(parts), spans, instruction
 
 
 def check_special_tokens(tokenizer, template: ChatTemplate, where: str) -> None:
@@ -89,7 +112,10 @@ def check_special_tokens(tokenizer, template: ChatTemplate, where: str) -> None:
 
 
 def _mark_targets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
-  """Eq. 1's mask over tokens [T] bool: a token is a target if its characters overlap an answer span."""
+  """A mask over tokens [T] bool: a token is marked if its characters overlap one of the spans (Eq. 1's answers, or
+  the instruction)."""
+  if not spans:
+    return np.zeros(len(offsets), bool)
   o = np.asarray(offsets, np.int64).reshape(-1, 2)
   s = np.asarray(spans, np.int64).reshape(1, -1, 2)
   starts, ends = o[:, :1], np.maximum(o[:, 1:], o[:, :1] + 1)
@@ -104,22 +130,35 @@ def tokenize_conversation(tokenizer, template: ChatTemplate, turns: Sequence[Tur
   The text between `<image>` placeholders is tokenised piece by piece, as LLaVA does, and each placeholder becomes
   `visual_tokens` copies of `image_token_id`. BOS is prepended when the template asks for it and bos_id is given.
   """
-  text, spans = render(template, turns)
-  ids, target, image = [], [], []
+  text, spans, instruction_spans = render(template, turns)
+  ids, target, image, instruction = [], [], [], []
   if template.add_bos and bos_id is not None:
-    ids, target, image = [bos_id], [False], [False]
+    ids, target, image, instruction = [bos_id], [False], [False], [False]
   start = 0
   pieces = text.split(IMAGE_PLACEHOLDER)
   for k, piece in enumerate(pieces):
     if piece:
       encoding = tokenizer.encode(piece, add_special_tokens=False)
+      offsets = [(start + a, start + b) for a, b in encoding.offsets]
       ids.extend(encoding.ids)
-      target.extend(_mark_targets([(start + a, start + b) for a, b in encoding.offsets], spans))
+      target.extend(_mark_targets(offsets, spans))
+      instruction.extend(_mark_targets(offsets, instruction_spans))
       image.extend([False] * len(encoding.ids))
     start += len(piece)
     if k < len(pieces) - 1:
       ids.extend([image_token_id] * visual_tokens)
-      target.extend([False] * visual_tokens)
-      image.extend([True] * visual_tokens)
+      for mask, value in ((target, False), (image, True), (instruction, False)):
+        mask.extend([value] * visual_tokens)
       start += len(IMAGE_PLACEHOLDER)
-  return TokenizedConversation(np.asarray(ids, np.int32), np.asarray(target, bool), np.asarray(image, bool))
+  return TokenizedConversation(np.asarray(ids, np.int32), np.asarray(target, bool), np.asarray(image, bool),
+                               np.asarray(instruction, bool))
+
+
+def caption_tokens(tokenizer, template: ChatTemplate, caption: str, length: int, pad_id: int) -> tuple[np.ndarray,
+                                                                                                         np.ndarray]:
+  """The text side of the momentum contrast (Eq. 5-7): the caption's tokens followed by the answer's end marker (how
+  an answer ends in a conversation), cut or padded to `length`. -> (ids [length] int32, mask [length] bool)."""
+  encoded = tokenizer.encode(caption + template.answer_suffix, add_special_tokens=False).ids[:length]
+  ids = np.full(length, pad_id, np.int32)
+  ids[:len(encoded)] = encoded
+  return ids, np.arange(length) < len(encoded)

@@ -12,15 +12,15 @@ task type (the paper's Fig. 2).
   the train split (`majority_answers`), scored in the same way.
 - Retrieval (models with a router, `cfg.routed`): the image embedding is `image_embedding` of the routed visual tokens
   given the caption prompt "<image>\ncaption" (the alignment stages' caption instruction), the text embedding is
-  `text_embedding` of the input embeddings of the scene's first caption as the answer tokens of that prompt (the
-  tokens of the caption and the end marker, as the main stage embeds its answers for Eq. 5-7). R@1 in both
-  directions over the N scenes (`recall_at_1`), next to chance 1/N.
+  `text_embedding` of the scene's first caption as `templates.caption_tokens` gives it (the caption's tokens and the
+  end marker, exactly as the main stage embeds each image's caption for Eq. 5-7). R@1 in both directions over the N
+  scenes (`recall_at_1`), next to chance 1/N.
 - Router (routed stages): the router probabilities P (Eq. 9) averaged over the visual tokens of each prompt, then
   over the prompts of each task type (each VQA type, and 'caption' for the caption prompt) -> [tasks x experts],
   each row summing to one, written to eval.json and drawn as router.png. With `router_context='visual+text'` the
-  router sees the pooled embedding of the prompt's instruction tokens (everything but the visual tokens), as in the
-  train step (which pools every question of a scene's multi-turn conversation; here a prompt holds one question);
-  with 'visual' the rows differ only through the scenes each type covers.
+  router sees the pooled embedding of the prompt's instruction tokens (the question's text, `instruction_mask`), the
+  same span the train step pools (its routed rows hold one question each); with 'visual' the rows differ only
+  through the scenes each type covers.
 
 All prompts are left-padded to one length and every batch to `config.eval.batch_size` rows (the last one repeats
 its final prompt), so that the prompt encoder, the prefill and the decode loop each compile once. Process 0 writes
@@ -55,7 +55,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from astrea_jax.astrea.model import ROUTED_STAGES, Astrea, AstreaConfig, instruction_mask
+from astrea_jax.astrea.model import ROUTED_STAGES, Astrea, AstreaConfig
+from astrea_jax import config as config_lib
 from astrea_jax.data import images as images_lib
 from astrea_jax.data import pipeline, shapes_tfds, stage_targets, templates
 from astrea_jax.data.conversation import GPT, HUMAN, IMAGE_PLACEHOLDER
@@ -202,11 +203,13 @@ def mean_by_task(tasks: Sequence[str], values: np.ndarray, order: Sequence[str] 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
   """One prompt: its scene (index among the evaluated scenes), task (a VQA type or 'caption'), tokens [L] with the
-  visual-token positions in image_mask [L], and for VQA the question and answer."""
+  visual-token positions in image_mask [L] and the instruction's in instruction_mask [L], and for VQA the question
+  and answer."""
   scene: int
   task: str
   ids: np.ndarray
   image_mask: np.ndarray
+  instruction_mask: np.ndarray
   question: str = ''
   answer: str = ''
 
@@ -225,20 +228,12 @@ def prompt_tokens(tok: pipeline.TokenizerInfo, template: templates.ChatTemplate,
                                          bos_id=tok.bos_id)
 
 
-def answer_token_ids(tok: pipeline.TokenizerInfo, template: templates.ChatTemplate, prompt: str, answer: str,
-                     visual_tokens: int) -> np.ndarray:
-  """The answer's tokens (with the end marker) as the train step sees them after the prompt (Eq. 1's targets)."""
-  tokens = templates.tokenize_conversation(tok.backend, template, [(HUMAN, prompt), (GPT, answer)],
-                                           visual_tokens=visual_tokens, image_token_id=tok.image_token_id,
-                                           bos_id=tok.bos_id)
-  return tokens.ids[tokens.target_mask]
-
-
-def left_pad_prompts(prompts: Sequence[Prompt], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(ids, mask, image_mask), each [M, P] with P the longest prompt, every prompt right-aligned."""
+def left_pad_prompts(prompts: Sequence[Prompt], pad_id: int) -> tuple[np.ndarray, ...]:
+  """(ids, mask, image_mask, instruction_mask), each [M, P] with P the longest prompt, every prompt right-aligned."""
   ids, mask = generate.left_pad([p.ids for p in prompts], pad_id)
   image_mask, _ = generate.left_pad([p.image_mask.astype(np.int32) for p in prompts], 0)
-  return ids, mask, image_mask.astype(bool)
+  instruction, _ = generate.left_pad([p.instruction_mask.astype(np.int32) for p in prompts], 0)
+  return ids, mask, image_mask.astype(bool), instruction.astype(bool)
 
 
 def batch_indices(num_rows: int, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
@@ -254,12 +249,13 @@ def batch_indices(num_rows: int, batch_size: int) -> Iterator[tuple[np.ndarray, 
 class Encoders:
   """Jitted functions of (params, ...) for one model and stage.
 
-  prompt_inputs(params, ids, mask, image_mask, images) -> (LLM input embeddings [B, P, D], router P per prompt
-    averaged over the visual tokens [B, n] ([B, 0] outside the routed stages));
-  caption_outputs(params, ids, mask, image_mask, images) -> (image embeddings [B, d] of the routed visual tokens,
-    router P per prompt [B, n]);
-  text_embeddings(params, ids, mask) -> [B, d].
-  ids, mask, image_mask [B, P] (left-padded prompts), images {slot: [B, S, S, 3]} in [0, 1].
+  prompt_inputs(params, ids, image_mask, instruction_mask, images) -> (LLM input embeddings [B, P, D], router P per
+    prompt averaged over the visual tokens [B, n] ([B, 0] outside the routed stages));
+  caption_outputs(params, ids, image_mask, instruction_mask, images) -> (image embeddings [B, d] of the routed visual
+    tokens, router P per prompt [B, n]);
+  text_embeddings(params, ids, mask) -> [B, d] (caption tokens, `templates.caption_tokens`).
+  ids, image_mask, instruction_mask [B, P] (left-padded prompts), images {slot: [B, S, S, 3]} in [0, 1] (one image
+  per prompt).
   """
   prompt_inputs: Any
   caption_outputs: Any
@@ -269,26 +265,27 @@ class Encoders:
 def make_encoders(model: Astrea, stage: str) -> Encoders:
   """The `Encoders` of a model evaluated at `stage`; the router context follows the train step."""
 
-  def visual(params, stage, ids, mask, image_mask, images):
+  def visual(params, stage, ids, instruction_mask, images):
     variables = {'params': params}
     instruction = None
-    if stage in ROUTED_STAGES and model.cfg.router_context == 'visual+text':
-      text = instruction_mask(mask.astype(jnp.int32), image_mask, jnp.zeros(mask.shape, jnp.int32))
-      instruction = model.apply(variables, ids, text, method=Astrea.pooled_instruction)
-    tokens, aux = model.apply(variables, stage, images, instruction=instruction, method=Astrea.visual_tokens)
-    probs = aux['probs'].mean(axis=1) if 'probs' in aux else jnp.zeros((ids.shape[0], 0), jnp.float32)
+    if model.cfg.fusion(stage) == 'routed' and model.cfg.router_context == 'visual+text':
+      instruction = model.apply(variables, ids, instruction_mask[:, None, :], method=Astrea.pooled_instruction)
+    rows = {slot: x[:, None] for slot, x in images.items()}  # one image slot per prompt
+    tokens, aux = model.apply(variables, stage, rows, instruction=instruction, method=Astrea.visual_tokens)
+    probs = aux['probs'].mean(axis=(1, 2)) if 'probs' in aux else jnp.zeros((ids.shape[0], 0), jnp.float32)
     return tokens, probs
 
   @jax.jit
-  def prompt_inputs(params, ids, mask, image_mask, images):
-    tokens, probs = visual(params, stage, ids, mask, image_mask, images)
+  def prompt_inputs(params, ids, image_mask, instruction_mask, images):
+    tokens, probs = visual(params, stage, ids, instruction_mask, images)
     embeds = model.apply({'params': params}, ids, tokens, image_mask, method=Astrea.prompt_embeddings)
     return embeds, probs
 
   @jax.jit
-  def caption_outputs(params, ids, mask, image_mask, images):
-    tokens, probs = visual(params, ROUTED_STAGES[-1], ids, mask, image_mask, images)
-    return model.apply({'params': params}, tokens, method=Astrea.image_embedding), probs
+  def caption_outputs(params, ids, image_mask, instruction_mask, images):
+    del image_mask
+    tokens, probs = visual(params, ROUTED_STAGES[-1], ids, instruction_mask, images)
+    return model.apply({'params': params}, tokens[:, 0], method=Astrea.image_embedding), probs
 
   @jax.jit
   def text_embeddings(params, ids, mask):
@@ -371,19 +368,20 @@ def _train_majority(dataset_dir: str) -> tuple[dict[str, str], int]:
 
 @dataclasses.dataclass(frozen=True)
 class _Batcher:
-  """The model inputs of a batch of prompt rows: (ids, mask, image_mask) [B, P] and each expert's input of the rows'
-  scenes {slot: [B, S, S, 3]}, prepared per batch so that host memory stays bounded at any image size."""
+  """The model inputs of a batch of prompt rows: (ids, mask, image_mask, instruction_mask) [B, P] and each expert's
+  input of the rows' scenes {slot: [B, S, S, 3]}, prepared per batch so that host memory stays bounded at any image
+  size."""
   prompts: Sequence[Prompt]
-  padded: tuple[np.ndarray, np.ndarray, np.ndarray]
+  padded: tuple[np.ndarray, ...]
   scene_images: Sequence[np.ndarray]
   experts: tuple[images_lib.ExpertImage, ...]
   square_mode: str
 
   def __call__(self, rows: np.ndarray):
-    ids, mask, image_mask = (x[rows] for x in self.padded)
+    ids, mask, image_mask, instruction_mask = (x[rows] for x in self.padded)
     pixels = images_lib.expert_inputs([self.scene_images[self.prompts[r].scene] for r in rows], self.experts,
                                       self.square_mode)
-    return ids, mask, image_mask, pixels
+    return ids, mask, image_mask, instruction_mask, pixels
 
 
 def vqa_report(prompts: Sequence[Prompt], predictions: Sequence[str], majority: Mapping[str, str],
@@ -421,10 +419,12 @@ def _build_prompts(tok: pipeline.TokenizerInfo, template: templates.ChatTemplate
   for s, ann in enumerate(annotations):
     for pair in ann.vqa:
       tokens = prompt_tokens(tok, template, f'{IMAGE_PLACEHOLDER}\n{pair.question}', visual_tokens)
-      prompts.append(Prompt(s, pair.type, tokens.ids, tokens.image_mask, pair.question, pair.answer))
+      prompts.append(Prompt(s, pair.type, tokens.ids, tokens.image_mask, tokens.instruction_mask, pair.question,
+                            pair.answer))
   if with_captions:
     caption = prompt_tokens(tok, template, CAPTION_PROMPT, visual_tokens)
-    prompts += [Prompt(s, CAPTION_TASK, caption.ids, caption.image_mask) for s in range(len(annotations))]
+    prompts += [Prompt(s, CAPTION_TASK, caption.ids, caption.image_mask, caption.instruction_mask)
+                for s in range(len(annotations))]
   return prompts
 
 
@@ -449,7 +449,8 @@ def evaluate(config: ml_collections.ConfigDict, cfg: AstreaConfig, params: Any, 
   vqa_prompts = [p for p in prompts if p.task != CAPTION_TASK]
   padded = left_pad_prompts(prompts, tok.pad_id)
   batch_inputs = _Batcher(prompts, padded, scene_images,
-                          images_lib.experts_from_config(config.data.experts, cfg.slots), config.data.image_square)
+                          images_lib.experts_from_config(config.data.experts, config_lib.expert_families(config),
+                                                         cfg.slots), config.data.image_square)
   encoders = make_encoders(Astrea(cfg), stage)
   logging.info('eval: %d scenes of the %s split, %d VQA prompts of %d tokens, stage %s', len(annotations),
                config.eval.split, len(vqa_prompts), padded[0].shape[1], stage)
@@ -457,8 +458,8 @@ def evaluate(config: ml_collections.ConfigDict, cfg: AstreaConfig, params: Any, 
   predictions, probs = [], []
   num_batches = -(-len(vqa_prompts) // batch_size)
   for k, (rows, real) in enumerate(batch_indices(len(vqa_prompts), batch_size)):
-    ids, mask, image_mask, pixels = batch_inputs(rows)
-    embeds, batch_probs = encoders.prompt_inputs(params, ids, mask, image_mask, pixels)
+    ids, mask, image_mask, instruction_mask, pixels = batch_inputs(rows)
+    embeds, batch_probs = encoders.prompt_inputs(params, ids, image_mask, instruction_mask, pixels)
     out = generate.generate_from_inputs(cfg.llm, params['llm'], embeds, mask, config.eval.max_new_tokens,
                                         eos_id=eos_id, pad_id=tok.pad_id)
     predictions += [answer_text(tok.backend.decode(row, skip_special_tokens=False), end_marker)
@@ -473,12 +474,14 @@ def evaluate(config: ml_collections.ConfigDict, cfg: AstreaConfig, params: Any, 
   if cfg.routed:
     image_emb = []
     for rows, real in batch_indices(len(annotations), batch_size):
-      emb, batch_probs = encoders.caption_outputs(params, *batch_inputs(rows + len(vqa_prompts)))
+      ids, _, image_mask, instruction_mask, pixels = batch_inputs(rows + len(vqa_prompts))
+      emb, batch_probs = encoders.caption_outputs(params, ids, image_mask, instruction_mask, pixels)
       image_emb.append(np.asarray(emb)[:real])
       if routed_stage:
         probs.append(np.asarray(batch_probs)[:real])
-    texts = [answer_token_ids(tok, template, CAPTION_PROMPT, ann.captions[0], visual_tokens) for ann in annotations]
-    text_ids, text_mask = generate.left_pad(texts, tok.pad_id)
+    texts = [templates.caption_tokens(tok.backend, template, ann.captions[0], config.moco.caption_len, tok.pad_id)
+             for ann in annotations]
+    text_ids, text_mask = np.stack([t for t, _ in texts]), np.stack([m for _, m in texts])
     text_emb = [np.asarray(encoders.text_embeddings(params, text_ids[rows], text_mask[rows]))[:real]
                 for rows, real in batch_indices(len(texts), batch_size)]
     r1 = recall_at_1(np.concatenate(image_emb), np.concatenate(text_emb))

@@ -50,12 +50,21 @@ Array = jax.Array
 SLOTS = ('caption', 'classification', 'detection', 'segmentation')
 FEATURE_SELECTS = ('default', 'full')
 
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # (image_mean, image_std) of the image processors each family was trained with.
 NORMALIZATION = {
     'siglip': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     'clip': ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    'dinov2': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    'dinov2': IMAGENET, 'swin': IMAGENET, 'ram_plus': IMAGENET, 'sam2': IMAGENET, 'grounding_dino': IMAGENET,
 }
+
+
+def normalization(family: str, mean: Sequence[float] = (), std: Sequence[float] = ()) -> tuple[tuple, tuple]:
+  """(mean, std) of an expert: the given values, or where they are empty the family's processor statistics."""
+  if family not in NORMALIZATION:
+    raise ValueError(f'unknown expert family {family!r}; expected one of {sorted(NORMALIZATION)}')
+  default_mean, default_std = NORMALIZATION[family]
+  return tuple(mean) or default_mean, tuple(std) or default_std
 
 
 @flax.struct.dataclass

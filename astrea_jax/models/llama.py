@@ -158,6 +158,27 @@ def causal_padding_mask(q_slots: Array, kv_valid: Array) -> Array:
   return (causal & kv_valid[:, None, :])[:, None, None]
 
 
+def packed_causal_mask(segment_ids: Array) -> Array:
+  """Block-diagonal causal mask [B, 1, 1, L, L] of packed rows: a token sees the earlier tokens of its own segment.
+
+  segment_ids [B, L]: 1, 2, ... per example packed into the row, 0 on padding (a padding query sees nothing and
+  gets the uniform fallback of `grouped_query_attention`; its output is never used).
+  """
+  slots = jnp.arange(segment_ids.shape[-1])
+  causal = slots[None, :] <= slots[:, None]  # [L, S]
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, L, S]
+  return (causal[None] & same & (segment_ids[:, None, :] > 0))[:, None, None]
+
+
+def segment_positions(segment_ids: Array) -> Array:
+  """RoPE positions restarting at 0 in every segment of a packed row: segment_ids [B, L] -> [B, L] int32."""
+  l = segment_ids.shape[-1]
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], jnp.bool_),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=-1)
+  start_index = jax.lax.cummax(jnp.where(starts, jnp.arange(l), 0), axis=1)
+  return (jnp.arange(l) - start_index).astype(jnp.int32)
+
+
 def grouped_query_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """Softmax attention with kv heads shared by groups of query heads.
 
@@ -259,8 +280,10 @@ class Llama(nn.Module):
 
   `__call__(tokens | inputs_embeds, ...) -> (logits [B, L, V] fp32, cache)`. Either token ids or input embeddings
   (from `embed`, with visual tokens spliced in) are given. Without a cache, `attention_mask` [B, L] marks real tokens
-  (default all) and positions count real tokens. With a cache (`init_cache`), the L new tokens are written at
-  `cache['index']` and attend to every valid earlier slot.
+  (default all) and positions count real tokens; or `segment_ids` [B, L] (packed rows: 1, 2, ... per example, 0 on
+  padding) make attention block-diagonal and causal inside each segment, with positions restarting per segment
+  (`positions` overrides them, e.g. the data pipeline's). With a cache (`init_cache`), the L new tokens are written
+  at `cache['index']` and attend to every valid earlier slot.
   """
   cfg: LlamaConfig
 
@@ -286,17 +309,24 @@ class Llama(nn.Module):
 
   def __call__(self, tokens: Array | None = None, *, inputs_embeds: Array | None = None,
                attention_mask: Array | None = None, positions: Array | None = None,
-               cache: dict | None = None) -> tuple[Array, dict | None]:
+               segment_ids: Array | None = None, cache: dict | None = None) -> tuple[Array, dict | None]:
     cfg = self.cfg
     if (tokens is None) == (inputs_embeds is None):
       raise ValueError('Llama: pass exactly one of tokens [B, L] or inputs_embeds [B, L, E]')
+    if segment_ids is not None and (attention_mask is not None or cache is not None):
+      raise ValueError('Llama: segment_ids (packed rows) replace attention_mask and work without a KV cache')
     x = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(to_dtype(cfg.dtype))
     b, l = x.shape[:2]
     if attention_mask is None:
       attention_mask = jnp.ones((b, l), jnp.bool_)
     attention_mask = attention_mask.astype(jnp.bool_)
 
-    if cache is None:
+    if segment_ids is not None:
+      if positions is None:
+        positions = segment_positions(segment_ids)
+      mask = packed_causal_mask(segment_ids)
+      index, layer_caches = None, None
+    elif cache is None:
       if positions is None:
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
       q_slots = jnp.broadcast_to(jnp.arange(l), (b, l))
@@ -310,7 +340,8 @@ class Llama(nn.Module):
       layer_caches = {'key': cache['key'], 'value': cache['value']}
 
     cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
-    mask = causal_padding_mask(q_slots, kv_valid)
+    if segment_ids is None:
+      mask = causal_padding_mask(q_slots, kv_valid)
     x, new_layer_caches = self.layers(x, layer_caches, cos, sin, mask, index)
     x = self.final_norm(x)
     if cfg.tie_word_embeddings:

@@ -49,6 +49,15 @@ def make_chat_tokenizer(vocab_size: int = 320, corpus: Sequence[str] | None = No
   return tok
 
 
+def perturb(model, scale: float = 0.1) -> None:
+  """Adds N(0, scale) noise to every parameter of a torch model in place (biases and norm scales leave their
+  constant defaults), so that tests see any tensor that is mis-mapped."""
+  import torch
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(scale * torch.randn_like(p))
+
+
 def tiny_llama_hf_config(**overrides: Any):
   """A `transformers.LlamaConfig` small enough for CPU tests (GQA 4:2, 2 layers, vocab 320)."""
   import transformers
@@ -61,12 +70,14 @@ def tiny_llama_hf_config(**overrides: Any):
 
 def make_tiny_llama(out_dir: str, *, seed: int = 0, dtype: str = 'float32', with_tokenizer: bool = True,
                     max_shard_size: str | None = None, **config_overrides: Any) -> str:
-  """Saves a random `LlamaForCausalLM` (and a tokenizer) to out_dir; returns out_dir."""
+  """Saves a random `LlamaForCausalLM` (and a tokenizer) to out_dir; returns out_dir. Every parameter gets noise on
+  top of transformers' init (its RMSNorm scales are all 1 otherwise), so a mis-mapped norm shows in the logits."""
   import torch
   import transformers
 
   torch.manual_seed(seed)
   model = transformers.LlamaForCausalLM(tiny_llama_hf_config(**config_overrides)).eval()
+  perturb(model)
   model = model.to(getattr(torch, dtype))
   os.makedirs(out_dir, exist_ok=True)
   kwargs = {} if max_shard_size is None else {'max_shard_size': max_shard_size}
@@ -114,9 +125,7 @@ def make_tiny_vit(family: str, out_dir: str, *, two_tower: bool = False, seed: i
   vision_cls, _, two_tower_cls, _ = VIT_CLASSES[family]
   cls = getattr(transformers, two_tower_cls if two_tower else vision_cls)
   model = cls(tiny_vit_hf_config(family, two_tower, **config_overrides)).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
+  perturb(model)
   model = model.to(getattr(torch, dtype))
   os.makedirs(out_dir, exist_ok=True)
   model.save_pretrained(out_dir)

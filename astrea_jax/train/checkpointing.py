@@ -14,6 +14,11 @@ numbers a stage's steps after the previous stage's), and each checkpoint names t
 config.checkpoint.max_to_keep newest. The device-to-host copy happens inside `save`, so the state may be donated to
 the next step at once; the files are written by background threads (`wait` blocks until they are). A checkpoint is
 complete once Orbax renames its temporary folder; one killed mid-write is ignored by `latest` and removed.
+
+A complete checkpoint can still be damaged later (a bad disk, a partial copy between clusters): `latest` and
+`restore` then raise `CheckpointDamaged` naming the step, and `set_aside` renames its folder to
+`damaged_<step>_<time>` (kept for inspection; Orbax ignores names that are not steps), so that the next `latest` is
+the newest checkpoint before it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from typing import Any, NamedTuple
 
 import grain
@@ -30,6 +36,23 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint of the run can be used; the message names them."""
+
+
+class CheckpointDamaged(RuntimeError):
+  """Checkpoint `step` exists but does not restore (`cause`: the first line of what failed)."""
+
+  def __init__(self, step: int, cause: str):
+    self.step, self.cause = step, cause
+    super().__init__(f'checkpoint {step} does not restore: {cause}')
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0] if text else ""}'[:300]
 
 
 class Saved(NamedTuple):
@@ -72,8 +95,11 @@ class Checkpointer:
     step = self._manager.latest_step()
     if step is None:
       return None
-    meta = self._manager.restore(step, args=ocp.args.Composite(stage=ocp.args.JsonRestore()))
-    return Saved(step, meta['stage']['stage'])
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(stage=ocp.args.JsonRestore()))
+      return Saved(step, meta['stage']['stage'])
+    except Exception as e:  # Orbax / tensorstore / JSON errors of a damaged folder
+      raise CheckpointDamaged(step, _first_line(e)) from e
 
   def all_steps(self) -> list[int]:
     """Steps of the checkpoints kept, oldest first."""
@@ -100,12 +126,28 @@ class Checkpointer:
             'config': ocp.args.JsonRestore()}
     if data_iter is not None:
       args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # a truncated or missing array file surfaces as a tensorstore / Orbax error
+      raise CheckpointDamaged(step, _first_line(e)) from e
     changes = config_changes(restored['config'], self._config)
     if changes:
       logging.warning('checkpoint: step %d was written with another config; now: %s', step, '; '.join(changes))
     logging.info('checkpoint: restored step %d (stage %s) from %s', step, restored['stage']['stage'], self.directory)
     return restored['state'], restored['stage']['stage']
+
+  def set_aside(self, step: int, cause: str) -> str:
+    """Renames the damaged checkpoint `step` to `damaged_<step>_<time>` in the same folder (process 0; every process
+    calls it) and logs a warning; returns the new name."""
+    name = f'damaged_{step}_{time.strftime("%Y%m%d-%H%M%S")}'
+    logging.warning('checkpoint: step %d in %s does not restore (%s); renamed it to %s and resuming from the newest '
+                    'checkpoint before it', step, self.directory, cause, name)
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(self.directory / name)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
+    self._manager.reload()
+    return f'{step} (now {name}: {cause})'
 
   def wait(self) -> None:
     """Blocks until every save started has been written."""

@@ -459,7 +459,8 @@ def initial_params(expert: nn.Module, head: nn.Module, images: Array, batch: Bat
 
 
 def train_expert(cfg: expert_lib.ExpertConfig, inputs: images_lib.ExpertImage, train: Scenes, validation: Scenes, *,
-                 num_steps: int, batch_size: int, optimizer: ml_collections.ConfigDict, seed: Sequence[int],
+                 num_steps: int, batch_size: int, optimizer: ml_collections.ConfigDict, learning_rate: float,
+                 seed: Sequence[int],
                  square_mode: str = 'pad') -> ExpertResult:
   """Trains one expert on its slot's task (module docstring) and evaluates it on `validation`."""
   if cfg.name not in TASKS:
@@ -471,7 +472,7 @@ def train_expert(cfg: expert_lib.ExpertConfig, inputs: images_lib.ExpertImage, t
   device_targets = jax.tree.map(jnp.asarray, train_targets)
 
   params = initial_params(expert, head, train_images[:1], jax.tree.map(lambda t: t[:1], device_targets), seed)
-  tx = optimizer_lib.make_optimizer(optimizer, num_steps)
+  tx = optimizer_lib.make_optimizer(optimizer, num_steps, learning_rate)
   opt_state = tx.init(params)
 
   def outputs_of(p, images: Array, batch: Batch) -> dict[str, Array]:
@@ -611,13 +612,13 @@ def train_experts(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   _barrier('astrea_jax.train.experts: data prepared')
   dataset_dir = shapes_tfds.prepare(config.data.shapes)
   train, validation = load_scenes(dataset_dir, 'train'), load_scenes(dataset_dir, 'validation')
-  optimizer = ml_collections.ConfigDict(dict(config.optimizer.to_dict(), learning_rate=pretrain.learning_rate))
-  inputs = images_lib.experts_from_config(config.data.experts, model_config.slots)
+  inputs = images_lib.experts_from_config(config.data.experts, config_lib.expert_families(config), model_config.slots)
   params, metrics = {}, {}
   for index, (cfg, expert_inputs_spec) in enumerate(zip(model_config.experts, inputs)):
     start = time.perf_counter()
     result = train_expert(cfg, expert_inputs_spec, train, validation, num_steps=pretrain.num_steps,
-                          batch_size=pretrain.batch_size, optimizer=optimizer, seed=(config.train.seed, index),
+                          batch_size=pretrain.batch_size, optimizer=config.optimizer,
+                          learning_rate=pretrain.learning_rate, seed=(config.train.seed, index),
                           square_mode=config.data.image_square)
     window = min(LOSS_WINDOW, len(result.losses))
     params[cfg.name] = result.params

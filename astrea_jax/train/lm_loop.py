@@ -1,7 +1,7 @@
 """The LLM-only training driver: `astrea_jax.train.lm`'s sharded next-token step in a loop with the run's services,
 resumable Orbax checkpoints, a clean stop on SIGTERM, clu metrics and multi-host input.
 
-  train_and_evaluate(config, workdir) trains until config.train.num_steps; called again with the same workdir (or
+  train_and_evaluate(config, workdir, num_steps=N, learning_rate=LR) trains until step N; called again with the same workdir (or
   after a kill) it continues from the newest checkpoint, and ends with the parameters of a run never interrupted.
 
 Batches are synthetic: row r of the run is the arithmetic progression t_i = (a + b * i) mod vocab (each token follows
@@ -70,18 +70,17 @@ def synthetic_dataset(config: ml_collections.ConfigDict, process_index: int, pro
   return rows.to_iter_dataset(grain.ReadOptions(num_threads=0)).batch(local, drop_remainder=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, num_steps: int, learning_rate: float,
                        extra_hooks: Sequence[Callable[[int], Any]] = ()) -> lm.TrainState:
-  """Trains (or resumes training) to config.train.num_steps; returns the final state. extra_hooks are called after
-  every step with its number, like clu's periodic actions (an evaluation, say)."""
+  """Trains (or resumes training) to `num_steps` with peak `learning_rate`; returns the final state. extra_hooks are
+  called after every step with its number, like clu's periodic actions (an evaluation, say)."""
   config_lib.validate(config)
   mesh = mesh_lib.create_mesh(config.mesh)
   mesh_lib.check_batch_divides(config.train.global_batch_size, dict(mesh.shape))
   rules = config.logical_axis_rules
   model = llama.Llama(config_lib.llm_config(config))
-  num_steps = config.train.num_steps
-  tx = optimizer_lib.make_optimizer(config.optimizer, num_steps)
-  schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_steps)
+  tx = optimizer_lib.make_optimizer(config.optimizer, num_steps, learning_rate)
+  schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_steps, learning_rate)
   init = lm.init_state_fn(model, tx, jax.random.key(config.train.seed), config.data.seq_len)
   abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
   data_iter = iter(synthetic_dataset(config, jax.process_index(), jax.process_count()))

@@ -24,11 +24,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 from typing import Any, Callable, Sequence
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -40,7 +42,6 @@ from astrea_jax.data import pipeline
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
 from astrea_jax.train import checkpointing, metrics, stages, step as step_lib
-from astrea_jax.train import optimizer as optimizer_lib
 
 Array = jax.Array
 
@@ -65,14 +66,41 @@ def plan_stages(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> list[St
   for name in config_lib.run_stages(config):
     if name == config_lib.EXPERTS_STAGE:
       continue
-    st = config.stages[config_lib.stage_kind(name)]
-    if name in ROUTED_STAGES and not cfg.routed:
+    st = config_lib.stage_settings(config, name)
+    if name in ROUTED_STAGES and cfg.fusion(name) == 'routed' and not cfg.routed:
       raise config_lib.ConfigError(f'config.train.stages: stage {name!r} routes between experts, but '
                                    f'config.model.experts has one ({cfg.slots})')
     trainable = tuple(st.trainable) or stages.default_trainable(name, cfg)
     plans.append(StagePlan(name, st.num_steps, offset, st.learning_rate, trainable))
     offset += st.num_steps
   return plans
+
+
+def check_initialisation(config: ml_collections.ConfigDict, cfg: AstreaConfig, plans: Sequence[StagePlan],
+                         abstract: Any) -> None:
+  """A part that starts from random weights and is frozen in a stage before any stage trains it is a ConfigError
+  naming where its weights should come from: the LLM (`init_checkpoint`), each expert (`model.expert_checkpoints.
+  <slot>`, or stage 0 'experts' of the tiny default). `allow_random_init=True` allows it."""
+  if config.allow_random_init:
+    return
+  run = config_lib.run_stages(config)
+  parts = {'llm': ('config.init_checkpoint', bool(config.init_checkpoint))}
+  for slot in cfg.slots:
+    loaded = bool(config.model.expert_checkpoints[slot]) or config_lib.EXPERTS_STAGE in run
+    parts[f'experts/{slot}'] = (f'config.model.expert_checkpoints.{slot}', loaded)
+  flat = flax.traverse_util.flatten_dict(abstract, sep='/')
+  for part, (field, loaded) in parts.items():
+    leaves = [path for path in flat if path.startswith(part + '/')]
+    for plan in plans:
+      if loaded:
+        break
+      labels = flax.traverse_util.flatten_dict(stages.param_labels(abstract, plan.trainable), sep='/')
+      if any(labels[path] == stages.TRAIN for path in leaves):
+        break  # trained before it is ever used frozen
+      raise config_lib.ConfigError(
+          f'{field} is empty: the {part} parameters would start from random weights and stay frozen in stage '
+          f'{plan.name!r}; convert the weights (launch.convert_hf_to_orbax) and set {field}, or set '
+          '--config.allow_random_init=True')
 
 
 def check_run(config: ml_collections.ConfigDict, num_devices: int) -> tuple[AstreaConfig, list[StagePlan]]:
@@ -95,8 +123,8 @@ def check_run(config: ml_collections.ConfigDict, num_devices: int) -> tuple[Astr
     try:
       stages.check_trains_something(plan.name, abstract, plan.trainable)
     except ValueError as e:
-      kind = config_lib.stage_kind(plan.name)
-      raise config_lib.ConfigError(f'config.stages.{kind}.trainable: {e}') from e
+      raise config_lib.ConfigError(f'config.stages.{config_lib.settings_name(plan.name)}.trainable: {e}') from e
+  check_initialisation(config, cfg, plans, abstract)
   return cfg, plans
 
 
@@ -205,8 +233,12 @@ def load_expert_checkpoint(config, cfg: AstreaConfig, slot: str, path: str, mesh
   numerics = dict(dtype=cfg.llm.dtype, param_dtype=cfg.llm.param_dtype, remat_policy=cfg.llm.remat_policy)
   _, loaded = expert_lib.load_vit_expert(path, slot, mesh, rules, model_overrides=numerics)
   backbone = dict(loaded['backbone'])
+  # What the checkpoint has and the expert does not use: SigLIP's attention-pooling head (the expert passes on the
+  # patch tokens, not the pooled one) and DINOv2's mask token (nothing is masked).
   if 'head' in backbone and 'head' not in current['backbone']:
-    del backbone['head']  # SigLIP's attention-pooling head: the expert passes on the patch tokens, not the pooled one
+    del backbone['head']
+  if 'mask_token' in backbone.get('embed', {}) and 'mask_token' not in current['backbone']['embed']:
+    backbone['embed'] = {k: v for k, v in backbone['embed'].items() if k != 'mask_token'}
   loaded = dict(loaded, backbone=backbone)
   def shape(tree):
     return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -226,29 +258,16 @@ def param_shardings(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, 
 
 # --- one stage ---
 
-def stage_optimizer(config: ml_collections.ConfigDict, plan: StagePlan, params: Any):
-  opt = ml_collections.ConfigDict(dict(config.optimizer.to_dict(), learning_rate=plan.learning_rate))
-  return (stages.stage_optimizer(opt, plan.num_steps, params, plan.trainable),
-          optimizer_lib.learning_rate_schedule(opt, plan.num_steps))
-
-
 def stage_rng(config: ml_collections.ConfigDict, index: int) -> Array:
   return jax.random.fold_in(jax.random.key(config.train.seed), 1000 + index)
 
 
-def earlier_slots(cfg: AstreaConfig, stage: str) -> tuple[str, ...]:
-  """The slots whose tokens C_i an alignment stage attends to (those of the stages before it)."""
-  if not stage.startswith('align_'):
-    return ()
-  return cfg.stage_slots[:cfg.stage_slots.index(cfg.align_slots(stage)[0])]
-
-
 def stage_experts(cfg: AstreaConfig, stage: str, backend: str) -> tuple[str, ...]:
   """The experts whose images a stage's batches carry."""
-  if stage in ROUTED_STAGES:
-    return cfg.slots
+  if not stage.startswith('align_'):
+    return cfg.slots  # routed, or instruct with residual fusion (every stage's tokens recomputed, trainable)
   own = cfg.align_slots(stage)
-  return own if backend == 'disk' else earlier_slots(cfg, stage) + own
+  return own if backend == 'disk' else cfg.earlier_slots(stage) + own
 
 
 def state_shardings(state_fn: Callable[[Any], Any], params_abstract: Any, params_shardings: Any, mesh) -> Any:
@@ -284,18 +303,21 @@ class StageData:
   def next(self) -> dict[str, Any]:
     batch = dict(next(self.iterator))
     if self._slots:
-      batch['cached'] = self._store.lookup(self._slots, np.asarray(batch['image_ids'])[:, 0])
+      batch['cached'] = self._store.lookup(self._slots, np.asarray(batch['image_ids']))  # [k, B, N, T, D]
     return batch
 
 
 def _drop_counters(batch: dict[str, Any]) -> dict[str, Any]:
-  return {k: v for k, v in batch.items() if k not in pipeline.COUNTERS and k not in ('id', 'positions')}
+  return {k: v for k, v in batch.items() if k not in pipeline.COUNTERS and k != 'id'}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        extra_hooks: Sequence[Callable[[int], Any]] = (), evaluate: bool = True) -> dict[str, Any]:
   """Runs (or resumes) every stage, then the evaluation. Returns {'params', 'stage', 'step', 'eval', 'finished'}:
-  the parameters, stage and global step where training ended (at the last step, or on SIGTERM: finished=False)."""
+  the parameters, stage and global step where training ended (at the last step, or on SIGTERM: finished=False).
+
+  A newest checkpoint that does not restore (a truncated file, a partial copy) is renamed aside with a warning and
+  the run resumes from the newest one that does; if none does, the run stops naming them."""
   cfg, plans = check_run(config, jax.device_count())
   mesh = mesh_lib.create_mesh(config.mesh)
   rules = config.logical_axis_rules
@@ -309,38 +331,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   with (contextlib.closing(metrics.create_writer(workdir)) as writer,
         checkpointing.Checkpointer(workdir, config) as ckpt, checkpointing.Preemption() as preemption):
-    latest = ckpt.latest()
-    if latest is not None and latest.stage not in [p.name for p in plans]:
-      raise ValueError(f'{ckpt.directory}: the newest checkpoint (step {latest.step}) holds stage '
-                       f'{latest.stage!r}, which config.train.stages {tuple(config.train.stages)} does not run; use '
-                       f'another workdir or the config it was written with')
-    params = None
     hooks = [*metrics.periodic_hooks(config.logging, workdir, total, writer), *extra_hooks]
     logger = metrics.MetricLogger(writer, config.logging.every_steps, vector_names=cfg.slots)
-    start_index = 0
-    if latest is not None:
-      start_index = [p.name for p in plans].index(latest.stage)
-    else:
-      params = initial_params(config, cfg, mesh, rules, workdir)
-      metrics.log_parameter_overview(params)
-
-    for index in range(start_index, len(plans)):
-      plan = plans[index]
-      resume_step = latest.step if latest is not None and latest.stage == plan.name else None
-      params, stopped = _run_stage(config, cfg, model, plan, index, params, p_shardings, mesh, rules, workdir,
-                                   tokenizer_dir, ckpt, preemption, logger, hooks, resume_step)
-      result.update(stage=plan.name, step=plan.end)
-      if stopped is not None:
-        result['step'] = stopped
-        logger.write(stopped)
-        result['params'] = params
-        return result
-    result.update(params=params, finished=True)
+    damaged: list[str] = []
+    while True:
+      try:
+        latest = ckpt.latest()
+        if latest is None and damaged:
+          raise checkpointing.CheckpointError(
+              f'{ckpt.directory}: no checkpoint restores; damaged and renamed aside: {", ".join(damaged)}')
+        outcome = _train(config, cfg, model, plans, latest, p_shardings, mesh, rules, workdir, tokenizer_dir, ckpt,
+                         preemption, logger, hooks)
+        break
+      except checkpointing.CheckpointDamaged as e:
+        damaged.append(ckpt.set_aside(e.step, e.cause))
+    result.update(outcome)
+    if not result['finished']:
+      return result
 
   if evaluate and plans and config.data.dataset == 'shapes':
     from astrea_jax.eval import evaluate as evaluate_lib
-    result['eval'] = evaluate_lib.evaluate(config, cfg, params, tokenizer_dir, workdir, stage=plans[-1].name)
+    result['eval'] = evaluate_lib.evaluate(config, cfg, result['params'], tokenizer_dir, workdir,
+                                           stage=plans[-1].name)
   return result
+
+
+def _train(config, cfg, model, plans, latest, p_shardings, mesh, rules, workdir, tokenizer_dir, ckpt, preemption,
+           logger, hooks) -> dict[str, Any]:
+  """The stages from the checkpoint `latest` (None: from the start) to the end or a SIGTERM."""
+  if latest is not None and latest.stage not in [p.name for p in plans]:
+    raise ValueError(f'{ckpt.directory}: the newest checkpoint (step {latest.step}) holds stage '
+                     f'{latest.stage!r}, which config.train.stages {tuple(config.train.stages)} does not run; use '
+                     f'another workdir or the config it was written with')
+  params, start_index = None, 0
+  if latest is not None:
+    start_index = [p.name for p in plans].index(latest.stage)
+  else:
+    params = initial_params(config, cfg, mesh, rules, workdir)
+    metrics.log_parameter_overview(params)
+  out = {'stage': None, 'step': 0, 'finished': False}
+  for index in range(start_index, len(plans)):
+    plan = plans[index]
+    resume_step = latest.step if latest is not None and latest.stage == plan.name else None
+    params, stopped = _run_stage(config, cfg, model, plan, index, params, p_shardings, mesh, rules, workdir,
+                                 tokenizer_dir, ckpt, preemption, logger, hooks, resume_step)
+    out.update(stage=plan.name, step=plan.end, params=params)
+    if stopped is not None:
+      out['step'] = stopped
+      logger.write(stopped)
+      return out
+  out.update(params=params, finished=True)
+  return out
 
 
 def _run_stage(config, cfg, model, plan: StagePlan, index: int, params, p_shardings, mesh, rules, workdir,
@@ -349,21 +390,24 @@ def _run_stage(config, cfg, model, plan: StagePlan, index: int, params, p_shardi
   on SIGTERM or None)."""
   backend = config.train.feature_cache
   params_abstract = abstract_params(config, cfg)
-  tx, schedule = stage_optimizer(config, plan, params_abstract)
-  state_fn = lambda p: step_lib.init_state(p, tx, plan.name, config.moco, stage_rng(config, index))
+  labels = stages.param_labels(params_abstract, plan.trainable)
+  tx, schedule = stages.stage_optimizer(config.optimizer, plan.num_steps, plan.learning_rate)
+  state_fn = lambda p: step_lib.init_state(p, tx, labels, plan.name, config.moco, stage_rng(config, index))
   abstract_state, s_shardings = state_shardings(state_fn, params_abstract, p_shardings, mesh)
   restore_into = sharding.with_shardings(abstract_state, s_shardings)
   if resume_step == plan.end:  # the stage had finished: only its parameters are needed
     state, _ = ckpt.restore(resume_step, restore_into)
     return state.params, None
 
-  cached_slots = earlier_slots(cfg, plan.name) if backend == 'disk' else ()
+  cached_slots = cfg.earlier_slots(plan.name) if backend == 'disk' else ()
   store = None
   if cached_slots:
     store = ensure_feature_cache(config, model, plan.name, cached_slots, params, restore_into, ckpt, resume_step,
                                  mesh, rules, workdir)
   data_iter = iter(pipeline.make_dataset(config, plan.name, 'train', tokenizer_dir=tokenizer_dir,
-                                         experts=stage_experts(cfg, plan.name, backend)))
+                                         experts=stage_experts(cfg, plan.name, backend),
+                                         single_turn=config_lib.single_turn_rows(config, plan.name),
+                                         caption_len=config.moco.caption_len if plan.name == step_lib.MAIN else 0))
   if resume_step is not None:
     state, _ = ckpt.restore(resume_step, restore_into, data_iter)
     logging.info('runner: stage %s resumes at global step %d', plan.name, resume_step)
@@ -373,7 +417,8 @@ def _run_stage(config, cfg, model, plan: StagePlan, index: int, params, p_shardi
   data = StageData(data_iter, store, cached_slots)
   first = data.next()
   global_batch = pipeline.to_global_batch(_drop_counters(first), mesh, rules)
-  train_step = step_lib.make_step(model, plan.name, tx, config, schedule, config.train.grad_accum_steps)
+  train_step = step_lib.make_step(model, plan.name, tx, config, labels, schedule, config.train.grad_accum_steps,
+                                  p_shardings)
   jitted = step_lib.jit_step(train_step, mesh, rules, s_shardings, step_lib.batch_shardings(global_batch, mesh, rules))
   compiled = jitted.lower(restore_into, global_batch).compile()
   log_memory(plan.name, compiled)
@@ -421,17 +466,52 @@ def cache_directory(config: ml_collections.ConfigDict, workdir: str, source_name
   return os.path.join(root, hashlib.sha1(source_name.encode()).hexdigest()[:16])
 
 
+def params_checksum(tree: Any) -> list[int]:
+  """Two uint32 sums per leaf of a parameter tree, of its bits and of its bits weighted by a hash of their position:
+  integer sums, so the same on any mesh, sharding or number of processes (a float sum would depend on the reduction
+  order). Computed where the arrays live; only the sums travel."""
+  def leaf_sums(x):
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32 if x.dtype.itemsize == 4 else jnp.uint16).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    for axis in range(x.ndim):
+      index = index * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+    weights = index * jnp.uint32(2654435761) + jnp.uint32(0x9E3779B9)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+  leaves = [leaf for _, leaf in sorted(flax.traverse_util.flatten_dict(tree, sep='/').items())]
+  sums = jax.jit(lambda ls: jnp.concatenate([leaf_sums(x) for x in ls]))(leaves)
+  return [int(v) for v in np.asarray(sums.addressable_shards[0].data)]
+
+
+def cache_fingerprint(config: ml_collections.ConfigDict, cfg: AstreaConfig, params: Any, slot: str,
+                      source_name: str) -> str:
+  """What produced a slot's tokens C_i: the expert's and projector's parameters (`params_checksum`) and configs, the
+  image source, the expert's preprocessing (size, mean/std, square mode) and the token shape. A cache slot is read
+  only when its stored fingerprint equals this one."""
+  from astrea_jax.data import images as images_lib
+  (inputs,) = images_lib.experts_from_config(config.data.experts, config_lib.expert_families(config), [slot])
+  expert = next(e for e in cfg.experts if e.name == slot)
+  parts = {'format': 1, 'slot': slot, 'source': source_name, 'square': config.data.image_square,
+           'inputs': [inputs.image_size, list(inputs.mean), list(inputs.std)], 'expert': expert.to_dict(),
+           'tokens': [cfg.num_visual_tokens, cfg.llm.hidden_size], 'train_experts': cfg.train_experts,
+           'params': params_checksum({'expert': params['experts'][slot], 'projector': params['projectors'][slot]})}
+  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def ensure_feature_cache(config, model, stage, slots, params, restore_into, ckpt, resume_step, mesh, rules, workdir):
-  """The store holding the tokens C_i of `slots` for every image of the stage's training source; the slots not yet
-  complete are computed now with the (frozen) experts and projectors of `params`, or of the resumed checkpoint."""
+  """The store holding the tokens C_i of `slots` for every image of the stage's training source. A slot whose
+  fingerprint (`cache_fingerprint`) differs from the one stored, or that is incomplete, is (re)computed now with the
+  (frozen) experts and projectors of `params`, or of the resumed checkpoint; with
+  config.train.feature_cache_reuse='error' a stale slot stops the run instead."""
   from astrea_jax.data import feature_cache, sources
   source, decoder, name = sources.open_source(config.data, stage, 'train')
   store = feature_cache.FeatureStore(cache_directory(config, workdir, name))
-  todo = [slot for slot in slots if not store.is_complete(slot)]
+  if params is None:  # resuming inside this stage: the checkpoint holds the parameters
+    params = ckpt.restore(resume_step, restore_into)[0].params
+  fingerprints = {slot: cache_fingerprint(config, model.cfg, params, slot, name) for slot in slots}
+  todo = [slot for slot in slots if not store.is_current(slot, fingerprints[slot])]
   if todo:
-    if params is None:  # resuming inside this stage: the checkpoint holds the parameters
-      params = ckpt.restore(resume_step, restore_into)[0].params
-    write_features(config, model, params, todo, source, decoder, name, store, mesh, rules)
+    write_features(config, model, params, todo, source, decoder, name, store, mesh, rules,
+                   {slot: fingerprints[slot] for slot in todo})
   return store
 
 
@@ -455,18 +535,20 @@ def host_images(source, decoder, name: str, records: Sequence[int], counts: np.n
         yield int(image_id), None
 
 
-def write_features(config, model: Astrea, params, slots, source, decoder, name, store, mesh, rules) -> None:
-  """Computes `Astrea.project(slot, image)` of every image of `source` and writes it under its image id. Host p reads
-  the records i = p (mod process_count), every host runs the same number of global batches (padded with id -1), and
-  each writes the rows of its own images."""
+def write_features(config, model: Astrea, params, slots, source, decoder, name, store, mesh, rules,
+                   fingerprints) -> None:
+  """Computes `Astrea.project(slot, image)` of every image of `source` and writes it under its image id, the slot
+  marked with its fingerprint. Host p reads the records i = p (mod process_count), every host runs the same number of
+  global batches (padded with id -1), and each writes the rows of its own images."""
   from astrea_jax.data import images as images_lib
-  experts = images_lib.experts_from_config(config.data.experts, slots)
+  experts = images_lib.experts_from_config(config.data.experts, config_lib.expert_families(config), slots)
   local = pipeline.local_batch_size(config.train.global_batch_size, jax.process_count())
   counts = image_counts(source)
   hosts = [range(p, len(source), jax.process_count()) for p in range(jax.process_count())]
   num_batches = max(-(-int(counts[list(r)].sum()) // local) for r in hosts)
   for slot in slots:
-    store.create(slot, int(counts.sum()), model.cfg.num_visual_tokens, model.cfg.llm.hidden_size)
+    store.create(slot, int(counts.sum()), model.cfg.num_visual_tokens, model.cfg.llm.hidden_size,
+                 fingerprint=fingerprints[slot], on_stale=config.train.feature_cache_reuse)
   project = jax.jit(lambda p, imgs: {s: model.apply({'params': p}, s, imgs[s], method=Astrea.project) for s in slots})
   items = host_images(source, decoder, name, hosts[jax.process_index()], counts)
   blank = {e.name: np.zeros((e.image_size, e.image_size, 3), np.float32) for e in experts}

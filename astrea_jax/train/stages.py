@@ -1,10 +1,13 @@
-"""What each training stage trains: parameter-path regexes, and the per-stage optimizer that freezes the rest.
+"""What each training stage trains: parameter-path regexes, the split of the parameters into the trained and the
+frozen part, and the stage's optimizer over the trained part.
 
-Freezing is done in the optimizer (`optax.multi_transform`): parameters whose '/'-joined path matches none of the
-stage's patterns get `optax.set_to_zero()`, which keeps no optimizer state, and XLA drops the gradient computations
-that only fed those zeros. Defaults (the paper's schedule; a config may replace them per stage):
+Gradients are taken with respect to the trainable parameters only (`split`): the step differentiates the trained
+part with the frozen part as a constant, so no gradient of a frozen parameter is ever computed, carried or stored,
+and the optimizer (and its state) covers the trained part alone. `merge` puts the tree back together. The defaults
+(the paper's schedule; `config.stages.<stage>.trainable` may replace them):
 - `align_<slot>`: the slot's projector and its residual cross-attention (the LLM and earlier stages are frozen);
-- `instruct`: the router, the adapters and the LLM;
+- `instruct`: with residual fusion the LLM, every projector and residual module; with routed fusion the router, the
+  adapters and the LLM;
 - `main`: the router, the adapters, the MoCo heads and the LLM.
 Experts stay frozen unless `AstreaConfig.train_experts`.
 """
@@ -30,6 +33,8 @@ def default_trainable(stage: str, cfg: AstreaConfig) -> tuple[str, ...]:
     return tuple(p for slot in cfg.align_slots(stage) for p in (f'projectors/{slot}/.*', f'residual/{slot}/.*'))
   experts = ('experts/.*',) if cfg.train_experts else ()
   if stage == 'instruct':
+    if cfg.instruct_fusion == 'residual':
+      return ('projectors/.*', 'residual/.*', 'llm/.*') + experts
     return ('routing/.*', 'llm/.*') + experts
   if stage == 'main':
     return ('routing/.*', 'heads/.*', 'llm/.*') + experts
@@ -44,19 +49,37 @@ def param_labels(params: Any, patterns: Sequence[str]) -> Any:
   return flax.traverse_util.unflatten_dict(labels, sep='/')
 
 
+def split(tree: Any, labels: Any) -> tuple[dict, dict]:
+  """(trained, frozen): the leaves of `tree` (params, or anything with their paths: shardings, shapes) labelled TRAIN
+  and FREEZE, each as a nested dict holding only its leaves."""
+  flat = flax.traverse_util.flatten_dict(tree, sep='/')
+  flat_labels = flax.traverse_util.flatten_dict(labels, sep='/')
+  if set(flat) != set(flat_labels):
+    raise ValueError(f'labels do not match the tree: {sorted(set(flat) ^ set(flat_labels))[:4]}')
+  part = lambda label: flax.traverse_util.unflatten_dict(
+      {path: leaf for path, leaf in flat.items() if flat_labels[path] == label}, sep='/')
+  return part(TRAIN), part(FREEZE)
+
+
+def merge(trained: dict, frozen: dict) -> dict:
+  """The whole tree back from `split`'s two parts."""
+  flat = dict(flax.traverse_util.flatten_dict(frozen, sep='/'))
+  flat.update(flax.traverse_util.flatten_dict(trained, sep='/'))
+  return flax.traverse_util.unflatten_dict(flat, sep='/')
+
+
 def check_trains_something(stage: str, params: Any, patterns: Sequence[str]) -> int:
   """Number of trainable parameters; a stage whose patterns match nothing is an error naming them."""
-  flat = flax.traverse_util.flatten_dict(param_labels(params, patterns), sep='/')
-  sizes = flax.traverse_util.flatten_dict(params, sep='/')
-  count = sum(int(sizes[p].size) for p, label in flat.items() if label == TRAIN)
+  trained, _ = split(params, param_labels(params, patterns))
+  count = sum(int(leaf.size) for leaf in flax.traverse_util.flatten_dict(trained).values())
   if count == 0:
     raise ValueError(f'stage {stage!r} trains nothing: its patterns {list(patterns)} match no parameter; '
                      f'top-level parameter trees are {sorted(params)}')
   return count
 
 
-def stage_optimizer(opt: ml_collections.ConfigDict, num_steps: int, params: Any,
-                    patterns: Sequence[str]) -> optax.GradientTransformation:
-  """The paper's AdamW + warm-up/cosine on the stage's trainable parameters; everything else frozen."""
-  return optax.multi_transform({TRAIN: optimizer_lib.make_optimizer(opt, num_steps), FREEZE: optax.set_to_zero()},
-                               param_labels(params, patterns))
+def stage_optimizer(opt: ml_collections.ConfigDict, num_steps: int,
+                    learning_rate: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(the paper's AdamW + warm-up/cosine to `learning_rate`, its schedule) for a stage's trained parameters."""
+  return (optimizer_lib.make_optimizer(opt, num_steps, learning_rate),
+          optimizer_lib.learning_rate_schedule(opt, num_steps, learning_rate))
