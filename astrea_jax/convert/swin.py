@@ -31,8 +31,8 @@ NAME = 'swin'
 CONFIG = SwinConfig
 
 IGNORE_PATTERNS = (r'(swin\.)?encoder\.layers\.\d+\.blocks\.\d+\.attention\.self\.relative_position_index',)
-MICROSOFT_BUFFERS = (r'(.*\.)?layers\.\d+\.blocks\.\d+\.attn\.relative_position_index',
-                     r'(.*\.)?layers\.\d+\.blocks\.\d+\.attn_mask')
+MICROSOFT_BUFFERS = (r'layers\.\d+\.blocks\.\d+\.attn\.relative_position_index',  # key patterns, no prefix
+                     r'layers\.\d+\.blocks\.\d+\.attn_mask')
 BACKBONE = 'SwinBackbone'
 
 
