@@ -36,15 +36,18 @@ MICROSOFT_BUFFERS = (r'layers\.\d+\.blocks\.\d+\.attn\.relative_position_index',
 BACKBONE = 'SwinBackbone'
 
 
-def config_from_hf(hf: dict[str, Any], where: str = 'config.json') -> SwinConfig:
-  """Our SwinConfig from a `SwinModel` or `SwinBackbone` config.json dict."""
+def config_from_hf(hf: dict[str, Any], where: str = 'config.json', backbone: bool | None = None) -> SwinConfig:
+  """Our SwinConfig from a `SwinModel` or `SwinBackbone` config.json dict. `backbone` (default: whether
+  `architectures` names SwinBackbone) picks the backbone form; a composite's nested `backbone_config` (e.g.
+  Grounding DINO's, which `load_backbone` builds as a SwinBackbone) passes True."""
   if hf.get('model_type') != 'swin':
     raise ConversionError(f'{where}: model_type={hf.get("model_type")!r} is not a {NAME!r} checkpoint; expected '
                           "'swin'")
   c = table.hf_config('SwinConfig', hf, where)
   if c.use_absolute_embeddings:
     raise ConversionError(f'{where}: use_absolute_embeddings=True is not supported by family {NAME!r}')
-  backbone = BACKBONE in (hf.get('architectures') or [])
+  if backbone is None:
+    backbone = BACKBONE in (hf.get('architectures') or [])
   return SwinConfig(image_size=_side(c.image_size, where, 'image_size'),
                     patch_size=_side(c.patch_size, where, 'patch_size'), embed_dim=c.embed_dim,
                     depths=tuple(c.depths), num_heads=tuple(c.num_heads), window_size=c.window_size,
