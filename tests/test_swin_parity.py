@@ -3,6 +3,7 @@ SwinBackbone's feature maps (fp32, max abs error <= 1e-4) at the native size (th
 window: no shift), with padding (sides not multiples of the patch, the window or 2), and, for the backbone, a grid
 smaller than the window; bit-identical HF -> Orbax -> HF round trips whose folders transformers loads; errors."""
 
+import functools
 import json
 import os
 
@@ -46,6 +47,11 @@ def converted(tmp_path_factory):
   return out
 
 
+@functools.cache
+def _forward(cfg: swin.SwinConfig):
+  return jax.jit(lambda params, images: swin.Swin(cfg).apply({'params': params}, images))
+
+
 def _pixels(size, seed=0):
   return np.random.RandomState(seed).randn(2, *size, 3).astype(np.float32)
 
@@ -66,7 +72,7 @@ def test_swin_model_matches_transformers(converted, size):
   c = converted['model']
   pixels = _pixels(size)
   ref = _reference('SwinModel', c['hf_dir'], pixels)
-  out = swin.Swin(c['cfg']).apply({'params': c['params']}, jnp.asarray(pixels))
+  out = _forward(c['cfg'])(c['params'], jnp.asarray(pixels))
   errors = {'last_hidden_state': _err(out.last_hidden_state, ref.last_hidden_state),
             'pooler_output': _err(out.pooler_output, ref.pooler_output)}
   print(f'SwinModel {size}: max abs errors {errors}')
@@ -82,7 +88,7 @@ def test_swin_backbone_feature_maps_match_transformers(converted, size):
   c = converted['backbone']
   pixels = _pixels(size, seed=1)
   ref = _reference('SwinBackbone', c['hf_dir'], pixels)
-  out = swin.Swin(c['cfg']).apply({'params': c['params']}, jnp.asarray(pixels))
+  out = _forward(c['cfg'])(c['params'], jnp.asarray(pixels))
   assert len(out.feature_maps) == len(ref.feature_maps) == 3
   errors = [_err(m, r.numpy().transpose(0, 2, 3, 1)) for m, r in zip(out.feature_maps, ref.feature_maps)]
   print(f'SwinBackbone {size}: feature-map max abs errors {errors}')
@@ -94,7 +100,7 @@ def test_swin_backbone_feature_maps_match_transformers(converted, size):
 def test_a_grid_smaller_than_the_window_is_refused_without_always_partition(converted):
   c = converted['model']
   with pytest.raises(ValueError, match=r'Swin stage 2: grid \(2, 2\) is smaller than window_size=4'):
-    swin.Swin(c['cfg']).apply({'params': c['params']}, jnp.zeros((1, 32, 32, 3)))
+    jax.eval_shape(_forward(c['cfg']), c['params'], jnp.zeros((1, 32, 32, 3)))
 
 
 def test_shift_mask_and_relative_positions_follow_the_swin_paper():
