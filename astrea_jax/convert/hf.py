@@ -9,7 +9,9 @@ at the end, so a failure leaves nothing at `out_dir`.
 A family whose tensors sit under a prefix that depends on the checkpoint kind (e.g. `vision_model.` in a two-tower
 SigLIP/CLIP file and in vision-only files saved by transformers 4.x, none in 5.x vision-only saves) defines
 `key_prefix(hf_config, keys) -> str`; its table is written without the prefix, and the prefix found at import is
-stored in the metadata (`hf_key_prefix`) so export writes the same names back.
+stored in the metadata (`hf_key_prefix`) so export writes the same names back, unless the family maps it with
+`export_key_prefix(import_prefix) -> str` (SAM2 exports a full Sam2Model's `vision_encoder.` tower as a vision-only
+Sam2VisionModel, which has no prefix).
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
   cfg = fam.CONFIG.from_dict(meta['model_config'])
   dtype = dtype or meta.get('source_dtype') or 'float32'
   out_np = np.dtype(to_dtype(dtype))
-  rules = keyed_rules(fam, cfg, meta.get('hf_key_prefix', ''))
+  prefix = meta.get('hf_key_prefix', '')
+  rules = keyed_rules(fam, cfg, fam.export_key_prefix(prefix) if hasattr(fam, 'export_key_prefix') else prefix)
   stored = checkpoint.param_shapes(ckpt_dir)
   table.check_params(fam.NAME, rules, num_layers(cfg), {p: s for p, (s, _) in stored.items()})
 

@@ -162,16 +162,23 @@ def bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
   return weights
 
 
+def resize_bicubic(grid: Array, size: tuple[int, int]) -> Array:
+  """[h, w, D] -> [size[0], size[1], D] with PyTorch's bicubic `interpolate` (`bicubic_matrix` per axis), in fp32."""
+  h, w = grid.shape[:2]
+  if (h, w) == tuple(size):
+    return grid
+  wh = jnp.asarray(bicubic_matrix(h, size[0]), jnp.float32)
+  ww = jnp.asarray(bicubic_matrix(w, size[1]), jnp.float32)
+  out = jnp.einsum('hi,wj,ijd->hwd', wh, ww, grid.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return out.astype(grid.dtype)
+
+
 def interpolate_positions(positions: Array, grid: tuple[int, int]) -> Array:
   """Patch position embeddings [n*n, D] of a square grid -> [h*w, D] for `grid` = (h, w), bicubic in fp32."""
   n = math.isqrt(positions.shape[0])
   if (n, n) == tuple(grid):
     return positions
-  wh = jnp.asarray(bicubic_matrix(n, grid[0]), jnp.float32)
-  ww = jnp.asarray(bicubic_matrix(n, grid[1]), jnp.float32)
-  square = positions.astype(jnp.float32).reshape(n, n, -1)
-  out = jnp.einsum('hi,wj,ijd->hwd', wh, ww, square, precision=jax.lax.Precision.HIGHEST)
-  return out.reshape(grid[0] * grid[1], -1).astype(positions.dtype)
+  return resize_bicubic(positions.reshape(n, n, -1), grid).reshape(grid[0] * grid[1], -1)
 
 
 def _normal(cfg: ViTConfig):
