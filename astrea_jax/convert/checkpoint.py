@@ -90,11 +90,20 @@ def tokenizer_dir(ckpt_dir: str) -> str | None:
   return path if os.path.isdir(path) else None
 
 
-def save_params_partial(params_dir: str, path: tuple[str, ...], leaf: np.ndarray) -> None:
-  """Adds one parameter at `path` to a partially written Orbax checkpoint (finish with `finalize_params`)."""
+def save_params_partial(params_dir: str, leaves: dict[tuple[str, ...], np.ndarray]) -> None:
+  """Adds parameters {path: array} to a partially written Orbax checkpoint (finish with `finalize_params`).
+
+  Each call costs time in proportion to the leaves already written, so callers batch small parameters.
+  """
+  tree: dict = {}
+  for path, leaf in leaves.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
-    ocp.partial.save(params_dir, _nest(path, leaf))
+    ocp.partial.save(params_dir, tree)
 
 
 def finalize_params(params_dir: str) -> None:
