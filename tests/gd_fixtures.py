@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from astrea_jax.convert import checkpoint
+from astrea_jax.convert import checkpoint, table
 
 # Grounding DINO hard-codes these ids as phrase delimiters: [CLS], [SEP], '.', '?'.
 CLS, SEP, DOT, QUESTION = 101, 102, 1012, 1029
@@ -85,5 +85,60 @@ def load_converted(ckpt_dir: str, init_fn) -> dict:
   return checkpoint.load_params(ckpt_dir, abstract)
 
 
+def params_from_torch(rules: list[table.TensorRule], state_dict, num_layers: int = 0) -> dict:
+  """A parameter tree built from a torch state dict with a conversion table (no checkpoint in between)."""
+  tree: dict = {}
+  for r in rules:
+    leaf = table.assemble(r, num_layers, lambda key: state_dict[key].detach().numpy(), np.float32)
+    node = tree
+    for key in r.param_path[:-1]:
+      node = node.setdefault(key, {})
+    node[r.param_path[-1]] = leaf
+  return tree
+
+
 def max_err(a, b) -> float:
   return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+# The tiny Grounding DINO of EXPERTS.md (decoder_layers=2: transformers 5.23 cannot tie a shared box head of one
+# decoder layer) and a second one with another backbone, more levels, queries, layers and points.
+TINY_GD = dict(
+    backbone=dict(image_size=128, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=2,
+                  out_indices=[2, 3, 4], drop_path_rate=0.0),
+    text=dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=37),
+    model=dict(d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+               encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10, max_text_len=16,
+               encoder_n_points=2, decoder_n_points=2),
+)
+WIDER_GD = dict(
+    backbone=dict(image_size=96, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 4], window_size=3,
+                  out_indices=[1, 2, 3], drop_path_rate=0.0),
+    text=dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=40),
+    model=dict(d_model=64, encoder_layers=2, decoder_layers=3, encoder_ffn_dim=64, decoder_ffn_dim=48,
+               encoder_attention_heads=4, decoder_attention_heads=4, num_queries=25, max_text_len=24,
+               encoder_n_points=3, decoder_n_points=2, num_feature_levels=5, decoder_bbox_embed_share=False),
+)
+
+
+def tiny_gd_hf_config(spec: dict = TINY_GD, **model_overrides: Any):
+  import transformers
+  backbone = transformers.SwinConfig(**spec['backbone'])
+  text = tiny_bert_hf_config(**spec['text'])
+  return transformers.GroundingDinoConfig(backbone_config=backbone, text_config=text,
+                                          **dict(spec['model'], **model_overrides))
+
+
+def make_tiny_grounding_dino(out_dir: str, spec: dict = TINY_GD, *, seed: int = 0, with_tokenizer: bool = True,
+                             **model_overrides: Any) -> str:
+  """Saves a random `GroundingDinoForObjectDetection` (every parameter perturbed) and a BERT tokenizer; returns
+  out_dir."""
+  import torch
+  import transformers
+  torch.manual_seed(seed)
+  model = transformers.GroundingDinoForObjectDetection(tiny_gd_hf_config(spec, **model_overrides)).eval()
+  perturb(model, seed=seed)
+  model.save_pretrained(out_dir)
+  if with_tokenizer:
+    make_bert_tokenizer(out_dir)
+  return out_dir
