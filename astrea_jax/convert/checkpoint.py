@@ -129,16 +129,27 @@ def load_params(ckpt_dir: str, abstract_params: Any) -> Any:
     return ocp.load_pytree(path, abstract_params)
 
 
-def load_param_leaf(ckpt_dir: str, path: tuple[str, ...], shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-  """Restores one parameter to host memory (numpy), reading nothing else."""
+def load_param_leaves(ckpt_dir: str, leaves: dict[tuple[str, ...], tuple[tuple[int, ...], Any]]
+                      ) -> dict[tuple[str, ...], np.ndarray]:
+  """Restores the parameters {path: (shape, dtype)} to host memory (numpy) in one read, reading nothing else."""
+  abstract: dict = {}
+  for path, (shape, dtype) in leaves.items():
+    node = abstract
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = np.empty(shape, dtype)
   ctx = ocp.Context()
   ctx.pytree.loading.partial_load = True
   with ctx, warnings.catch_warnings():
     warnings.simplefilter('ignore')
-    tree = ocp.load_pytree(os.path.join(ckpt_dir, PARAMS_DIR), _nest(path, np.empty(shape, dtype)))
-  for key in path:
-    tree = tree[key]
-  return np.asarray(tree)
+    tree = ocp.load_pytree(os.path.join(ckpt_dir, PARAMS_DIR), abstract)
+  out = {}
+  for path in leaves:
+    node = tree
+    for key in path:
+      node = node[key]
+    out[path] = np.asarray(node)
+  return out
 
 
 def param_shapes(ckpt_dir: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:

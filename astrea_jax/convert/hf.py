@@ -3,8 +3,8 @@
 `import_hf` checks the whole checkpoint against the family's table from the safetensors headers before reading any
 tensor data, then builds one parameter at a time (reading its HF tensors one by one) and appends the parameters to
 the Orbax checkpoint in batches of SAVE_BATCH_BYTES: host memory is bounded by the largest (layer-stacked)
-parameter plus one batch, not the model. `export_hf` restores one
-parameter at a time and streams the HF tensors into size-limited shards. Both write to a temporary folder renamed
+parameter plus one batch, not the model. `export_hf` restores the parameters in batches of the same size and
+streams the HF tensors into size-limited shards. Both write to a temporary folder renamed
 at the end, so a failure leaves nothing at `out_dir`.
 
 A family whose tensors sit under a prefix that depends on the checkpoint kind (e.g. `vision_model.` in a two-tower
@@ -140,17 +140,33 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
       by_key[key] = r
       specs.append(safetensors_io.TensorSpec(key, r.hf_shape, out_np))
 
-  cache: dict[str, Any] = {'path': None, 'value': None}
+  # Parameters are restored in table order, in batches of about SAVE_BATCH_BYTES (one Orbax read each; a batch is
+  # dropped when the next one is read): tensors of one parameter are consecutive in the specs.
+  batches, size = [[]], 0
+  for r in rules:
+    if r.param_path in batches[-1]:
+      continue
+    nbytes = int(np.prod(stored[r.param_path][0])) * stored[r.param_path][1].itemsize
+    if batches[-1] and size + nbytes > SAVE_BATCH_BYTES:
+      batches.append([])
+      size = 0
+    batches[-1].append(r.param_path)
+    size += nbytes
+  batch_of = {path: i for i, batch in enumerate(batches) for path in batch}
+  cache: dict[str, Any] = {'batch': None, 'values': {}}
 
   def produce(spec):
     r = by_key[spec.name]
-    if cache['path'] != r.param_path:  # tensors of one parameter are consecutive: restore each parameter once
-      shape, stored_dtype = stored[r.param_path]
-      cache.update(path=r.param_path, value=checkpoint.load_param_leaf(ckpt_dir, r.param_path, shape, stored_dtype))
+    if cache['batch'] != batch_of[r.param_path]:
+      batch = batches[batch_of[r.param_path]]
+      cache.update(batch=None, values={})
+      cache.update(batch=batch_of[r.param_path],
+                   values=checkpoint.load_param_leaves(ckpt_dir, {p: stored[p] for p in batch}))
+    value = cache['values'][r.param_path]
     if r.per_layer:
       layer = r.hf_keys(num_layers(cfg)).index(spec.name)
-      return np.asarray(r.to_hf(cache['value'][layer]), dtype=out_np)
-    return np.asarray(r.to_hf(cache['value']), dtype=out_np)
+      return np.asarray(r.to_hf(value[layer]), dtype=out_np)
+    return np.asarray(r.to_hf(value), dtype=out_np)
 
   with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
     hf_config = fam.config_to_hf(cfg, meta.get('hf_config'), dtype)
