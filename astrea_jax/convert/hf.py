@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import tqdm
@@ -60,9 +60,10 @@ def num_layers(cfg) -> int:
   return getattr(cfg, 'num_layers', 0)
 
 
-def source_dtype(reader: safetensors_io.SafetensorsReader) -> str:
-  """The floating dtype of the HF tensors ('float32', 'bfloat16', 'float16'), from the headers."""
-  dtypes = {str(reader.info(k).dtype) for k in reader.keys()}
+def source_dtype(reader: safetensors_io.SafetensorsReader, keys: Iterable[str] | None = None) -> str:
+  """The floating dtype of the HF tensors ('float32', 'bfloat16', 'float16'), from the headers (of `keys` only,
+  when given: e.g. the weights without buffers)."""
+  dtypes = {str(reader.info(k).dtype) for k in (reader.keys() if keys is None else keys)}
   floats = sorted(d for d in dtypes if d in ('float32', 'bfloat16', 'float16'))
   return floats[0] if len(floats) == 1 else 'float32'
 

@@ -54,12 +54,16 @@ def _read_header(path: str) -> tuple[dict, int]:
 
 
 class SafetensorsReader:
-  """Random access to the tensors of a Hugging Face folder (`model.safetensors` or a sharded index)."""
+  """Random access to the tensors of a Hugging Face folder (`model.safetensors` or a sharded index), or of one
+  `.safetensors` file."""
 
   def __init__(self, hf_dir: str):
     self.hf_dir = hf_dir
     index_path = os.path.join(hf_dir, INDEX_FILE)
-    if os.path.exists(index_path):
+    if os.path.isfile(hf_dir):
+      files, weight_map = [os.path.basename(hf_dir)], None
+      hf_dir = os.path.dirname(hf_dir)
+    elif os.path.exists(index_path):
       try:
         with open(index_path) as f:
           weight_map = json.load(f)['weight_map']
