@@ -35,14 +35,8 @@ def bert_vocab(size: int = TOKENIZER_VOCAB) -> list[str]:
 
 def make_bert_tokenizer(out_dir: str | None = None):
   """A lower-casing `BertTokenizerFast` over `bert_vocab()`; saved to out_dir when given."""
-  import tempfile
-
   import transformers
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, 'vocab.txt')
-    with open(path, 'w') as f:
-      f.write('\n'.join(bert_vocab()) + '\n')
-    tok = transformers.BertTokenizerFast(vocab_file=path, do_lower_case=True)
+  tok = transformers.BertTokenizerFast(vocab={token: i for i, token in enumerate(bert_vocab())}, do_lower_case=True)
   if out_dir is not None:
     tok.save_pretrained(out_dir)
   return tok
