@@ -6,7 +6,6 @@ the deformable attention's weights), so a mis-mapped tensor shows in the outputs
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax.linen as nn

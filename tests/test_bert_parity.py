@@ -27,7 +27,8 @@ def converted(tmp_path_factory):
   meta = hf.import_hf(hf_dir, ckpt, 'bert', show_progress=False)
   cfg = bert.BertConfig.from_dict(meta['model_config'])
   model = bert.Bert(cfg)
-  params = gd_fixtures.load_converted(ckpt, lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params'])
+  init = lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  params = gd_fixtures.load_converted(ckpt, init)
   ref = transformers.BertModel.from_pretrained(hf_dir, add_pooling_layer=False).eval()
   return dict(hf_dir=hf_dir, ckpt=ckpt, meta=meta, cfg=cfg, model=model, params=params, ref=ref)
 
