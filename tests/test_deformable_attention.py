@@ -2,7 +2,7 @@
 forward (max abs error <= 1e-5) with samples inside and outside the maps, gradients with respect to the values,
 the sampling locations and the attention weights against torch autograd, one gather for all levels, float32
 locations under bf16, and the module around it against `GroundingDinoMultiscaleDeformableAttention` (point and box
-reference points, padded values) through the converter's table."""
+reference points, padded values; outputs and parameter gradients) through the converter's table."""
 
 import flax.linen as nn
 import jax
@@ -115,15 +115,24 @@ def test_module_matches_hf_through_the_table(coords):
   reference = rng.uniform(0.1, 0.9, size=(2, q, len(SHAPES), coords)).astype(np.float32)
   if coords == 4:
     reference[..., 2:] *= 0.3
-  with torch.no_grad():
-    expected, _ = ref(torch.tensor(queries), torch.tensor(mask), torch.tensor(values),
-                      position_embeddings=torch.tensor(position), reference_points=torch.tensor(reference),
-                      spatial_shapes=torch.tensor(SHAPES), spatial_shapes_list=SHAPES)
+  cotangent = rng.randn(2, q, d).astype(np.float32)
+  expected, _ = ref(torch.tensor(queries), torch.tensor(mask), torch.tensor(values),
+                    position_embeddings=torch.tensor(position), reference_points=torch.tensor(reference),
+                    spatial_shapes=torch.tensor(SHAPES), spatial_shapes_list=SHAPES)
+  (expected * torch.tensor(cotangent)).sum().backward()
   module = da.MultiscaleDeformableAttention(d, heads, len(SHAPES), points)
-  out = module.apply({'params': params}, jnp.asarray(queries), jnp.asarray(reference), jnp.asarray(values), SHAPES,
-                     value_mask=jnp.asarray(mask), position=jnp.asarray(position))
-  err = gd_fixtures.max_err(out, expected.numpy())
-  print(f'deformable attention module ({coords}-d reference points): max abs error {err:.2e}')
-  assert err <= TOL
+  apply = lambda p: module.apply({'params': p}, jnp.asarray(queries), jnp.asarray(reference), jnp.asarray(values),
+                                 SHAPES, value_mask=jnp.asarray(mask), position=jnp.asarray(position))
+  out, vjp = jax.vjp(apply, params)
+  err = gd_fixtures.max_err(out, expected.detach().numpy())
+  # the table's transforms are transposes and reshapes, so they map torch's parameter gradients onto ours
+  expected_grads = gd_fixtures.params_from_torch(
+      convert_gd.deformable_rules('', '', d, heads, len(SHAPES), points),
+      {name: p.grad for name, p in ref.named_parameters()})
+  grads = vjp(jnp.asarray(cotangent))[0]
+  grad_err = max(jax.tree.leaves(jax.tree.map(gd_fixtures.max_err, grads, expected_grads)))
+  print(f'deformable attention module ({coords}-d reference points): max abs error {err:.2e}, parameter '
+        f'gradients {grad_err:.2e}')
+  assert err <= TOL and grad_err <= 1e-4
   init = module.init(jax.random.key(0), jnp.asarray(queries), jnp.asarray(reference), jnp.asarray(values), SHAPES)
   assert jax.tree.map(np.shape, nn.unbox(init['params'])) == jax.tree.map(np.shape, params)
