@@ -23,9 +23,11 @@ from PIL import Image
 from transformers.models.grounding_dino import modeling_grounding_dino as hf_gd
 from transformers.models.grounding_dino import processing_grounding_dino as hf_processing
 
+from astrea_jax import config as config_lib
 from astrea_jax.convert import checkpoint, hf, safetensors_io, table
 from astrea_jax.convert import grounding_dino as convert_gd
 from astrea_jax.models import expert, grounding_dino
+from astrea_jax.parallel import mesh as mesh_lib
 from tests import gd_fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +55,9 @@ def converted(tmp_path_factory):
     hf_dir = gd_fixtures.make_tiny_grounding_dino(str(root / name), spec)
     ckpt = str(root / f'{name}_ckpt')
     meta = hf.import_hf(hf_dir, ckpt, 'grounding_dino', show_progress=False)
-    cfg, params = convert_gd.load(ckpt)
+    # the tiny one onto the default device (as the demo), the wider one into a mesh by logical axis rules
+    mesh = None if name == 'tiny' else mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+    cfg, params = convert_gd.load(ckpt, mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
     ref = transformers.GroundingDinoForObjectDetection.from_pretrained(hf_dir).eval()
     size = cfg.backbone.image_size
     pixels = np.random.RandomState(0).randn(2, size, size, 3).astype(np.float32)

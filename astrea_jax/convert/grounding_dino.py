@@ -29,6 +29,7 @@ from astrea_jax.convert import bert, checkpoint, swin, table
 from astrea_jax.convert.table import ConversionError
 from astrea_jax.models import grounding_dino
 from astrea_jax.models.grounding_dino import GroundingDinoConfig
+from astrea_jax.parallel import sharding
 
 NAME = 'grounding_dino'
 CONFIG = GroundingDinoConfig
@@ -212,10 +213,13 @@ def optional_keys(cfg: GroundingDinoConfig) -> tuple[str, ...]:
   return tuple(keys) + tuple(BACKBONE + k for k in swin.optional_keys(cfg.backbone))
 
 
-def load(ckpt_dir: str, **numeric_overrides: Any) -> tuple[GroundingDinoConfig, dict]:
-  """(config, params) of a converted checkpoint on the default device (one host, no mesh: the demo and tests).
+def load(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None, rules: sharding.Rules | None = None,
+         **numeric_overrides: Any) -> tuple[GroundingDinoConfig, dict]:
+  """(config, params) of a converted checkpoint, restored into the mesh's shardings by the logical axis `rules`, or
+  onto the default device without a mesh (the demo).
 
-  `numeric_overrides` may set dtype / param_dtype (of the transformer and both towers) and image_size only.
+  The model config comes from the checkpoint; `numeric_overrides` may set dtype / param_dtype (of the transformer
+  and both towers) and image_size only.
   """
   meta = checkpoint.read_metadata(ckpt_dir)
   if meta['family'] != NAME:
@@ -231,7 +235,10 @@ def load(ckpt_dir: str, **numeric_overrides: Any) -> tuple[GroundingDinoConfig, 
   model = grounding_dino.GroundingDino(cfg)
   images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.backbone.num_channels), jnp.float32)
   init = lambda: model.init(jax.random.key(0), images, jnp.zeros((1, 4), jnp.int32))['params']
-  abstract = nn.unbox(jax.eval_shape(init))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            nn.unbox(jax.eval_shape(init)))
+  else:
+    abstract = sharding.with_shardings(*sharding.abstract_and_shardings(init, mesh, rules or ()))
   return cfg, checkpoint.load_params(ckpt_dir, abstract)
