@@ -90,10 +90,15 @@ def tokenizer_dir(ckpt_dir: str) -> str | None:
   return path if os.path.isdir(path) else None
 
 
-def save_params_partial(params_dir: str, leaves: dict[tuple[str, ...], np.ndarray]) -> None:
-  """Adds parameters {path: array} to a partially written Orbax checkpoint (finish with `finalize_params`).
+def save_params_partial(params_dir: str, path: tuple[str, ...], leaf: np.ndarray) -> None:
+  """Adds one parameter at `path` to a partially written Orbax checkpoint (finish with `finalize_params`)."""
+  save_params_batch(params_dir, {path: leaf})
 
-  Each call costs time in proportion to the leaves already written, so callers batch small parameters.
+
+def save_params_batch(params_dir: str, leaves: dict[tuple[str, ...], np.ndarray]) -> None:
+  """Adds parameters {path: array} to a partially written Orbax checkpoint in one save.
+
+  Each save costs time in proportion to the leaves already written, so many small parameters go in batches.
   """
   tree: dict = {}
   for path, leaf in leaves.items():
@@ -127,6 +132,11 @@ def load_params(ckpt_dir: str, abstract_params: Any) -> Any:
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     return ocp.load_pytree(path, abstract_params)
+
+
+def load_param_leaf(ckpt_dir: str, path: tuple[str, ...], shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+  """Restores one parameter to host memory (numpy), reading nothing else."""
+  return load_param_leaves(ckpt_dir, {path: (shape, dtype)})[path]
 
 
 def load_param_leaves(ckpt_dir: str, leaves: dict[tuple[str, ...], tuple[tuple[int, ...], Any]]

@@ -105,11 +105,11 @@ def import_hf(hf_dir: str, out_dir: str, family: str, param_dtype: str = 'float3
         pending[r.param_path] = leaf
         pending_bytes += leaf.nbytes
         if pending_bytes >= SAVE_BATCH_BYTES:
-          checkpoint.save_params_partial(params_dir, pending)
+          checkpoint.save_params_batch(params_dir, pending)
           pending, pending_bytes = {}, 0
         del leaf
       if pending:
-        checkpoint.save_params_partial(params_dir, pending)
+        checkpoint.save_params_batch(params_dir, pending)
     checkpoint.finalize_params(params_dir)
     metadata['tokenizer_files'] = checkpoint.copy_tokenizer_files(
         hf_dir, os.path.join(tmp, checkpoint.TOKENIZER_DIR))
