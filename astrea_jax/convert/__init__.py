@@ -1,8 +1,8 @@
 """Hugging Face <-> Orbax conversion, one module (config mapping + tensor table) per model family."""
 
-from astrea_jax.convert import clip, dinov2, llama, llava_next, sam2, siglip, swin
+from astrea_jax.convert import bert, clip, dinov2, grounding_dino, llama, llava_next, sam2, siglip, swin
 
-FAMILIES = {m.NAME: m for m in (llama, siglip, clip, dinov2, llava_next, swin, sam2)}
+FAMILIES = {m.NAME: m for m in (llama, siglip, clip, dinov2, llava_next, swin, sam2, bert, grounding_dino)}
 
 
 def get_family(name: str):
