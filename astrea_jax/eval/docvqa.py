@@ -1,0 +1,58 @@
+"""DocVQA (lmms-eval task `docvqa_val`, `lmms_eval/tasks/docvqa/utils.py` and the `anls` metric of
+`lmms_eval/api/metrics.py`): questions about document scans.
+
+Data: lmms-lab/DocVQA config `DocVQA` (point `load` at that folder), split `validation` (5349 questions), columns
+`questionId`, `question`, `answers` (list of strings), `image` (and `docId`, `question_types`, kept in meta when
+present). The test split has no answers (scored by the RRC server, not here). Prompt: the question +
+"\\nAnswer the question using a single word or phrase.". Up to 32 new tokens.
+
+Score: ANLS with threshold 0.5 (`answers.anls`) of the stripped prediction against the answers; `anls` is the mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from astrea_jax.eval import answers as answers_lib
+from astrea_jax.eval import readers
+from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+
+POST_PROMPT = '\nAnswer the question using a single word or phrase.'
+COLUMNS = ('questionId', 'question', 'answers')
+OPTIONAL = ('docId', 'question_types')
+THRESHOLD = 0.5
+
+
+def prompt(question: str) -> str:
+  """docvqa_doc_to_text with the default kwargs."""
+  return question + POST_PROMPT
+
+
+class DocVQA(Evaluator):
+  """DocVQA ANLS (module doc)."""
+  name = 'docvqa'
+  max_new_tokens = 32
+  default_split = 'validation'
+  headline = 'anls'
+  reads_llava_questions = True
+
+  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
+    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
+    ids = unique_ids([str(r['questionId']) for r in rows])
+    return [Example(qid, (r['image'],), prompt(r['question']), r['answers'], {k: r[k] for k in OPTIONAL if k in r})
+            for r, qid in zip(rows, ids)]
+
+  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, record['images'], record['text'], record['answer'], {})
+
+  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
+                                                                                    list[dict[str, Any]]]:
+    self.check_predictions(examples, predictions)
+    per_example = []
+    for example, prediction in zip(examples, predictions):
+      references = [example.answer] if isinstance(example.answer, str) else example.answer
+      if not references:
+        raise ValueError(f'DocVQA question {example.question_id}: no reference answers (a test split?)')
+      per_example.append({'score': answers_lib.anls(prediction.strip(), references, THRESHOLD)})
+    values = [p['score'] for p in per_example]
+    return {'anls': sum(values) / len(values), 'threshold': THRESHOLD, 'num_questions': len(values)}, per_example

@@ -1,0 +1,158 @@
+"""The benchmark evaluator interface (big_vision style: one evaluator per benchmark, picked by name from
+`registry.REGISTRY`) and the layout of a benchmark's result JSON.
+
+An evaluation is four steps, the model's part in the middle:
+  evaluator = registry.get_evaluator('mme')
+  examples = evaluator.load(path, image_root=..., answers=..., limit=...)    # list[Example], images not decoded
+  predictions = [generate(e.prompt, [ref.load() for ref in e.images]) for e in examples]   # the caller's model
+  scores, per_example = evaluator.score(examples, predictions)
+  result = result_json(evaluator.name, settings, scores, examples, predictions, per_example)   # -> <name>.json
+
+`Example.prompt` is the user text of one single-turn conversation exactly as lmms-eval's `doc_to_text` builds it for
+the benchmark (its default `lmms_eval_specific_kwargs`), without any chat template and without an image
+placeholder: the caller puts the image(s) first ("<image>\\n" + prompt, as LLaVA does) and applies the template.
+Generation is greedy, at most `evaluator.max_new_tokens` new tokens (the benchmark's lmms-eval `generation_kwargs`;
+1024, lmms-eval's LLaVA default, where the task sets none). `score` takes the decoded texts cut at the template's end
+marker; like lmms-eval (`ConfigurableTask.process_results`) every scorer strips them first.
+
+Scores: accuracies are fractions in [0, 1] (the summary prints percent); MME scores are points (perception out of
+2000, cognition out of 800). `evaluator.headline` names the score comparable with the paper's Table 1.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar, Mapping, Sequence
+
+from astrea_jax.eval import readers
+from astrea_jax.eval.readers import ImageRef
+
+__all__ = ['Evaluator', 'Example', 'ImageRef', 'result_json', 'unique_ids']
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One question of a benchmark.
+
+  question_id: unique within the loaded benchmark (the dataset's id; '#k' appended to the k-th repeat of an id the
+    dataset gives several questions, e.g. MME's two questions per image; the row number where it has none).
+  images: the question's images in order, decoded by `ImageRef.load()` (one for every benchmark here but MMMU
+    (up to 7) and SEED-Bench video questions (frames); none for a text-only question).
+  prompt: the user text (module doc).
+  answer: the ground truth in the dataset's own form (a string, MMBench/SEED a letter, ScienceQA the letter of its
+    answer index, VQAv2 the list of answer dicts, TextVQA/DocVQA a list of strings).
+  meta: what the scorer needs besides the answer (category, options, index, ...).
+  """
+  question_id: str
+  images: tuple[ImageRef, ...]
+  prompt: str
+  answer: Any
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def load_images(self) -> list[Any]:
+    """The decoded RGB PIL images."""
+    return [ref.load() for ref in self.images]
+
+
+class Evaluator(abc.ABC):
+  """One benchmark: its reader, prompts and scorer.
+
+  Subclasses set `name` (the registry key), `max_new_tokens`, `default_split` (the split lmms-eval evaluates),
+  `headline` (the key of `score`'s dict comparable with the paper) and implement `read_parquet` and `score`;
+  benchmarks that can be read from a LLaVA question .jsonl set `reads_llava_questions` and implement `from_llava`.
+  """
+  reads_llava_questions: ClassVar[bool] = False
+  name: ClassVar[str]
+  max_new_tokens: ClassVar[int]
+  default_split: ClassVar[str]
+  headline: ClassVar[str]
+
+  def __init__(self, split: str | None = None):
+    self.split = split or self.default_split
+
+  def load(self, path: str, *, image_root: str | None = None, answers: str | None = None,
+           limit: int | None = None) -> list[Example]:
+    """The benchmark's examples from `path`: a folder of lmms-lab parquet shards (or one shard) of `self.split`, or
+    a LLaVA question file (.jsonl) whose images are under `image_root`, with answers inline or in `answers`. `limit`
+    keeps the first examples (benchmarks that score groups keep whole groups)."""
+    if limit is not None and limit < 1:
+      raise ValueError(f'limit={limit}: expected a positive number of examples, or None for all')
+    if path.endswith('.jsonl'):
+      if not self.reads_llava_questions:
+        raise ValueError(f'{path}: the {self.name} evaluator reads the lmms-lab parquet shards only, not a LLaVA '
+                         'question file')
+      records = readers.attach_answers(readers.read_llava_questions(path, image_root), answers)
+      ids = unique_ids([str(r['question_id']) for r in records])
+      examples = [self.from_llava(r, qid) for r, qid in zip(records, ids)]
+    else:
+      examples = self.read_parquet(self.shards(path), image_root)
+    if not examples:
+      raise ValueError(f'{path}: no {self.name} questions in it (split {self.split!r})')
+    return self.take(examples, limit)
+
+  def shards(self, path: str) -> list[str]:
+    """The parquet shards of `self.split` under `path` (readers.parquet_shards)."""
+    return readers.parquet_shards(path, self.split)
+
+  @abc.abstractmethod
+  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
+    """Every example of the shards, in file order."""
+
+  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
+    """An example from a LLaVA question line with its `answer` attached (readers.attach_answers): the prompt is the
+    line's `text` as it is (LLaVA's files carry the answer instruction already)."""
+    raise NotImplementedError(f'{type(self).__name__} sets reads_llava_questions but has no from_llava')
+
+  def take(self, examples: list[Example], limit: int | None) -> list[Example]:
+    """The first `limit` examples (all when None)."""
+    return examples if limit is None else examples[:limit]
+
+  @abc.abstractmethod
+  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
+                                                                                    list[dict[str, Any]]]:
+    """(scores, per_example): the benchmark's metrics, and for each example a dict with its `score` (a float) and
+    what the scorer read from the prediction (e.g. `parsed`)."""
+
+  def check_predictions(self, examples: Sequence[Example], predictions: Sequence[str]) -> None:
+    """Raises unless there is one prediction string per example (and at least one example)."""
+    if not examples:
+      raise ValueError(f'{self.name}: no examples to score')
+    if len(examples) != len(predictions):
+      raise ValueError(f'{self.name}: {len(predictions)} predictions for {len(examples)} examples; expected one each')
+    for example, prediction in zip(examples, predictions):
+      if not isinstance(prediction, str):
+        raise TypeError(f'{self.name} question {example.question_id}: prediction {prediction!r} is a '
+                        f'{type(prediction).__name__}; expected the decoded text (str)')
+
+
+def unique_ids(ids: Sequence[str]) -> list[str]:
+  """The ids with '#k' appended to every id that occurs more than once (k = its occurrence, from 0)."""
+  counts: dict[str, int] = {}
+  for i in ids:
+    counts[i] = counts.get(i, 0) + 1
+  seen: dict[str, int] = {}
+  out = []
+  for i in ids:
+    if counts[i] > 1:
+      out.append(f'{i}#{seen.get(i, 0)}')
+      seen[i] = seen.get(i, 0) + 1
+    else:
+      out.append(i)
+  return out
+
+
+def result_json(benchmark: str, settings: Mapping[str, Any], scores: Mapping[str, Any], examples: Sequence[Example],
+                predictions: Sequence[str], per_example: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The `<benchmark>.json` dict: {benchmark, settings (the caller's: checkpoint, template, max_new_tokens, limit,
+  ...), scores, examples: [{question_id, prompt, prediction, answer, score, ...what the scorer parsed}]}."""
+  if not len(examples) == len(predictions) == len(per_example):
+    raise ValueError(f'{benchmark}: {len(examples)} examples, {len(predictions)} predictions and {len(per_example)} '
+                     'per-example scores; expected as many of each')
+  entries = []
+  for example, prediction, detail in zip(examples, predictions, per_example):
+    if 'score' not in detail:
+      raise ValueError(f'{benchmark} question {example.question_id}: per-example entry {dict(detail)} has no "score"')
+    entries.append({'question_id': example.question_id, 'prompt': example.prompt, 'prediction': prediction,
+                    'answer': example.answer, **detail})
+  return {'benchmark': benchmark, 'settings': dict(settings), 'scores': dict(scores), 'examples': entries}

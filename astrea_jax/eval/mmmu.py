@@ -1,0 +1,174 @@
+"""MMMU (lmms-eval task `mmmu_val`, `lmms_eval/tasks/mmmu/utils.py`, whose parsers are the MMMU repository's
+`eval_utils.py`): college-level multiple-choice and open questions.
+
+Data: lmms-lab/MMMU, split `validation` (900 questions), columns `id` ('validation_<Subject>_<n>'), `question`,
+`options` (a Python list literal as a string), `answer`, `question_type` ('multiple-choice' or 'open'), `image_1` ..
+`image_7`. Prompt (`construct_prompt`, interleaved_format off): multiple choice: the question, "\\n", the options as
+"A. ..." lines, "\\n\\nAnswer with the option's letter from the given choices directly."; open: the question +
+"\\n\\nAnswer the question using a single word or phrase.". The "<image N>" markers stay in the text as they are;
+the example's images are the image_N columns the prompt mentions, in sorted order. Up to 128 new tokens.
+
+Score (`mmmu_process_results`, `evaluate_mmmu`; the paper-era form where an open question's parse is the list of all
+candidates):
+- multiple choice: the letter from `answers.mmmu_choice` ("(A)", "A ", "A.", else option text in a response of more
+  than 5 words), right when it equals the answer. Nothing found: a random letter. lmms-eval draws it from the
+  process-wide stream seeded once (python random seed 0, its `--seed` default); here it is drawn from
+  `answers.question_rng(SEED, question id)`, so a question's fallback does not depend on which others are scored.
+- open: `open_candidates` (the tails of the response after 'so ', 'is ', 'answer ', ... and every number in them,
+  normalised: numbers to floats rounded to 2 places, text lower-cased), right when a number equals the normalised
+  answer or the normalised answer text is a substring of a text candidate.
+Accuracy over all questions (`accuracy`) and per subject (from the id).
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import re
+from typing import Any, Sequence
+
+from astrea_jax.eval import answers as answers_lib
+from astrea_jax.eval import readers
+from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+
+SEED = 0
+MULTIPLE_CHOICE = 'multiple-choice'
+MC_PROMPT = "Answer with the option's letter from the given choices directly."
+OPEN_PROMPT = 'Answer the question using a single word or phrase.'
+IMAGE_COLUMNS = tuple(f'image_{i}' for i in range(1, 8))
+COLUMNS = ('id', 'question', 'options', 'answer', 'question_type')
+_IMAGE_MARK = re.compile(r'<image \d+>')
+_KEY_INDICATORS = ('could be ', 'so ', 'is ', 'thus ', 'therefore ', 'final ', 'answer ', 'result ')
+_TRIVIAL = frozenset({':', ',', '.', '!', '?', ';', "'"})
+_NUMBER_WITH_COMMAS = re.compile(r'-?\b\d{1,3}(?:,\d{3})+\b')
+_NUMBER_SCIENTIFIC = re.compile(r'-?\d+(?:\.\d+)?[eE][+-]?\d+')
+_NUMBER_SIMPLE = re.compile(r'-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])')
+
+
+def prompt(question: str, question_type: str, options: Sequence[str]) -> str:
+  """construct_prompt with the default kwargs."""
+  if question_type == MULTIPLE_CHOICE:
+    return f'{question}\n{answers_lib.option_lines(options)}\n\n{MC_PROMPT}'
+  return f'{question}\n\n{OPEN_PROMPT}'
+
+
+def image_columns(text: str) -> list[str]:
+  """mmmu_doc_to_visual: the image_N columns named by "<image N>" in the prompt, sorted."""
+  return sorted({mark.strip('<>').replace(' ', '_') for mark in _IMAGE_MARK.findall(text)})
+
+
+def subject(question_id: str) -> str:
+  """extract_subset_name: 'validation_Art_Theory_12' -> 'Art_Theory'."""
+  split = question_id.split('_')[0]
+  match = re.match(rf'^{re.escape(split)}_(.+?)_\d+$', question_id)
+  if match is None:
+    raise ValueError(f'MMMU id {question_id!r}: expected "<split>_<Subject>_<number>"')
+  return match.group(1)
+
+
+def normalize_value(text: str) -> list[Any]:
+  """normalize_str: a number (commas ignored) -> [its float rounded to 2 places]; else the lower-cased text, and a
+  one-character text as [' x', 'x '] (to avoid trivial substring matches)."""
+  text = text.strip()
+  try:
+    return [round(float(text.replace(',', '')), 2)]
+  except ValueError:
+    text = text.lower()
+    return [' ' + text, text + ' '] if len(text) == 1 else [text]
+
+
+def extract_numbers(text: str) -> list[str]:
+  """extract_numbers: numbers with thousands commas, in scientific notation, then plain ones."""
+  return (_NUMBER_WITH_COMMAS.findall(text) + _NUMBER_SCIENTIFIC.findall(text) + _NUMBER_SIMPLE.findall(text))
+
+
+def key_responses(response: str) -> list[str]:
+  """get_key_subresponses: the response stripped, '.'-stripped and lower-cased, split into lines (lmms-eval's split
+  on '. ' before a capital cannot fire after lower-casing); per line, the shortest non-trivial tail after one of
+  `_KEY_INDICATORS` (and '=' on the last line); the whole response when no line has one."""
+  response = response.strip().strip('.').lower()
+  lines = re.split(r'\.\s(?=[A-Z])|\n', response)
+  keys = []
+  for k, line in enumerate(lines):
+    indicators = _KEY_INDICATORS + (('=',) if k == len(lines) - 1 else ())
+    shortest = None
+    for indicator in indicators:
+      if indicator in line:
+        tail = line.split(indicator)[-1].strip()
+        if not shortest or len(tail) < len(shortest):
+          shortest = tail
+    if shortest and shortest.strip() not in _TRIVIAL:
+      keys.append(shortest)
+  return keys or [response]
+
+
+def open_candidates(response: str) -> list[Any]:
+  """parse_open_response: the key responses and every number in them, each normalised (`normalize_value`), without
+  repeats."""
+  keys = key_responses(response)
+  values = [v for text in keys + [n for key in keys for n in extract_numbers(key)] for v in normalize_value(text)]
+  return list(dict.fromkeys(values))
+
+
+def open_correct(answer: Any, candidates: Sequence[Any]) -> bool:
+  """eval_open: a float candidate equal to a normalised answer, or a normalised answer text inside a text
+  candidate (a list answer: any of its items)."""
+  truths = [v for a in (answer if isinstance(answer, list) else [answer]) for v in normalize_value(str(a))]
+  for candidate in candidates:
+    if isinstance(candidate, str):
+      if any(isinstance(t, str) and t in candidate for t in truths):
+        return True
+    elif candidate in truths:
+      return True
+  return False
+
+
+class MMMU(Evaluator):
+  """MMMU accuracy (module doc)."""
+  name = 'mmmu'
+  max_new_tokens = 128
+  default_split = 'validation'
+  headline = 'accuracy'
+
+  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
+    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=IMAGE_COLUMNS)
+    ids = unique_ids([str(r['id']) for r in rows])
+    examples = []
+    for r, qid in zip(rows, ids):
+      try:
+        options = ast.literal_eval(r['options']) if r['options'] else []
+      except (ValueError, SyntaxError):
+        raise ValueError(f'MMMU question {qid}: options {r["options"]!r} is not a Python list literal') from None
+      text = prompt(r['question'], r['question_type'], options)
+      named = image_columns(text)
+      missing = [c for c in named if r[c] is None]
+      if missing:
+        raise ValueError(f'MMMU question {qid}: the prompt names {missing} but those image cells are empty')
+      examples.append(Example(qid, tuple(r[c] for c in named), text, r['answer'],
+                              {'question_type': r['question_type'], 'options': list(options),
+                               'subject': subject(str(r['id']))}))
+    return examples
+
+  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
+                                                                                    list[dict[str, Any]]]:
+    self.check_predictions(examples, predictions)
+    per_example = []
+    by_subject = collections.defaultdict(list)
+    for example, prediction in zip(examples, predictions):
+      prediction = prediction.strip()
+      if example.meta['question_type'] == MULTIPLE_CHOICE:
+        letter, fallback = answers_lib.mmmu_choice(prediction, example.meta['options'],
+                                                   answers_lib.question_rng(SEED, example.question_id))
+        answer = example.answer
+        right = letter in answer if isinstance(answer, list) else letter == answer
+        per_example.append({'score': float(right), 'parsed': letter, 'random_fallback': fallback})
+      else:
+        candidates = open_candidates(prediction)
+        right = open_correct(example.answer, candidates)
+        per_example.append({'score': float(right), 'parsed': candidates})
+      by_subject[example.meta['subject']].append(float(right))
+    values = [p['score'] for p in per_example]
+    scores = {'accuracy': sum(values) / len(values), 'num_questions': len(values),
+              'random_fallbacks': sum(p.get('random_fallback', False) for p in per_example),
+              'subjects': {s: sum(v) / len(v) for s, v in sorted(by_subject.items())}}
+    return scores, per_example

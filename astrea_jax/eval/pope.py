@@ -1,0 +1,91 @@
+"""POPE (lmms-eval task `pope`, `lmms_eval/tasks/pope/utils.py`): object-existence yes/no questions.
+
+Data: lmms-lab/POPE, split `test` (3 x 3000 questions: categories adversarial, popular, random), columns
+`question_id`, `question`, `answer` ('yes'/'no'), `category` (and `image_source`, `id`, kept in meta when present),
+`image`. Prompt: the stripped question + "\\nAnswer the question using a single word or phrase.". Up to 128 new tokens.
+
+Rule implemented: lmms-eval's (`RULE`). A prediction counts as "yes" or "no" only when, lower-cased and stripped, it
+IS that word ("Yes." or "No, there is not." is neither, and wrong). accuracy = share right; precision =
+TP / (TP + FP) and recall = TP / (TP + FN) with yes the positive class and only exact "yes"/"no" predictions counted
+(an unparsed prediction is neither an FP nor an FN, as lmms-eval); f1 from those; yes_ratio = the share of
+ground-truth "yes" (lmms-eval's, not the share of predicted yes). The other rule, LLaVA's `eval_pope.py` (first
+sentence, commas dropped, any word 'No'/'no'/'not' -> no, else yes; yes-ratio of the predictions), is not
+implemented. Scores are reported pooled over the categories (lmms-eval's `pope` task) and per category.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Mapping, Sequence
+
+from astrea_jax.eval import readers
+from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+
+RULE = 'lmms-eval: the lower-cased, stripped prediction must equal "yes"/"no"'
+POST_PROMPT = '\nAnswer the question using a single word or phrase.'
+COLUMNS = ('question_id', 'question', 'answer', 'category')
+OPTIONAL = ('image_source', 'id')
+
+
+def prompt(question: str) -> str:
+  """pope_doc_to_text with the default post_prompt."""
+  return question.strip() + POST_PROMPT
+
+
+def counts(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, int]:
+  """{tp, fp, tn, fn, other} of normalised predictions against normalised yes/no answers; `other` counts the
+  predictions that are neither 'yes' nor 'no'."""
+  c = collections.Counter()
+  for prediction, answer in zip(predictions, answers):
+    if prediction not in ('yes', 'no'):
+      c['other'] += 1
+    else:
+      c[('t' if prediction == answer else 'f') + ('p' if prediction == 'yes' else 'n')] += 1
+  return {k: c[k] for k in ('tp', 'fp', 'tn', 'fn', 'other')}
+
+
+def metrics(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, Any]:
+  """accuracy, precision, recall, f1 and yes_ratio (module doc) with the counts; 0 where a denominator is 0."""
+  c = counts(predictions, answers)
+  precision = c['tp'] / (c['tp'] + c['fp']) if c['tp'] + c['fp'] else 0.0
+  recall = c['tp'] / (c['tp'] + c['fn']) if c['tp'] + c['fn'] else 0.0
+  return {'accuracy': (c['tp'] + c['tn']) / len(answers), 'precision': precision, 'recall': recall,
+          'f1': 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+          'yes_ratio': sum(a == 'yes' for a in answers) / len(answers), 'counts': c, 'num_questions': len(answers)}
+
+
+class POPE(Evaluator):
+  """POPE accuracy / precision / recall / F1 / yes-ratio by lmms-eval's rule (module doc)."""
+  name = 'pope'
+  max_new_tokens = 128
+  default_split = 'test'
+  headline = 'f1'
+  reads_llava_questions = True
+
+  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
+    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
+    ids = unique_ids([str(r['question_id']) for r in rows])
+    return [Example(qid, (r['image'],), prompt(r['question']), r['answer'],
+                    {'category': r['category'], **{k: r[k] for k in OPTIONAL if k in r}})
+            for r, qid in zip(rows, ids)]
+
+  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, record['images'], record['text'], record['answer'],
+                   {'category': record.get('category', '')})
+
+  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
+                                                                                    list[dict[str, Any]]]:
+    self.check_predictions(examples, predictions)
+    parsed = [p.lower().strip() for p in predictions]
+    answers = []
+    for example in examples:
+      answer = str(example.answer).lower().strip()
+      if answer not in ('yes', 'no'):
+        raise ValueError(f'POPE question {example.question_id}: answer {example.answer!r} is not yes/no')
+      answers.append(answer)
+    scores = {'rule': RULE, **metrics(parsed, answers)}
+    categories = sorted({e.meta.get('category', '') for e in examples})
+    scores['categories'] = {
+        c: metrics(*zip(*[(p, a) for p, a, e in zip(parsed, answers, examples) if e.meta.get('category', '') == c]))
+        for c in categories}
+    return scores, [{'score': float(p == a), 'parsed': p} for p, a in zip(parsed, answers)]

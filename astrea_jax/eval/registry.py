@@ -1,0 +1,34 @@
+"""The benchmark evaluators by name (big_vision style: the config names the evaluator, `get_evaluator` builds it).
+
+| name          | lmms-eval task  | headline score               |
+|---------------|-----------------|------------------------------|
+| mme           | mme             | perception (points, /2000)   |
+| pope          | pope            | f1                           |
+| vqav2         | vqav2_val       | accuracy                     |
+| textvqa       | textvqa_val     | accuracy                     |
+| gqa           | gqa             | accuracy                     |
+| scienceqa_img | scienceqa_img   | accuracy                     |
+| seedbench     | seedbench       | seed_image                   |
+| mmmu          | mmmu_val        | accuracy                     |
+| mmbench       | mmbench_en_dev  | accuracy (CircularEval)      |
+| chartqa       | chartqa         | relaxed_overall              |
+| docvqa        | docvqa_val      | anls                         |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from astrea_jax.eval import chartqa, docvqa, gqa, mmbench, mme, mmmu, pope, scienceqa, seed_bench, textvqa, vqav2
+from astrea_jax.eval.evaluator import Evaluator
+
+REGISTRY: dict[str, type[Evaluator]] = {cls.name: cls for cls in (
+    mme.MME, pope.POPE, vqav2.VQAv2, textvqa.TextVQA, gqa.GQA, scienceqa.ScienceQAImg, seed_bench.SEEDBench,
+    mmmu.MMMU, mmbench.MMBench, chartqa.ChartQA, docvqa.DocVQA)}
+
+
+def get_evaluator(name: str, **kwargs: Any) -> Evaluator:
+  """The evaluator registered as `name`, built with `kwargs` (e.g. split='dev')."""
+  if name not in REGISTRY:
+    raise ValueError(f'unknown benchmark {name!r}; expected one of {sorted(REGISTRY)}')
+  return REGISTRY[name](**kwargs)

@@ -1,0 +1,67 @@
+"""ScienceQA-IMG (lmms-eval task `scienceqa_img`, `lmms_eval/tasks/scienceqa/utils.py`): science multiple choice.
+
+Data: lmms-lab/ScienceQA config `ScienceQA-IMG` (point `load` at that folder), split `test` (2017 questions), columns
+`question`, `choices` (list of strings), `answer` (the index of the right choice), `hint`, `image` (and `subject`,
+`grade`, `category`, ..., kept in meta when present). No question id: the row number is used. Prompt:
+"Context: {hint}\\n" when there is a hint, the question, "\\n", the choices as "A. ..." lines, then
+"\\nAnswer with the option's letter from the given choices directly.". Up to 16 new tokens.
+
+Score (`sqa_process_results`, as fixed in lmms-eval commit 8ada8050, July 2025): with the prediction stripped, right
+when its lower-case equals the answer letter's ("A" and "a" both count), or when it is an upper-case letter followed
+by '.' ("A." or "A. text") and that letter is the answer; anything else ("(A)", "The answer is A") is wrong.
+(Before that fix lmms-eval lower-cased the prediction first, so the "A." branch could never fire and "A." scored 0;
+EVAL.md's "'a' scores 0" matches neither version.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from astrea_jax.eval import answers as answers_lib
+from astrea_jax.eval import readers
+from astrea_jax.eval.evaluator import Evaluator, Example
+
+POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+COLUMNS = ('question', 'choices', 'answer', 'hint')
+OPTIONAL = ('subject', 'grade', 'category', 'topic', 'skill', 'task')
+
+
+def prompt(question: str, choices: Sequence[str], hint: str | None) -> str:
+  """sqa_doc_to_text, default format."""
+  context = f'Context: {hint}\n' if hint else ''
+  return f'{context}{question}\n{answers_lib.option_lines(choices)}{POST_PROMPT}'
+
+
+def correct(prediction: str, answer_letter: str) -> bool:
+  """sqa_process_results (module doc); the prediction arrives stripped."""
+  target = answer_letter.strip().lower()
+  if prediction.lower() == target:
+    return True
+  return len(prediction) >= 2 and prediction[0].isupper() and prediction[1] == '.' and prediction[0].lower() == target
+
+
+class ScienceQAImg(Evaluator):
+  """ScienceQA-IMG accuracy (module doc)."""
+  name = 'scienceqa_img'
+  max_new_tokens = 16
+  default_split = 'test'
+  headline = 'accuracy'
+
+  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
+    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
+    examples = []
+    for i, r in enumerate(rows):
+      if not 0 <= r['answer'] < len(r['choices']):
+        raise ValueError(f'ScienceQA row {i}: answer index {r["answer"]} outside its {len(r["choices"])} choices')
+      images = () if r['image'] is None else (r['image'],)
+      examples.append(Example(str(i), images, prompt(r['question'], r['choices'], r['hint']),
+                              answers_lib.option_letters(len(r['choices']))[r['answer']],
+                              {k: r[k] for k in OPTIONAL if k in r}))
+    return examples
+
+  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
+                                                                                    list[dict[str, Any]]]:
+    self.check_predictions(examples, predictions)
+    per_example = [{'score': float(correct(p.strip(), e.answer))} for e, p in zip(examples, predictions)]
+    values = [p['score'] for p in per_example]
+    return {'accuracy': sum(values) / len(values), 'num_questions': len(values)}, per_example

@@ -1,0 +1,77 @@
+"""SEED-Bench (lmms-eval task `seedbench`, `lmms_eval/tasks/seedbench/utils.py`): 4-way multiple choice.
+
+Data: lmms-lab/SEED-Bench, split `test`, columns `question_id`, `question`, `choice_a`..`choice_d`, `answer` (a
+letter), `data_type` ('image' or 'video'), `image` (a LIST of images: one for an image question, the frames for a
+video one). The evaluator keeps the rows whose data_type is in `data_types` (default: image only, the paper's SEED
+column being SEED-Image). Prompt: the question, then "\\nA. ..\\nB. ..\\nC. ..\\nD. ..", then
+"\\nAnswer with the option's letter from the given choices directly.". lmms-eval sets no max_new_tokens (its LLaVA
+default, 1024) and stops at "ASSISTANT:".
+
+Score (`seed_process_result`, `seed_aggregation_result`): the first character of the stripped prediction (all of it
+when it is 0 or 1 character long), right when it equals the answer ignoring case and surrounding spaces;
+`seed_image`, `seed_video` (accuracy over the questions of that type present) and `seed_all`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from astrea_jax.eval import answers as answers_lib
+from astrea_jax.eval import readers
+from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+
+POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+CHOICES = ('choice_a', 'choice_b', 'choice_c', 'choice_d')
+COLUMNS = ('question_id', 'question', *CHOICES, 'answer', 'data_type')
+DATA_TYPES = ('image', 'video')
+
+
+def prompt(question: str, choices: Sequence[str]) -> str:
+  """seed_doc_to_text."""
+  return f'{question}\n{answers_lib.option_lines(choices)}{POST_PROMPT}'
+
+
+def first_character(prediction: str) -> str:
+  """The stripped prediction's first character ('' for an empty one)."""
+  return prediction.strip()[:1]
+
+
+class SEEDBench(Evaluator):
+  """SEED-Bench accuracy by first character (module doc)."""
+  name = 'seedbench'
+  max_new_tokens = 1024
+  default_split = 'test'
+  headline = 'seed_image'
+  reads_llava_questions = True
+
+  def __init__(self, split: str | None = None, data_types: Sequence[str] = ('image',)):
+    super().__init__(split)
+    unknown = sorted(set(data_types) - set(DATA_TYPES))
+    if unknown or not data_types:
+      raise ValueError(f'SEED-Bench data_types {tuple(data_types)}: expected a non-empty subset of {DATA_TYPES}')
+    self.data_types = tuple(data_types)
+
+  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
+    rows = [r for r in readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',))
+            if r['data_type'] in self.data_types]
+    ids = unique_ids([str(r['question_id']) for r in rows])
+    return [Example(qid, tuple(r['image']), prompt(r['question'], [r[c] for c in CHOICES]), r['answer'],
+                    {'data_type': r['data_type']}) for r, qid in zip(rows, ids)]
+
+  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, record['images'], record['text'], record['answer'],
+                   {'data_type': record.get('data_type', 'image')})
+
+  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
+                                                                                    list[dict[str, Any]]]:
+    self.check_predictions(examples, predictions)
+    per_example, by_type = [], {}
+    for example, prediction in zip(examples, predictions):
+      parsed = first_character(prediction)
+      right = float(parsed.lower().strip() == str(example.answer).lower().strip())
+      per_example.append({'score': right, 'parsed': parsed})
+      by_type.setdefault(example.meta.get('data_type', 'image'), []).append(right)
+    scores = {f'seed_{t}': sum(v) / len(v) for t, v in sorted(by_type.items())}
+    scores['seed_all'] = sum(p['score'] for p in per_example) / len(per_example)
+    scores['num_questions'] = len(per_example)
+    return scores, per_example

@@ -1,0 +1,90 @@
+"""VQAv2 (lmms-eval task `vqav2_val`, `lmms_eval/tasks/vqav2/utils.py`): open questions with 10 annotator answers.
+
+Data: lmms-lab/VQAv2, split `validation`, columns `question_id`, `question`, `answers` (10 dicts {answer,
+answer_confidence, answer_id}), `image` (and `question_type`, `answer_type`, `image_id`, `multiple_choice_answer`,
+kept in meta when present). Prompt: the question + "\\nAnswer the question using a single word or phrase.". Up to 16
+new tokens. (The test-dev split has no answers: it is scored by the EvalAI server, not here.)
+
+Score, `RULE`, as lmms-eval scored VQAv2 up to July 2025 (v0.3-v0.4; the official VQA evaluation does the same):
+the prediction goes through the full EvalAI processor (`answers.evalai_normalize`); the ground truths are only
+stripped, and only when they are not all equal are they, and the prediction once more, put through the processor's
+punctuation and digit/article steps; then the leave-one-out soft accuracy (`answers.vqa_soft_accuracy`). Since
+August 2025 (lmms-eval commit 28ea9a11) lmms-eval always applies those two steps to both sides; the two rules differ
+only for unanimous ground truths that the steps would change (e.g. ten "the dog" vs "dog"). lmms-eval leaves out
+each answer dict by inequality, which is leaving out one answer since their `answer_id`s differ.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from astrea_jax.eval import answers as answers_lib
+from astrea_jax.eval import readers
+from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+
+RULE = ('lmms-eval <= v0.4: prediction EvalAI-normalised; ground truths punctuation/digit/article-normalised only '
+        'when they disagree; leave-one-out soft accuracy')
+POST_PROMPT = '\nAnswer the question using a single word or phrase.'
+COLUMNS = ('question_id', 'question', 'answers')
+OPTIONAL = ('question_type', 'answer_type', 'image_id', 'multiple_choice_answer')
+
+
+def prompt(question: str) -> str:
+  """vqav2_doc_to_text with the default post_prompt (the question is not stripped)."""
+  return question + POST_PROMPT
+
+
+def answer_strings(answers: Sequence[Any], where: str) -> list[str]:
+  """The answer texts of VQAv2 answer dicts ({answer, ...}) or of plain strings."""
+  if not answers:
+    raise ValueError(f'{where}: no ground-truth answers (a test split?); expected the 10 annotator answers')
+  try:
+    return [a['answer'] if isinstance(a, Mapping) else str(a) for a in answers]
+  except KeyError:
+    raise ValueError(f'{where}: an answer dict has no "answer" field: {answers[0]!r}') from None
+
+
+def accuracy(prediction: str, ground_truths: Sequence[str]) -> float:
+  """The VQAv2 accuracy of one prediction by `RULE` (module doc)."""
+  predicted = answers_lib.evalai_normalize(prediction)
+  truths = [a.replace('\n', ' ').replace('\t', ' ').strip() for a in ground_truths]
+  if len(set(truths)) > 1:
+    truths = [answers_lib.evalai_digits_articles(answers_lib.evalai_punctuation(a)) for a in truths]
+    predicted = answers_lib.evalai_digits_articles(answers_lib.evalai_punctuation(predicted))
+  return answers_lib.vqa_soft_accuracy(predicted, truths)
+
+
+class VQAv2(Evaluator):
+  """VQAv2 soft accuracy (module doc)."""
+  name = 'vqav2'
+  max_new_tokens = 16
+  default_split = 'validation'
+  headline = 'accuracy'
+  reads_llava_questions = True
+
+  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
+    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
+    ids = unique_ids([str(r['question_id']) for r in rows])
+    return [Example(qid, (r['image'],), prompt(r['question']), r['answers'], {k: r[k] for k in OPTIONAL if k in r})
+            for r, qid in zip(rows, ids)]
+
+  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, record['images'], record['text'], record['answer'],
+                   {'category': record.get('category', '')})
+
+  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
+                                                                                    list[dict[str, Any]]]:
+    self.check_predictions(examples, predictions)
+    per_example = []
+    for example, prediction in zip(examples, predictions):
+      truths = answer_strings(example.answer, f'VQAv2 question {example.question_id}')
+      per_example.append({'score': accuracy(prediction.strip(), truths),
+                          'parsed': answers_lib.evalai_normalize(prediction.strip())})
+    values = [p['score'] for p in per_example]
+    by_type: dict[str, list[float]] = {}
+    for example, value in zip(examples, values):
+      if 'answer_type' in example.meta:
+        by_type.setdefault(example.meta['answer_type'], []).append(value)
+    scores = {'rule': RULE, 'accuracy': sum(values) / len(values), 'num_questions': len(values),
+              'answer_types': {t: sum(v) / len(v) for t, v in sorted(by_type.items())}}
+    return scores, per_example
