@@ -20,7 +20,8 @@ from absl import app, flags
 
 from astrea_jax.convert import llama as llama_family
 from astrea_jax.convert import safetensors_io
-from astrea_jax.models.llama import LlamaConfig, to_dtype
+from astrea_jax.core.fields import to_dtype
+from astrea_jax.models.llama import LlamaConfig
 
 _HIDDEN = flags.DEFINE_integer('hidden', 2048, 'hidden_size')
 _INTER = flags.DEFINE_integer('intermediate', 5632, 'intermediate_size')

@@ -28,12 +28,13 @@ routing/{router,adapters}/... and heads/{image,text}/... (models with more than 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from astrea_jax.core.fields import check_known_fields, to_dtype
 from astrea_jax.astrea import anyres
 from astrea_jax.astrea.moco import ContrastiveHead
 from astrea_jax.astrea.projector import Projector
@@ -100,7 +101,7 @@ class AstreaConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'AstreaConfig':
     """Inverse of `to_dict`; unknown fields are an error."""
-    llama.check_known_fields(cls, d)
+    check_known_fields(cls, d)
     return cls(**dict(d, llm=llama.LlamaConfig.from_dict(d['llm']),
                       experts=tuple(expert_lib.expert_config_from_dict(e) for e in d['experts']),
                       align_stages=tuple(d.get('align_stages', ())),
@@ -193,7 +194,7 @@ class Astrea(nn.Module):
   def setup(self):
     cfg = self.cfg
     width = cfg.llm.hidden_size
-    dtype, pdtype = llama.to_dtype(cfg.llm.dtype), llama.to_dtype(cfg.llm.param_dtype)
+    dtype, pdtype = to_dtype(cfg.llm.dtype), to_dtype(cfg.llm.param_dtype)
     by_name = {e.name: e for e in cfg.experts}
     self.experts = BySlot(cfg.slots, lambda slot, _: expert_lib.build_expert(by_name[slot]))
     self.projectors = BySlot(cfg.slots, lambda slot, name: Projector(width, dtype, pdtype, name=name))

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from astrea_jax.core.axes import BATCH, EMBED_ACT, LENGTH
 from astrea_jax.astrea.projector import dense
 from astrea_jax.models import llama
 
@@ -113,6 +114,6 @@ class ResidualAttention(nn.Module):
     out = project(attended, 'o_proj', ('q_heads', 'embed')).astype(f.dtype)
     if self.residual_add:
       out = f + out
-    out = nn.with_logical_constraint(out, (llama.BATCH, llama.LENGTH, llama.EMBED_ACT))
+    out = nn.with_logical_constraint(out, (BATCH, LENGTH, EMBED_ACT))
     any_gate = jnp.any(gates > 0, axis=0)  # [B]
     return jnp.where(any_gate[:, None, None], out, f)

@@ -23,8 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from astrea_jax.core.axes import BATCH, EMBED_ACT, LENGTH
 from astrea_jax.astrea.projector import Projector, dense
-from astrea_jax.models import llama
 
 Array = jax.Array
 
@@ -145,5 +145,5 @@ class RoutedMixture(nn.Module):
     logits = Router(self.router_context, self.param_dtype, name='router')(expert_tokens, instruction)
     probs = topk_softmax(logits, self.top_k)
     adapted = Adapters(expert_tokens.shape[-1], self.dtype, self.param_dtype, name='adapters')(expert_tokens)
-    fused = nn.with_logical_constraint(mix_experts(probs, adapted), (llama.BATCH, llama.LENGTH, llama.EMBED_ACT))
+    fused = nn.with_logical_constraint(mix_experts(probs, adapted), (BATCH, LENGTH, EMBED_ACT))
     return fused, {'logits': logits, 'probs': probs}

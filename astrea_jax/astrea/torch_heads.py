@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from astrea_jax.convert import safetensors_io
-from astrea_jax.models.llama import to_dtype
+from astrea_jax.core.fields import to_dtype
 
 
 class Projector(torch.nn.Module):

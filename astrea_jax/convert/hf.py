@@ -26,7 +26,7 @@ import numpy as np
 import tqdm
 
 from astrea_jax.convert import checkpoint, get_family, safetensors_io, table
-from astrea_jax.models.llama import to_dtype
+from astrea_jax.core.fields import to_dtype
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 # Parameters are appended to the Orbax checkpoint in batches of about this many bytes: every partial save costs time

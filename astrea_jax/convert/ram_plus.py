@@ -32,7 +32,7 @@ import numpy as np
 
 from astrea_jax.convert import checkpoint, fused, hf, safetensors_io, swin, table, torch_io
 from astrea_jax.convert.table import ConversionError
-from astrea_jax.models.llama import to_dtype
+from astrea_jax.core.fields import to_dtype
 from astrea_jax.models.ram import RamPlus, RamPlusConfig
 from astrea_jax.models.swin import SwinConfig
 from astrea_jax.parallel import sharding

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from astrea_jax.models import vit
-from astrea_jax.models.llama import BATCH, EMBED_ACT, LENGTH, to_dtype
+from astrea_jax.core.axes import BATCH, EMBED_ACT, LENGTH
+from astrea_jax.core.fields import to_dtype
 
 Array = jax.Array
 

@@ -60,7 +60,8 @@ import numpy as np
 from astrea_jax.models import bert, swin
 from astrea_jax.models.deformable_attention import MultiscaleDeformableAttention
 from astrea_jax.models.layers import LogicalDenseGeneral
-from astrea_jax.models.llama import BATCH, EMBED_ACT, LENGTH, ConfigFields, check_known_fields, to_dtype
+from astrea_jax.core.axes import BATCH, EMBED_ACT, LENGTH
+from astrea_jax.core.fields import ConfigFields, check_known_fields, to_dtype
 
 Array = jax.Array
 

@@ -54,7 +54,9 @@ import jax
 import jax.numpy as jnp
 
 from astrea_jax.models.layers import LogicalDenseGeneral
-from astrea_jax.models.llama import BATCH, EMBED_ACT, REMAT_POLICIES, ConfigFields, remat_policy, to_dtype
+from astrea_jax.core.axes import BATCH, EMBED_ACT
+from astrea_jax.core.fields import ConfigFields, REMAT_POLICIES, to_dtype
+from astrea_jax.models.layers import remat_policy
 from astrea_jax.models.vit import ACTIVATIONS, resize_bicubic
 
 Array = jax.Array

@@ -38,3 +38,9 @@ class LogicalDenseGeneral(nn.Module):
                         self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+def remat_policy(name: str):
+  """Maps `remat_policy` from the config to a `jax.checkpoint_policies` policy ('full' saves nothing)."""
+  if name == 'full':
+    return jax.checkpoint_policies.nothing_saveable
+  return getattr(jax.checkpoint_policies, name)

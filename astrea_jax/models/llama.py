@@ -24,58 +24,18 @@ step is a pure function of (params, cache, tokens).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from astrea_jax.models.layers import LogicalDenseGeneral
+from astrea_jax.core.axes import BATCH, EMBED_ACT, HEADS_ACT, KV_HEADS_ACT, LENGTH, MLP_ACT, VOCAB_ACT
+from astrea_jax.core.fields import ConfigFields, to_dtype
+from astrea_jax.models.layers import LogicalDenseGeneral, remat_policy
 
 Array = jax.Array
-
-# Logical axis names used by this module (the rules that map them to mesh axes live in the config).
-BATCH, LENGTH, EMBED_ACT = 'activation_batch', 'activation_length', 'activation_embed'
-HEADS_ACT, KV_HEADS_ACT, MLP_ACT, VOCAB_ACT = ('activation_heads', 'activation_kv_heads', 'activation_mlp',
-                                                'activation_vocab')
-
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-
-REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable', 'everything_saveable',
-                  'nothing_saveable')
-
-
-def to_dtype(name: str) -> Any:
-  """Maps a config dtype name ('float32', 'bfloat16', 'float16') to a jnp dtype."""
-  if name not in _DTYPES:
-    raise ValueError(f'unknown dtype {name!r}; expected one of {sorted(_DTYPES)}')
-  return _DTYPES[name]
-
-
-def check_known_fields(cls: type, d: Mapping[str, Any]) -> None:
-  """Raises ValueError naming the keys of d that are not fields of the dataclass cls (configs built from JSON)."""
-  names = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(d) - names)
-  if unknown:
-    raise ValueError(f'unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(names)}')
-
-
-class ConfigFields:
-  """`from_dict` / `to_dict` / `replace` for the frozen config dataclasses of the model families."""
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]):
-    """Builds from a mapping (a `ConfigDict` or stored JSON); unknown keys are an error."""
-    check_known_fields(cls, d)
-    return cls(**dict(d))
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  def replace(self, **kw):
-    return dataclasses.replace(self, **kw)
-
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig(ConfigFields):
@@ -96,24 +56,16 @@ class LlamaConfig(ConfigFields):
   param_dtype: str = 'float32'  # storage dtype of the parameters
   remat_policy: str = 'none'    # one of REMAT_POLICIES
 
-  def __post_init__(self):
-    problems = []
-    for name in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'num_kv_heads',
-                 'head_dim'):
-      if getattr(self, name) <= 0:
-        problems.append(f'{name}={getattr(self, name)} must be positive')
-    if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
-      problems.append(f'num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}')
-    if self.head_dim % 2:
-      problems.append(f'head_dim={self.head_dim} must be even for rotary embeddings')
-    if self.remat_policy not in REMAT_POLICIES:
-      problems.append(f'remat_policy={self.remat_policy!r} must be one of {REMAT_POLICIES}')
-    for name in ('dtype', 'param_dtype'):
-      if getattr(self, name) not in _DTYPES:
-        problems.append(f'{name}={getattr(self, name)!r} must be one of {sorted(_DTYPES)}')
-    if problems:
-      raise ValueError('invalid LlamaConfig: ' + '; '.join(problems))
+  POSITIVE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'num_kv_heads',
+                     'head_dim')
 
+  def problems(self) -> list[str]:
+    out = super().problems()
+    if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
+      out.append(f'num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}')
+    if self.head_dim % 2:
+      out.append(f'head_dim={self.head_dim} must be even for rotary embeddings')
+    return out
 
 
 def _kernel_init(cfg: LlamaConfig, names: tuple[str | None, ...]):
@@ -268,11 +220,6 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED_ACT)), new_cache
 
 
-def remat_policy(name: str):
-  """Maps `remat_policy` from the config to a `jax.checkpoint_policies` policy ('full' saves nothing)."""
-  if name == 'full':
-    return jax.checkpoint_policies.nothing_saveable
-  return getattr(jax.checkpoint_policies, name)
 
 
 class Llama(nn.Module):

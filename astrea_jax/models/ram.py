@@ -44,7 +44,8 @@ import jax.numpy as jnp
 
 from astrea_jax.models import swin
 from astrea_jax.models.layers import LogicalDenseGeneral
-from astrea_jax.models.llama import BATCH, EMBED_ACT, LENGTH, MLP_ACT, ConfigFields, check_known_fields, to_dtype
+from astrea_jax.core.axes import BATCH, EMBED_ACT, LENGTH, MLP_ACT
+from astrea_jax.core.fields import ConfigFields, check_known_fields, to_dtype
 from astrea_jax.models.vit import ACTIVATIONS
 
 Array = jax.Array

@@ -54,8 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from astrea_jax.models.layers import LogicalDenseGeneral
-from astrea_jax.models.llama import (BATCH, EMBED_ACT, LENGTH, MLP_ACT, REMAT_POLICIES, ConfigFields, remat_policy,
-                                     to_dtype)
+from astrea_jax.core.axes import BATCH, EMBED_ACT, LENGTH, MLP_ACT
+from astrea_jax.core.fields import ConfigFields, REMAT_POLICIES, to_dtype
+from astrea_jax.models.layers import remat_policy
 from astrea_jax.models.vit import ACTIVATIONS
 
 Array = jax.Array

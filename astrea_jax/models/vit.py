@@ -47,8 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from astrea_jax.models.layers import LogicalDenseGeneral
-from astrea_jax.models.llama import (BATCH, EMBED_ACT, HEADS_ACT, LENGTH, MLP_ACT, REMAT_POLICIES, ConfigFields,
-                                     remat_policy, to_dtype)
+from astrea_jax.core.axes import BATCH, EMBED_ACT, HEADS_ACT, LENGTH, MLP_ACT
+from astrea_jax.core.fields import ConfigFields, REMAT_POLICIES, to_dtype
+from astrea_jax.models.layers import remat_policy
 
 Array = jax.Array
 

@@ -1,0 +1,22 @@
+"""What every process of a multi-host job does together."""
+
+from __future__ import annotations
+
+import jax
+from jax.experimental import multihost_utils
+
+
+def barrier(name: str) -> None:
+  """All processes meet here (`sync_global_devices`) when there are several; a no-op for one process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def first_then_all(name: str, fn) -> None:
+  """Runs `fn()` on process 0 first (e.g. building a dataset on a shared filesystem), then on every other process
+  after a barrier (finding what process 0 made)."""
+  if jax.process_index() == 0:
+    fn()
+  barrier(name)
+  if jax.process_index() != 0:
+    fn()
