@@ -51,6 +51,7 @@ import torch
 import transformers
 from absl import app, flags
 
+from astrea_jax.convert import loaders
 from astrea_jax import config as config_lib
 from astrea_jax.convert import checkpoint, hf
 from astrea_jax.eval import generate
@@ -213,7 +214,7 @@ def converted_model(name: str, workdir: str, mesh: jax.sharding.Mesh) -> tuple[s
                                        **MODELS[name])
   ckpt_dir = os.path.join(workdir, 'ckpt')
   hf.import_hf(hf_dir, ckpt_dir, 'llama', show_progress=False)
-  cfg, params = checkpoint.load_llm(ckpt_dir, mesh, RULES)
+  cfg, params = loaders.load_llm(ckpt_dir, mesh, RULES)
   return hf_dir, cfg, params
 
 

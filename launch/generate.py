@@ -21,6 +21,7 @@ import transformers
 from absl import app, flags
 from ml_collections import config_flags
 
+from astrea_jax.convert import loaders
 from astrea_jax import config
 from astrea_jax.convert import checkpoint
 from astrea_jax.eval import generate
@@ -93,7 +94,7 @@ def main(argv):
         _PROMPT_IDS.value)
 
     mesh = mesh_lib.create_mesh(run_config.mesh)
-    cfg, params = checkpoint.load_llm(_CKPT.value, mesh, run_config.logical_axis_rules, dtype=run_config.llm.dtype)
+    cfg, params = loaders.load_llm(_CKPT.value, mesh, run_config.logical_axis_rules, dtype=run_config.llm.dtype)
     flag = '--prompt' if _PROMPT.value is not None else '--prompt_ids'
     try:
       generate.check_prompts([prompt], cfg.vocab_size)

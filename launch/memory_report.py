@@ -30,17 +30,16 @@ if __name__ == '__main__':  # the fake devices must exist before jax is imported
 import json  # noqa: E402
 import time  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from astrea_jax import config as config_lib  # noqa: E402
-from astrea_jax.astrea import model as model_lib  # noqa: E402
 from astrea_jax.parallel import mesh as mesh_lib  # noqa: E402
 from astrea_jax.parallel import sharding  # noqa: E402
-from astrea_jax.train import stages, step as step_lib  # noqa: E402
+from astrea_jax.core import stages as stage_table  # noqa: E402
+from astrea_jax.train import runner, stage_step, stages, step as step_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config.')
 _DEVICES = flags.DEFINE_integer('devices', 64, 'Fake devices to compile for.')
@@ -51,7 +50,7 @@ flags.mark_flags_as_required(['config'])
 GIB = 2**30
 
 
-def abstract_batch(config, cfg: model_lib.AstreaConfig, stage: str, mesh, rules):
+def abstract_batch(config, cfg, stage: str, mesh, rules):
   """ShapeDtypeStructs of one global batch (every field the stage's step reads; one image slot per row, every expert's
   input), with the batch axis sharded over the data axes."""
   b, l, n = config.train.global_batch_size, config.data.seq_len, config.data.max_images
@@ -60,47 +59,39 @@ def abstract_batch(config, cfg: model_lib.AstreaConfig, stage: str, mesh, rules)
   batch['image_ids'] = batch['image_segment_ids'] = jax.ShapeDtypeStruct((b, n), jnp.int32)
   batch['images'] = {e.name: jax.ShapeDtypeStruct((b, n, e.image_size, e.image_size, 3), jnp.float32)
                      for e in cfg.experts}
-  if stage == step_lib.MAIN:
+  if stage_table.spec(stage).moco:
     batch['captions'] = batch['caption_mask'] = jax.ShapeDtypeStruct((b, n, config.moco.caption_len), jnp.int32)
   return sharding.with_shardings(batch, step_lib.batch_shardings(batch, mesh, rules))
 
 
 def compile_step(config, stage: str, devices: int, accum_steps: int):
-  """(compiled step, {params, state_bytes (the whole train state, unsharded), frozen_param_bytes (the stage's frozen
-  parameters, unsharded), batch_bytes (one global batch)}, seconds to lower and compile)."""
+  """(compiled step, {params, state_bytes, frozen_param_bytes, batch_bytes}, seconds to lower and compile): the
+  stage's step as the runner builds it (`train.stage_step`), lowered with abstract sharded state and batch."""
   config_lib.validate(config)
+  config = config.copy_and_resolve_references()
+  config.train.grad_accum_steps = accum_steps
   cfg = config_lib.model_config(config)
   mesh_lib.check_batch_divides(config.train.global_batch_size, mesh_lib.resolve_axis_sizes(config.mesh, devices))
   mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:devices])
   rules = config.logical_axis_rules
-  model = model_lib.Astrea(cfg)
-  sizes = {e.name: e.image_size for e in cfg.experts}
-  init_params = lambda: model_lib.init_params(cfg, jax.random.key(0), sizes)
-  params_abstract, p_shardings = sharding.abstract_and_shardings(init_params, mesh, rules)
-  patterns = tuple(config_lib.stage_settings(config, stage).trainable) or stages.default_trainable(stage, cfg)
-  stages.check_trains_something(stage, params_abstract, patterns)
-  labels = stages.param_labels(params_abstract, patterns)
-  settings = config_lib.stage_settings(config, stage)
-  tx, schedule = stages.stage_optimizer(config.optimizer, settings.num_steps, settings.learning_rate)
-  init = lambda: step_lib.init_state(init_params(), tx, labels, stage, config.moco, jax.random.key(1))
-  abstract_state, state_shardings = sharding.abstract_and_shardings(init, mesh, rules)
+  plan = stage_step.stage_plan(config, cfg, stage)
+  params_abstract = runner.abstract_params(config, cfg)
+  stages.check_trains_something(stage, params_abstract, plan.trainable)
+  built = stage_step.build(config, cfg, plan, 0, mesh, rules)
   batch = abstract_batch(config, cfg, stage, mesh, rules)
-  step = step_lib.make_step(model, stage, tx, config, labels, schedule, accum_steps, p_shardings)
-  jitted = step_lib.jit_step(step, mesh, rules, state_shardings, jax.tree.map(lambda x: x.sharding, batch))
   start = time.perf_counter()
   with sharding.logical_context(mesh, rules):
-    compiled = jitted.lower(sharding.with_shardings(abstract_state, state_shardings), batch).compile()
-  sizes = {'params': sum(x.size for x in jax.tree.leaves(params_abstract)),
-           'batch_bytes': sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(batch)),
-           'state_bytes': sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state)),
-           'frozen_param_bytes': sum(x.size * x.dtype.itemsize
-                                     for x in jax.tree.leaves(stages.split(params_abstract, labels)[1]))}
+    compiled = stage_step.jit(built, mesh, rules, batch).lower(built.restore_target(), batch).compile()
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  sizes = {'params': sum(x.size for x in jax.tree.leaves(params_abstract)), 'batch_bytes': nbytes(batch),
+           'state_bytes': nbytes(built.abstract_state),
+           'frozen_param_bytes': nbytes(stages.split(params_abstract, built.labels)[1])}
   return compiled, sizes, time.perf_counter() - start
 
 
 def report(config, stage: str, devices: int, accum_steps: int) -> dict:
   compiled, sizes, seconds = compile_step(config, stage, devices, accum_steps)
-  mem = compiled.memory_analysis()
+  mem = stage_step.memory_stats(compiled)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   out = {
@@ -110,12 +101,9 @@ def report(config, stage: str, devices: int, accum_steps: int) -> dict:
       'mesh': dict(mesh_lib.resolve_axis_sizes(config.mesh, devices)),
       'global_batch': config.train.global_batch_size, 'seq_len': config.data.seq_len,
       'remat_policy': config.llm.remat_policy,
-      'argument_bytes': int(mem.argument_size_in_bytes), 'output_bytes': int(mem.output_size_in_bytes),
-      'alias_bytes': int(mem.alias_size_in_bytes), 'temp_bytes': int(mem.temp_size_in_bytes),
+      **{f'{k}_bytes': mem[k] for k in ('argument', 'output', 'alias', 'temp', 'peak')},
       'flops': float(cost.get('flops', 0.0)), 'compile_seconds': round(seconds, 1),
   }
-  # Donated state aliases its outputs: live memory is arguments + temporaries + outputs not aliased to inputs.
-  out['peak_bytes'] = out['argument_bytes'] + out['temp_bytes'] + out['output_bytes'] - out['alias_bytes']
   return out
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from astrea_jax import config as config_lib
 from astrea_jax.astrea import model as model_lib
+from astrea_jax.core import boxes, files
 from astrea_jax.data import pipeline, shapes_tfds, templates
 from astrea_jax.data.conversation import GPT, HUMAN
 from astrea_jax.data.shapes_text import VQA_TYPES
@@ -55,10 +56,10 @@ def test_parse_box_good_and_garbled():
 
 
 def test_box_iou_and_grounding_threshold():
-  assert evaluate.box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
-  assert evaluate.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
-  assert evaluate.box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
-  assert evaluate.box_iou((3, 3, 3, 3), (3, 3, 3, 3)) == 0.0  # empty union
+  assert boxes.box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+  assert boxes.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+  assert boxes.box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+  assert boxes.box_iou((3, 3, 3, 3), (3, 3, 3, 3)) == 0.0  # empty union
   assert not evaluate.grounding_correct('[0,0,10,20]', '[0,0,10,10]')  # IoU 0.5 exactly is not > 0.5
   assert evaluate.grounding_correct('[0,0,10,18]', '[0,0,10,10]')      # IoU 100 / 180
   assert not evaluate.grounding_correct('somewhere', '[0,0,10,10]')
@@ -169,8 +170,8 @@ def test_heatmap_and_atomic_write(tmp_path):
   with pytest.raises(ValueError, match='do not match 2 row labels and 2 column labels'):
     plots.heatmap(values, ['a', 'b'], ['x', 'y'], 'title')
   path = str(tmp_path / 'sub' / 'file.bin')
-  evaluate.write_atomic(path, b'abc')
-  evaluate.write_atomic(path, b'xyz')
+  files.write_atomic(path, b'abc')
+  files.write_atomic(path, b'xyz')
   assert open(path, 'rb').read() == b'xyz' and os.listdir(tmp_path / 'sub') == ['file.bin']
 
 

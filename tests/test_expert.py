@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from astrea_jax.convert import clip
 from astrea_jax import config as config_lib
 from astrea_jax.convert import checkpoint, hf
 from astrea_jax.models import expert, vit
@@ -161,7 +162,7 @@ def tiny_experts(tmp_path_factory):
 
 def _load(tiny_experts, family, **overrides):
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  return expert.load_vit_expert(tiny_experts[family][0], 'caption', mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES,
+  return clip.load_vit_expert(tiny_experts[family][0], 'caption', mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES,
                                 **overrides)
 
 
@@ -229,7 +230,7 @@ def test_load_refuses_shape_overrides_and_other_families(tiny_experts, tmp_path)
   hf.import_hf(llm, str(tmp_path / 'llm_ckpt'), 'llama', show_progress=False)
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   with pytest.raises(checkpoint.CheckpointError, match=r"family 'llama' is not a ViT expert"):
-    expert.load_vit_expert(str(tmp_path / 'llm_ckpt'), 'caption', mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+    clip.load_vit_expert(str(tmp_path / 'llm_ckpt'), 'caption', mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
 
 
 def test_remat_policies_do_not_change_gradients():

@@ -12,6 +12,7 @@ import torch
 import transformers
 from transformers.generation import logits_process
 
+from astrea_jax.convert import loaders
 from astrea_jax import config
 from astrea_jax.convert import checkpoint, hf
 from astrea_jax.eval import generate
@@ -34,7 +35,7 @@ def models(tmp_path_factory):
     hf_dir = hf_fixtures.make_tiny_llama(str(root / 'hf'), **overrides)
     ckpt_dir = str(root / 'ckpt')
     hf.import_hf(hf_dir, ckpt_dir, 'llama', show_progress=False)
-    cfg, params = checkpoint.load_llm(ckpt_dir, mesh, config.DEFAULT_LOGICAL_AXIS_RULES)
+    cfg, params = loaders.load_llm(ckpt_dir, mesh, config.DEFAULT_LOGICAL_AXIS_RULES)
     out[name] = (hf_dir, ckpt_dir, cfg, params)
   return out
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from astrea_jax.convert import loaders
 from astrea_jax import config as config_lib
 from astrea_jax.convert import checkpoint, hf
 from astrea_jax.models import llama
@@ -25,7 +26,7 @@ def _logits_error(tmp_path, overrides, tokens, mask=None):
   hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False, **overrides)
   hf.import_hf(hf_dir, str(tmp_path / 'ckpt'), 'llama', show_progress=False)
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  cfg, params = checkpoint.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  cfg, params = loaders.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
   ref_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
   with torch.no_grad():
     kwargs = {} if mask is None else {'attention_mask': torch.tensor(mask, dtype=torch.long)}
@@ -61,7 +62,7 @@ def test_kv_cache_decoding_matches_full_forward(tmp_path):
   hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False)
   hf.import_hf(hf_dir, str(tmp_path / 'ckpt'), 'llama', show_progress=False)
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  cfg, params = checkpoint.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  cfg, params = loaders.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
   model = llama.Llama(cfg)
   tokens = jnp.asarray(np.random.RandomState(2).randint(0, 320, (2, 12)))
   full, _ = model.apply({'params': params}, tokens)

@@ -10,6 +10,7 @@ import torch
 import transformers
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
+from astrea_jax.convert import loaders
 from astrea_jax import config as config_lib
 from astrea_jax.astrea import anyres
 from astrea_jax.astrea import model as model_lib
@@ -44,7 +45,7 @@ def converted(tmp_path_factory):
   model.save_pretrained(str(tmp / 'hf'))
   hf.import_hf(str(tmp / 'hf'), str(tmp / 'ckpt'), 'llava_next', show_progress=False)
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  cfg, params = model_lib.load_converted(str(tmp / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  cfg, params = loaders.load_astrea(str(tmp / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
   return tmp, model, cfg, params
 
 
@@ -138,7 +139,7 @@ def test_hub_layout_with_vision_model_prefix_converts_the_same(converted):
   meta = hf.import_hf(str(hub), str(tmp / 'hub_ckpt'), 'llava_next', show_progress=False)
   assert meta['hf_key_prefix'] == 'vision_model.'
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  _, hub_params = model_lib.load_converted(str(tmp / 'hub_ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  _, hub_params = loaders.load_astrea(str(tmp / 'hub_ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(hub_params)):
     np.testing.assert_array_equal(a, b)
   hf.export_hf(str(tmp / 'hub_ckpt'), str(tmp / 'hub_out'), show_progress=False)

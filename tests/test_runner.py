@@ -9,8 +9,9 @@ import re
 import pytest
 from PIL import Image
 
+from astrea_jax.convert import clip
 from astrea_jax import config as config_lib
-from astrea_jax.train import checkpointing, runner
+from astrea_jax.train import checkpointing, initial, runner
 
 import lm_loop_worker  # tests/: tensorboard_scalars
 import runner_worker  # tests/: small_config
@@ -176,9 +177,9 @@ def test_a_converted_expert_checkpoint_is_loaded_into_its_slot(data_dir, tmp_pat
   c.model.expert_checkpoints.caption = ckpt
   cfg, _ = runner.check_run(c, 1)
   mesh = mesh_lib.create_mesh(c.mesh)
-  params = runner.initial_params(c, cfg, mesh, c.logical_axis_rules, str(tmp_path / 'run'))
+  params = initial.initial_params(c, cfg, mesh, c.logical_axis_rules, str(tmp_path / 'run'))
   from astrea_jax.models import expert
-  _, want = expert.load_vit_expert(ckpt, 'caption', mesh, c.logical_axis_rules)
+  _, want = clip.load_vit_expert(ckpt, 'caption', mesh, c.logical_axis_rules)
   assert 'head' in want['backbone']  # SigLIP's pooling head is not part of the expert
   del want['backbone']['head']
   for a, b in zip(jax.tree.leaves(params['experts']['caption']), jax.tree.leaves(want)):
@@ -188,7 +189,7 @@ def test_a_converted_expert_checkpoint_is_loaded_into_its_slot(data_dir, tmp_pat
   cfg, _ = runner.check_run(c, 1)
   with pytest.raises(config_lib.ConfigError, match=r'config.model.expert_checkpoints.caption=.*do not fit '
                                                    r'config.model.experts.caption'):
-    runner.initial_params(c, cfg, mesh, c.logical_axis_rules, str(tmp_path / 'run'))
+    initial.initial_params(c, cfg, mesh, c.logical_axis_rules, str(tmp_path / 'run'))
 
 
 @pytest.mark.parametrize('change,message', [

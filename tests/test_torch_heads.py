@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from astrea_jax.astrea import moco, projector, residual, router
-from astrea_jax.astrea import torch_heads as th
+from astrea_jax.convert import torch_heads as th
 
 B, T, D, N_EXPERTS = 2, 6, 16, 4
 

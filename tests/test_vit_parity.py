@@ -16,6 +16,7 @@ import safetensors.numpy
 import torch
 import transformers
 
+from astrea_jax.convert import clip
 from astrea_jax import config as config_lib
 from astrea_jax.convert import hf, safetensors_io, table
 from astrea_jax.models import expert, vit
@@ -49,7 +50,7 @@ def converted(tmp_path_factory):
     hf_dir = hf_fixtures.make_tiny_vit(family, str(root / name), two_tower=two_tower, **overrides)
     ckpt = str(root / f'{name}_ckpt')
     meta = hf.import_hf(hf_dir, ckpt, family, show_progress=False)
-    cfg, params = expert.load_vit_expert(ckpt, 'caption', mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+    cfg, params = clip.load_vit_expert(ckpt, 'caption', mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
     vision_cls, _, two_tower_cls, _ = hf_fixtures.VIT_CLASSES[family]
     ref = getattr(transformers, two_tower_cls if two_tower else vision_cls).from_pretrained(hf_dir).eval()
     out[name] = dict(hf_dir=hf_dir, ckpt=ckpt, meta=meta, cfg=cfg.model, params=params['backbone'],

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from astrea_jax.core import stages
 from astrea_jax.core.fields import check_known_fields, to_dtype
 from astrea_jax.astrea import anyres
 from astrea_jax.astrea.moco import ContrastiveHead
@@ -41,15 +42,10 @@ from astrea_jax.astrea.projector import Projector
 from astrea_jax.astrea.residual import ResidualAttention
 from astrea_jax.astrea.router import RoutedMixture
 from astrea_jax.models import expert as expert_lib
+from astrea_jax.models import families
 from astrea_jax.models import llama
 
 Array = jax.Array
-ALIGN_PREFIX = 'align_'
-ROUTED_STAGES = ('instruct', 'main')
-GROUP_SEPARATOR = '+'  # 'align_a+align_b': one stage aligning several experts at once (Table 6, "Cap->All")
-
-
-INSTRUCT_FUSIONS = ('residual', 'routed')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +63,9 @@ class AstreaConfig:
   residual_add: bool = False
   top_k: int = 3                             # Eq. 9
   router_context: str = 'visual'
-  instruct_fusion: str = 'routed'            # the instruct stage's visual tokens: 'residual' (the last alignment
-  #                                            stage's, attending to the earlier ones, gates on) | 'routed' (Eq. 9-10)
+  instruct_fusion: str = 'routed'            # the fusion of the stage with a choice (instruct): 'residual' (the last
+  #                                            alignment stage's tokens, attending to the earlier ones, gates on) |
+  #                                            'routed' (Eq. 9-10); see the stage table, astrea_jax.core.stages
   contrastive_dim: int = 32                  # width of the MoCo embeddings (Eq. 5-8)
   anyres_pinpoints: tuple[tuple[int, int], ...] = ()  # AnyRes grid resolutions (h, w); () = off
   anyres_tile: int = 0                       # AnyRes tile size in pixels
@@ -78,15 +75,17 @@ class AstreaConfig:
     problems = []
     if len(set(slots)) != len(slots) or not slots:
       problems.append(f'experts must have distinct slot names, got {slots}')
-    aligned = [m[len(ALIGN_PREFIX):] for stage in self.align_stages for m in stage.split(GROUP_SEPARATOR)]
-    if self.align_stages and (sorted(aligned) != sorted(slots) or
-                              not all(m.startswith(ALIGN_PREFIX) for s in self.align_stages
-                                      for m in s.split(GROUP_SEPARATOR))):
-      problems.append(f'align_stages={self.align_stages} must align every expert slot {slots} exactly once')
+    try:
+      aligned = stages.align_slot_order(self.align_stages)
+    except ValueError as e:
+      problems.append(f'align_stages: {e}')
+    else:
+      if self.align_stages and sorted(aligned) != sorted(slots):
+        problems.append(f'align_stages={self.align_stages} must align every expert slot {slots} exactly once')
     if not 1 <= self.top_k <= len(slots):
       problems.append(f'top_k={self.top_k} must be between 1 and the number of experts {len(slots)}')
-    if self.instruct_fusion not in INSTRUCT_FUSIONS:
-      problems.append(f'instruct_fusion={self.instruct_fusion!r} must be one of {INSTRUCT_FUSIONS}')
+    if self.instruct_fusion not in stages.FUSIONS:
+      problems.append(f'instruct_fusion={self.instruct_fusion!r} must be one of {stages.FUSIONS}')
     if self.anyres_pinpoints and (len(slots) != 1 or self.anyres_tile <= 0):
       problems.append('AnyRes needs exactly one expert and a positive anyres_tile')
     if problems:
@@ -103,7 +102,7 @@ class AstreaConfig:
     """Inverse of `to_dict`; unknown fields are an error."""
     check_known_fields(cls, d)
     return cls(**dict(d, llm=llama.LlamaConfig.from_dict(d['llm']),
-                      experts=tuple(expert_lib.expert_config_from_dict(e) for e in d['experts']),
+                      experts=tuple(families.expert_config_from_dict(e) for e in d['experts']),
                       align_stages=tuple(d.get('align_stages', ())),
                       anyres_pinpoints=tuple(tuple(p) for p in d.get('anyres_pinpoints', ()))))
 
@@ -120,26 +119,22 @@ class AstreaConfig:
   @property
   def stages(self) -> tuple[str, ...]:
     """The pre-alignment stages in order (groups as 'align_a+align_b')."""
-    return self.align_stages or tuple(ALIGN_PREFIX + s for s in self.slots)
+    return self.align_stages or tuple(stages.ALIGN_PREFIX + s for s in self.slots)
 
   @property
   def stage_slots(self) -> tuple[str, ...]:
     """Slots in pre-alignment order."""
-    return tuple(m[len(ALIGN_PREFIX):] for stage in self.stages for m in stage.split(GROUP_SEPARATOR))
-
-  def align_slot(self, stage: str) -> str:
-    """'align_detection' -> 'detection'; any other stage name is an error naming the valid ones."""
-    slot = stage[len(ALIGN_PREFIX):] if stage.startswith(ALIGN_PREFIX) else None
-    if slot not in self.stage_slots:
-      valid = [ALIGN_PREFIX + s for s in self.stage_slots] + list(ROUTED_STAGES)
-      raise ValueError(f'unknown stage {stage!r}; expected one of {valid}')
-    return slot
+    return stages.align_slot_order(self.stages)
 
   def align_slots(self, stage: str) -> tuple[str, ...]:
     """The slots an alignment stage trains: 'align_detection' -> ('detection',); a group stage (Table 6's "caption
     then all at once") 'align_classification+align_detection' -> ('classification', 'detection'). A group's slots
-    follow each other in `stage_slots`."""
-    slots = tuple(self.align_slot(part) for part in stage.split(GROUP_SEPARATOR))
+    follow each other in `stage_slots`; any stage that does not align this model's experts is an error."""
+    spec = stages.spec(stage)
+    slots = spec.slots
+    if spec.kind != 'align' or not set(slots) <= set(self.stage_slots):
+      valid = [stages.ALIGN_PREFIX + s for s in self.stage_slots]
+      raise ValueError(f'unknown stage {stage!r}; expected an alignment stage of this model, one of {valid}')
     k = self.stage_slots.index(slots[0])
     if self.stage_slots[k:k + len(slots)] != slots:
       raise ValueError(f'stage {stage!r}: its slots must be consecutive in the alignment order {self.stage_slots}')
@@ -147,19 +142,17 @@ class AstreaConfig:
 
   def earlier_slots(self, stage: str) -> tuple[str, ...]:
     """The slots whose tokens C_i an alignment stage attends to (those of the stages before it); () otherwise."""
-    if not stage.startswith(ALIGN_PREFIX):
+    if not stages.is_align(stage):
       return ()
     return self.stage_slots[:self.stage_slots.index(self.align_slots(stage)[0])]
 
   def fusion(self, stage: str) -> str:
-    """How a stage makes its visual tokens: 'residual' (alignment stages; instruct with instruct_fusion='residual')
-    or 'routed' (main; instruct with instruct_fusion='routed')."""
-    if stage == 'instruct':
-      return self.instruct_fusion
-    if stage == 'main':
-      return 'routed'
-    self.align_slots(stage)
-    return 'residual'
+    """How a stage makes its visual tokens (the stage table's fusions; the model's `instruct_fusion` where a stage
+    has a choice): 'residual' (Eq. 2-4's path) or 'routed' (Eq. 9-10)."""
+    spec = stages.spec(stage)
+    if spec.kind == 'align':
+      self.align_slots(stage)
+    return spec.fusions[0] if len(spec.fusions) == 1 else self.instruct_fusion
 
 
 def splice_visual_tokens(text_embeds: Array, visual: Array, image_mask: Array) -> Array:
@@ -196,7 +189,7 @@ class Astrea(nn.Module):
     width = cfg.llm.hidden_size
     dtype, pdtype = to_dtype(cfg.llm.dtype), to_dtype(cfg.llm.param_dtype)
     by_name = {e.name: e for e in cfg.experts}
-    self.experts = BySlot(cfg.slots, lambda slot, _: expert_lib.build_expert(by_name[slot]))
+    self.experts = BySlot(cfg.slots, lambda slot, _: families.build_expert(by_name[slot]))
     self.projectors = BySlot(cfg.slots, lambda slot, name: Projector(width, dtype, pdtype, name=name))
     self.residual = BySlot(cfg.stage_slots[1:], lambda slot, name: ResidualAttention(
         cfg.residual_heads, cfg.residual_gamma, cfg.residual_prob, cfg.residual_add, dtype, pdtype, name=name))
@@ -256,7 +249,7 @@ class Astrea(nn.Module):
       if not self.cfg.routed:
         raise ValueError(f'stage {stage!r} routes between experts, but this model has one expert {self.cfg.slots}')
       return self.routed_tokens(images, instruction)
-    if stage.startswith(ALIGN_PREFIX):
+    if stages.is_align(stage):
       return self.align_tokens(stage, images, cached, deterministic=deterministic), {}
     # instruction tuning with residual fusion: the last alignment stage, every earlier stage attended to, trainable
     return self.align_tokens(self.cfg.stages[-1], images, None, deterministic=True, freeze_earlier=False), {}
@@ -350,17 +343,3 @@ def init_params(cfg: AstreaConfig, rng: Array, image_size: int | Mapping[str, in
   images = {s: jnp.zeros((1, sizes[s], sizes[s], 3), jnp.float32) for s in cfg.slots}
   return Astrea(cfg).init({'params': rng}, images, jnp.zeros((1, seq_len), jnp.int32),
                           method=Astrea.init_all)['params']
-
-
-def load_converted(ckpt_dir: str, mesh: jax.sharding.Mesh, rules) -> tuple[AstreaConfig, Any]:
-  """(AstreaConfig, params) of a converted composite checkpoint (e.g. `--family=llava_next`), restored into the
-  mesh's shardings; the config comes from the checkpoint."""
-  from astrea_jax.convert import checkpoint
-  from astrea_jax.parallel import sharding
-
-  meta = checkpoint.read_metadata(ckpt_dir)
-  cfg = AstreaConfig.from_dict(meta['model_config'])
-  sizes = {e.name: e.image_size for e in cfg.experts}
-  abstract, shardings = sharding.abstract_and_shardings(lambda: init_params(cfg, jax.random.key(0), sizes), mesh,
-                                                        rules)
-  return cfg, checkpoint.load_params(ckpt_dir, sharding.with_shardings(abstract, shardings))

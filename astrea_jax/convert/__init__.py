@@ -1,12 +1,15 @@
-"""Hugging Face <-> Orbax conversion, one module (config mapping + tensor table) per model family."""
+"""Hugging Face <-> Orbax conversion, one module (config mapping + tensor table + its `FAMILY`, a `ConvertFamily`)
+per model family."""
 
 from astrea_jax.convert import bert, clip, dinov2, grounding_dino, llama, llava_next, sam2, siglip, swin
+from astrea_jax.convert.family import ConvertFamily
 
-FAMILIES = {m.NAME: m for m in (llama, siglip, clip, dinov2, llava_next, swin, sam2, bert, grounding_dino)}
+FAMILIES: dict[str, ConvertFamily] = {m.FAMILY.name: m.FAMILY for m in (llama, siglip, clip, dinov2, llava_next, swin,
+                                                                        sam2, bert, grounding_dino)}
 
 
-def get_family(name: str):
-  """The family module for `--family`; unknown names list the known ones."""
+def get_family(name: str) -> ConvertFamily:
+  """The family for `--family`; unknown names list the known ones."""
   if name not in FAMILIES:
     raise ValueError(f'unknown model family {name!r}; expected one of {sorted(FAMILIES)}')
   return FAMILIES[name]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from astrea_jax.convert.family import ConvertFamily, config_layers
 from astrea_jax.convert import table
 from astrea_jax.convert.table import ConversionError
 from astrea_jax.models.bert import BertConfig
@@ -89,3 +90,7 @@ def rules(cfg: BertConfig) -> list[table.TensorRule]:
 def optional_keys(cfg: BertConfig) -> tuple[str, ...]:
   del cfg
   return ()
+
+
+FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, IGNORE_PATTERNS, optional_keys,
+                       num_layers=config_layers, key_prefix=key_prefix)

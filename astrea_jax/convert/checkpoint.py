@@ -9,17 +9,17 @@ The model config is always read from here, never from defaults (a lesson MaxText
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import uuid
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
+
+from astrea_jax.parallel import sharding
 
 METADATA_FILE = 'astrea_checkpoint.json'
 PARAMS_DIR = 'params'
@@ -31,26 +31,6 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
 
 class CheckpointError(ValueError):
   """A converted checkpoint folder is missing or malformed; the message names the path."""
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
-  """Yields a temporary sibling of out_dir; renames it to out_dir on success, removes it on any failure."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f'{out_dir} exists and is not empty; choose another --out or pass --overwrite')
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f'.{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}')
-  os.makedirs(tmp)
-  try:
-    yield tmp
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
 
 
 def write_metadata(ckpt_dir: str, metadata: dict[str, Any]) -> None:
@@ -171,25 +151,24 @@ def param_shapes(ckpt_dir: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], 
   return {tuple(k.key for k in kp): (tuple(leaf.shape), np.dtype(leaf.dtype)) for kp, leaf in flat}
 
 
-def load_llm(ckpt_dir: str, mesh: jax.sharding.Mesh, rules, **config_overrides):
-  """(LlamaConfig, params) of a converted Llama-family checkpoint, restored into the mesh's shardings.
+NUMERICS = ('dtype', 'param_dtype', 'remat_policy')  # what a load may change in a stored model config
 
-  The model config comes from the checkpoint; `config_overrides` may change numerics only (dtype, remat_policy).
-  """
-  import jax.numpy as jnp
 
-  from astrea_jax.models import llama
-  from astrea_jax.parallel import sharding
-
-  meta = read_metadata(ckpt_dir)
-  if meta['family'] != 'llama':
-    raise CheckpointError(f'{ckpt_dir}: family {meta["family"]!r} is not a language model; expected "llama"')
-  shape_fields = set(meta['model_config']) - {'dtype', 'param_dtype', 'remat_policy'}
-  bad = sorted(set(config_overrides) & shape_fields)
+def check_numerics_only(ckpt_dir: str, overrides: Any) -> None:
+  """Overrides of a stored model config may change its numerics only, never a shape."""
+  bad = sorted(set(overrides) - set(NUMERICS))
   if bad:
-    raise CheckpointError(f'{ckpt_dir}: overrides {bad} would change the stored model shape')
-  cfg = llama.LlamaConfig.from_dict(dict(meta['model_config'], **config_overrides))
-  model = llama.Llama(cfg)
-  init = lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))['params']
-  abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
-  return cfg, load_params(ckpt_dir, sharding.with_shardings(abstract, shardings))
+    raise CheckpointError(f'{ckpt_dir}: overrides {bad} would change the stored model shape; only {NUMERICS} may '
+                          'change')
+
+
+def check_family(ckpt_dir: str, meta: dict[str, Any], allowed, what: str) -> None:
+  if meta['family'] not in allowed:
+    raise CheckpointError(f'{ckpt_dir}: family {meta["family"]!r} is not {what}; expected one of {sorted(allowed)}')
+
+
+def restore(ckpt_dir: str, init_fn: Any, mesh: jax.sharding.Mesh, rules: Any) -> Any:
+  """The checkpoint's parameters in the shapes `init_fn` gives (abstractly evaluated), each read straight into its
+  shards on the mesh (sharded by the logical axis names of the parameters)."""
+  abstract, shardings = sharding.abstract_and_shardings(init_fn, mesh, rules)
+  return load_params(ckpt_dir, sharding.with_shardings(abstract, shardings))

@@ -8,10 +8,15 @@ loads either way. SigLIP's encoder blocks are CLIP's, name for name (`encoder_ru
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
-from astrea_jax.convert import table
+import jax
+import jax.numpy as jnp
+
+from astrea_jax.convert import checkpoint, table
+from astrea_jax.convert.family import ConvertFamily, config_layers
 from astrea_jax.convert.table import ConversionError
+from astrea_jax.models import vit, vit_expert
 from astrea_jax.models.vit import ViTConfig
 
 NAME = 'clip'
@@ -108,3 +113,24 @@ def rules(cfg: ViTConfig) -> list[table.TensorRule]:
 def optional_keys(cfg: ViTConfig) -> tuple[str, ...]:
   del cfg
   return ()
+
+
+def load_vit_expert(ckpt_dir: str, slot: str, mesh: jax.sharding.Mesh, rules: Any,
+                    model_overrides: Mapping[str, Any] | None = None,
+                    **expert_overrides: Any) -> tuple[vit_expert.ViTExpertConfig, dict]:
+  """(config, params) of a converted SigLIP / CLIP / DINOv2 checkpoint as the expert of `slot`, restored into the
+  mesh's shardings. The model config comes from the checkpoint; `model_overrides` may change numerics only,
+  `expert_overrides` set expert fields (image_size, feature_layer, num_visual_tokens, ...)."""
+  model_overrides = dict(model_overrides or {})
+  checkpoint.check_numerics_only(ckpt_dir, model_overrides)
+  meta = checkpoint.read_metadata(ckpt_dir)
+  checkpoint.check_family(ckpt_dir, meta, vit.FAMILIES, 'a ViT expert')
+  model = ViTConfig.from_dict(dict(meta['model_config'], **model_overrides))
+  cfg = vit_expert.vit_expert_config(slot, model, **expert_overrides)
+  images = jnp.zeros((1, model.image_size, model.image_size, model.num_channels), jnp.float32)
+  init = lambda: vit.VisionTransformer(model).init(jax.random.key(0), images)['params']
+  return cfg, {'backbone': checkpoint.restore(ckpt_dir, init, mesh, rules)}
+
+
+FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, IGNORE_PATTERNS, optional_keys,
+                       num_layers=config_layers, key_prefix=key_prefix, load_expert=load_vit_expert)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from astrea_jax.convert import table
+from astrea_jax.convert.family import ConvertFamily, config_layers
+from astrea_jax.convert import clip, table
 from astrea_jax.convert.table import ConversionError
 from astrea_jax.models.vit import ViTConfig
 
@@ -86,3 +87,7 @@ def rules(cfg: ViTConfig) -> list[table.TensorRule]:
 def optional_keys(cfg: ViTConfig) -> tuple[str, ...]:
   del cfg
   return ()
+
+
+FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, IGNORE_PATTERNS, optional_keys,
+                       num_layers=config_layers, load_expert=clip.load_vit_expert)

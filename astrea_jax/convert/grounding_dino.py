@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from astrea_jax.convert.family import ConvertFamily
 from astrea_jax.convert import bert, checkpoint, swin, table
 from astrea_jax.convert.table import ConversionError
 from astrea_jax.models import grounding_dino
@@ -242,3 +243,6 @@ def load(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None, rules: sharding.R
   else:
     abstract = sharding.with_shardings(*sharding.abstract_and_shardings(init, mesh, rules or ()))
   return cfg, checkpoint.load_params(ckpt_dir, abstract)
+
+
+FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, IGNORE_PATTERNS, optional_keys)

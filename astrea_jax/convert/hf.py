@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 import tqdm
 
+from astrea_jax.core import files
 from astrea_jax.convert import checkpoint, get_family, safetensors_io, table
 from astrea_jax.core.fields import to_dtype
 
@@ -45,21 +46,8 @@ def _read_json(path: str) -> dict[str, Any]:
     raise ValueError(f'{path}: not valid JSON: {e}') from e
 
 
-def _progress(total: int, desc: str, show: bool):
+def progress(total: int, desc: str, show: bool):
   return tqdm.tqdm(total=total, desc=desc, unit='tensor', file=sys.stderr, disable=not show, leave=False)
-
-
-def keyed_rules(fam, cfg, prefix: str) -> list[table.TensorRule]:
-  """The family's table with the checkpoint's key prefix applied: in front of every key, or where the family's own
-  `keyed_rules(cfg, prefix)` puts it (a composite whose prefix varies in one part only)."""
-  if hasattr(fam, 'keyed_rules'):
-    return fam.keyed_rules(cfg, prefix)
-  return table.with_key_prefix(fam.rules(cfg), prefix)
-
-
-def num_layers(cfg) -> int:
-  """Layer count for per-layer rules; composite configs set it per rule (`TensorRule.layers`) instead."""
-  return getattr(cfg, 'num_layers', 0)
 
 
 def source_dtype(reader: safetensors_io.SafetensorsReader, keys: Iterable[str] | None = None) -> str:
@@ -83,27 +71,27 @@ def import_hf(hf_dir: str, out_dir: str, family: str, param_dtype: str = 'float3
     raise table.ConversionError(f'{os.path.join(hf_dir, "config.json")}: {e}') from e
   reader = safetensors_io.SafetensorsReader(hf_dir)
   available = {k: reader.info(k).shape for k in reader.keys()}
-  prefix = fam.key_prefix(hf_config, available) if hasattr(fam, 'key_prefix') else ''
-  plan = table.plan(fam.NAME, keyed_rules(fam, cfg, prefix), num_layers(cfg), available, fam.IGNORE_PATTERNS,
+  prefix = fam.key_prefix(hf_config, available)
+  plan = table.plan(fam.name, fam.keyed_rules(cfg, prefix), fam.num_layers(cfg), available, fam.ignore_patterns,
                     fam.optional_keys(cfg))
   dtype = np.dtype(to_dtype(param_dtype))
   gen_path = os.path.join(hf_dir, 'generation_config.json')
   metadata = {
-      'family': fam.NAME, 'model_config': cfg.to_dict(), 'hf_config': hf_config,
+      'family': fam.name, 'model_config': cfg.to_dict(), 'hf_config': hf_config,
       'hf_generation_config': _read_json(gen_path) if os.path.exists(gen_path) else None,
       'source_dtype': source_dtype(reader), 'param_dtype': param_dtype, 'ignored_hf_tensors': plan.ignored,
       'hf_key_prefix': prefix,
   }
-  with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
+  with files.atomic_directory(out_dir, overwrite) as tmp:
     params_dir = os.path.join(tmp, checkpoint.PARAMS_DIR)
-    total = sum(len(r.hf_keys(num_layers(cfg))) for r in plan.rules)
-    with _progress(total, f'{fam.NAME}: HF -> Orbax', show_progress) as bar:
+    total = sum(len(r.hf_keys(fam.num_layers(cfg))) for r in plan.rules)
+    with progress(total, f'{fam.name}: HF -> Orbax', show_progress) as bar:
       def read(key):
         bar.update(1)
         return reader.get(key)
       pending, pending_bytes = {}, 0
       for r in plan.rules:
-        leaf = table.assemble(r, num_layers(cfg), read, dtype)
+        leaf = table.assemble(r, fam.num_layers(cfg), read, dtype)
         pending[r.param_path] = leaf
         pending_bytes += leaf.nbytes
         if pending_bytes >= SAVE_BATCH_BYTES:
@@ -129,18 +117,18 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
   """
   meta = checkpoint.read_metadata(ckpt_dir)
   fam = get_family(meta['family'])
-  cfg = fam.CONFIG.from_dict(meta['model_config'])
+  cfg = fam.config.from_dict(meta['model_config'])
   dtype = dtype or meta.get('source_dtype') or 'float32'
   out_np = np.dtype(to_dtype(dtype))
   prefix = meta.get('hf_key_prefix', '')
-  rules = keyed_rules(fam, cfg, fam.export_key_prefix(prefix) if hasattr(fam, 'export_key_prefix') else prefix)
+  rules = fam.keyed_rules(cfg, fam.export_key_prefix(prefix))
   stored = checkpoint.param_shapes(ckpt_dir)
-  table.check_params(fam.NAME, rules, num_layers(cfg), {p: s for p, (s, _) in stored.items()})
+  table.check_params(fam.name, rules, fam.num_layers(cfg), {p: s for p, (s, _) in stored.items()})
 
   by_key = {}
   specs = []
   for r in rules:
-    for key in r.hf_keys(num_layers(cfg)):
+    for key in r.hf_keys(fam.num_layers(cfg)):
       by_key[key] = r
       specs.append(safetensors_io.TensorSpec(key, r.hf_shape, out_np))
 
@@ -168,21 +156,22 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
                    values=checkpoint.load_param_leaves(ckpt_dir, {p: stored[p] for p in batch}))
     value = cache['values'][r.param_path]
     if r.per_layer:
-      layer = r.hf_keys(num_layers(cfg)).index(spec.name)
+      layer = r.hf_keys(fam.num_layers(cfg)).index(spec.name)
       return np.asarray(r.to_hf(value[layer]), dtype=out_np)
     return np.asarray(r.to_hf(value), dtype=out_np)
 
-  with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
+  with files.atomic_directory(out_dir, overwrite) as tmp:
     hf_config = fam.config_to_hf(cfg, meta.get('hf_config'), dtype)
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(hf_config, f, indent=2, sort_keys=True)
     if meta.get('hf_generation_config'):
       with open(os.path.join(tmp, 'generation_config.json'), 'w') as f:
         json.dump(meta['hf_generation_config'], f, indent=2, sort_keys=True)
-    with _progress(len(specs), f'{fam.NAME}: Orbax -> HF', show_progress) as bar:
-      files = safetensors_io.write_folder(tmp, specs, produce, max_shard_bytes, on_tensor=lambda _: bar.update(1))
+    with progress(len(specs), f'{fam.name}: Orbax -> HF', show_progress) as bar:
+      written = safetensors_io.write_folder(tmp, specs, produce, max_shard_bytes,
+                                            on_tensor=lambda _: bar.update(1))
     tok = checkpoint.tokenizer_dir(ckpt_dir)
     if tok:
       checkpoint.copy_tokenizer_files(tok, tmp)
-  return files
+  return written
 

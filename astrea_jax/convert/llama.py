@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from astrea_jax.convert.family import ConvertFamily, config_layers
 from astrea_jax.convert import table
 from astrea_jax.convert.table import ConversionError
 from astrea_jax.models.llama import LlamaConfig
@@ -91,3 +92,7 @@ def rules(cfg: LlamaConfig) -> list[table.TensorRule]:
 def optional_keys(cfg: LlamaConfig) -> tuple[str, ...]:
   """A tied checkpoint may still carry `lm_head.weight` (a copy of the embedding)."""
   return ('lm_head.weight',) if cfg.tie_word_embeddings else ()
+
+
+FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, IGNORE_PATTERNS, optional_keys,
+                       num_layers=config_layers)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from astrea_jax.convert.family import ConvertFamily
 from astrea_jax.astrea.model import AstreaConfig
 from astrea_jax.convert import clip, llama, table
 from astrea_jax.convert.table import ConversionError
-from astrea_jax.models import expert as expert_lib
+from astrea_jax.models import vit_expert
 
 NAME = 'llava_next'
 CONFIG = AstreaConfig
@@ -46,7 +47,7 @@ def config_from_hf(hf: dict[str, Any], where: str = 'config.json') -> AstreaConf
   vision = clip.config_from_hf(dict(hf['vision_config'], model_type='clip_vision_model'), f'{where}: vision_config')
   tile = vision.image_size
   tokens = (tile // vision.patch_size)**2
-  expert = expert_lib.vit_expert_config(SLOT, vision, feature_layer=layer, feature_select='default',
+  expert = vit_expert.vit_expert_config(SLOT, vision, feature_layer=layer, feature_select='default',
                                         num_visual_tokens=tokens)
   pinpoints = tuple(tuple(p) for p in hf.get('image_grid_pinpoints') or ())
   if not pinpoints:
@@ -90,3 +91,7 @@ def rules(cfg: AstreaConfig) -> list[table.TensorRule]:
 
 def optional_keys(cfg: AstreaConfig) -> tuple[str, ...]:
   return tuple('language_model.' + k for k in llama.optional_keys(cfg.llm))
+
+
+FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, IGNORE_PATTERNS, optional_keys,
+                       key_prefix=key_prefix, placed_rules=keyed_rules)

@@ -23,13 +23,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import uuid
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astrea_jax.core import files
 from astrea_jax.convert import checkpoint, fused, hf, safetensors_io, swin, table, torch_io
 from astrea_jax.convert.table import ConversionError
 from astrea_jax.core.fields import to_dtype
@@ -211,10 +211,10 @@ def import_checkpoint(src: str, out_dir: str, *, tags: str | None = None, thresh
       'tags_file': TAGS_FILE if tag_list else None, 'thresholds_file': THRESHOLDS_FILE if threshold_list else None,
   }
   dtype = np.dtype(to_dtype(param_dtype))
-  with checkpoint.atomic_directory(out_dir, overwrite) as tmp:
+  with files.atomic_directory(out_dir, overwrite) as tmp:
     params_dir = os.path.join(tmp, checkpoint.PARAMS_DIR)
     total = sum(len(r.hf_keys(cfg.num_layers)) for r in plan.rules)
-    with hf._progress(total, f'{NAME}: {os.path.basename(src)} -> Orbax', show_progress) as bar:
+    with hf.progress(total, f'{NAME}: {os.path.basename(src)} -> Orbax', show_progress) as bar:
       read = fused.split_reader(reader.get, groups)
       for r in plan.rules:
         leaf = table.assemble(r, cfg.num_layers, read, dtype)
@@ -279,15 +279,9 @@ def export_checkpoint(ckpt_dir: str, out_file: str, dtype: str | None = None, ov
     keys = parts[spec.name]
     return one(keys[0]) if len(keys) == 1 else np.concatenate([one(k) for k in keys], axis=0)
 
-  out_file = os.path.abspath(out_file)
-  tmp = os.path.join(os.path.dirname(out_file), f'.{os.path.basename(out_file)}.tmp-{uuid.uuid4().hex[:8]}')
-  try:
-    with hf._progress(len(specs), f'{NAME}: Orbax -> {os.path.basename(out_file)}', show_progress) as bar:
+  with files.atomic_file(out_file) as tmp:
+    with hf.progress(len(specs), f'{NAME}: Orbax -> {os.path.basename(out_file)}', show_progress) as bar:
       safetensors_io.write_file(tmp, specs, produce)
-    os.replace(tmp, out_file)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return [s.name for s in specs]
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 
+from astrea_jax.convert.family import ConvertFamily
 from astrea_jax.convert import checkpoint, table
 from astrea_jax.convert.table import ConversionError
 from astrea_jax.models import hiera
@@ -197,3 +198,7 @@ def load_sam2_encoder(ckpt_dir: str, mesh: jax.sharding.Mesh, rules: Any,
   init = lambda: hiera.Sam2VisionEncoder(cfg).init(jax.random.key(0), images)['params']
   abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
   return cfg, checkpoint.load_params(ckpt_dir, sharding.with_shardings(abstract, shardings))
+
+
+FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, IGNORE_PATTERNS, optional_keys,
+                       key_prefix=key_prefix, export_key_prefix=export_key_prefix)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from astrea_jax.convert.family import ConvertFamily
 from astrea_jax.convert import fused, table
 from astrea_jax.convert.table import ConversionError
 from astrea_jax.models import swin
@@ -199,3 +200,6 @@ def microsoft_buffers(cfg: SwinConfig, prefix: str = '') -> dict[str, np.ndarray
       if j % 2 and min(h, wd) > w:
         out[block + 'attn_mask'] = swin.shift_mask(h, wd, w, w // 2)
   return out
+
+
+FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, IGNORE_PATTERNS, optional_keys)

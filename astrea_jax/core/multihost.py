@@ -12,11 +12,17 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def first_then_all(name: str, fn) -> None:
+def first_then_all(name: str, fn):
   """Runs `fn()` on process 0 first (e.g. building a dataset on a shared filesystem), then on every other process
-  after a barrier (finding what process 0 made)."""
-  if jax.process_index() == 0:
-    fn()
+  after a barrier (finding what process 0 made); returns its result."""
+  if is_primary():
+    result = fn()
   barrier(name)
-  if jax.process_index() != 0:
-    fn()
+  if not is_primary():
+    result = fn()
+  return result
+
+
+def is_primary() -> bool:
+  """Whether this is process 0, the one that writes what all processes share."""
+  return jax.process_index() == 0

@@ -66,6 +66,7 @@ TABLE = (
 BY_NAME = {s.name: s for s in TABLE}
 STAGES = tuple(BY_NAME)
 ALIGN_STAGES = tuple(s.name for s in TABLE if s.kind == 'align')
+MOCO_STAGE = next(s.name for s in TABLE if s.moco)  # whose image embeddings the retrieval evaluation reads
 
 
 def align_members(stage: str) -> tuple[str, ...]:

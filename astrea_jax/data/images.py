@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from astrea_jax.data.conversation import BadRecordError
-from astrea_jax.models.expert import normalization
+from astrea_jax.models.families import normalization
 
 SQUARE_MODES = ('pad', 'resize')
 

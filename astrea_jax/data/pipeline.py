@@ -84,16 +84,6 @@ def _load_tokenizer(tokenizer_dir: str) -> TokenizerInfo:
                        image_token_id=pad_id if image_id is None else image_id, size=len(tok))
 
 
-def resolve_tokenizer_dir(config) -> str | None:
-  """config.tokenizer_dir, else the tokenizer stored in config.init_checkpoint, else None."""
-  if config.tokenizer_dir:
-    return config.tokenizer_dir
-  if config.init_checkpoint:
-    from astrea_jax.convert import checkpoint
-    return checkpoint.tokenizer_dir(config.init_checkpoint)
-  return None
-
-
 @dataclasses.dataclass(frozen=True)
 class ExampleEncoder:
   """(record index, raw record) -> one example (unpadded fields of `sequence`, images under 'images/<expert>') or

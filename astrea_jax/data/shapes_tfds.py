@@ -23,7 +23,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from astrea_jax.config import ALIGN_STAGES, STAGES
+from astrea_jax.core import files, multihost
+from astrea_jax.core.stages import ALIGN_STAGES, STAGES
 from astrea_jax.data import shapes, shapes_text, stage_targets
 from astrea_jax.data.shapes_text import Annotations, VQAPair
 
@@ -121,6 +122,12 @@ def prepare(shapes_config: Mapping[str, Any]) -> str:
   return os.fspath(builder.data_path)
 
 
+def prepare_shared(shapes_config: Mapping[str, Any]) -> str:
+  """`prepare` on process 0 first, then on every other process (which finds the folder): hosts that share a
+  filesystem do not race to build it."""
+  return multihost.first_then_all('shapes_prepared', lambda: prepare(shapes_config))
+
+
 def data_source(dataset_dir: str, split: str, *, with_segmentation: bool = True):
   """Random-access source of a prepared split: record i -> dict of numpy features. Without segmentation, that PNG
   is left undecoded (bytes): the training stages read the boxes and polygons instead."""
@@ -168,9 +175,8 @@ def image_file(index: int) -> str:
 def export_llava(dataset_dir: str, out_dir: str, align_order: Sequence[str], *, overwrite: bool = False) -> str:
   """Writes every split and stage (those in align_order, then instruct and main) of a prepared dataset as LLaVA
   JSON + PNG files (layout in the module doc), into a temporary folder renamed to out_dir at the end."""
-  from astrea_jax.convert.checkpoint import atomic_directory
   stages = tuple(align_order) + tuple(s for s in STAGES if s not in ALIGN_STAGES)
-  with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+  with files.atomic_directory(out_dir, overwrite=overwrite) as tmp:
     for split in SPLITS:
       source = data_source(dataset_dir, split)
       os.makedirs(os.path.join(tmp, split, 'images'))

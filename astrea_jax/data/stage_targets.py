@@ -10,20 +10,26 @@ recognization'"):
          detection: red circle [31,46,187,218]; blue square [531,296,999,781]
 
 Boxes are `[x1,y1,x2,y2]` and polygons `[x1,y1,...,x8,y8]`, integers in 0-999. `instruct` and `main` use the scene's
-VQA pairs as one multi-turn conversation; `main` asks for the caption first (its answers are the text side of the
-momentum contrast, Eq. 5-7, and the evaluation's retrieval embeds captions).
+VQA pairs as one multi-turn conversation; the MoCo stage (`main`) asks for the caption first (the caption request is what the retrieval evaluation
+routes, and each image's caption is the text side of its contrast, Eq. 5-7).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from astrea_jax.config import ALIGN_STAGES, STAGES, align_members
+from astrea_jax.core import stages
 from astrea_jax.data.conversation import GPT, HUMAN, IMAGE_PLACEHOLDER, Turn
 from astrea_jax.data.shapes_text import Annotations, box_text, polygon_text
 
-TASK_NAMES = {'align_caption': 'caption', 'align_classification': 'recognition', 'align_detection': 'detection',
-              'align_segmentation': 'segmentation'}
+# Each alignment stage's label (`StageSpec.labels`) -> its line's body from a scene's annotations.
+LABEL_TEXT = {
+    'caption': lambda ann: ann.captions[0],
+    'recognition': lambda ann: ', '.join(ann.tags),
+    'detection': lambda ann: '; '.join(f'{o.name} {box_text(o, ann.image_size)}' for o in ann.objects),
+    'segmentation': lambda ann: '; '.join(f'{o.name} {polygon_text(o, ann.image_size)}' for o in ann.objects),
+}
+CAPTION_REQUEST = stages.BY_NAME['align_caption'].labels[0]  # 'caption': the instruction that asks for a caption
 
 
 def stages_through(stage: str, align_order: Sequence[str]) -> tuple[str, ...]:
@@ -32,26 +38,17 @@ def stages_through(stage: str, align_order: Sequence[str]) -> tuple[str, ...]:
   order = tuple(align_order)
   if stage not in order:
     raise ValueError(f'stage {stage!r} is not in the alignment order {order}')
-  return tuple(member for s in order[:order.index(stage) + 1] for member in align_members(s))
+  return tuple(member for s in order[:order.index(stage) + 1] for member in stages.align_members(s))
 
 
 def instruction(stage: str, align_order: Sequence[str]) -> str:
-  """The task names of stages 1..k: 'caption, recognition'."""
-  return ', '.join(TASK_NAMES[s] for s in stages_through(stage, align_order))
+  """The labels of stages 1..k: 'caption, recognition'."""
+  return ', '.join(label for s in stages_through(stage, align_order) for label in stages.spec(s).labels)
 
 
 def stage_label(stage: str, annotations: Annotations) -> str:
   """One stage's label line: 'detection: red circle [31,46,187,218]; blue square [...]'."""
-  size = annotations.image_size
-  if stage == 'align_caption':
-    body = annotations.captions[0]
-  elif stage == 'align_classification':
-    body = ', '.join(annotations.tags)
-  elif stage == 'align_detection':
-    body = '; '.join(f'{o.name} {box_text(o, size)}' for o in annotations.objects)
-  else:
-    body = '; '.join(f'{o.name} {polygon_text(o, size)}' for o in annotations.objects)
-  return f'{TASK_NAMES[stage]}: {body}'
+  return '\n'.join(f'{label}: {LABEL_TEXT[label](annotations)}' for label in stages.spec(stage).labels)
 
 
 def alignment_target(stage: str, annotations: Annotations, align_order: Sequence[str]) -> str:
@@ -61,14 +58,13 @@ def alignment_target(stage: str, annotations: Annotations, align_order: Sequence
 
 def stage_conversation(stage: str, annotations: Annotations, align_order: Sequence[str]) -> tuple[Turn, ...]:
   """The turns a stage trains on for one scene."""
-  if all(member in ALIGN_STAGES for member in align_members(stage)):
+  spec = stages.spec(stage)
+  if spec.kind == 'align':
     return ((HUMAN, f'{IMAGE_PLACEHOLDER}\n{instruction(stage, align_order)}'),
             (GPT, alignment_target(stage, annotations, align_order)))
-  if stage not in STAGES:
-    raise ValueError(f'unknown stage {stage!r}; expected one of {STAGES}')
   turns = []
-  if stage == 'main':  # the caption first: MoCo's text side (Eq. 5-7) then holds what describes the image
-    turns += [(HUMAN, f"{IMAGE_PLACEHOLDER}\n{TASK_NAMES['align_caption']}"), (GPT, annotations.captions[0])]
+  if spec.moco:  # the caption first (module docstring)
+    turns += [(HUMAN, f'{IMAGE_PLACEHOLDER}\n{CAPTION_REQUEST}'), (GPT, annotations.captions[0])]
   for pair in annotations.vqa:
     turns += [(HUMAN, pair.question if turns else f'{IMAGE_PLACEHOLDER}\n{pair.question}'), (GPT, pair.answer)]
   return tuple(turns)

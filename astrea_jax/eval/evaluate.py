@@ -44,7 +44,6 @@ import io
 import json
 import os
 import re
-import uuid
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -55,16 +54,17 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from astrea_jax.astrea.model import ROUTED_STAGES, Astrea, AstreaConfig
+from astrea_jax.astrea.model import Astrea, AstreaConfig
+from astrea_jax.core import boxes, files, stages
 from astrea_jax import config as config_lib
 from astrea_jax.data import images as images_lib
 from astrea_jax.data import pipeline, shapes_tfds, stage_targets, templates
-from astrea_jax.data.conversation import GPT, HUMAN, IMAGE_PLACEHOLDER
+from astrea_jax.data.conversation import HUMAN, IMAGE_PLACEHOLDER
 from astrea_jax.data.shapes_text import VQA_TYPES, Annotations
 from astrea_jax.eval import generate, plots
 
 CAPTION_TASK = 'caption'
-CAPTION_PROMPT = f"{IMAGE_PLACEHOLDER}\n{stage_targets.TASK_NAMES['align_caption']}"
+CAPTION_PROMPT = f'{IMAGE_PLACEHOLDER}\n{stage_targets.CAPTION_REQUEST}'
 TASK_TYPES = VQA_TYPES + (CAPTION_TASK,)
 GROUNDING = 'grounding'
 IOU_THRESHOLD = 0.5
@@ -115,21 +115,12 @@ def parse_box(text: str) -> Box | None:
   return x1, y1, x2, y2
 
 
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-  """Intersection over union of two boxes (x1, y1, x2, y2); 0 when the union is empty."""
-  inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-  inter_h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = inter_w * inter_h
-  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-  return inter / union if union > 0 else 0.0
-
-
 def grounding_correct(prediction: str, answer: str, threshold: float = IOU_THRESHOLD) -> bool:
   """Whether the predicted box has IoU > threshold with the answer's box (an unparsable prediction is wrong)."""
   predicted, expected = parse_box(prediction), parse_box(answer)
   if expected is None:
     raise ValueError(f'grounding answer {answer!r} is not a box [x1,y1,x2,y2] with values in 0-999')
-  return predicted is not None and box_iou(predicted, expected) > threshold
+  return predicted is not None and boxes.box_iou(predicted, expected) > threshold
 
 
 def is_correct(question_type: str, prediction: str, answer: str) -> bool:
@@ -284,7 +275,7 @@ def make_encoders(model: Astrea, stage: str) -> Encoders:
   @jax.jit
   def caption_outputs(params, ids, image_mask, instruction_mask, images):
     del image_mask
-    tokens, probs = visual(params, ROUTED_STAGES[-1], ids, instruction_mask, images)
+    tokens, probs = visual(params, stages.MOCO_STAGE, ids, instruction_mask, images)
     return model.apply({'params': params}, tokens[:, 0], method=Astrea.image_embedding), probs
 
   @jax.jit
@@ -296,20 +287,6 @@ def make_encoders(model: Astrea, stage: str) -> Encoders:
 
 
 # --- files ---
-
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes data to a temporary file next to path, then renames it to path."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f'.{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}')
-  try:
-    with open(tmp, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
 
 def router_plot_bytes(router: Mapping[str, Any], stage: str, split: str) -> bytes:
   """router.png: the [tasks x experts] mean router probabilities as a labelled heatmap (PNG bytes)."""
@@ -326,11 +303,8 @@ def _check_inputs(config: ml_collections.ConfigDict, cfg: AstreaConfig, stage: s
                   tok: pipeline.TokenizerInfo, tokenizer_dir: str) -> None:
   if config.data.dataset != 'shapes':
     raise ValueError(f"config.data.dataset={config.data.dataset!r}: the evaluation reads the synthetic 'shapes' data")
-  if stage in ROUTED_STAGES:
-    if not cfg.routed:
-      raise ValueError(f'stage {stage!r} routes between experts, but the model has one expert {cfg.slots}')
-  else:
-    cfg.align_slots(stage)  # raises naming the valid stages
+  if cfg.fusion(stage) == 'routed' and not cfg.routed:  # (fusion raises naming the valid stages)
+    raise ValueError(f'stage {stage!r} routes between experts, but the model has one expert {cfg.slots}')
   if config.data.visual_tokens != cfg.num_visual_tokens:
     raise ValueError(f'config.data.visual_tokens={config.data.visual_tokens} but the model has '
                      f'{cfg.num_visual_tokens} visual tokens per image')
@@ -440,7 +414,7 @@ def evaluate(config: ml_collections.ConfigDict, cfg: AstreaConfig, params: Any, 
   end_marker = template.answer_suffix
   eos_id = tok.backend.encode(end_marker, add_special_tokens=False).ids[0]
   visual_tokens, batch_size = config.data.visual_tokens, config.eval.batch_size
-  routed_stage = stage in ROUTED_STAGES
+  routed_stage = cfg.fusion(stage) == 'routed'
 
   dataset_dir = shapes_tfds.prepare(config.data.shapes)
   annotations, scene_images = _read_eval_scenes(config, dataset_dir)
@@ -494,9 +468,9 @@ def evaluate(config: ml_collections.ConfigDict, cfg: AstreaConfig, params: Any, 
 
   _log_summary(result)
   if jax.process_index() == 0:
-    write_atomic(os.path.join(workdir, EVAL_FILE), json.dumps(result, indent=1).encode('utf-8'))
+    files.write_atomic(os.path.join(workdir, EVAL_FILE), json.dumps(result, indent=1).encode('utf-8'))
     if 'router' in result:
-      write_atomic(os.path.join(workdir, ROUTER_FILE), router_plot_bytes(result['router'], stage, config.eval.split))
+      files.write_atomic(os.path.join(workdir, ROUTER_FILE), router_plot_bytes(result['router'], stage, config.eval.split))
   return result
 
 

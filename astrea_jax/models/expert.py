@@ -1,7 +1,8 @@
 """Vision experts: one interface for every expert, and resampling to the common visual token grid.
 
 Contract (what the composed model relies on)
-  An expert is a Linen module built from its config (an `ExpertConfig`) by `build_expert(cfg)`:
+  An expert is a Linen module built from its config (an `ExpertConfig`) by `families.build_expert(cfg)`; each family
+  (SigLIP, CLIP, DINOv2, ...) is one entry of the registry `astrea_jax.models.families`:
     cfg.name                     its slot: 'caption' | 'classification' | 'detection' | 'segmentation' (SLOTS)
     cfg.feature_width            C, the channel width of its resampled tokens (what its projector takes)
     encode(images) -> Features   images [B, H, W, 3]: RGB floats in [0, 1], any size. The expert resizes them to its
@@ -35,39 +36,17 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from astrea_jax.models import vit
-from astrea_jax.core.axes import BATCH, EMBED_ACT, LENGTH
-from astrea_jax.core.fields import to_dtype
 
 Array = jax.Array
 
 SLOTS = ('caption', 'classification', 'detection', 'segmentation')
-FEATURE_SELECTS = ('default', 'full')
-
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-# (image_mean, image_std) of the image processors each family was trained with.
-NORMALIZATION = {
-    'siglip': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    'clip': ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    'dinov2': IMAGENET, 'swin': IMAGENET, 'ram_plus': IMAGENET, 'sam2': IMAGENET, 'grounding_dino': IMAGENET,
-}
-
-
-def normalization(family: str, mean: Sequence[float] = (), std: Sequence[float] = ()) -> tuple[tuple, tuple]:
-  """(mean, std) of an expert: the given values, or where they are empty the family's processor statistics."""
-  if family not in NORMALIZATION:
-    raise ValueError(f'unknown expert family {family!r}; expected one of {sorted(NORMALIZATION)}')
-  default_mean, default_std = NORMALIZATION[family]
-  return tuple(mean) or default_mean, tuple(std) or default_std
-
-
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # (mean, std) of ImageNet-trained image processors
 @flax.struct.dataclass
 class Features:
   """An expert's native features: `kind` (static) with its arrays (see the module docstring)."""
@@ -220,65 +199,6 @@ class ExpertConfig(abc.ABC):
     return dict(dataclasses.asdict(self), family=self.family)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ViTExpertConfig(ExpertConfig):
-  """A SigLIP / CLIP / DINOv2 expert. `feature_layer`: None takes the model's last_hidden_state (final-normed for
-  SigLIP and DINOv2, as Hugging Face returns it); an int k takes Hugging Face's hidden_states[k] (LLaVA's
-  `vision_feature_layer`, e.g. -2 for CLIP). `feature_select`: 'default' keeps the patch tokens as an h x w grid
-  (the class token dropped), 'full' keeps every token as a 'tokens' sequence (LLaVA's select strategies). With a
-  class token (CLIP, DINOv2) 'full' gives n*n + 1 tokens, which `encode` returns but `resample` refuses: use it
-  where the native sequence is consumed as is; SigLIP has no class token, so its 'full' tokens resample."""
-  model: vit.ViTConfig
-  feature_layer: int | None = None
-  feature_select: str = 'default'
-
-  def problems(self) -> list[str]:
-    out = super().problems()
-    if self.feature_select not in FEATURE_SELECTS:
-      out.append(f'feature_select={self.feature_select!r} must be one of {FEATURE_SELECTS}')
-    if self.feature_layer is not None:
-      try:
-        vit.hidden_state_index(self.feature_layer, self.model.num_layers)
-      except ValueError as e:
-        out.append(f'feature_layer: {e}')
-    if self.image_size < self.model.patch_size:
-      out.append(f'image_size={self.image_size} must be at least patch_size={self.model.patch_size}')
-    return out
-
-  @property
-  def family(self) -> str:
-    return self.model.family
-
-  @property
-  def feature_width(self) -> int:
-    return self.model.hidden_size
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'ViTExpertConfig':
-    """Builds from `to_dict()` output (or a ConfigDict of the same fields); unknown keys are an error."""
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names - {'family'})
-    if unknown or 'model' not in d:
-      raise ValueError(f'ViTExpertConfig fields {sorted(d)}: unknown {unknown} or no "model"; expected a subset of '
-                       f'{sorted(names)} with "model"')
-    model = d['model'] if isinstance(d['model'], vit.ViTConfig) else vit.ViTConfig.from_dict(d['model'])
-    family = d.pop('family', model.family)
-    if family != model.family:
-      raise ValueError(f'ViTExpertConfig: family={family!r} differs from the model family {model.family!r}')
-    return cls(**dict(d, model=model, image_mean=tuple(d['image_mean']), image_std=tuple(d['image_std'])))
-
-
-def vit_expert_config(name: str, model: vit.ViTConfig, **overrides: Any) -> ViTExpertConfig:
-  """An expert config with the family's defaults: the model's native image_size, the family's processor
-  normalisation, and LLaVA's feature choice for CLIP (hidden_states[-2], class token dropped)."""
-  mean, std = NORMALIZATION[model.family]
-  kw = dict(name=name, model=model, image_size=model.image_size, image_mean=mean, image_std=std,
-            feature_layer=-2 if model.family == 'clip' else None)
-  kw.update(overrides)
-  return ViTExpertConfig(**kw)
-
-
 def preprocess(images: Array, cfg: ExpertConfig, dtype: Any) -> Array:
   """[B, H, W, 3] RGB in [0, 1] -> [B, S, S, 3] normalised (S = cfg.image_size), resized only when needed."""
   if images.ndim != 4 or images.shape[-1] != 3:
@@ -289,79 +209,3 @@ def preprocess(images: Array, cfg: ExpertConfig, dtype: Any) -> Array:
     x = jax.image.resize(x, (b, cfg.image_size, cfg.image_size, 3), method='cubic', antialias=True)
   x = (x - jnp.asarray(cfg.image_mean, jnp.float32)) / jnp.asarray(cfg.image_std, jnp.float32)
   return x.astype(dtype)
-
-
-class ViTExpert(nn.Module):
-  """A ViT-family expert; its parameters are {'backbone': VisionTransformer params}."""
-  cfg: ViTExpertConfig
-
-  def setup(self):
-    self.backbone = vit.VisionTransformer(self.cfg.model)
-
-  def encode(self, images: Array) -> Features:
-    """images [B, H, W, 3] in [0, 1] -> 'grid' [B, h, w, D] (feature_select='default') or 'tokens' [B, N, D]."""
-    cfg = self.cfg
-    pixels = preprocess(images, cfg, to_dtype(cfg.model.dtype))
-    out = self.backbone(pixels, hidden_state_layer=cfg.feature_layer)
-    tokens = out.last_hidden_state if cfg.feature_layer is None else out.hidden_state
-    if cfg.feature_select == 'full':
-      return Features.tokens(tokens)
-    if cfg.model.class_token:
-      tokens = tokens[:, 1:]
-    side = cfg.image_size // cfg.model.patch_size
-    return Features.grid(tokens.reshape(tokens.shape[0], side, side, tokens.shape[-1]))
-
-  def resample(self, features: Features) -> Array:
-    return resample(features, self.cfg.num_visual_tokens)
-
-  def __call__(self, images: Array) -> Array:
-    """images [B, H, W, 3] in [0, 1] -> [B, num_visual_tokens, feature_width]."""
-    return nn.with_logical_constraint(self.resample(self.encode(images)), (BATCH, LENGTH, EMBED_ACT))
-
-
-# Expert config class -> module; `family` (from to_dict) -> config class. Later experts (SAM2, Swin, Grounding DINO)
-# add their entries here.
-EXPERT_MODULES = {ViTExpertConfig: ViTExpert}
-EXPERT_CONFIGS = {family: ViTExpertConfig for family in vit.FAMILIES}
-
-
-def build_expert(cfg: ExpertConfig) -> nn.Module:
-  """The expert module for a config, named by its slot."""
-  if type(cfg) not in EXPERT_MODULES:
-    raise ValueError(f'no expert module for {type(cfg).__name__}; expected one of {list(EXPERT_MODULES)}')
-  return EXPERT_MODULES[type(cfg)](cfg, name=cfg.name)
-
-
-def expert_config_from_dict(d: Mapping[str, Any]) -> ExpertConfig:
-  """An expert config from `to_dict()` output, by its `family`."""
-  family = d.get('family')
-  if family not in EXPERT_CONFIGS:
-    raise ValueError(f'expert config family={family!r}: expected one of {sorted(EXPERT_CONFIGS)}')
-  return EXPERT_CONFIGS[family].from_dict(d)
-
-
-def load_vit_expert(ckpt_dir: str, name: str, mesh: jax.sharding.Mesh, rules,
-                    model_overrides: Mapping[str, Any] | None = None,
-                    **expert_overrides: Any) -> tuple[ViTExpertConfig, dict]:
-  """(config, params) of a ViT-family expert from a converted checkpoint, restored into the mesh's shardings.
-
-  The model config comes from the checkpoint; `model_overrides` may change numerics only (dtype, param_dtype,
-  remat_policy); `expert_overrides` set expert fields (image_size, feature_layer, num_visual_tokens, ...).
-  """
-  from astrea_jax.convert import checkpoint
-  from astrea_jax.parallel import sharding
-
-  meta = checkpoint.read_metadata(ckpt_dir)
-  if meta['family'] not in vit.FAMILIES:
-    raise checkpoint.CheckpointError(f'{ckpt_dir}: family {meta["family"]!r} is not a ViT expert; expected one of '
-                                     f'{vit.FAMILIES}')
-  model_overrides = dict(model_overrides or {})
-  bad = sorted(set(model_overrides) - {'dtype', 'param_dtype', 'remat_policy'})
-  if bad:
-    raise checkpoint.CheckpointError(f'{ckpt_dir}: model overrides {bad} would change the stored model shape')
-  model = vit.ViTConfig.from_dict(dict(meta['model_config'], **model_overrides))
-  cfg = vit_expert_config(name, model, **expert_overrides)
-  images = jnp.zeros((1, model.image_size, model.image_size, model.num_channels), jnp.float32)
-  init = lambda: vit.VisionTransformer(model).init(jax.random.key(0), images)['params']
-  abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
-  return cfg, {'backbone': checkpoint.load_params(ckpt_dir, sharding.with_shardings(abstract, shardings))}

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from astrea_jax.config import MESH_AXES, ConfigError
+from astrea_jax.core.axes import MESH_AXES
+from astrea_jax.core.errors import ConfigError
 
 
 def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:

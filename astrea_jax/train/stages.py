@@ -1,10 +1,10 @@
-"""What each training stage trains: parameter-path regexes, the split of the parameters into the trained and the
-frozen part, and the stage's optimizer over the trained part.
+"""What each training stage trains: its parameter-path regexes (the stage table's defaults, or the config's), the
+split of the parameters into the trained and the frozen part, and the stage's optimizer over the trained part.
 
 Gradients are taken with respect to the trainable parameters only (`split`): the step differentiates the trained
 part with the frozen part as a constant, so no gradient of a frozen parameter is ever computed, carried or stored,
 and the optimizer (and its state) covers the trained part alone. `merge` puts the tree back together. The defaults
-(the paper's schedule; `config.stages.<stage>.trainable` may replace them):
+(the paper's schedule, `astrea_jax.core.stages.TABLE`; `config.stages.<stage>.trainable` may replace them):
 - `align_<slot>`: the slot's projector and its residual cross-attention (the LLM and earlier stages are frozen);
 - `instruct`: with residual fusion the LLM, every projector and residual module; with routed fusion the router, the
   adapters and the LLM;
@@ -21,24 +21,17 @@ import flax.traverse_util
 import ml_collections
 import optax
 
-from astrea_jax.astrea.model import ALIGN_PREFIX, AstreaConfig
+from astrea_jax.astrea.model import AstreaConfig
+from astrea_jax.core import stages as stage_table
 from astrea_jax.train import optimizer as optimizer_lib
 
 TRAIN, FREEZE = 'train', 'freeze'
 
 
 def default_trainable(stage: str, cfg: AstreaConfig) -> tuple[str, ...]:
-  """The paper's trainable set of a stage, as regexes over '/'-joined parameter paths."""
-  if stage.startswith(ALIGN_PREFIX):
-    return tuple(p for slot in cfg.align_slots(stage) for p in (f'projectors/{slot}/.*', f'residual/{slot}/.*'))
-  experts = ('experts/.*',) if cfg.train_experts else ()
-  if stage == 'instruct':
-    if cfg.instruct_fusion == 'residual':
-      return ('projectors/.*', 'residual/.*', 'llm/.*') + experts
-    return ('routing/.*', 'llm/.*') + experts
-  if stage == 'main':
-    return ('routing/.*', 'heads/.*', 'llm/.*') + experts
-  raise ValueError(f'unknown stage {stage!r}; expected align_<slot>, instruct or main')
+  """The paper's trainable set of a stage (the stage table's, for the model's fusion of that stage), as regexes over
+  '/'-joined parameter paths."""
+  return stage_table.spec(stage).trainable_patterns(cfg.fusion(stage), cfg.train_experts)
 
 
 def param_labels(params: Any, patterns: Sequence[str]) -> Any:

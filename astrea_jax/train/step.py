@@ -35,11 +35,11 @@ from jax.sharding import Mesh
 from astrea_jax.astrea import losses as astrea_losses
 from astrea_jax.astrea import moco, router
 from astrea_jax.astrea.model import Astrea
+from astrea_jax.core import stages as stage_table
 from astrea_jax.parallel import sharding
 from astrea_jax.train import losses, stages
 
 Array = jax.Array
-MAIN = 'main'
 SUMMED_METRICS = ('reg_loss', 'tokens')  # added over micro-batches; every other metric is averaged
 
 
@@ -58,7 +58,7 @@ def init_state(params: Any, tx: optax.GradientTransformation, labels: Any, stage
   """A fresh state for a stage around existing params; the optimizer state covers the parameters labelled TRAIN, and
   the key encoder starts as a copy (MoCo)."""
   momentum, queues = {}, {}
-  if stage == MAIN:
+  if stage_table.spec(stage).moco:
     momentum = jax.tree.map(jnp.copy, moco.select_modules(params, moco_cfg.momentum_modules))  # own buffers
     rng, k1, k2 = jax.random.split(rng, 3)
     image_queue, ptr = moco.init_queue(k1, moco_cfg.queue_size, moco_cfg.embed_dim)
@@ -92,7 +92,7 @@ def make_loss_fn(model: Astrea, stage: str, run: ml_collections.ConfigDict, accu
   `total` is this micro-batch's share of the step's loss: Eq. 1 summed over its answer tokens / num_tokens (the whole
   batch's count) plus the micro-batch mean of the other terms / accum_steps, so that the shares add up over the
   micro-batches to the loss of the whole batch."""
-  moco_on = stage == MAIN
+  moco_on = stage_table.spec(stage).moco
   routed = model.cfg.fusion(stage) == 'routed'
   text_context = routed and model.cfg.router_context == 'visual+text'
 
@@ -199,11 +199,12 @@ def make_step(model: Astrea, stage: str, tx: optax.GradientTransformation, run: 
   gradients sharded)."""
   grad_shardings = None if param_shardings is None else stages.split(param_shardings, labels)[0]
   grads_of = make_grad_fn(model, stage, run, labels, accum_steps, grad_shardings)
+  moco_on = stage_table.spec(stage).moco
 
   def step(state: TrainState, batch: dict[str, Any]):
     rng, step_rng = jax.random.split(state.rng)
     momentum = state.momentum
-    if stage == MAIN:  # Eq. 8 before computing the keys, as MoCo does
+    if moco_on:  # Eq. 8 before computing the keys, as MoCo does
       momentum = moco.momentum_update(moco.select_modules(state.params, run.moco.momentum_modules), momentum,
                                       run.moco.momentum)
     grads, metrics, keys = grads_of(state.params, batch, step_rng, momentum, state.queues)

@@ -23,8 +23,6 @@ atomically; `load_heads(module, path)` loads them strictly (every name present, 
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -36,6 +34,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from astrea_jax.convert import safetensors_io
+from astrea_jax.core import files
 from astrea_jax.core.fields import to_dtype
 
 
@@ -183,14 +182,8 @@ def export_heads(params: Any, path: str, dtype: str | None = None) -> list[str]:
   if dtype is not None:
     state = {k: v.astype(to_dtype(dtype)) for k, v in state.items()}
   specs = [safetensors_io.TensorSpec(name, arr.shape, arr.dtype) for name, arr in sorted(state.items())]
-  path = os.path.abspath(path)
-  tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}')
-  try:
+  with files.atomic_file(path) as tmp:
     safetensors_io.write_file(tmp, specs, lambda spec: state[spec.name], metadata={'format': 'pt'})
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return [spec.name for spec in specs]
 
 

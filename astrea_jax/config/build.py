@@ -1,0 +1,50 @@
+"""The frozen model configs of a run config: `llm_config` (config.llm) and `model_config` (the composed model: the
+LLM, each slot's expert built by its family's registry entry, the stage order and the paper's parts)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from astrea_jax.astrea.model import AstreaConfig
+from astrea_jax.core.errors import ConfigError
+from astrea_jax.models import families, llama
+
+
+def llm_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
+  """The frozen `LlamaConfig` for `config.llm`; errors name the `llm.*` field."""
+  try:
+    return llama.LlamaConfig.from_dict(config.llm.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.llm: {e}') from e
+
+
+def expert_config(config: ml_collections.ConfigDict, slot: str):
+  """The frozen expert config of `slot`: built by its family's registry entry from config.model.experts.<slot> and
+  config.data.experts.<slot> (input side; mean/std, the family's where empty), with the LLM's numerics; errors name
+  the slot's fields."""
+  fields, inputs = config.model.experts[slot], config.data.experts[slot]
+  try:
+    family = families.get(fields.family)
+    mean, std = families.normalization(fields.family, inputs.mean, inputs.std)
+    return family.from_fields(slot, fields.to_dict(), families.ExpertInputs(
+        image_size=inputs.image_size, image_mean=tuple(mean), image_std=tuple(std),
+        num_visual_tokens=config.data.visual_tokens, dtype=config.llm.dtype, param_dtype=config.llm.param_dtype,
+        remat_policy=config.llm.remat_policy))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.model.experts.{slot}: {e}') from e
+
+
+def model_config(config: ml_collections.ConfigDict) -> AstreaConfig:
+  """The frozen `AstreaConfig` of a run: config.llm, each slot's expert (`expert_config`), config.data.visual_tokens
+  (T), config.data.align_order, config.stages.instruct.fusion and config.astrea / config.moco."""
+  experts = tuple(expert_config(config, slot) for slot in config.model.experts)
+  a = config.astrea
+  try:
+    return AstreaConfig(llm=llm_config(config), experts=experts, align_stages=tuple(config.data.align_order),
+                        num_visual_tokens=config.data.visual_tokens, train_experts=config.model.train_experts,
+                        residual_heads=a.residual_heads, residual_gamma=a.residual_gamma,
+                        residual_prob=a.residual_prob, residual_add=a.residual_add, top_k=a.top_k,
+                        router_context=a.router_context, instruct_fusion=config.stages.instruct.fusion,
+                        contrastive_dim=config.moco.embed_dim)
+  except ValueError as e:
+    raise ConfigError(f'config.model / config.astrea: {e}') from e

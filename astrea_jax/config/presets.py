@@ -1,0 +1,43 @@
+"""Settings shared by the paper-scale configs (configs/astrea_13b.py, configs/astrea_34b.py)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from astrea_jax.core.stages import ALIGN_STAGES
+
+
+def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Settings shared by the 13B and 34B configs: bf16 compute on fp32 master weights, full remat, ZeRO-3 over all
+  devices, the paper's global batch of 128 sequences of 2048 tokens (576 visual + text)."""
+  c.llm.dtype = 'bfloat16'
+  c.llm.remat_policy = 'full'
+  c.llm.max_position_embeddings = 4096
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.train.global_batch_size = 128
+  c.generate.max_new_tokens = 128
+  c.data.seq_len = 2048
+  c.data.template = 'vicuna_v1'      # Vicuna-1.5 (13B); the 34B config sets chatml
+  c.data.visual_tokens = 576         # 24 x 24
+  # Caption: SigLIP-SO400M/14@384 (the paper's). The other slots hold ViT stand-ins of about the size and token count of
+  # RAM++ (Swin-L, ~200M), Grounding DINO (~170M) and SAM2 Hiera-L (~220M) until those modules exist.
+  c.model.experts.caption = dict(family='siglip', hidden_size=1152, intermediate_size=4304, num_layers=27,
+                                 num_heads=16, patch_size=14)
+  c.model.experts.classification = dict(family='clip', hidden_size=1024, intermediate_size=4096, num_layers=24,
+                                        num_heads=16, patch_size=16)
+  c.model.experts.detection = dict(family='dinov2', hidden_size=768, intermediate_size=3072, num_layers=12,
+                                   num_heads=12, patch_size=32)
+  c.model.experts.segmentation = dict(family='dinov2', hidden_size=1024, intermediate_size=4096, num_layers=16,
+                                      num_heads=16, patch_size=32)
+  for slot, side in (('caption', 384), ('classification', 384), ('detection', 800), ('segmentation', 1024)):
+    c.data.experts[slot].image_size = side  # SigLIP-SO400M@384, RAM++ Swin-L@384, Grounding DINO, SAM2
+  # The recipe of Sec. 4.1: pre-alignment 2000k, 500k, 200k, 200k steps; instruction tuning 500k; peak learning rate
+  # 1e-4 everywhere (AdamW 0.9 / 0.98, wd 0.05, cosine, 15% warm-up: config.optimizer). The paper does not give the
+  # main stage's steps ("its training load is significantly reduced"): we choose 100k, a fifth of instruction tuning.
+  for name, steps in zip(ALIGN_STAGES + ('instruct', 'main'), (2_000_000, 500_000, 200_000, 200_000, 500_000,
+                                                                100_000)):
+    c.stages[name].num_steps = steps
+    c.stages[name].learning_rate = 1e-4
+  c.stages.instruct.fusion = 'residual'  # Fig. 1: instruction tuning belongs to the pre-alignment panel
+  return c

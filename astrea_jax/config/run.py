@@ -1,0 +1,61 @@
+"""Stage helpers of a run config: which stages it runs (`run_stages`), each stage's settings (`stage_settings`), its
+fusion, and what its rows hold (`single_turn_rows`). Stage names and kinds come from the stage table
+(`astrea_jax.core.stages`)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from astrea_jax.core.errors import ConfigError
+from astrea_jax.core.stages import BY_NAME, EXPERTS_STAGE, align_members, spec
+
+
+def settings_name(stage: str) -> str:
+  """The `config.stages` entry holding a stage's settings: its own, or for a group ('align_a+align_b') its first
+  member's."""
+  return align_members(stage)[0]
+
+
+def stage_settings(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """`config.stages.<stage>` (steps, peak learning rate, trainable regexes, fusion)."""
+  return config.stages[settings_name(stage)]
+
+
+def stage_fusion(config: ml_collections.ConfigDict, stage: str) -> str:
+  """How a stage makes its visual tokens: its `config.stages.<stage>.fusion` when it has a choice (instruct), else
+  its only one (stage table)."""
+  fusions = spec(stage).fusions
+  settings = stage_settings(config, stage)
+  return settings.fusion if 'fusion' in settings and len(fusions) > 1 else fusions[0]
+
+
+def single_turn_rows(config: ml_collections.ConfigDict, stage: str) -> bool:
+  """Whether a stage's rows hold one question and its answer each: the stages that route with the instruction as the
+  router's text context ('visual+text'), so that the context pooled is the instruction being answered, as in
+  evaluation."""
+  return stage_fusion(config, stage) == 'routed' and config.astrea.router_context == 'visual+text'
+
+
+def expert_families(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """slot -> `config.model.experts.<slot>.family`."""
+  return {slot: e.family for slot, e in config.model.experts.items()}
+
+
+def run_stages(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """`train.stages` with 'align' expanded to `data.align_order`; raises ConfigError naming a bad entry."""
+  order = tuple(config.data.align_order)
+  others = tuple(name for name, s in BY_NAME.items() if s.kind != 'align')
+  out = []
+  for i, name in enumerate(config.train.stages):
+    if name == 'align':
+      out += order
+    elif name in order or name in others or name == EXPERTS_STAGE:
+      out.append(name)
+    else:
+      raise ConfigError(f'config.train.stages[{i}]={name!r}: unknown stage; expected one of '
+                        f'{(EXPERTS_STAGE, "align") + order + others} (align stages as in data.align_order)')
+  if len(set(out)) != len(out):
+    raise ConfigError(f'config.train.stages={tuple(config.train.stages)}: runs a stage twice ({out})')
+  if EXPERTS_STAGE in out and out.index(EXPERTS_STAGE) != 0:
+    raise ConfigError(f"config.train.stages={tuple(config.train.stages)}: 'experts' must come first")
+  return tuple(out)

@@ -1,0 +1,95 @@
+"""The expert-family registry: everything the rest of the package needs to know about a vision-expert family is one
+`ExpertFamily` entry here (its config and module classes, the kind of features it hands the projector, its image
+statistics and input size, the converter family of its checkpoints, its FLOPs per image, and how it is built from a
+run config's `config.model.experts.<slot>`). Config validation, the runner's checkpoint loading, the memory report
+and the FLOP counter read it; no code elsewhere branches on a family name. Adding a family = its own module(s) plus
+one entry in `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+
+from astrea_jax.core import flops
+from astrea_jax.models import vit, vit_expert
+from astrea_jax.models.expert import ExpertConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertInputs:
+  """What a run config says about one slot's input: side in pixels, normalisation, visual token count, numerics."""
+  image_size: int
+  image_mean: tuple[float, float, float]
+  image_std: tuple[float, float, float]
+  num_visual_tokens: int
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  remat_policy: str = 'none'
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertFamily:
+  """One vision-expert family (module docstring)."""
+  name: str
+  config_class: type                      # its `ExpertConfig` subclass
+  module: type                            # its expert Linen module (built from a config of `config_class`)
+  feature_kind: str                       # 'grid' | 'tokens' | 'multiscale' | 'queries' (models.expert)
+  normalization: tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std) of its processor
+  input_size: int                         # the side its released weights run at
+  converter: str                          # `--family` of its checkpoints in astrea_jax.convert
+  from_fields: Callable[[str, Mapping[str, Any], ExpertInputs], ExpertConfig]  # slot, config fields, inputs
+  forward_flops: Callable[[ExpertConfig], int]  # FLOPs of one image's forward pass up to its features
+
+
+def _vit_from_fields(family: str) -> Callable[[str, Mapping[str, Any], ExpertInputs], ExpertConfig]:
+  def build(slot: str, fields: Mapping[str, Any], inputs: ExpertInputs) -> ExpertConfig:
+    fields = {k: v for k, v in dict(fields).items() if k != 'family'}
+    model = vit.ViTConfig(family=family, image_size=inputs.image_size, dtype=inputs.dtype,
+                          param_dtype=inputs.param_dtype, remat_policy=inputs.remat_policy, **fields)
+    return vit_expert.vit_expert_config(slot, model, image_size=inputs.image_size, image_mean=inputs.image_mean,
+                                        image_std=inputs.image_std, num_visual_tokens=inputs.num_visual_tokens)
+  return build
+
+
+def _vit_forward_flops(e: ExpertConfig) -> int:
+  """The patch embedding (P patches, p^2 C -> D), then per block q, k, v, o (4 D^2) and the MLP (2 D M) on N tokens
+  (P, + 1 class token) and attention over N x N, up to the block its features come from."""
+  cfg = e.model
+  layers = cfg.num_layers if e.feature_layer is None else vit.hidden_state_index(e.feature_layer, cfg.num_layers)
+  d, patches, tokens = cfg.hidden_size, cfg.grid_size**2, cfg.num_positions
+  block = (flops.dense_flops(4 * d * d + 2 * d * cfg.intermediate_size, tokens)
+           + flops.attention_flops(tokens, tokens, d))
+  return flops.dense_flops(cfg.patch_size**2 * cfg.num_channels * d, patches) + layers * block
+
+
+FAMILIES: dict[str, ExpertFamily] = {
+    name: ExpertFamily(name, vit_expert.ViTExpertConfig, vit_expert.ViTExpert, 'grid',
+                       vit_expert.NORMALIZATION[name], size, name, _vit_from_fields(name), _vit_forward_flops)
+    for name, size in (('siglip', 384), ('clip', 336), ('dinov2', 518))
+}
+
+
+def get(name: str) -> ExpertFamily:
+  """The registry entry of a family; an unknown name lists the known ones."""
+  if name not in FAMILIES:
+    raise ValueError(f'unknown expert family {name!r}; expected one of {sorted(FAMILIES)}')
+  return FAMILIES[name]
+
+
+def normalization(family: str, mean: Sequence[float] = (), std: Sequence[float] = ()) -> tuple[tuple, tuple]:
+  """(mean, std) of an expert: the given values, or where they are empty the family's processor statistics."""
+  default_mean, default_std = get(family).normalization
+  return tuple(mean) or default_mean, tuple(std) or default_std
+
+
+def build_expert(cfg: ExpertConfig) -> nn.Module:
+  """The expert module for a config, named by its slot."""
+  return get(cfg.family).module(cfg, name=cfg.name)
+
+
+def expert_config_from_dict(d: Mapping[str, Any]) -> ExpertConfig:
+  """An expert config from `to_dict()` output (stored JSON), by its `family`."""
+  return get(d.get('family')).config_class.from_dict(d)

@@ -1,0 +1,97 @@
+"""A run's first parameters: fresh ones from train.seed (created in place on the mesh), with the LLM from a converted
+checkpoint (`config.init_checkpoint`), each expert from its converted checkpoint (`config.model.expert_checkpoints`)
+or from stage 0 (the tiny default's specialist experts). A checkpoint that does not fit the config is a ConfigError
+naming the fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from astrea_jax import config as config_lib
+from astrea_jax.astrea.model import AstreaConfig
+from astrea_jax.convert import loaders
+from astrea_jax.core import trees
+from astrea_jax.core.errors import ConfigError
+from astrea_jax.parallel import sharding
+from astrea_jax.train import experts as experts_lib
+from astrea_jax.train.stage_step import params_init_fn
+
+Array = jax.Array
+NUMERICS = ('dtype', 'param_dtype', 'remat_policy')
+# What an expert's checkpoint may hold and the expert does not use (dropped when the expert has no such parameter):
+# SigLIP's attention-pooling head (the expert passes on the patch tokens, not the pooled one) and DINOv2's mask token
+# (nothing is masked).
+UNUSED_BY_EXPERTS = (('backbone', 'head'), ('backbone', 'embed', 'mask_token'))
+
+
+def put_global(value: Any, sharding_: jax.sharding.Sharding) -> Array:
+  """A host value that every process holds whole -> a global array in `sharding_`."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding_, lambda index: value[index])
+
+
+def initial_params(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules, workdir: str) -> Any:
+  """The run's first parameters (module docstring), placed on the mesh."""
+  params, shardings = sharding.init_sharded(params_init_fn(config, cfg), mesh, rules)
+  params = dict(params)
+  if config.init_checkpoint:
+    params['llm'] = load_llm(config, cfg, mesh, rules)
+  experts = dict(params['experts'])
+  for slot, path in config.model.expert_checkpoints.items():
+    if path:
+      experts[slot] = load_expert(config, cfg, slot, path, mesh, rules, experts.get(slot))
+  if config_lib.EXPERTS_STAGE in config_lib.run_stages(config):
+    for slot, tree in experts_lib.train_experts(config, workdir).items():
+      experts[slot] = jax.tree.map(put_global, tree, shardings['experts'][slot])
+  params['experts'] = experts
+  return params
+
+
+def load_llm(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules) -> Any:
+  """The LLM of config.init_checkpoint, in the run's numerics; its shape fields must equal config.llm's."""
+  llm_cfg, llm = loaders.load_llm(config.init_checkpoint, mesh, rules, dtype=cfg.llm.dtype,
+                                  remat_policy=cfg.llm.remat_policy)
+  shape = lambda c: {k: v for k, v in c.to_dict().items() if k not in NUMERICS}
+  if shape(llm_cfg) != shape(cfg.llm):
+    diff = {k: (v, shape(cfg.llm).get(k)) for k, v in shape(llm_cfg).items() if shape(cfg.llm).get(k) != v}
+    raise ConfigError(f'config.init_checkpoint={config.init_checkpoint}: its LLM differs from config.llm '
+                      f'(field: (checkpoint, config)): {diff}')
+  return llm
+
+
+def drop_unused(loaded: dict, current: dict) -> dict:
+  """`loaded` without the `UNUSED_BY_EXPERTS` parameters that `current` (the expert's own tree) does not have."""
+  out = dict(loaded)
+  for path in UNUSED_BY_EXPERTS:
+    here, mine = out, current
+    for key in path[:-1]:
+      if key not in here or key not in mine:
+        break
+      here[key] = dict(here[key])
+      here, mine = here[key], mine[key]
+    else:
+      if path[-1] in here and path[-1] not in mine:
+        del here[path[-1]]
+  return out
+
+
+def load_expert(config: ml_collections.ConfigDict, cfg: AstreaConfig, slot: str, path: str, mesh, rules,
+                current: Any) -> Any:
+  """The parameters of a converted expert checkpoint for `slot`, sharded like `current` (the slot's initial params);
+  ConfigError naming config.model.experts.<slot> when the checkpoint's shapes differ from the config's."""
+  if slot not in cfg.slots:
+    raise ConfigError(f'config.model.expert_checkpoints.{slot}={path!r}: the model has no {slot!r} expert '
+                      f'(config.model.experts has {list(cfg.slots)})')
+  numerics = {k: getattr(cfg.llm, k) for k in NUMERICS}
+  _, loaded = loaders.load_expert(path, slot, mesh, rules, model_overrides=numerics)
+  loaded = drop_unused(loaded, current)
+  count, first = trees.shape_differences(loaded, current)
+  if count:
+    raise ConfigError(f'config.model.expert_checkpoints.{slot}={path!r}: its parameters do not fit '
+                      f'config.model.experts.{slot} / config.data.experts.{slot}.image_size (first of {count} '
+                      f'differences, checkpoint vs config: {first})')
+  return loaded

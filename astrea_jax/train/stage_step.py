@@ -1,0 +1,101 @@
+"""One stage's train step, assembled one way for the runner and the memory report: the stage's plan (steps, peak
+learning rate, trainable regexes), its optimizer over the trained parameters, its train state and the shardings of
+that state (derived from the parameters' logical axis names), the step function, and the memory a compiled step
+needs."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+
+from astrea_jax import config as config_lib
+from astrea_jax.astrea.model import Astrea, AstreaConfig, init_params
+from astrea_jax.parallel import sharding
+from astrea_jax.train import stages, step as step_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+  """One trained stage of the run: its name, steps, where its steps start in the run, and what it trains."""
+  name: str
+  num_steps: int
+  offset: int                    # global step before the stage's first step
+  learning_rate: float
+  trainable: tuple[str, ...]     # param-path regexes
+
+  @property
+  def end(self) -> int:
+    return self.offset + self.num_steps
+
+
+def stage_plan(config: ml_collections.ConfigDict, cfg: AstreaConfig, name: str, offset: int = 0) -> StagePlan:
+  """The plan of stage `name` from `config.stages.<name>` (trainable: the config's regexes, else the paper's)."""
+  st = config_lib.stage_settings(config, name)
+  return StagePlan(name, st.num_steps, offset, st.learning_rate,
+                   tuple(st.trainable) or stages.default_trainable(name, cfg))
+
+
+def params_init_fn(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> Callable[[], Any]:
+  """The boxed (logically named) initial parameters of the run's model, from train.seed."""
+  sizes = {slot: e.image_size for slot, e in config.data.experts.items()}
+  return lambda: init_params(cfg, jax.random.key(config.train.seed), sizes)
+
+
+def stage_rng(config: ml_collections.ConfigDict, index: int) -> Array:
+  return jax.random.fold_in(jax.random.key(config.train.seed), 1000 + index)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageStep:
+  """What a stage trains with: labels (TRAIN / FREEZE per parameter), the optimizer and its schedule, `init_state`
+  (params -> a fresh train state), the state's abstract shapes and shardings, and `step` (state, batch) -> (state,
+  metrics), not yet jitted (`jit`)."""
+  labels: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  init_state: Callable[[Any], step_lib.TrainState]
+  abstract_state: step_lib.TrainState
+  state_shardings: step_lib.TrainState
+  step: Callable
+
+  def restore_target(self) -> step_lib.TrainState:
+    """ShapeDtypeStructs with shardings: what a checkpoint restores into and AOT compilation lowers with."""
+    return sharding.with_shardings(self.abstract_state, self.state_shardings)
+
+
+def build(config: ml_collections.ConfigDict, cfg: AstreaConfig, plan: StagePlan, index: int, mesh, rules) -> StageStep:
+  """The stage's `StageStep` on `mesh`: state shardings from the logical axis names of the parameters (the optimizer
+  moments and EMA copies follow their parameters; the rest is replicated)."""
+  boxed = params_init_fn(config, cfg)
+  params_abstract, param_shardings = sharding.abstract_and_shardings(boxed, mesh, rules)
+  labels = stages.param_labels(params_abstract, plan.trainable)
+  tx, schedule = stages.stage_optimizer(config.optimizer, plan.num_steps, plan.learning_rate)
+  init_state = lambda p: step_lib.init_state(p, tx, labels, plan.name, config.moco, stage_rng(config, index))
+  abstract_state, state_shardings = sharding.abstract_and_shardings(lambda: init_state(boxed()), mesh, rules)
+  step = step_lib.make_step(Astrea(cfg), plan.name, tx, config, labels, schedule, config.train.grad_accum_steps,
+                            param_shardings)
+  return StageStep(labels, tx, schedule, init_state, abstract_state, state_shardings, step)
+
+
+def jit(stage_step: StageStep, mesh, rules, batch: Any) -> Callable:
+  """The jitted step for batches like `batch` (global arrays or ShapeDtypeStructs)."""
+  return step_lib.jit_step(stage_step.step, mesh, rules, stage_step.state_shardings,
+                           step_lib.batch_shardings(batch, mesh, rules))
+
+
+def memory_stats(compiled) -> dict[str, int]:
+  """Per-device bytes of a compiled step from XLA's memory analysis: arguments, outputs, temporaries, aliased, and
+  the peak = arguments + temporaries + outputs not aliased to the donated inputs. {} when the backend has none."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {}
+  out = {name: int(getattr(analysis, f'{name}_size_in_bytes', 0) or 0)
+         for name in ('argument', 'output', 'temp', 'alias', 'generated_code')}
+  out['peak'] = out['argument'] + out['temp'] + out['output'] - out['alias']
+  return out
