@@ -276,6 +276,25 @@ def test_contrastive_loss_gradient_reaches_only_the_queries():
     np.testing.assert_array_equal(g, 0.0)
 
 
+def test_pairs_that_do_not_exist_are_left_out_with_finite_gradients():
+  """Empty image slots (packed rows) give pairs that do not exist: the loss equals the loss of the existing pairs
+  alone, and the gradients are finite (a -inf logit would make them NaN through the masked-out rows)."""
+  q_img, q_txt, k_img, k_txt = (moco.l2_normalize(normal(s, (5, 4))) for s in range(4))
+  queues = [moco.l2_normalize(normal(9, (6, 4)))] * 2
+  valid = jnp.asarray([True, False, True, True, False])
+  loss = lambda a, b: moco.contrastive_loss(a, b, k_img, k_txt, *queues, 0.1, 0.5, valid)
+  keep = np.asarray(valid)
+  alone = moco.contrastive_loss(q_img[keep], q_txt[keep], k_img[keep], k_txt[keep], *queues, 0.1, 0.5)
+  np.testing.assert_allclose(loss(q_img, q_txt), alone, rtol=1e-6)
+  grads = jax.grad(loss, argnums=(0, 1))(q_img, q_txt)
+  for g in grads:
+    assert np.isfinite(np.asarray(g)).all()
+    np.testing.assert_array_equal(np.asarray(g)[~keep], 0.0)
+  queue, ptr = moco.enqueue(jnp.zeros((6, 4)), jnp.int32(4), k_img, valid)  # only existing keys enter the queue
+  np.testing.assert_allclose(np.asarray(queue)[[4, 5, 0]], np.asarray(k_img)[keep])
+  assert int(ptr) == 1 and not np.asarray(queue)[1:4].any()
+
+
 def test_contrastive_head_pools_the_masked_tokens_and_normalises():
   tokens = normal(20, (2, 5, 8))
   mask = jnp.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], jnp.bool_)

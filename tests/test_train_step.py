@@ -179,3 +179,17 @@ def test_stage_errors_are_named(setup):
     stages.default_trainable('align_audio', cfg)
   with pytest.raises(ValueError, match=r"stage 'instruct' trains nothing: its patterns \['decoder/.\*'\]"):
     stages.check_trains_something('instruct', params, ['decoder/.*'])
+
+
+def test_main_stage_with_empty_image_slots_gives_finite_gradients(setup):
+  """Packed rows leave image slots empty (image id -1): their pairs are left out of the contrast, their tokens out
+  of the router statistics, and nothing turns into NaN."""
+  batch = dict(setup[3])
+  second = lambda x, fill: np.concatenate([x, np.full_like(x, fill)], axis=1)  # a second, empty slot per row
+  batch.update(image_ids=second(batch['image_ids'], -1), image_segment_ids=second(batch['image_segment_ids'], 0),
+               captions=second(batch['captions'], 0), caption_mask=second(batch['caption_mask'], 0),
+               images={s: second(x, 0.0) for s, x in batch['images'].items()})
+  grads, metrics = gradients(setup, 'main', batch, 1)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  assert np.isfinite(float(metrics['moco_loss'])) and np.isfinite(float(metrics['reg_loss']))
+  assert float(np.sum(metrics['router/token_share'])) == pytest.approx(1.0, abs=1e-5)

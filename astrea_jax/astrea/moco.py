@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from astrea_jax.astrea.projector import dense
 
 Array = jax.Array
+EXCLUDED_LOGIT = -1e9  # a key left out of the softmax (exp underflows to exactly 0 in fp32)
 
 
 def mean_pool(tokens: Array, mask: Array | None = None) -> Array:
@@ -37,9 +38,9 @@ def mean_pool(tokens: Array, mask: Array | None = None) -> Array:
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
-  """x / max(||x||, eps) over the last axis (torch.nn.functional.normalize)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
+  """x / max(||x||, eps) over the last axis (torch.nn.functional.normalize). Computed as x * rsqrt(max(||x||^2,
+  eps^2)) so that a zero vector (an empty image slot's caption) has a zero gradient, not the NaN of sqrt'(0)."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
 class ContrastiveHead(nn.Module):
@@ -99,15 +100,16 @@ def positive_log_prob(queries: Array, keys: Array, queue: Array, tau: float, val
   """Eq. 5-6 for one direction: log of the softmax of q_i · [keys; queue] / tau taken at the positive keys_i.
 
   queries, keys [P, d], queue [N, d] -> [P] (log r_i for image queries and text keys, log c_i the other way round).
-  valid [P] (optional): keys that do not exist are left out of every softmax. Keys and queue come from the momentum
-  encoder and carry no gradient.
+  valid [P] (optional): keys that do not exist are left out of every softmax (a logit of -1e9, not -inf, so that the
+  rows of pairs that do not exist stay finite and their masked-out gradient is zero, not NaN). Keys and queue come
+  from the momentum encoder and carry no gradient.
   """
   candidates = jax.lax.stop_gradient(jnp.concatenate([keys, queue], axis=0).astype(jnp.float32))  # [P + N, d]
   logits = jnp.einsum('bd,kd->bk', queries.astype(jnp.float32), candidates,
                       precision=jax.lax.Precision.HIGHEST) / tau
   if valid is not None:
     exists = jnp.concatenate([valid.astype(jnp.bool_), jnp.ones((queue.shape[0],), jnp.bool_)])
-    logits = jnp.where(exists[None, :], logits, -jnp.inf)
+    logits = jnp.where(exists[None, :], logits, EXCLUDED_LOGIT)
   return jnp.diagonal(jax.nn.log_softmax(logits, axis=-1))
 
 
