@@ -140,12 +140,10 @@ def caption_words(text: str) -> list[str]:
 
 def caption_vocabulary() -> dict[str, int]:
   """word -> id: PAD (0), UNK (1), then the sorted words of the shapes vocabulary (shapes, colours, sizes, numbers)
-  and of the caption templates (read from shapes_text, whose constants are private)."""
-  # pylint: disable=protected-access
-  words = set(shapes.SHAPES) | set(shapes.COLORS) | set(shapes.SIZES) | set(shapes_text._NUMBERS)
-  for template in shapes_text._CAPTION_TEMPLATES:
+  and of the caption templates (shapes_text.NUMBERS and shapes_text.CAPTION_TEMPLATES)."""
+  words = set(shapes.SHAPES) | set(shapes.COLORS) | set(shapes.SIZES) | set(shapes_text.NUMBERS)
+  for template in shapes_text.CAPTION_TEMPLATES:
     words |= set(caption_words(re.sub(r'\{\w+\}', ' ', template)))
-  # pylint: enable=protected-access
   words |= set(_CAPTION_FILLER_WORDS)
   return {word: i for i, word in enumerate([PAD, UNK] + sorted(words))}
 
