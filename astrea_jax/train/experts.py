@@ -77,6 +77,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from astrea_jax import config as config_lib
+from astrea_jax.core import boxes as boxes_lib
+from astrea_jax.core import files, multihost, trees
 from astrea_jax.data import images as images_lib
 from astrea_jax.data import shapes, shapes_text, shapes_tfds
 from astrea_jax.models import expert as expert_lib
@@ -352,12 +354,11 @@ def tag_metrics(outputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndar
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """IoU of boxes [..., 4] (x1, y1, x2, y2) pairwise along the last axis."""
-  w = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-  h = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-  area = lambda x: np.clip(x[..., 2] - x[..., 0], 0, None) * np.clip(x[..., 3] - x[..., 1], 0, None)
-  union = area(a) + area(b) - w * h
-  return np.where(union > 0, w * h / np.maximum(union, 1e-12), 0.0)
+  """IoU of boxes a[..., 4] and b[..., 4] (x1, y1, x2, y2), pair by pair (`core.boxes.box_iou`) -> [...] in the
+  boxes' float dtype."""
+  pairs = zip(np.reshape(a, (-1, 4)), np.reshape(b, (-1, 4)))
+  ious = np.asarray([boxes_lib.box_iou(x, y) for x, y in pairs], np.result_type(a, b, np.float32))
+  return ious.reshape(np.shape(a)[:-1])
 
 
 def detection_metrics(outputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
@@ -376,8 +377,8 @@ def detection_metrics(outputs: Mapping[str, np.ndarray], targets: Mapping[str, n
   return {'objectness_accuracy': float((predicted == actual).mean()),
           'objectness_baseline_empty': float((~actual).mean()),
           'objectness_f1': float(_f1(predicted.reshape(-1), actual.reshape(-1))),
-          'mean_iou': float(box_iou(boxes, targets['boxes'])[actual].mean()),
-          'mean_iou_baseline_cell_box': float(box_iou(baseline, targets['boxes'])[actual].mean())}
+          'mean_iou': float(box_iou(boxes[actual], targets['boxes'][actual]).mean()),
+          'mean_iou_baseline_cell_box': float(box_iou(baseline[actual], targets['boxes'][actual]).mean())}
 
 
 def mask_class_metrics(outputs: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
@@ -541,15 +542,15 @@ def save_experts(directory: str, params: Mapping[str, Any], metrics: Mapping[str
   or empty). Every process calls it: Orbax's save is collective, and of host (numpy) arrays that every process holds
   whole only the primary process, 0, writes; process 0 also writes the metrics and renames the folder."""
   directory = os.path.abspath(directory)
-  parent, lead = os.path.dirname(directory), jax.process_index() == 0
+  lead = jax.process_index() == 0
   token = np.int32(uuid.uuid4().int % 2**31)
   if jax.process_count() > 1:  # one temporary folder name for all processes
     token = multihost_utils.broadcast_one_to_all(token)
-  tmp = os.path.join(parent, f'.{os.path.basename(directory)}.tmp-{int(token):08x}')
+  tmp = files.temporary_sibling(directory, f'{int(token):08x}')
   try:
     if lead:
       os.makedirs(tmp)
-    _barrier('astrea_jax.train.experts: temporary folder')
+    multihost.barrier('astrea_jax.train.experts: temporary folder')
     ocp.save(os.path.join(tmp, PARAMS_DIR), dict(params))
     if lead:
       with open(os.path.join(tmp, METRICS_FILE), 'w') as f:
@@ -560,29 +561,28 @@ def save_experts(directory: str, params: Mapping[str, Any], metrics: Mapping[str
   finally:
     if lead and os.path.exists(tmp):
       shutil.rmtree(tmp)
-  _barrier('astrea_jax.train.experts: saved')
+  multihost.barrier('astrea_jax.train.experts: saved')
 
 
 def expected_shapes(model_config) -> dict[str, Any]:
-  """{slot: tree of (shape, dtype)}: what each expert's parameters must look like (unboxed)."""
+  """{slot: tree of jax.ShapeDtypeStruct}: what each expert's parameters must look like (unboxed)."""
   out = {}
   for cfg in model_config.experts:
     images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-    tree = jax.eval_shape(lambda x, c=cfg: nn.unbox(expert_lib.build_expert(c).init(jax.random.key(0), x)['params']),
-                          images)
-    out[cfg.name] = jax.tree.map(lambda s: (tuple(s.shape), np.dtype(s.dtype).name), tree)
+    out[cfg.name] = jax.eval_shape(
+        lambda x, c=cfg: nn.unbox(expert_lib.build_expert(c).init(jax.random.key(0), x)['params']), images)
   return out
 
 
 def _check_matches(directory: str, params: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
-  found = jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype).name), dict(params))
-  if found != dict(expected):
-    flat = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(
-        t, is_leaf=lambda x: isinstance(x, tuple))[0]}
-    found_flat, expected_flat = flat(found), flat(dict(expected))
-    diff = sorted(k for k in set(found_flat) | set(expected_flat) if found_flat.get(k) != expected_flat.get(k))
-    raise ValueError(f'{directory}: the saved experts do not match config.model.experts (differing parameters, '
-                     f'first of {len(diff)}: {diff[:5]}); remove the folder or point experts_pretrain.checkpoint '
+  """Raises unless `params` has the paths, shapes and dtypes of `expected` (`expected_shapes`)."""
+  count, first = trees.shape_differences(dict(params), dict(expected))
+  if not count:  # the same paths, so the leaves pair up in order: compare the dtypes
+    got, want = ([np.dtype(leaf.dtype).name for leaf in jax.tree.leaves(dict(t))] for t in (params, expected))
+    count, first = sum(g != w for g, w in zip(got, want)), f'dtypes {sorted(set(got))} vs {sorted(set(want))}'
+  if count:
+    raise ValueError(f'{directory}: the saved experts do not match config.model.experts ({count} differing '
+                     f'parameters, got vs expected: {first}); remove the folder or point experts_pretrain.checkpoint '
                      f'elsewhere')
 
 
@@ -607,7 +607,7 @@ def train_experts(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   pretrain = config.experts_pretrain
   if jax.process_index() == 0:  # first alone, so that processes sharing a filesystem do not race to build it
     shapes_tfds.prepare(config.data.shapes)
-  _barrier('astrea_jax.train.experts: data prepared')
+  multihost.barrier('astrea_jax.train.experts: data prepared')
   dataset_dir = shapes_tfds.prepare(config.data.shapes)
   train, validation = load_scenes(dataset_dir, 'train'), load_scenes(dataset_dir, 'validation')
   inputs = images_lib.experts_from_config(config.data.experts, config_lib.expert_families(config), model_config.slots)
@@ -628,8 +628,3 @@ def train_experts(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   save_experts(directory, params, metrics)
   logging.info('experts: saved stage 0 to %s', directory)
   return params
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
