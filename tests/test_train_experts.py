@@ -178,7 +178,7 @@ def test_second_call_loads_instead_of_training(trained, monkeypatch):
   def no_training(*args, **kwargs):
     raise AssertionError('train_expert called although a save exists')
 
-  monkeypatch.setattr(experts, 'train_expert', no_training)
+  monkeypatch.setattr(experts.loop, 'train_expert', no_training)  # where train_experts looks it up
   again = experts.train_experts(config, workdir)
   jax.tree.map(np.testing.assert_array_equal, again, params)
   jax.tree.map(np.testing.assert_array_equal, experts.load_experts(directory), params)

@@ -15,14 +15,16 @@ from astrea_jax.data.shapes import COLORS, SHAPES, Scene, ShapeObject
 
 VQA_TYPES = ('counting', 'color', 'existence', 'relation', 'grounding', 'multiple_choice')
 MULTIPLE_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
-_CAPTION_TEMPLATES = (
+# Caption wording: `caption` fills a template with the object phrases and the count; stage 0's caption vocabulary
+# (astrea_jax.train.experts) is built from the same words.
+CAPTION_TEMPLATES = (
     '{objects}.',
     'an image of {objects}.',
     'a picture showing {objects}.',
     '{count} {shapes} on a grey background: {objects}.',
     'there {verb} {count} {shapes}: {objects}.',
 )
-_NUMBERS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six')
+NUMBERS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six')
 _LETTERS = 'ABCD'
 
 
@@ -70,9 +72,9 @@ def caption(rng: np.random.Generator, objects: Sequence[ShapeObject]) -> str:
   """One caption from a random template, listing every object ('a small red circle') in a random order."""
   phrases = [f'a {o.size} {o.color} {o.shape}' for o in objects]
   phrases = [phrases[i] for i in rng.permutation(len(phrases))]
-  template = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))]
+  template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
   n = len(objects)
-  return template.format(objects=join_phrases(phrases), count=_NUMBERS[n], shapes='shape' if n == 1 else 'shapes',
+  return template.format(objects=join_phrases(phrases), count=NUMBERS[n], shapes='shape' if n == 1 else 'shapes',
                          verb='is' if n == 1 else 'are')
 
 

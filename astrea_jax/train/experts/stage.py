@@ -1,0 +1,79 @@
+"""Stage 0 as a whole (`train_experts`): load the experts when a save is there, else prepare the shapes data, train
+every expert of config.model.experts on its task (`loop.train_expert`) and save them with their metrics (`store`).
+
+A folder already holding a save is loaded (and checked against the config's expert shapes) instead of trained, so a
+resumed run skips stage 0.
+
+Several processes (jax.process_count() > 1): process 0 decides whether a save is there (the folder must be on a
+filesystem every process sees, as for the run's checkpoints) and every process follows. To train, process 0 prepares
+the shapes data first, then each process trains the same experts on the same data in the same order from the same
+seed, on its own default device (no collectives), so all hold equal parameters; the save is collective
+(`store.save_experts`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from astrea_jax import config as config_lib
+from astrea_jax.core import multihost
+from astrea_jax.data import images as images_lib
+from astrea_jax.data import shapes_tfds
+from astrea_jax.train.experts import loop
+from astrea_jax.train.experts.store import (METRICS_FILE, PARAMS_DIR, check_matches, expected_shapes, experts_dir,
+                                            is_saved, load_experts, save_experts)
+from astrea_jax.train.experts.targets import load_scenes
+
+LOSS_WINDOW = 10  # steps averaged for metrics.json's loss_first / loss_last
+
+
+def train_experts(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Stage 0: {slot: {'backbone': ...}} of every expert of config.model.experts, trained on its task (or loaded from
+  `experts_dir` when a save is there); the trees equal the composed model's params['experts'][slot] unboxed."""
+  directory = experts_dir(config, workdir)
+  model_config = config_lib.model_config(config)
+  expected = expected_shapes(model_config)
+  saved = is_saved(directory)
+  if jax.process_count() > 1:  # process 0's view decides, so that every process takes the same path
+    saved = bool(multihost_utils.broadcast_one_to_all(np.int32(saved)))
+  if saved:
+    params = load_experts(directory)
+    check_matches(directory, params, expected)
+    logging.info('experts: loaded stage 0 from %s', directory)
+    return params
+  if os.path.exists(directory) and os.listdir(directory):
+    raise FileExistsError(f'{directory}: exists but holds no complete stage-0 save ({PARAMS_DIR}/ and '
+                          f'{METRICS_FILE}); empty it or set experts_pretrain.checkpoint to another folder')
+
+  pretrain = config.experts_pretrain
+  if jax.process_index() == 0:  # first alone, so that processes sharing a filesystem do not race to build it
+    shapes_tfds.prepare(config.data.shapes)
+  multihost.barrier('astrea_jax.train.experts: data prepared')
+  dataset_dir = shapes_tfds.prepare(config.data.shapes)
+  train, validation = load_scenes(dataset_dir, 'train'), load_scenes(dataset_dir, 'validation')
+  inputs = images_lib.experts_from_config(config.data.experts, config_lib.expert_families(config), model_config.slots)
+  params, metrics = {}, {}
+  for index, (cfg, expert_inputs_spec) in enumerate(zip(model_config.experts, inputs)):
+    start = time.perf_counter()
+    result = loop.train_expert(cfg, expert_inputs_spec, train, validation, num_steps=pretrain.num_steps,
+                               batch_size=pretrain.batch_size, optimizer=config.optimizer,
+                               learning_rate=pretrain.learning_rate, seed=(config.train.seed, index),
+                               square_mode=config.data.image_square)
+    window = min(LOSS_WINDOW, len(result.losses))
+    params[cfg.name] = result.params
+    metrics[cfg.name] = dict(result.metrics, loss_first=float(result.losses[:window].mean()),
+                             loss_last=float(result.losses[-window:].mean()),
+                             seconds=round(time.perf_counter() - start, 2))
+    logging.info('experts/%s: validation %s', cfg.name, metrics[cfg.name])
+  check_matches(directory, params, expected)
+  save_experts(directory, params, metrics)
+  logging.info('experts: saved stage 0 to %s', directory)
+  return params
