@@ -38,7 +38,6 @@ SYS_PROMPT = 'There are several options:'
 POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 COLUMNS = ('index', 'question', 'hint', 'answer', 'A', 'B', 'C', 'D', 'category')
 OPTIONAL = ('E', 'L2-category', 'l2-category', 'source', 'split')
-PROMPT_LETTERS = 'ABCDE'
 INFER_LETTERS = 'ABCD'
 
 
@@ -50,8 +49,8 @@ def _missing(value: Any) -> bool:
 def prompt(question: str, hint: Any, options: Mapping[str, Any]) -> str:
   """mmbench_doc_to_text (default post_prompt): options shown are the truthy, non-NaN, non-'nan' ones of A-E; the
   hint is prepended unless it is null, NaN or 'nan'."""
-  lines = ''.join(f'{k}. {v}\n' for k, v in sorted(options.items()) if v and not _missing(v) and v != 'nan')
-  options_prompt = f'{SYS_PROMPT}\n{lines}'.rstrip('\n')
+  shown = {k: v for k, v in sorted(options.items()) if v and not _missing(v) and v != 'nan'}
+  options_prompt = f'{SYS_PROMPT}\n{answers_lib.option_lines(shown)}'.rstrip('\n')
   query = f'{hint} {question} {options_prompt}' if not _missing(hint) and hint != 'nan' else \
       f'{question} {options_prompt}'
   return f'{query}\n{POST_PROMPT}'
@@ -89,8 +88,9 @@ class MMBench(Evaluator):
     examples = []
     for r, qid in zip(rows, ids):
       l2 = r.get('L2-category', r.get('l2-category'))
+      options = {c: r.get(c) for c in answers_lib.MMBENCH_LETTERS if c in r}
       examples.append(Example(
-          qid, (r['image'],), prompt(r['question'], r['hint'], {c: r.get(c) for c in PROMPT_LETTERS if c in r}),
+          qid, (r['image'],), prompt(r['question'], r['hint'], options),
           r['answer'], {'index': int(r['index']), 'options': infer_choices(r), 'category': r['category'],
                         'l2_category': l2}))
     return examples
