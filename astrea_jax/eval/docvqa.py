@@ -15,9 +15,8 @@ from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
 from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example, unique_ids
 
-POST_PROMPT = '\nAnswer the question using a single word or phrase.'
 COLUMNS = ('questionId', 'question', 'answers')
 OPTIONAL = ('docId', 'question_types')
 THRESHOLD = 0.5
@@ -25,7 +24,7 @@ THRESHOLD = 0.5
 
 def prompt(question: str) -> str:
   """docvqa_doc_to_text with the default kwargs."""
-  return question + POST_PROMPT
+  return question + SHORT_ANSWER
 
 
 class DocVQA(Evaluator):

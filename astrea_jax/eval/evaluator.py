@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 from astrea_jax.eval import readers
 from astrea_jax.eval.readers import ImageRef
 
-__all__ = ['Evaluator', 'Example', 'ImageRef', 'result_json', 'unique_ids']
+__all__ = ['Evaluator', 'Example', 'ImageRef', 'LETTER_ANSWER', 'SHORT_ANSWER', 'result_json', 'unique_ids']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +53,11 @@ class Example:
   def load_images(self) -> list[Any]:
     """The decoded RGB PIL images."""
     return [ref.load() for ref in self.images]
+
+
+# The answer instructions (lmms-eval `post_prompt`s) most benchmarks append to the question.
+SHORT_ANSWER = '\nAnswer the question using a single word or phrase.'
+LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
 
 
 class Evaluator(abc.ABC):

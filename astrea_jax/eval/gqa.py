@@ -16,15 +16,14 @@ from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
 from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example, unique_ids
 
-POST_PROMPT = '\nAnswer the question using a single word or phrase.'
 COLUMNS = ('id', 'imageId', 'question', 'answer')
 
 
 def prompt(question: str) -> str:
   """gqa_doc_to_text with the default kwargs."""
-  return question + POST_PROMPT
+  return question + SHORT_ANSWER
 
 
 class GQA(Evaluator):

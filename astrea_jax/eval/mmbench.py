@@ -30,12 +30,11 @@ from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
 from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example, unique_ids
 
 SEED = 2680
 CIRCULAR = 1_000_000
 SYS_PROMPT = 'There are several options:'
-POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 COLUMNS = ('index', 'question', 'hint', 'answer', 'A', 'B', 'C', 'D', 'category')
 OPTIONAL = ('E', 'L2-category', 'l2-category', 'source', 'split')
 INFER_LETTERS = 'ABCD'
@@ -53,7 +52,7 @@ def prompt(question: str, hint: Any, options: Mapping[str, Any]) -> str:
   options_prompt = f'{SYS_PROMPT}\n{answers_lib.option_lines(shown)}'.rstrip('\n')
   query = f'{hint} {question} {options_prompt}' if not _missing(hint) and hint != 'nan' else \
       f'{question} {options_prompt}'
-  return f'{query}\n{POST_PROMPT}'
+  return f'{query}\n{LETTER_ANSWER}'
 
 
 def infer_choices(row: Mapping[str, Any]) -> dict[str, str]:

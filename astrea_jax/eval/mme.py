@@ -16,18 +16,17 @@ import collections
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example, unique_ids
 
 PERCEPTION = ('existence', 'count', 'position', 'color', 'posters', 'celebrity', 'scene', 'landmark', 'artwork', 'OCR')
 COGNITION = ('commonsense_reasoning', 'numerical_calculation', 'text_translation', 'code_reasoning')
 LMMS_EVAL_SUFFIX = ' Please answer yes or no.'
-POST_PROMPT = '\nAnswer the question using a single word or phrase.'
 COLUMNS = ('question_id', 'question', 'answer', 'category')
 
 
 def prompt(question: str) -> str:
   """mme_doc_to_text with the default post_prompt."""
-  return question.strip().replace(LMMS_EVAL_SUFFIX, '') + POST_PROMPT
+  return question.strip().replace(LMMS_EVAL_SUFFIX, '') + SHORT_ANSWER
 
 
 def yes_no(text: str) -> str:

@@ -29,12 +29,10 @@ from typing import Any, Sequence
 
 from astrea_jax.eval import answers as answers_lib
 from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import LETTER_ANSWER, SHORT_ANSWER, Evaluator, Example, unique_ids
 
 SEED = 0
 MULTIPLE_CHOICE = 'multiple-choice'
-MC_PROMPT = "Answer with the option's letter from the given choices directly."
-OPEN_PROMPT = 'Answer the question using a single word or phrase.'
 IMAGE_COLUMNS = tuple(f'image_{i}' for i in range(1, 8))
 COLUMNS = ('id', 'question', 'options', 'answer', 'question_type')
 _IMAGE_MARK = re.compile(r'<image \d+>')
@@ -48,8 +46,8 @@ _NUMBER_SIMPLE = re.compile(r'-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d]
 def prompt(question: str, question_type: str, options: Sequence[str]) -> str:
   """construct_prompt with the default kwargs."""
   if question_type == MULTIPLE_CHOICE:
-    return f'{question}\n{answers_lib.option_lines(options)}\n\n{MC_PROMPT}'
-  return f'{question}\n\n{OPEN_PROMPT}'
+    return f'{question}\n{answers_lib.option_lines(options)}\n{LETTER_ANSWER}'
+  return f'{question}\n{SHORT_ANSWER}'
 
 
 def image_columns(text: str) -> list[str]:

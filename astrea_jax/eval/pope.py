@@ -19,17 +19,16 @@ import collections
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example, unique_ids
 
 RULE = 'lmms-eval: the lower-cased, stripped prediction must equal "yes"/"no"'
-POST_PROMPT = '\nAnswer the question using a single word or phrase.'
 COLUMNS = ('question_id', 'question', 'answer', 'category')
 OPTIONAL = ('image_source', 'id')
 
 
 def prompt(question: str) -> str:
   """pope_doc_to_text with the default post_prompt."""
-  return question.strip() + POST_PROMPT
+  return question.strip() + SHORT_ANSWER
 
 
 def counts(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, int]:

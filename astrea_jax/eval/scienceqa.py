@@ -19,9 +19,8 @@ from typing import Any, Sequence
 
 from astrea_jax.eval import answers as answers_lib
 from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example
+from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example
 
-POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 COLUMNS = ('question', 'choices', 'answer', 'hint')
 OPTIONAL = ('subject', 'grade', 'category', 'topic', 'skill', 'task')
 
@@ -29,7 +28,7 @@ OPTIONAL = ('subject', 'grade', 'category', 'topic', 'skill', 'task')
 def prompt(question: str, choices: Sequence[str], hint: str | None) -> str:
   """sqa_doc_to_text, default format."""
   context = f'Context: {hint}\n' if hint else ''
-  return f'{context}{question}\n{answers_lib.option_lines(choices)}{POST_PROMPT}'
+  return f'{context}{question}\n{answers_lib.option_lines(choices)}{LETTER_ANSWER}'
 
 
 def correct(prediction: str, answer_letter: str) -> bool:

@@ -18,9 +18,8 @@ from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
 from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example, unique_ids
 
-POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 CHOICES = ('choice_a', 'choice_b', 'choice_c', 'choice_d')
 COLUMNS = ('question_id', 'question', *CHOICES, 'answer', 'data_type')
 DATA_TYPES = ('image', 'video')
@@ -28,7 +27,7 @@ DATA_TYPES = ('image', 'video')
 
 def prompt(question: str, choices: Sequence[str]) -> str:
   """seed_doc_to_text."""
-  return f'{question}\n{answers_lib.option_lines(choices)}{POST_PROMPT}'
+  return f'{question}\n{answers_lib.option_lines(choices)}{LETTER_ANSWER}'
 
 
 def first_character(prediction: str) -> str:

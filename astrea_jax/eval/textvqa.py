@@ -15,16 +15,15 @@ from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
 from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example, unique_ids
 
-POST_PROMPT = '\nAnswer the question using a single word or phrase.'
 COLUMNS = ('question_id', 'question', 'answers')
 OPTIONAL = ('image_id',)
 
 
 def prompt(question: str) -> str:
   """textvqa_doc_to_text with the default kwargs."""
-  return question.capitalize() + POST_PROMPT
+  return question.capitalize() + SHORT_ANSWER
 
 
 def accuracy(prediction: str, ground_truths: Sequence[str]) -> float:

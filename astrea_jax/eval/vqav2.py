@@ -20,18 +20,17 @@ from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
 from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example, unique_ids
 
 RULE = ('lmms-eval <= v0.4: prediction EvalAI-normalised; ground truths punctuation/digit/article-normalised only '
         'when they disagree; leave-one-out soft accuracy')
-POST_PROMPT = '\nAnswer the question using a single word or phrase.'
 COLUMNS = ('question_id', 'question', 'answers')
 OPTIONAL = ('question_type', 'answer_type', 'image_id', 'multiple_choice_answer')
 
 
 def prompt(question: str) -> str:
   """vqav2_doc_to_text with the default post_prompt (the question is not stripped)."""
-  return question + POST_PROMPT
+  return question + SHORT_ANSWER
 
 
 def answer_strings(answers: Sequence[Any], where: str) -> list[str]:
