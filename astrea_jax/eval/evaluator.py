@@ -63,15 +63,23 @@ LETTER_ANSWER = "\nAnswer with the option's letter from the given choices direct
 class Evaluator(abc.ABC):
   """One benchmark: its reader, prompts and scorer.
 
-  Subclasses set `name` (the registry key), `max_new_tokens`, `default_split` (the split lmms-eval evaluates),
-  `headline` (the key of `score`'s dict comparable with the paper) and implement `read_parquet` and `score`;
-  benchmarks that can be read from a LLaVA question .jsonl set `reads_llava_questions` and implement `from_llava`.
+  Subclasses set `name` (the registry key), `max_new_tokens`, `default_split` (the split lmms-eval evaluates) and
+  `headline` (the key of `score`'s dict comparable with the paper), and say what is particular to the benchmark:
+  - reading: the parquet `columns` every shard must have, its `image_columns`, the `optional_columns` read when
+    present, the `id_column` (None: the row number), and `from_row`, one row -> an Example (`read_parquet` or
+    `read_rows` when reading is more than that: GQA's join, SEED-Bench's filter); benchmarks that can be read from a
+    LLaVA question .jsonl set `reads_llava_questions` and, when the scorer needs more than the answer, `llava_meta`;
+  - scoring: `score`.
   """
   reads_llava_questions: ClassVar[bool] = False
   name: ClassVar[str]
   max_new_tokens: ClassVar[int]
   default_split: ClassVar[str]
   headline: ClassVar[str]
+  columns: ClassVar[tuple[str, ...]] = ()
+  image_columns: ClassVar[tuple[str, ...]] = ('image',)
+  optional_columns: ClassVar[tuple[str, ...]] = ()
+  id_column: ClassVar[str | None] = 'question_id'
 
   def __init__(self, split: str | None = None):
     self.split = split or self.default_split
@@ -100,14 +108,39 @@ class Evaluator(abc.ABC):
     """The parquet shards of `self.split` under `path` (readers.parquet_shards)."""
     return readers.parquet_shards(path, self.split)
 
-  @abc.abstractmethod
   def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    """Every example of the shards, in file order."""
+    """Every example of the shards, in file order: `from_rows` of `read_rows`."""
+    return self.from_rows(self.read_rows(shards))
+
+  def read_rows(self, shards: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of the shards: `columns`, the present `optional_columns`, `image_columns` as ImageRefs."""
+    return readers.read_parquet_rows(shards, self.columns, self.image_columns, self.optional_columns)
+
+  def from_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[Example]:
+    """An example per row (`from_row`) with its question id: the row's `id_column` made unique (`unique_ids`), or
+    the row number when `id_column` is None."""
+    if self.id_column is None:
+      ids = [str(k) for k in range(len(rows))]
+    else:
+      ids = unique_ids([str(r[self.id_column]) for r in rows])
+    return [self.from_row(r, qid) for r, qid in zip(rows, ids)]
+
+  @abc.abstractmethod
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    """The example of one parquet row (`read_rows`)."""
+
+  def optional_meta(self, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row's `optional_columns` that are present."""
+    return {k: row[k] for k in self.optional_columns if k in row}
 
   def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
     """An example from a LLaVA question line with its `answer` attached (readers.attach_answers): the prompt is the
-    line's `text` as it is (LLaVA's files carry the answer instruction already)."""
-    raise NotImplementedError(f'{type(self).__name__} sets reads_llava_questions but has no from_llava')
+    line's `text` as it is (LLaVA's files carry the answer instruction already), the meta `llava_meta`."""
+    return Example(question_id, record['images'], record['text'], record['answer'], self.llava_meta(record))
+
+  def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    """What the scorer needs from a LLaVA question line besides its answer; nothing by default."""
+    return {}
 
   def take(self, examples: list[Example], limit: int | None) -> list[Example]:
     """The first `limit` examples (all when None)."""

@@ -29,14 +29,11 @@ import random
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example
 
 SEED = 2680
 CIRCULAR = 1_000_000
 SYS_PROMPT = 'There are several options:'
-COLUMNS = ('index', 'question', 'hint', 'answer', 'A', 'B', 'C', 'D', 'category')
-OPTIONAL = ('E', 'L2-category', 'l2-category', 'source', 'split')
 INFER_LETTERS = 'ABCD'
 
 
@@ -80,19 +77,15 @@ class MMBench(Evaluator):
   max_new_tokens = 1024
   default_split = 'dev'
   headline = 'accuracy'
+  columns = ('index', 'question', 'hint', 'answer', 'A', 'B', 'C', 'D', 'category')
+  optional_columns = ('E', 'L2-category', 'l2-category', 'source', 'split')
+  id_column = 'index'
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
-    ids = unique_ids([str(r['index']) for r in rows])
-    examples = []
-    for r, qid in zip(rows, ids):
-      l2 = r.get('L2-category', r.get('l2-category'))
-      options = {c: r.get(c) for c in answers_lib.MMBENCH_LETTERS if c in r}
-      examples.append(Example(
-          qid, (r['image'],), prompt(r['question'], r['hint'], options),
-          r['answer'], {'index': int(r['index']), 'options': infer_choices(r), 'category': r['category'],
-                        'l2_category': l2}))
-    return examples
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    options = {c: row.get(c) for c in answers_lib.MMBENCH_LETTERS if c in row}
+    return Example(question_id, (row['image'],), prompt(row['question'], row['hint'], options), row['answer'],
+                   {'index': int(row['index']), 'options': infer_choices(row), 'category': row['category'],
+                    'l2_category': row.get('L2-category', row.get('l2-category'))})
 
   def take(self, examples: list[Example], limit: int | None) -> list[Example]:
     """The first `limit` questions (index < 1e6) with every row of their groups."""

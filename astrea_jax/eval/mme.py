@@ -15,13 +15,11 @@ from __future__ import annotations
 import collections
 from typing import Any, Mapping, Sequence
 
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example
 
 PERCEPTION = ('existence', 'count', 'position', 'color', 'posters', 'celebrity', 'scene', 'landmark', 'artwork', 'OCR')
 COGNITION = ('commonsense_reasoning', 'numerical_calculation', 'text_translation', 'code_reasoning')
 LMMS_EVAL_SUFFIX = ' Please answer yes or no.'
-COLUMNS = ('question_id', 'question', 'answer', 'category')
 
 
 def prompt(question: str) -> str:
@@ -64,18 +62,16 @@ class MME(Evaluator):
   default_split = 'test'
   headline = 'perception'
   reads_llava_questions = True
+  columns = ('question_id', 'question', 'answer', 'category')
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',))
-    ids = unique_ids([str(r['question_id']) for r in rows])
-    return [Example(qid, (r['image'],), prompt(r['question']), r['answer'],
-                    {'image_id': str(r['question_id']), 'category': r['category']}) for r, qid in zip(rows, ids)]
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, (row['image'],), prompt(row['question']), row['answer'],
+                   {'image_id': str(row['question_id']), 'category': row['category']})
 
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
+  def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
     if 'category' not in record:
       raise ValueError(f'{record["where"]}: an MME question line needs "category"')
-    return Example(question_id, record['images'], record['text'], record['answer'],
-                   {'image_id': str(record['question_id']), 'category': record['category']})
+    return {'image_id': str(record['question_id']), 'category': record['category']}
 
   def take(self, examples: list[Example], limit: int | None) -> list[Example]:
     """The first `limit` questions, less the last image's first question when its pair is cut."""

@@ -25,16 +25,13 @@ from __future__ import annotations
 import ast
 import collections
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import LETTER_ANSWER, SHORT_ANSWER, Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import LETTER_ANSWER, SHORT_ANSWER, Evaluator, Example
 
 SEED = 0
 MULTIPLE_CHOICE = 'multiple-choice'
-IMAGE_COLUMNS = tuple(f'image_{i}' for i in range(1, 8))
-COLUMNS = ('id', 'question', 'options', 'answer', 'question_type')
 _IMAGE_MARK = re.compile(r'<image \d+>')
 _KEY_INDICATORS = ('could be ', 'so ', 'is ', 'thus ', 'therefore ', 'final ', 'answer ', 'result ')
 _TRIVIAL = frozenset({':', ',', '.', '!', '?', ';', "'"})
@@ -50,7 +47,7 @@ def prompt(question: str, question_type: str, options: Sequence[str]) -> str:
   return f'{question}\n{SHORT_ANSWER}'
 
 
-def image_columns(text: str) -> list[str]:
+def prompt_images(text: str) -> list[str]:
   """mmmu_doc_to_visual: the image_N columns named by "<image N>" in the prompt, sorted."""
   return sorted({mark.strip('<>').replace(' ', '_') for mark in _IMAGE_MARK.findall(text)})
 
@@ -127,25 +124,24 @@ class MMMU(Evaluator):
   max_new_tokens = 128
   default_split = 'validation'
   headline = 'accuracy'
+  columns = ('id', 'question', 'options', 'answer', 'question_type')
+  image_columns = tuple(f'image_{i}' for i in range(1, 8))
+  id_column = 'id'
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=IMAGE_COLUMNS)
-    ids = unique_ids([str(r['id']) for r in rows])
-    examples = []
-    for r, qid in zip(rows, ids):
-      try:
-        options = ast.literal_eval(r['options']) if r['options'] else []
-      except (ValueError, SyntaxError):
-        raise ValueError(f'MMMU question {qid}: options {r["options"]!r} is not a Python list literal') from None
-      text = prompt(r['question'], r['question_type'], options)
-      named = image_columns(text)
-      missing = [c for c in named if r[c] is None]
-      if missing:
-        raise ValueError(f'MMMU question {qid}: the prompt names {missing} but those image cells are empty')
-      examples.append(Example(qid, tuple(r[c] for c in named), text, r['answer'],
-                              {'question_type': r['question_type'], 'options': list(options),
-                               'subject': subject(str(r['id']))}))
-    return examples
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    try:
+      options = ast.literal_eval(row['options']) if row['options'] else []
+    except (ValueError, SyntaxError):
+      raise ValueError(f'MMMU question {question_id}: options {row["options"]!r} is not a Python list '
+                       'literal') from None
+    text = prompt(row['question'], row['question_type'], options)
+    named = prompt_images(text)
+    missing = [c for c in named if row[c] is None]
+    if missing:
+      raise ValueError(f'MMMU question {question_id}: the prompt names {missing} but those image cells are empty')
+    return Example(question_id, tuple(row[c] for c in named), text, row['answer'],
+                   {'question_type': row['question_type'], 'options': list(options),
+                    'subject': subject(str(row['id']))})
 
   def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
                                                                                     list[dict[str, Any]]]:

@@ -18,12 +18,9 @@ from __future__ import annotations
 import collections
 from typing import Any, Mapping, Sequence
 
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example
 
 RULE = 'lmms-eval: the lower-cased, stripped prediction must equal "yes"/"no"'
-COLUMNS = ('question_id', 'question', 'answer', 'category')
-OPTIONAL = ('image_source', 'id')
 
 
 def prompt(question: str) -> str:
@@ -60,17 +57,15 @@ class POPE(Evaluator):
   default_split = 'test'
   headline = 'f1'
   reads_llava_questions = True
+  columns = ('question_id', 'question', 'answer', 'category')
+  optional_columns = ('image_source', 'id')
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
-    ids = unique_ids([str(r['question_id']) for r in rows])
-    return [Example(qid, (r['image'],), prompt(r['question']), r['answer'],
-                    {'category': r['category'], **{k: r[k] for k in OPTIONAL if k in r}})
-            for r, qid in zip(rows, ids)]
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, (row['image'],), prompt(row['question']), row['answer'],
+                   {'category': row['category'], **self.optional_meta(row)})
 
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
-    return Example(question_id, record['images'], record['text'], record['answer'],
-                   {'category': record.get('category', '')})
+  def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    return {'category': record.get('category', '')}
 
   def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
                                                                                     list[dict[str, Any]]]:

@@ -17,11 +17,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example
 
 CHOICES = ('choice_a', 'choice_b', 'choice_c', 'choice_d')
-COLUMNS = ('question_id', 'question', *CHOICES, 'answer', 'data_type')
 DATA_TYPES = ('image', 'video')
 
 
@@ -42,6 +40,7 @@ class SEEDBench(Evaluator):
   default_split = 'test'
   headline = 'seed_image'
   reads_llava_questions = True
+  columns = ('question_id', 'question', *CHOICES, 'answer', 'data_type')
 
   def __init__(self, split: str | None = None, data_types: Sequence[str] = ('image',)):
     super().__init__(split)
@@ -50,16 +49,16 @@ class SEEDBench(Evaluator):
       raise ValueError(f'SEED-Bench data_types {tuple(data_types)}: expected a non-empty subset of {DATA_TYPES}')
     self.data_types = tuple(data_types)
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = [r for r in readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',))
-            if r['data_type'] in self.data_types]
-    ids = unique_ids([str(r['question_id']) for r in rows])
-    return [Example(qid, tuple(r['image']), prompt(r['question'], [r[c] for c in CHOICES]), r['answer'],
-                    {'data_type': r['data_type']}) for r, qid in zip(rows, ids)]
+  def read_rows(self, shards: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows whose data_type is one of `data_types`."""
+    return [r for r in super().read_rows(shards) if r['data_type'] in self.data_types]
 
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
-    return Example(question_id, record['images'], record['text'], record['answer'],
-                   {'data_type': record.get('data_type', 'image')})
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, tuple(row['image']), prompt(row['question'], [row[c] for c in CHOICES]),
+                   row['answer'], {'data_type': row['data_type']})
+
+  def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    return {'data_type': record.get('data_type', 'image')}
 
   def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
                                                                                     list[dict[str, Any]]]:

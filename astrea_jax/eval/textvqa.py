@@ -14,11 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example, unique_ids
-
-COLUMNS = ('question_id', 'question', 'answers')
-OPTIONAL = ('image_id',)
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example
 
 
 def prompt(question: str) -> str:
@@ -39,15 +35,11 @@ class TextVQA(Evaluator):
   default_split = 'validation'
   headline = 'accuracy'
   reads_llava_questions = True
+  columns = ('question_id', 'question', 'answers')
+  optional_columns = ('image_id',)
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
-    ids = unique_ids([str(r['question_id']) for r in rows])
-    return [Example(qid, (r['image'],), prompt(r['question']), r['answers'], {k: r[k] for k in OPTIONAL if k in r})
-            for r, qid in zip(rows, ids)]
-
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
-    return Example(question_id, record['images'], record['text'], record['answer'], {})
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, (row['image'],), prompt(row['question']), row['answers'], self.optional_meta(row))
 
   def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
                                                                                     list[dict[str, Any]]]:

@@ -19,18 +19,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example
 
 RULE = ('lmms-eval <= v0.4: prediction EvalAI-normalised; ground truths punctuation/digit/article-normalised only '
         'when they disagree; leave-one-out soft accuracy')
-COLUMNS = ('question_id', 'question', 'answers')
-OPTIONAL = ('question_type', 'answer_type', 'image_id', 'multiple_choice_answer')
-
-
-def prompt(question: str) -> str:
-  """vqav2_doc_to_text with the default post_prompt (the question is not stripped)."""
-  return question + SHORT_ANSWER
 
 
 def answer_strings(answers: Sequence[Any], where: str) -> list[str]:
@@ -60,16 +52,15 @@ class VQAv2(Evaluator):
   default_split = 'validation'
   headline = 'accuracy'
   reads_llava_questions = True
+  columns = ('question_id', 'question', 'answers')
+  optional_columns = ('question_type', 'answer_type', 'image_id', 'multiple_choice_answer')
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
-    ids = unique_ids([str(r['question_id']) for r in rows])
-    return [Example(qid, (r['image'],), prompt(r['question']), r['answers'], {k: r[k] for k in OPTIONAL if k in r})
-            for r, qid in zip(rows, ids)]
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, (row['image'],), row['question'] + SHORT_ANSWER, row['answers'],
+                   self.optional_meta(row))
 
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
-    return Example(question_id, record['images'], record['text'], record['answer'],
-                   {'category': record.get('category', '')})
+  def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    return {'category': record.get('category', '')}
 
   def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
                                                                                     list[dict[str, Any]]]:
