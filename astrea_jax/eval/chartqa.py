@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval.evaluator import Evaluator, Example
+from astrea_jax.eval.evaluator import Evaluator, Example, means_by
 
 POST_PROMPT = '\nAnswer the question with a single word.'
 HUMAN = 'human_test'
@@ -37,15 +37,9 @@ class ChartQA(Evaluator):
   def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
     return {'type': record.get('type', record.get('category', ''))}
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = [{'score': float(answers_lib.relaxed_correct(p.strip(), str(e.answer)))}
-                   for e, p in zip(examples, predictions)]
-    splits = {'relaxed_overall': [p['score'] for p in per_example],
-              'relaxed_human_split': [p['score'] for p, e in zip(per_example, examples) if e.meta['type'] == HUMAN],
-              'relaxed_augmented_split': [p['score'] for p, e in zip(per_example, examples)
-                                          if e.meta['type'] != HUMAN]}
-    scores = {k: sum(v) / len(v) for k, v in splits.items() if v}
-    scores['num_questions'] = len(per_example)
-    return scores, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    return {'score': float(answers_lib.relaxed_correct(prediction, str(example.answer)))}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    splits = ['relaxed_human_split' if e.meta['type'] == HUMAN else 'relaxed_augmented_split' for e in examples]
+    return {**super().aggregate(examples, per_example), **means_by(splits, [p['score'] for p in per_example])}

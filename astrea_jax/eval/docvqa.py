@@ -34,14 +34,11 @@ class DocVQA(Evaluator):
     return Example(question_id, (row['image'],), row['question'] + SHORT_ANSWER, row['answers'],
                    self.optional_meta(row))
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = []
-    for example, prediction in zip(examples, predictions):
-      references = [example.answer] if isinstance(example.answer, str) else example.answer
-      if not references:
-        raise ValueError(f'DocVQA question {example.question_id}: no reference answers (a test split?)')
-      per_example.append({'score': answers_lib.anls(prediction.strip(), references, THRESHOLD)})
-    values = [p['score'] for p in per_example]
-    return {'anls': sum(values) / len(values), 'threshold': THRESHOLD, 'num_questions': len(values)}, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    references = [example.answer] if isinstance(example.answer, str) else example.answer
+    if not references:
+      raise ValueError(f'DocVQA question {example.question_id}: no reference answers (a test split?)')
+    return {'score': answers_lib.anls(prediction, references, THRESHOLD)}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {**super().aggregate(examples, per_example), 'threshold': THRESHOLD}

@@ -28,7 +28,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 from astrea_jax.eval import readers
 from astrea_jax.eval.readers import ImageRef
 
-__all__ = ['Evaluator', 'Example', 'ImageRef', 'LETTER_ANSWER', 'SHORT_ANSWER', 'result_json', 'unique_ids']
+__all__ = ['Evaluator', 'Example', 'ImageRef', 'LETTER_ANSWER', 'SHORT_ANSWER', 'mean', 'means_by', 'result_json',
+           'unique_ids']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,8 @@ class Evaluator(abc.ABC):
     present, the `id_column` (None: the row number), and `from_row`, one row -> an Example (`read_parquet` or
     `read_rows` when reading is more than that: GQA's join, SEED-Bench's filter); benchmarks that can be read from a
     LLaVA question .jsonl set `reads_llava_questions` and, when the scorer needs more than the answer, `llava_meta`;
-  - scoring: `score`.
+  - scoring: `score_example`, one stripped prediction -> its per-example entry, and `aggregate`, the entries -> the
+    benchmark's scores (by default the mean example score as `headline`, and `num_questions`).
   """
   reads_llava_questions: ClassVar[bool] = False
   name: ClassVar[str]
@@ -146,11 +148,23 @@ class Evaluator(abc.ABC):
     """The first `limit` examples (all when None)."""
     return examples if limit is None else examples[:limit]
 
-  @abc.abstractmethod
   def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
                                                                                     list[dict[str, Any]]]:
-    """(scores, per_example): the benchmark's metrics, and for each example a dict with its `score` (a float) and
-    what the scorer read from the prediction (e.g. `parsed`)."""
+    """(scores, per_example): the benchmark's metrics (`aggregate`), and for each example the entry
+    `score_example` makes of its prediction, stripped first as every lmms-eval scorer does."""
+    self.check_predictions(examples, predictions)
+    per_example = [self.score_example(e, p.strip()) for e, p in zip(examples, predictions)]
+    return self.aggregate(examples, per_example), per_example
+
+  @abc.abstractmethod
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    """One example's entry: its `score` (a float) and what the scorer read from the prediction (e.g. `parsed`)."""
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The benchmark's scores from the per-example entries: here the mean score as `headline`, and
+    `num_questions`. A benchmark that scores groups of examples (MMBench's CircularEval) sets the group's result in
+    the entries of its members here."""
+    return {self.headline: mean([p['score'] for p in per_example]), 'num_questions': len(per_example)}
 
   def check_predictions(self, examples: Sequence[Example], predictions: Sequence[str]) -> None:
     """Raises unless there is one prediction string per example (and at least one example)."""
@@ -162,6 +176,19 @@ class Evaluator(abc.ABC):
       if not isinstance(prediction, str):
         raise TypeError(f'{self.name} question {example.question_id}: prediction {prediction!r} is a '
                         f'{type(prediction).__name__}; expected the decoded text (str)')
+
+
+def mean(values: Sequence[float]) -> float:
+  """The arithmetic mean, sum / count."""
+  return sum(values) / len(values)
+
+
+def means_by(keys: Sequence[Any], values: Sequence[float]) -> dict[Any, float]:
+  """{key: mean of the values with that key}, in sorted key order."""
+  groups: dict[Any, list[float]] = {}
+  for key, value in zip(keys, values):
+    groups.setdefault(key, []).append(value)
+  return {k: mean(v) for k, v in sorted(groups.items())}
 
 
 def unique_ids(ids: Sequence[str]) -> list[str]:

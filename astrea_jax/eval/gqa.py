@@ -65,10 +65,5 @@ class GQA(Evaluator):
     return Example(question_id, (row['image'],), row['question'] + SHORT_ANSWER, row['answer'],
                    {'image_id': str(row['imageId'])})
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = [{'score': float(answers_lib.exact_match_ignoring_case_punctuation(p.strip(), str(e.answer)))}
-                   for e, p in zip(examples, predictions)]
-    values = [p['score'] for p in per_example]
-    return {'accuracy': sum(values) / len(values), 'num_questions': len(values)}, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    return {'score': float(answers_lib.exact_match_ignoring_case_punctuation(prediction, str(example.answer)))}

@@ -29,7 +29,7 @@ import random
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example
+from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example, mean, means_by
 
 SEED = 2680
 CIRCULAR = 1_000_000
@@ -95,20 +95,22 @@ class MMBench(Evaluator):
     kept = set(mains)
     return [e for e in examples if e.meta['index'] % CIRCULAR in kept]
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    parsed = [answers_lib.mmbench_infer(p.strip(), e.meta['options']) for e, p in zip(examples, predictions)]
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    """The rule-read letter; the score, the random letter and the group are set by `aggregate` (CircularEval)."""
+    return {'score': 0.0, 'parsed': answers_lib.mmbench_infer(prediction, example.meta['options']),
+            'random_choice': None, 'group': None}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """CircularEval over the groups in index order (`circular_hit`); each member's entry gets its group's result."""
     groups = collections.defaultdict(list)
     for k, example in enumerate(examples):
       groups[example.meta['index'] % CIRCULAR].append(k)
     main = {e.meta['index']: k for k, e in enumerate(examples) if e.meta['index'] < CIRCULAR}
-    per_example = [{'score': 0.0, 'parsed': p, 'random_choice': None, 'group': None} for p in parsed]
     rng = random.Random(SEED)
     hits = {}
     for index in sorted(main):
       members = sorted(groups[index], key=lambda k: examples[k].meta['index'])
-      hit, drawn = circular_hit([(str(examples[k].answer), parsed[k]) for k in members], rng)
+      hit, drawn = circular_hit([(str(examples[k].answer), per_example[k]['parsed']) for k in members], rng)
       hits[index] = hit
       for k, letter in zip(members, drawn):
         per_example[k].update(score=float(hit), random_choice=letter, group=index)
@@ -117,13 +119,9 @@ class MMBench(Evaluator):
                        'question with its rotations')
 
     def mean_by(key: str) -> dict[str, float]:
-      values = collections.defaultdict(list)
-      for index, hit in hits.items():
-        values[str(examples[main[index]].meta[key])].append(hit)
-      return {k: sum(v) / len(v) for k, v in sorted(values.items())}
+      return means_by([str(examples[main[index]].meta[key]) for index in hits], list(hits.values()))
 
-    scores = {'accuracy': sum(hits.values()) / len(hits), 'num_questions': len(hits), 'num_rows': len(examples),
-              'ungrouped_rows': sum(p['group'] is None for p in per_example),
-              'random_fallbacks': sum(p['random_choice'] is not None for p in per_example),
-              'categories': mean_by('category'), 'l2_categories': mean_by('l2_category')}
-    return scores, per_example
+    return {'accuracy': mean(list(hits.values())), 'num_questions': len(hits), 'num_rows': len(examples),
+            'ungrouped_rows': sum(p['group'] is None for p in per_example),
+            'random_fallbacks': sum(p['random_choice'] is not None for p in per_example),
+            'categories': mean_by('category'), 'l2_categories': mean_by('l2_category')}

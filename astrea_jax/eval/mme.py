@@ -83,30 +83,28 @@ class MME(Evaluator):
       kept = [e for e in kept if e.meta['image_id'] != last]
     return kept
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    category = example.meta['category']
+    if category not in PERCEPTION + COGNITION:
+      raise ValueError(f'MME question {example.question_id}: category {category!r} is not an MME category; '
+                       f'expected one of {PERCEPTION + COGNITION}')
+    parsed = yes_no(prediction)
+    right = parsed == ground_truth(example.answer, f'MME question {example.question_id}')
+    return {'score': float(right), 'parsed': parsed, 'category': category}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
     by_category: dict[str, dict[str, list[bool]]] = collections.defaultdict(lambda: collections.defaultdict(list))
-    per_example = []
-    for example, prediction in zip(examples, predictions):
-      category = example.meta['category']
-      if category not in PERCEPTION + COGNITION:
-        raise ValueError(f'MME question {example.question_id}: category {category!r} is not an MME category; '
-                         f'expected one of {PERCEPTION + COGNITION}')
-      parsed = yes_no(prediction.strip())
-      right = parsed == ground_truth(example.answer, f'MME question {example.question_id}')
-      by_category[category][example.meta['image_id']].append(right)
-      per_example.append({'score': float(right), 'parsed': parsed, 'category': category})
+    for example, entry in zip(examples, per_example):
+      by_category[entry['category']][example.meta['image_id']].append(entry['score'] == 1.0)
     for category, images in by_category.items():
       for image, results in images.items():
         if len(results) != 2:
           raise ValueError(f'MME image {image!r} ({category}) has {len(results)} question(s); MME scores pairs '
                            '(acc+), expected 2')
     categories = {c: category_scores(by_category[c]) for c in PERCEPTION + COGNITION if c in by_category}
-    scores = {'perception': sum(categories[c]['score'] for c in PERCEPTION if c in categories),
-              'cognition': sum(categories[c]['score'] for c in COGNITION if c in categories),
-              'categories': categories,
-              'perception_categories': [c for c in PERCEPTION if c in categories],
-              'cognition_categories': [c for c in COGNITION if c in categories],
-              'num_questions': len(examples)}
-    return scores, per_example
+    return {'perception': sum(categories[c]['score'] for c in PERCEPTION if c in categories),
+            'cognition': sum(categories[c]['score'] for c in COGNITION if c in categories),
+            'categories': categories,
+            'perception_categories': [c for c in PERCEPTION if c in categories],
+            'cognition_categories': [c for c in COGNITION if c in categories],
+            'num_questions': len(examples)}

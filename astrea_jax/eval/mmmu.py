@@ -23,12 +23,11 @@ Accuracy over all questions (`accuracy`) and per subject (from the id).
 from __future__ import annotations
 
 import ast
-import collections
 import re
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval.evaluator import LETTER_ANSWER, SHORT_ANSWER, Evaluator, Example
+from astrea_jax.eval.evaluator import LETTER_ANSWER, SHORT_ANSWER, Evaluator, Example, means_by
 
 SEED = 0
 MULTIPLE_CHOICE = 'multiple-choice'
@@ -143,26 +142,17 @@ class MMMU(Evaluator):
                    {'question_type': row['question_type'], 'options': list(options),
                     'subject': subject(str(row['id']))})
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = []
-    by_subject = collections.defaultdict(list)
-    for example, prediction in zip(examples, predictions):
-      prediction = prediction.strip()
-      if example.meta['question_type'] == MULTIPLE_CHOICE:
-        letter, fallback = answers_lib.mmmu_choice(prediction, example.meta['options'],
-                                                   answers_lib.question_rng(SEED, example.question_id))
-        answer = example.answer
-        right = letter in answer if isinstance(answer, list) else letter == answer
-        per_example.append({'score': float(right), 'parsed': letter, 'random_fallback': fallback})
-      else:
-        candidates = open_candidates(prediction)
-        right = open_correct(example.answer, candidates)
-        per_example.append({'score': float(right), 'parsed': candidates})
-      by_subject[example.meta['subject']].append(float(right))
-    values = [p['score'] for p in per_example]
-    scores = {'accuracy': sum(values) / len(values), 'num_questions': len(values),
-              'random_fallbacks': sum(p.get('random_fallback', False) for p in per_example),
-              'subjects': {s: sum(v) / len(v) for s, v in sorted(by_subject.items())}}
-    return scores, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    if example.meta['question_type'] == MULTIPLE_CHOICE:
+      letter, fallback = answers_lib.mmmu_choice(prediction, example.meta['options'],
+                                                 answers_lib.question_rng(SEED, example.question_id))
+      answer = example.answer
+      right = letter in answer if isinstance(answer, list) else letter == answer
+      return {'score': float(right), 'parsed': letter, 'random_fallback': fallback}
+    candidates = open_candidates(prediction)
+    return {'score': float(open_correct(example.answer, candidates)), 'parsed': candidates}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {**super().aggregate(examples, per_example),
+            'random_fallbacks': sum(p.get('random_fallback', False) for p in per_example),
+            'subjects': means_by([e.meta['subject'] for e in examples], [p['score'] for p in per_example])}

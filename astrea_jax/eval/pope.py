@@ -28,6 +28,14 @@ def prompt(question: str) -> str:
   return question.strip() + SHORT_ANSWER
 
 
+def ground_truth(example: Example) -> str:
+  """The example's answer lower-cased and stripped; must be yes or no."""
+  answer = str(example.answer).lower().strip()
+  if answer not in ('yes', 'no'):
+    raise ValueError(f'POPE question {example.question_id}: answer {example.answer!r} is not yes/no')
+  return answer
+
+
 def counts(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, int]:
   """{tp, fp, tn, fn, other} of normalised predictions against normalised yes/no answers; `other` counts the
   predictions that are neither 'yes' nor 'no'."""
@@ -67,19 +75,16 @@ class POPE(Evaluator):
   def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
     return {'category': record.get('category', '')}
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    parsed = [p.lower().strip() for p in predictions]
-    answers = []
-    for example in examples:
-      answer = str(example.answer).lower().strip()
-      if answer not in ('yes', 'no'):
-        raise ValueError(f'POPE question {example.question_id}: answer {example.answer!r} is not yes/no')
-      answers.append(answer)
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    parsed = prediction.lower()
+    return {'score': float(parsed == ground_truth(example)), 'parsed': parsed}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    parsed = [p['parsed'] for p in per_example]
+    answers = [ground_truth(e) for e in examples]
+    categories = [e.meta.get('category', '') for e in examples]
     scores = {'rule': RULE, **metrics(parsed, answers)}
-    categories = sorted({e.meta.get('category', '') for e in examples})
     scores['categories'] = {
-        c: metrics(*zip(*[(p, a) for p, a, e in zip(parsed, answers, examples) if e.meta.get('category', '') == c]))
-        for c in categories}
-    return scores, [{'score': float(p == a), 'parsed': p} for p, a in zip(parsed, answers)]
+        c: metrics(*zip(*[(p, a) for p, a, k in zip(parsed, answers, categories) if k == c]))
+        for c in sorted(set(categories))}
+    return scores

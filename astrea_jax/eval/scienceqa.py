@@ -53,9 +53,5 @@ class ScienceQAImg(Evaluator):
     return Example(question_id, images, prompt(row['question'], choices, row['hint']),
                    answers_lib.option_letters(len(choices))[row['answer']], self.optional_meta(row))
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = [{'score': float(correct(p.strip(), e.answer))} for e, p in zip(examples, predictions)]
-    values = [p['score'] for p in per_example]
-    return {'accuracy': sum(values) / len(values), 'num_questions': len(values)}, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    return {'score': float(correct(prediction, example.answer))}

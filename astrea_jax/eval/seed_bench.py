@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example
+from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example, mean, means_by
 
 CHOICES = ('choice_a', 'choice_b', 'choice_c', 'choice_d')
 DATA_TYPES = ('image', 'video')
@@ -60,16 +60,11 @@ class SEEDBench(Evaluator):
   def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
     return {'data_type': record.get('data_type', 'image')}
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example, by_type = [], {}
-    for example, prediction in zip(examples, predictions):
-      parsed = first_character(prediction)
-      right = float(parsed.lower().strip() == str(example.answer).lower().strip())
-      per_example.append({'score': right, 'parsed': parsed})
-      by_type.setdefault(example.meta.get('data_type', 'image'), []).append(right)
-    scores = {f'seed_{t}': sum(v) / len(v) for t, v in sorted(by_type.items())}
-    scores['seed_all'] = sum(p['score'] for p in per_example) / len(per_example)
-    scores['num_questions'] = len(per_example)
-    return scores, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    parsed = first_character(prediction)
+    return {'score': float(parsed.lower().strip() == str(example.answer).lower().strip()), 'parsed': parsed}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    values = [p['score'] for p in per_example]
+    types = [f'seed_{e.meta.get("data_type", "image")}' for e in examples]
+    return {**means_by(types, values), 'seed_all': mean(values), 'num_questions': len(values)}

@@ -41,16 +41,9 @@ class TextVQA(Evaluator):
   def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
     return Example(question_id, (row['image'],), prompt(row['question']), row['answers'], self.optional_meta(row))
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = []
-    for example, prediction in zip(examples, predictions):
-      truths = example.answer
-      if not truths or not all(isinstance(a, str) for a in truths):
-        raise ValueError(f'TextVQA question {example.question_id}: answers {truths!r}; expected a non-empty list of '
-                         'strings (a test split has none)')
-      per_example.append({'score': accuracy(prediction.strip(), truths),
-                          'parsed': answers_lib.evalai_normalize(prediction.strip())})
-    values = [p['score'] for p in per_example]
-    return {'accuracy': sum(values) / len(values), 'num_questions': len(values)}, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    truths = example.answer
+    if not truths or not all(isinstance(a, str) for a in truths):
+      raise ValueError(f'TextVQA question {example.question_id}: answers {truths!r}; expected a non-empty list of '
+                       'strings (a test split has none)')
+    return {'score': accuracy(prediction, truths), 'parsed': answers_lib.evalai_normalize(prediction)}
