@@ -288,7 +288,7 @@ def test_mmmu_subject_and_prompt():
   assert mmmu.subject('validation_Art_Theory_12') == 'Art_Theory'
   assert mmmu.prompt('<image 1> What?', 'multiple-choice', ['x', 'y']) == \
       "<image 1> What?\nA. x\nB. y\n\nAnswer with the option's letter from the given choices directly."
-  assert mmmu.image_columns('<image 2> and <image 1>, <image 2>') == ['image_1', 'image_2']
+  assert mmmu.prompt_images('<image 2> and <image 1>, <image 2>') == ['image_1', 'image_2']
 
 
 # --- MMBench ---

@@ -117,9 +117,11 @@ def option_letters(count: int) -> str:
   return string.ascii_uppercase[:count]
 
 
-def option_lines(options: Sequence[str]) -> str:
-  """The options as lines 'A. first\nB. second...' (the layout of the ScienceQA, SEED-Bench and MMMU prompts)."""
-  return '\n'.join(f'{letter}. {option}' for letter, option in zip(option_letters(len(options)), options))
+def option_lines(options: Sequence[str] | Mapping[str, str]) -> str:
+  """The options as lines 'A. first\nB. second...', lettered in order (a list) or by their keys (a mapping
+  {letter: text}): the layout of the ScienceQA, SEED-Bench, MMMU and MMBench prompts."""
+  lettered = options.items() if isinstance(options, Mapping) else zip(option_letters(len(options)), options)
+  return '\n'.join(f'{letter}. {option}' for letter, option in lettered)
 
 
 def question_rng(seed: int, question_id: str) -> random.Random:

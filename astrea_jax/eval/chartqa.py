@@ -15,17 +15,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example
+from astrea_jax.eval.evaluator import Evaluator, Example, means_by
 
 POST_PROMPT = '\nAnswer the question with a single word.'
-COLUMNS = ('type', 'question', 'answer')
 HUMAN = 'human_test'
-
-
-def prompt(question: str) -> str:
-  """chartqa_doc_to_text with the default kwargs."""
-  return question + POST_PROMPT
 
 
 class ChartQA(Evaluator):
@@ -35,25 +28,18 @@ class ChartQA(Evaluator):
   default_split = 'test'
   headline = 'relaxed_overall'
   reads_llava_questions = True
+  columns = ('type', 'question', 'answer')
+  id_column = None
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',))
-    return [Example(str(i), (r['image'],), prompt(r['question']), r['answer'], {'type': r['type']})
-            for i, r in enumerate(rows)]
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, (row['image'],), row['question'] + POST_PROMPT, row['answer'], {'type': row['type']})
 
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
-    return Example(question_id, record['images'], record['text'], record['answer'],
-                   {'type': record.get('type', record.get('category', ''))})
+  def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    return {'type': record.get('type', record.get('category', ''))}
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = [{'score': float(answers_lib.relaxed_correct(p.strip(), str(e.answer)))}
-                   for e, p in zip(examples, predictions)]
-    splits = {'relaxed_overall': [p['score'] for p in per_example],
-              'relaxed_human_split': [p['score'] for p, e in zip(per_example, examples) if e.meta['type'] == HUMAN],
-              'relaxed_augmented_split': [p['score'] for p, e in zip(per_example, examples)
-                                          if e.meta['type'] != HUMAN]}
-    scores = {k: sum(v) / len(v) for k, v in splits.items() if v}
-    scores['num_questions'] = len(per_example)
-    return scores, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    return {'score': float(answers_lib.relaxed_correct(prediction, str(example.answer)))}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    splits = ['relaxed_human_split' if e.meta['type'] == HUMAN else 'relaxed_augmented_split' for e in examples]
+    return {**super().aggregate(examples, per_example), **means_by(splits, [p['score'] for p in per_example])}

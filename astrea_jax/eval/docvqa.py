@@ -14,18 +14,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example
 
-POST_PROMPT = '\nAnswer the question using a single word or phrase.'
-COLUMNS = ('questionId', 'question', 'answers')
-OPTIONAL = ('docId', 'question_types')
 THRESHOLD = 0.5
-
-
-def prompt(question: str) -> str:
-  """docvqa_doc_to_text with the default kwargs."""
-  return question + POST_PROMPT
 
 
 class DocVQA(Evaluator):
@@ -35,24 +26,19 @@ class DocVQA(Evaluator):
   default_split = 'validation'
   headline = 'anls'
   reads_llava_questions = True
+  columns = ('questionId', 'question', 'answers')
+  optional_columns = ('docId', 'question_types')
+  id_column = 'questionId'
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
-    ids = unique_ids([str(r['questionId']) for r in rows])
-    return [Example(qid, (r['image'],), prompt(r['question']), r['answers'], {k: r[k] for k in OPTIONAL if k in r})
-            for r, qid in zip(rows, ids)]
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, (row['image'],), row['question'] + SHORT_ANSWER, row['answers'],
+                   self.optional_meta(row))
 
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
-    return Example(question_id, record['images'], record['text'], record['answer'], {})
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    references = [example.answer] if isinstance(example.answer, str) else example.answer
+    if not references:
+      raise ValueError(f'DocVQA question {example.question_id}: no reference answers (a test split?)')
+    return {'score': answers_lib.anls(prediction, references, THRESHOLD)}
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = []
-    for example, prediction in zip(examples, predictions):
-      references = [example.answer] if isinstance(example.answer, str) else example.answer
-      if not references:
-        raise ValueError(f'DocVQA question {example.question_id}: no reference answers (a test split?)')
-      per_example.append({'score': answers_lib.anls(prediction.strip(), references, THRESHOLD)})
-    values = [p['score'] for p in per_example]
-    return {'anls': sum(values) / len(values), 'threshold': THRESHOLD, 'num_questions': len(values)}, per_example
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {**super().aggregate(examples, per_example), 'threshold': THRESHOLD}

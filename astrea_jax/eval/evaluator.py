@@ -28,7 +28,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 from astrea_jax.eval import readers
 from astrea_jax.eval.readers import ImageRef
 
-__all__ = ['Evaluator', 'Example', 'ImageRef', 'result_json', 'unique_ids']
+__all__ = ['Evaluator', 'Example', 'ImageRef', 'LETTER_ANSWER', 'SHORT_ANSWER', 'mean', 'means_by', 'result_json',
+           'unique_ids']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,18 +56,32 @@ class Example:
     return [ref.load() for ref in self.images]
 
 
+# The answer instructions (lmms-eval `post_prompt`s) most benchmarks append to the question.
+SHORT_ANSWER = '\nAnswer the question using a single word or phrase.'
+LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
+
+
 class Evaluator(abc.ABC):
   """One benchmark: its reader, prompts and scorer.
 
-  Subclasses set `name` (the registry key), `max_new_tokens`, `default_split` (the split lmms-eval evaluates),
-  `headline` (the key of `score`'s dict comparable with the paper) and implement `read_parquet` and `score`;
-  benchmarks that can be read from a LLaVA question .jsonl set `reads_llava_questions` and implement `from_llava`.
+  Subclasses set `name` (the registry key), `max_new_tokens`, `default_split` (the split lmms-eval evaluates) and
+  `headline` (the key of `score`'s dict comparable with the paper), and say what is particular to the benchmark:
+  - reading: the parquet `columns` every shard must have, its `image_columns`, the `optional_columns` read when
+    present, the `id_column` (None: the row number), and `from_row`, one row -> an Example (`read_parquet` or
+    `read_rows` when reading is more than that: GQA's join, SEED-Bench's filter); benchmarks that can be read from a
+    LLaVA question .jsonl set `reads_llava_questions` and, when the scorer needs more than the answer, `llava_meta`;
+  - scoring: `score_example`, one stripped prediction -> its per-example entry, and `aggregate`, the entries -> the
+    benchmark's scores (by default the mean example score as `headline`, and `num_questions`).
   """
   reads_llava_questions: ClassVar[bool] = False
   name: ClassVar[str]
   max_new_tokens: ClassVar[int]
   default_split: ClassVar[str]
   headline: ClassVar[str]
+  columns: ClassVar[tuple[str, ...]] = ()
+  image_columns: ClassVar[tuple[str, ...]] = ('image',)
+  optional_columns: ClassVar[tuple[str, ...]] = ()
+  id_column: ClassVar[str | None] = 'question_id'
 
   def __init__(self, split: str | None = None):
     self.split = split or self.default_split
@@ -95,24 +110,61 @@ class Evaluator(abc.ABC):
     """The parquet shards of `self.split` under `path` (readers.parquet_shards)."""
     return readers.parquet_shards(path, self.split)
 
-  @abc.abstractmethod
   def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    """Every example of the shards, in file order."""
+    """Every example of the shards, in file order: `from_rows` of `read_rows`."""
+    return self.from_rows(self.read_rows(shards))
+
+  def read_rows(self, shards: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of the shards: `columns`, the present `optional_columns`, `image_columns` as ImageRefs."""
+    return readers.read_parquet_rows(shards, self.columns, self.image_columns, self.optional_columns)
+
+  def from_rows(self, rows: Sequence[Mapping[str, Any]]) -> list[Example]:
+    """An example per row (`from_row`) with its question id: the row's `id_column` made unique (`unique_ids`), or
+    the row number when `id_column` is None."""
+    if self.id_column is None:
+      ids = [str(k) for k in range(len(rows))]
+    else:
+      ids = unique_ids([str(r[self.id_column]) for r in rows])
+    return [self.from_row(r, qid) for r, qid in zip(rows, ids)]
+
+  @abc.abstractmethod
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    """The example of one parquet row (`read_rows`)."""
+
+  def optional_meta(self, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row's `optional_columns` that are present."""
+    return {k: row[k] for k in self.optional_columns if k in row}
 
   def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
     """An example from a LLaVA question line with its `answer` attached (readers.attach_answers): the prompt is the
-    line's `text` as it is (LLaVA's files carry the answer instruction already)."""
-    raise NotImplementedError(f'{type(self).__name__} sets reads_llava_questions but has no from_llava')
+    line's `text` as it is (LLaVA's files carry the answer instruction already), the meta `llava_meta`."""
+    return Example(question_id, record['images'], record['text'], record['answer'], self.llava_meta(record))
+
+  def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    """What the scorer needs from a LLaVA question line besides its answer; nothing by default."""
+    return {}
 
   def take(self, examples: list[Example], limit: int | None) -> list[Example]:
     """The first `limit` examples (all when None)."""
     return examples if limit is None else examples[:limit]
 
-  @abc.abstractmethod
   def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
                                                                                     list[dict[str, Any]]]:
-    """(scores, per_example): the benchmark's metrics, and for each example a dict with its `score` (a float) and
-    what the scorer read from the prediction (e.g. `parsed`)."""
+    """(scores, per_example): the benchmark's metrics (`aggregate`), and for each example the entry
+    `score_example` makes of its prediction, stripped first as every lmms-eval scorer does."""
+    self.check_predictions(examples, predictions)
+    per_example = [self.score_example(e, p.strip()) for e, p in zip(examples, predictions)]
+    return self.aggregate(examples, per_example), per_example
+
+  @abc.abstractmethod
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    """One example's entry: its `score` (a float) and what the scorer read from the prediction (e.g. `parsed`)."""
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The benchmark's scores from the per-example entries: here the mean score as `headline`, and
+    `num_questions`. A benchmark that scores groups of examples (MMBench's CircularEval) sets the group's result in
+    the entries of its members here."""
+    return {self.headline: mean([p['score'] for p in per_example]), 'num_questions': len(per_example)}
 
   def check_predictions(self, examples: Sequence[Example], predictions: Sequence[str]) -> None:
     """Raises unless there is one prediction string per example (and at least one example)."""
@@ -124,6 +176,19 @@ class Evaluator(abc.ABC):
       if not isinstance(prediction, str):
         raise TypeError(f'{self.name} question {example.question_id}: prediction {prediction!r} is a '
                         f'{type(prediction).__name__}; expected the decoded text (str)')
+
+
+def mean(values: Sequence[float]) -> float:
+  """The arithmetic mean, sum / count."""
+  return sum(values) / len(values)
+
+
+def means_by(keys: Sequence[Any], values: Sequence[float]) -> dict[Any, float]:
+  """{key: mean of the values with that key}, in sorted key order."""
+  groups: dict[Any, list[float]] = {}
+  for key, value in zip(keys, values):
+    groups.setdefault(key, []).append(value)
+  return {k: mean(v) for k, v in sorted(groups.items())}
 
 
 def unique_ids(ids: Sequence[str]) -> list[str]:

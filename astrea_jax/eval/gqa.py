@@ -16,15 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
 from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
-
-POST_PROMPT = '\nAnswer the question using a single word or phrase.'
-COLUMNS = ('id', 'imageId', 'question', 'answer')
-
-
-def prompt(question: str) -> str:
-  """gqa_doc_to_text with the default kwargs."""
-  return question + POST_PROMPT
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example
 
 
 class GQA(Evaluator):
@@ -34,6 +26,9 @@ class GQA(Evaluator):
   default_split = 'testdev'
   headline = 'accuracy'
   reads_llava_questions = True
+  columns = ('id', 'imageId', 'question', 'answer')
+  image_columns = ()
+  id_column = 'id'
 
   def __init__(self, split: str | None = None, instructions: str = 'testdev_balanced_instructions',
                images: str = 'testdev_balanced_images'):
@@ -46,6 +41,8 @@ class GQA(Evaluator):
     return readers.parquet_shards(folder if os.path.isdir(folder) else path, self.split)
 
   def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
+    """The instruction rows, each with the image of its imageId from the images config (`image_root`, by default
+    the `images` folder next to the instructions folder)."""
     if image_root is None:
       instructions_folder = os.path.dirname(shards[0])
       if os.path.basename(instructions_folder) == 'data':
@@ -57,23 +54,16 @@ class GQA(Evaluator):
     image_rows = readers.read_parquet_rows(readers.parquet_shards(image_root, self.split), ('id',),
                                            image_columns=('image',))
     images = {str(r['id']): r['image'] for r in image_rows}
-    rows = readers.read_parquet_rows(shards, COLUMNS)
-    ids = unique_ids([str(r['id']) for r in rows])
-    examples = []
-    for r, qid in zip(rows, ids):
+    rows = self.read_rows(shards)
+    for r in rows:
       if str(r['imageId']) not in images:
-        raise ValueError(f'GQA question {qid}: image {r["imageId"]!r} is not in the images under {image_root}')
-      examples.append(Example(qid, (images[str(r['imageId'])],), prompt(r['question']), r['answer'],
-                              {'image_id': str(r['imageId'])}))
-    return examples
+        raise ValueError(f'GQA question {r["id"]}: image {r["imageId"]!r} is not in the images under {image_root}')
+      r['image'] = images[str(r['imageId'])]
+    return self.from_rows(rows)
 
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
-    return Example(question_id, record['images'], record['text'], record['answer'], {})
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, (row['image'],), row['question'] + SHORT_ANSWER, row['answer'],
+                   {'image_id': str(row['imageId'])})
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = [{'score': float(answers_lib.exact_match_ignoring_case_punctuation(p.strip(), str(e.answer)))}
-                   for e, p in zip(examples, predictions)]
-    values = [p['score'] for p in per_example]
-    return {'accuracy': sum(values) / len(values), 'num_questions': len(values)}, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    return {'score': float(answers_lib.exact_match_ignoring_case_punctuation(prediction, str(example.answer)))}

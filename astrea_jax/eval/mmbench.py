@@ -29,16 +29,11 @@ import random
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example, mean, means_by
 
 SEED = 2680
 CIRCULAR = 1_000_000
 SYS_PROMPT = 'There are several options:'
-POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
-COLUMNS = ('index', 'question', 'hint', 'answer', 'A', 'B', 'C', 'D', 'category')
-OPTIONAL = ('E', 'L2-category', 'l2-category', 'source', 'split')
-PROMPT_LETTERS = 'ABCDE'
 INFER_LETTERS = 'ABCD'
 
 
@@ -50,11 +45,11 @@ def _missing(value: Any) -> bool:
 def prompt(question: str, hint: Any, options: Mapping[str, Any]) -> str:
   """mmbench_doc_to_text (default post_prompt): options shown are the truthy, non-NaN, non-'nan' ones of A-E; the
   hint is prepended unless it is null, NaN or 'nan'."""
-  lines = ''.join(f'{k}. {v}\n' for k, v in sorted(options.items()) if v and not _missing(v) and v != 'nan')
-  options_prompt = f'{SYS_PROMPT}\n{lines}'.rstrip('\n')
+  shown = {k: v for k, v in sorted(options.items()) if v and not _missing(v) and v != 'nan'}
+  options_prompt = f'{SYS_PROMPT}\n{answers_lib.option_lines(shown)}'.rstrip('\n')
   query = f'{hint} {question} {options_prompt}' if not _missing(hint) and hint != 'nan' else \
       f'{question} {options_prompt}'
-  return f'{query}\n{POST_PROMPT}'
+  return f'{query}\n{LETTER_ANSWER}'
 
 
 def infer_choices(row: Mapping[str, Any]) -> dict[str, str]:
@@ -82,18 +77,15 @@ class MMBench(Evaluator):
   max_new_tokens = 1024
   default_split = 'dev'
   headline = 'accuracy'
+  columns = ('index', 'question', 'hint', 'answer', 'A', 'B', 'C', 'D', 'category')
+  optional_columns = ('E', 'L2-category', 'l2-category', 'source', 'split')
+  id_column = 'index'
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
-    ids = unique_ids([str(r['index']) for r in rows])
-    examples = []
-    for r, qid in zip(rows, ids):
-      l2 = r.get('L2-category', r.get('l2-category'))
-      examples.append(Example(
-          qid, (r['image'],), prompt(r['question'], r['hint'], {c: r.get(c) for c in PROMPT_LETTERS if c in r}),
-          r['answer'], {'index': int(r['index']), 'options': infer_choices(r), 'category': r['category'],
-                        'l2_category': l2}))
-    return examples
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    options = {c: row.get(c) for c in answers_lib.MMBENCH_LETTERS if c in row}
+    return Example(question_id, (row['image'],), prompt(row['question'], row['hint'], options), row['answer'],
+                   {'index': int(row['index']), 'options': infer_choices(row), 'category': row['category'],
+                    'l2_category': row.get('L2-category', row.get('l2-category'))})
 
   def take(self, examples: list[Example], limit: int | None) -> list[Example]:
     """The first `limit` questions (index < 1e6) with every row of their groups."""
@@ -103,20 +95,22 @@ class MMBench(Evaluator):
     kept = set(mains)
     return [e for e in examples if e.meta['index'] % CIRCULAR in kept]
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    parsed = [answers_lib.mmbench_infer(p.strip(), e.meta['options']) for e, p in zip(examples, predictions)]
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    """The rule-read letter; the score, the random letter and the group are set by `aggregate` (CircularEval)."""
+    return {'score': 0.0, 'parsed': answers_lib.mmbench_infer(prediction, example.meta['options']),
+            'random_choice': None, 'group': None}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """CircularEval over the groups in index order (`circular_hit`); each member's entry gets its group's result."""
     groups = collections.defaultdict(list)
     for k, example in enumerate(examples):
       groups[example.meta['index'] % CIRCULAR].append(k)
     main = {e.meta['index']: k for k, e in enumerate(examples) if e.meta['index'] < CIRCULAR}
-    per_example = [{'score': 0.0, 'parsed': p, 'random_choice': None, 'group': None} for p in parsed]
     rng = random.Random(SEED)
     hits = {}
     for index in sorted(main):
       members = sorted(groups[index], key=lambda k: examples[k].meta['index'])
-      hit, drawn = circular_hit([(str(examples[k].answer), parsed[k]) for k in members], rng)
+      hit, drawn = circular_hit([(str(examples[k].answer), per_example[k]['parsed']) for k in members], rng)
       hits[index] = hit
       for k, letter in zip(members, drawn):
         per_example[k].update(score=float(hit), random_choice=letter, group=index)
@@ -125,13 +119,9 @@ class MMBench(Evaluator):
                        'question with its rotations')
 
     def mean_by(key: str) -> dict[str, float]:
-      values = collections.defaultdict(list)
-      for index, hit in hits.items():
-        values[str(examples[main[index]].meta[key])].append(hit)
-      return {k: sum(v) / len(v) for k, v in sorted(values.items())}
+      return means_by([str(examples[main[index]].meta[key]) for index in hits], list(hits.values()))
 
-    scores = {'accuracy': sum(hits.values()) / len(hits), 'num_questions': len(hits), 'num_rows': len(examples),
-              'ungrouped_rows': sum(p['group'] is None for p in per_example),
-              'random_fallbacks': sum(p['random_choice'] is not None for p in per_example),
-              'categories': mean_by('category'), 'l2_categories': mean_by('l2_category')}
-    return scores, per_example
+    return {'accuracy': mean(list(hits.values())), 'num_questions': len(hits), 'num_rows': len(examples),
+            'ungrouped_rows': sum(p['group'] is None for p in per_example),
+            'random_fallbacks': sum(p['random_choice'] is not None for p in per_example),
+            'categories': mean_by('category'), 'l2_categories': mean_by('l2_category')}

@@ -15,19 +15,16 @@ from __future__ import annotations
 import collections
 from typing import Any, Mapping, Sequence
 
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example
 
 PERCEPTION = ('existence', 'count', 'position', 'color', 'posters', 'celebrity', 'scene', 'landmark', 'artwork', 'OCR')
 COGNITION = ('commonsense_reasoning', 'numerical_calculation', 'text_translation', 'code_reasoning')
 LMMS_EVAL_SUFFIX = ' Please answer yes or no.'
-POST_PROMPT = '\nAnswer the question using a single word or phrase.'
-COLUMNS = ('question_id', 'question', 'answer', 'category')
 
 
 def prompt(question: str) -> str:
   """mme_doc_to_text with the default post_prompt."""
-  return question.strip().replace(LMMS_EVAL_SUFFIX, '') + POST_PROMPT
+  return question.strip().replace(LMMS_EVAL_SUFFIX, '') + SHORT_ANSWER
 
 
 def yes_no(text: str) -> str:
@@ -65,18 +62,16 @@ class MME(Evaluator):
   default_split = 'test'
   headline = 'perception'
   reads_llava_questions = True
+  columns = ('question_id', 'question', 'answer', 'category')
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',))
-    ids = unique_ids([str(r['question_id']) for r in rows])
-    return [Example(qid, (r['image'],), prompt(r['question']), r['answer'],
-                    {'image_id': str(r['question_id']), 'category': r['category']}) for r, qid in zip(rows, ids)]
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, (row['image'],), prompt(row['question']), row['answer'],
+                   {'image_id': str(row['question_id']), 'category': row['category']})
 
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
+  def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
     if 'category' not in record:
       raise ValueError(f'{record["where"]}: an MME question line needs "category"')
-    return Example(question_id, record['images'], record['text'], record['answer'],
-                   {'image_id': str(record['question_id']), 'category': record['category']})
+    return {'image_id': str(record['question_id']), 'category': record['category']}
 
   def take(self, examples: list[Example], limit: int | None) -> list[Example]:
     """The first `limit` questions, less the last image's first question when its pair is cut."""
@@ -88,30 +83,28 @@ class MME(Evaluator):
       kept = [e for e in kept if e.meta['image_id'] != last]
     return kept
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    category = example.meta['category']
+    if category not in PERCEPTION + COGNITION:
+      raise ValueError(f'MME question {example.question_id}: category {category!r} is not an MME category; '
+                       f'expected one of {PERCEPTION + COGNITION}')
+    parsed = yes_no(prediction)
+    right = parsed == ground_truth(example.answer, f'MME question {example.question_id}')
+    return {'score': float(right), 'parsed': parsed, 'category': category}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
     by_category: dict[str, dict[str, list[bool]]] = collections.defaultdict(lambda: collections.defaultdict(list))
-    per_example = []
-    for example, prediction in zip(examples, predictions):
-      category = example.meta['category']
-      if category not in PERCEPTION + COGNITION:
-        raise ValueError(f'MME question {example.question_id}: category {category!r} is not an MME category; '
-                         f'expected one of {PERCEPTION + COGNITION}')
-      parsed = yes_no(prediction.strip())
-      right = parsed == ground_truth(example.answer, f'MME question {example.question_id}')
-      by_category[category][example.meta['image_id']].append(right)
-      per_example.append({'score': float(right), 'parsed': parsed, 'category': category})
+    for example, entry in zip(examples, per_example):
+      by_category[entry['category']][example.meta['image_id']].append(entry['score'] == 1.0)
     for category, images in by_category.items():
       for image, results in images.items():
         if len(results) != 2:
           raise ValueError(f'MME image {image!r} ({category}) has {len(results)} question(s); MME scores pairs '
                            '(acc+), expected 2')
     categories = {c: category_scores(by_category[c]) for c in PERCEPTION + COGNITION if c in by_category}
-    scores = {'perception': sum(categories[c]['score'] for c in PERCEPTION if c in categories),
-              'cognition': sum(categories[c]['score'] for c in COGNITION if c in categories),
-              'categories': categories,
-              'perception_categories': [c for c in PERCEPTION if c in categories],
-              'cognition_categories': [c for c in COGNITION if c in categories],
-              'num_questions': len(examples)}
-    return scores, per_example
+    return {'perception': sum(categories[c]['score'] for c in PERCEPTION if c in categories),
+            'cognition': sum(categories[c]['score'] for c in COGNITION if c in categories),
+            'categories': categories,
+            'perception_categories': [c for c in PERCEPTION if c in categories],
+            'cognition_categories': [c for c in COGNITION if c in categories],
+            'num_questions': len(examples)}

@@ -23,20 +23,14 @@ Accuracy over all questions (`accuracy`) and per subject (from the id).
 from __future__ import annotations
 
 import ast
-import collections
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import LETTER_ANSWER, SHORT_ANSWER, Evaluator, Example, means_by
 
 SEED = 0
 MULTIPLE_CHOICE = 'multiple-choice'
-MC_PROMPT = "Answer with the option's letter from the given choices directly."
-OPEN_PROMPT = 'Answer the question using a single word or phrase.'
-IMAGE_COLUMNS = tuple(f'image_{i}' for i in range(1, 8))
-COLUMNS = ('id', 'question', 'options', 'answer', 'question_type')
 _IMAGE_MARK = re.compile(r'<image \d+>')
 _KEY_INDICATORS = ('could be ', 'so ', 'is ', 'thus ', 'therefore ', 'final ', 'answer ', 'result ')
 _TRIVIAL = frozenset({':', ',', '.', '!', '?', ';', "'"})
@@ -48,11 +42,11 @@ _NUMBER_SIMPLE = re.compile(r'-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d]
 def prompt(question: str, question_type: str, options: Sequence[str]) -> str:
   """construct_prompt with the default kwargs."""
   if question_type == MULTIPLE_CHOICE:
-    return f'{question}\n{answers_lib.option_lines(options)}\n\n{MC_PROMPT}'
-  return f'{question}\n\n{OPEN_PROMPT}'
+    return f'{question}\n{answers_lib.option_lines(options)}\n{LETTER_ANSWER}'
+  return f'{question}\n{SHORT_ANSWER}'
 
 
-def image_columns(text: str) -> list[str]:
+def prompt_images(text: str) -> list[str]:
   """mmmu_doc_to_visual: the image_N columns named by "<image N>" in the prompt, sorted."""
   return sorted({mark.strip('<>').replace(' ', '_') for mark in _IMAGE_MARK.findall(text)})
 
@@ -129,46 +123,36 @@ class MMMU(Evaluator):
   max_new_tokens = 128
   default_split = 'validation'
   headline = 'accuracy'
+  columns = ('id', 'question', 'options', 'answer', 'question_type')
+  image_columns = tuple(f'image_{i}' for i in range(1, 8))
+  id_column = 'id'
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=IMAGE_COLUMNS)
-    ids = unique_ids([str(r['id']) for r in rows])
-    examples = []
-    for r, qid in zip(rows, ids):
-      try:
-        options = ast.literal_eval(r['options']) if r['options'] else []
-      except (ValueError, SyntaxError):
-        raise ValueError(f'MMMU question {qid}: options {r["options"]!r} is not a Python list literal') from None
-      text = prompt(r['question'], r['question_type'], options)
-      named = image_columns(text)
-      missing = [c for c in named if r[c] is None]
-      if missing:
-        raise ValueError(f'MMMU question {qid}: the prompt names {missing} but those image cells are empty')
-      examples.append(Example(qid, tuple(r[c] for c in named), text, r['answer'],
-                              {'question_type': r['question_type'], 'options': list(options),
-                               'subject': subject(str(r['id']))}))
-    return examples
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    try:
+      options = ast.literal_eval(row['options']) if row['options'] else []
+    except (ValueError, SyntaxError):
+      raise ValueError(f'MMMU question {question_id}: options {row["options"]!r} is not a Python list '
+                       'literal') from None
+    text = prompt(row['question'], row['question_type'], options)
+    named = prompt_images(text)
+    missing = [c for c in named if row[c] is None]
+    if missing:
+      raise ValueError(f'MMMU question {question_id}: the prompt names {missing} but those image cells are empty')
+    return Example(question_id, tuple(row[c] for c in named), text, row['answer'],
+                   {'question_type': row['question_type'], 'options': list(options),
+                    'subject': subject(str(row['id']))})
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = []
-    by_subject = collections.defaultdict(list)
-    for example, prediction in zip(examples, predictions):
-      prediction = prediction.strip()
-      if example.meta['question_type'] == MULTIPLE_CHOICE:
-        letter, fallback = answers_lib.mmmu_choice(prediction, example.meta['options'],
-                                                   answers_lib.question_rng(SEED, example.question_id))
-        answer = example.answer
-        right = letter in answer if isinstance(answer, list) else letter == answer
-        per_example.append({'score': float(right), 'parsed': letter, 'random_fallback': fallback})
-      else:
-        candidates = open_candidates(prediction)
-        right = open_correct(example.answer, candidates)
-        per_example.append({'score': float(right), 'parsed': candidates})
-      by_subject[example.meta['subject']].append(float(right))
-    values = [p['score'] for p in per_example]
-    scores = {'accuracy': sum(values) / len(values), 'num_questions': len(values),
-              'random_fallbacks': sum(p.get('random_fallback', False) for p in per_example),
-              'subjects': {s: sum(v) / len(v) for s, v in sorted(by_subject.items())}}
-    return scores, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    if example.meta['question_type'] == MULTIPLE_CHOICE:
+      letter, fallback = answers_lib.mmmu_choice(prediction, example.meta['options'],
+                                                 answers_lib.question_rng(SEED, example.question_id))
+      answer = example.answer
+      right = letter in answer if isinstance(answer, list) else letter == answer
+      return {'score': float(right), 'parsed': letter, 'random_fallback': fallback}
+    candidates = open_candidates(prediction)
+    return {'score': float(open_correct(example.answer, candidates)), 'parsed': candidates}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {**super().aggregate(examples, per_example),
+            'random_fallbacks': sum(p.get('random_fallback', False) for p in per_example),
+            'subjects': means_by([e.meta['subject'] for e in examples], [p['score'] for p in per_example])}

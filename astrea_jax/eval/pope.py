@@ -18,18 +18,22 @@ from __future__ import annotations
 import collections
 from typing import Any, Mapping, Sequence
 
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example
 
 RULE = 'lmms-eval: the lower-cased, stripped prediction must equal "yes"/"no"'
-POST_PROMPT = '\nAnswer the question using a single word or phrase.'
-COLUMNS = ('question_id', 'question', 'answer', 'category')
-OPTIONAL = ('image_source', 'id')
 
 
 def prompt(question: str) -> str:
   """pope_doc_to_text with the default post_prompt."""
-  return question.strip() + POST_PROMPT
+  return question.strip() + SHORT_ANSWER
+
+
+def ground_truth(example: Example) -> str:
+  """The example's answer lower-cased and stripped; must be yes or no."""
+  answer = str(example.answer).lower().strip()
+  if answer not in ('yes', 'no'):
+    raise ValueError(f'POPE question {example.question_id}: answer {example.answer!r} is not yes/no')
+  return answer
 
 
 def counts(predictions: Sequence[str], answers: Sequence[str]) -> dict[str, int]:
@@ -61,31 +65,26 @@ class POPE(Evaluator):
   default_split = 'test'
   headline = 'f1'
   reads_llava_questions = True
+  columns = ('question_id', 'question', 'answer', 'category')
+  optional_columns = ('image_source', 'id')
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
-    ids = unique_ids([str(r['question_id']) for r in rows])
-    return [Example(qid, (r['image'],), prompt(r['question']), r['answer'],
-                    {'category': r['category'], **{k: r[k] for k in OPTIONAL if k in r}})
-            for r, qid in zip(rows, ids)]
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, (row['image'],), prompt(row['question']), row['answer'],
+                   {'category': row['category'], **self.optional_meta(row)})
 
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
-    return Example(question_id, record['images'], record['text'], record['answer'],
-                   {'category': record.get('category', '')})
+  def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    return {'category': record.get('category', '')}
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    parsed = [p.lower().strip() for p in predictions]
-    answers = []
-    for example in examples:
-      answer = str(example.answer).lower().strip()
-      if answer not in ('yes', 'no'):
-        raise ValueError(f'POPE question {example.question_id}: answer {example.answer!r} is not yes/no')
-      answers.append(answer)
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    parsed = prediction.lower()
+    return {'score': float(parsed == ground_truth(example)), 'parsed': parsed}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    parsed = [p['parsed'] for p in per_example]
+    answers = [ground_truth(e) for e in examples]
+    categories = [e.meta.get('category', '') for e in examples]
     scores = {'rule': RULE, **metrics(parsed, answers)}
-    categories = sorted({e.meta.get('category', '') for e in examples})
     scores['categories'] = {
-        c: metrics(*zip(*[(p, a) for p, a, e in zip(parsed, answers, examples) if e.meta.get('category', '') == c]))
-        for c in categories}
-    return scores, [{'score': float(p == a), 'parsed': p} for p, a in zip(parsed, answers)]
+        c: metrics(*zip(*[(p, a) for p, a, k in zip(parsed, answers, categories) if k == c]))
+        for c in sorted(set(categories))}
+    return scores

@@ -13,6 +13,9 @@
 | mmbench       | mmbench_en_dev  | accuracy (CircularEval)      |
 | chartqa       | chartqa         | relaxed_overall              |
 | docvqa        | docvqa_val      | anls                         |
+
+The table below is the one list of benchmarks (no decorator in each module): reading this file shows them all, and
+importing it imports every evaluator, with no registration as a side effect of an import elsewhere.
 """
 
 from __future__ import annotations

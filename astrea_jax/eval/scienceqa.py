@@ -15,21 +15,16 @@ EVAL.md's "'a' scores 0" matches neither version.)
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example
-
-POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
-COLUMNS = ('question', 'choices', 'answer', 'hint')
-OPTIONAL = ('subject', 'grade', 'category', 'topic', 'skill', 'task')
+from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example
 
 
 def prompt(question: str, choices: Sequence[str], hint: str | None) -> str:
   """sqa_doc_to_text, default format."""
   context = f'Context: {hint}\n' if hint else ''
-  return f'{context}{question}\n{answers_lib.option_lines(choices)}{POST_PROMPT}'
+  return f'{context}{question}\n{answers_lib.option_lines(choices)}{LETTER_ANSWER}'
 
 
 def correct(prediction: str, answer_letter: str) -> bool:
@@ -46,22 +41,17 @@ class ScienceQAImg(Evaluator):
   max_new_tokens = 16
   default_split = 'test'
   headline = 'accuracy'
+  columns = ('question', 'choices', 'answer', 'hint')
+  optional_columns = ('subject', 'grade', 'category', 'topic', 'skill', 'task')
+  id_column = None
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
-    examples = []
-    for i, r in enumerate(rows):
-      if not 0 <= r['answer'] < len(r['choices']):
-        raise ValueError(f'ScienceQA row {i}: answer index {r["answer"]} outside its {len(r["choices"])} choices')
-      images = () if r['image'] is None else (r['image'],)
-      examples.append(Example(str(i), images, prompt(r['question'], r['choices'], r['hint']),
-                              answers_lib.option_letters(len(r['choices']))[r['answer']],
-                              {k: r[k] for k in OPTIONAL if k in r}))
-    return examples
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    choices = row['choices']
+    if not 0 <= row['answer'] < len(choices):
+      raise ValueError(f'ScienceQA row {question_id}: answer index {row["answer"]} outside its {len(choices)} choices')
+    images = () if row['image'] is None else (row['image'],)
+    return Example(question_id, images, prompt(row['question'], choices, row['hint']),
+                   answers_lib.option_letters(len(choices))[row['answer']], self.optional_meta(row))
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = [{'score': float(correct(p.strip(), e.answer))} for e, p in zip(examples, predictions)]
-    values = [p['score'] for p in per_example]
-    return {'accuracy': sum(values) / len(values), 'num_questions': len(values)}, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    return {'score': float(correct(prediction, example.answer))}

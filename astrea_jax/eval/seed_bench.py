@@ -17,18 +17,15 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import LETTER_ANSWER, Evaluator, Example, mean, means_by
 
-POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 CHOICES = ('choice_a', 'choice_b', 'choice_c', 'choice_d')
-COLUMNS = ('question_id', 'question', *CHOICES, 'answer', 'data_type')
 DATA_TYPES = ('image', 'video')
 
 
 def prompt(question: str, choices: Sequence[str]) -> str:
   """seed_doc_to_text."""
-  return f'{question}\n{answers_lib.option_lines(choices)}{POST_PROMPT}'
+  return f'{question}\n{answers_lib.option_lines(choices)}{LETTER_ANSWER}'
 
 
 def first_character(prediction: str) -> str:
@@ -43,6 +40,7 @@ class SEEDBench(Evaluator):
   default_split = 'test'
   headline = 'seed_image'
   reads_llava_questions = True
+  columns = ('question_id', 'question', *CHOICES, 'answer', 'data_type')
 
   def __init__(self, split: str | None = None, data_types: Sequence[str] = ('image',)):
     super().__init__(split)
@@ -51,27 +49,22 @@ class SEEDBench(Evaluator):
       raise ValueError(f'SEED-Bench data_types {tuple(data_types)}: expected a non-empty subset of {DATA_TYPES}')
     self.data_types = tuple(data_types)
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = [r for r in readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',))
-            if r['data_type'] in self.data_types]
-    ids = unique_ids([str(r['question_id']) for r in rows])
-    return [Example(qid, tuple(r['image']), prompt(r['question'], [r[c] for c in CHOICES]), r['answer'],
-                    {'data_type': r['data_type']}) for r, qid in zip(rows, ids)]
+  def read_rows(self, shards: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows whose data_type is one of `data_types`."""
+    return [r for r in super().read_rows(shards) if r['data_type'] in self.data_types]
 
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
-    return Example(question_id, record['images'], record['text'], record['answer'],
-                   {'data_type': record.get('data_type', 'image')})
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, tuple(row['image']), prompt(row['question'], [row[c] for c in CHOICES]),
+                   row['answer'], {'data_type': row['data_type']})
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example, by_type = [], {}
-    for example, prediction in zip(examples, predictions):
-      parsed = first_character(prediction)
-      right = float(parsed.lower().strip() == str(example.answer).lower().strip())
-      per_example.append({'score': right, 'parsed': parsed})
-      by_type.setdefault(example.meta.get('data_type', 'image'), []).append(right)
-    scores = {f'seed_{t}': sum(v) / len(v) for t, v in sorted(by_type.items())}
-    scores['seed_all'] = sum(p['score'] for p in per_example) / len(per_example)
-    scores['num_questions'] = len(per_example)
-    return scores, per_example
+  def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    return {'data_type': record.get('data_type', 'image')}
+
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    parsed = first_character(prediction)
+    return {'score': float(parsed.lower().strip() == str(example.answer).lower().strip()), 'parsed': parsed}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    values = [p['score'] for p in per_example]
+    types = [f'seed_{e.meta.get("data_type", "image")}' for e in examples]
+    return {**means_by(types, values), 'seed_all': mean(values), 'num_questions': len(values)}

@@ -14,17 +14,12 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
-
-POST_PROMPT = '\nAnswer the question using a single word or phrase.'
-COLUMNS = ('question_id', 'question', 'answers')
-OPTIONAL = ('image_id',)
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example
 
 
 def prompt(question: str) -> str:
   """textvqa_doc_to_text with the default kwargs."""
-  return question.capitalize() + POST_PROMPT
+  return question.capitalize() + SHORT_ANSWER
 
 
 def accuracy(prediction: str, ground_truths: Sequence[str]) -> float:
@@ -40,26 +35,15 @@ class TextVQA(Evaluator):
   default_split = 'validation'
   headline = 'accuracy'
   reads_llava_questions = True
+  columns = ('question_id', 'question', 'answers')
+  optional_columns = ('image_id',)
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
-    ids = unique_ids([str(r['question_id']) for r in rows])
-    return [Example(qid, (r['image'],), prompt(r['question']), r['answers'], {k: r[k] for k in OPTIONAL if k in r})
-            for r, qid in zip(rows, ids)]
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, (row['image'],), prompt(row['question']), row['answers'], self.optional_meta(row))
 
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
-    return Example(question_id, record['images'], record['text'], record['answer'], {})
-
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = []
-    for example, prediction in zip(examples, predictions):
-      truths = example.answer
-      if not truths or not all(isinstance(a, str) for a in truths):
-        raise ValueError(f'TextVQA question {example.question_id}: answers {truths!r}; expected a non-empty list of '
-                         'strings (a test split has none)')
-      per_example.append({'score': accuracy(prediction.strip(), truths),
-                          'parsed': answers_lib.evalai_normalize(prediction.strip())})
-    values = [p['score'] for p in per_example]
-    return {'accuracy': sum(values) / len(values), 'num_questions': len(values)}, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    truths = example.answer
+    if not truths or not all(isinstance(a, str) for a in truths):
+      raise ValueError(f'TextVQA question {example.question_id}: answers {truths!r}; expected a non-empty list of '
+                       'strings (a test split has none)')
+    return {'score': accuracy(prediction, truths), 'parsed': answers_lib.evalai_normalize(prediction)}

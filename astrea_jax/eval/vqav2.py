@@ -19,19 +19,10 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from astrea_jax.eval import answers as answers_lib
-from astrea_jax.eval import readers
-from astrea_jax.eval.evaluator import Evaluator, Example, unique_ids
+from astrea_jax.eval.evaluator import SHORT_ANSWER, Evaluator, Example, means_by
 
 RULE = ('lmms-eval <= v0.4: prediction EvalAI-normalised; ground truths punctuation/digit/article-normalised only '
         'when they disagree; leave-one-out soft accuracy')
-POST_PROMPT = '\nAnswer the question using a single word or phrase.'
-COLUMNS = ('question_id', 'question', 'answers')
-OPTIONAL = ('question_type', 'answer_type', 'image_id', 'multiple_choice_answer')
-
-
-def prompt(question: str) -> str:
-  """vqav2_doc_to_text with the default post_prompt (the question is not stripped)."""
-  return question + POST_PROMPT
 
 
 def answer_strings(answers: Sequence[Any], where: str) -> list[str]:
@@ -61,30 +52,21 @@ class VQAv2(Evaluator):
   default_split = 'validation'
   headline = 'accuracy'
   reads_llava_questions = True
+  columns = ('question_id', 'question', 'answers')
+  optional_columns = ('question_type', 'answer_type', 'image_id', 'multiple_choice_answer')
 
-  def read_parquet(self, shards: Sequence[str], image_root: str | None) -> list[Example]:
-    rows = readers.read_parquet_rows(shards, COLUMNS, image_columns=('image',), optional=OPTIONAL)
-    ids = unique_ids([str(r['question_id']) for r in rows])
-    return [Example(qid, (r['image'],), prompt(r['question']), r['answers'], {k: r[k] for k in OPTIONAL if k in r})
-            for r, qid in zip(rows, ids)]
+  def from_row(self, row: Mapping[str, Any], question_id: str) -> Example:
+    return Example(question_id, (row['image'],), row['question'] + SHORT_ANSWER, row['answers'],
+                   self.optional_meta(row))
 
-  def from_llava(self, record: Mapping[str, Any], question_id: str) -> Example:
-    return Example(question_id, record['images'], record['text'], record['answer'],
-                   {'category': record.get('category', '')})
+  def llava_meta(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    return {'category': record.get('category', '')}
 
-  def score(self, examples: Sequence[Example], predictions: Sequence[str]) -> tuple[dict[str, Any],
-                                                                                    list[dict[str, Any]]]:
-    self.check_predictions(examples, predictions)
-    per_example = []
-    for example, prediction in zip(examples, predictions):
-      truths = answer_strings(example.answer, f'VQAv2 question {example.question_id}')
-      per_example.append({'score': accuracy(prediction.strip(), truths),
-                          'parsed': answers_lib.evalai_normalize(prediction.strip())})
-    values = [p['score'] for p in per_example]
-    by_type: dict[str, list[float]] = {}
-    for example, value in zip(examples, values):
-      if 'answer_type' in example.meta:
-        by_type.setdefault(example.meta['answer_type'], []).append(value)
-    scores = {'rule': RULE, 'accuracy': sum(values) / len(values), 'num_questions': len(values),
-              'answer_types': {t: sum(v) / len(v) for t, v in sorted(by_type.items())}}
-    return scores, per_example
+  def score_example(self, example: Example, prediction: str) -> dict[str, Any]:
+    truths = answer_strings(example.answer, f'VQAv2 question {example.question_id}')
+    return {'score': accuracy(prediction, truths), 'parsed': answers_lib.evalai_normalize(prediction)}
+
+  def aggregate(self, examples: Sequence[Example], per_example: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    typed = [(e.meta['answer_type'], p['score']) for e, p in zip(examples, per_example) if 'answer_type' in e.meta]
+    return {'rule': RULE, **super().aggregate(examples, per_example),
+            'answer_types': means_by([t for t, _ in typed], [v for _, v in typed])}
