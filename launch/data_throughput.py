@@ -20,8 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from astrea_jax import config as config_lib
-from astrea_jax.data import pipeline, shapes_tfds
-from astrea_jax.testing import hf_fixtures
+from astrea_jax.data import pipeline, shapes_tfds, tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Experiment config.')
 _STAGE = flags.DEFINE_enum('stage', 'instruct', config_lib.STAGES, 'Stage whose pipeline to time.')
@@ -33,7 +32,7 @@ _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Tokenizer folder (default: 
 
 
 def examples_per_second(config, stage: str, tokenizer_dir: str, warmup: int, batches: int) -> float:
-  it = iter(pipeline.make_dataset(config, stage, tokenizer_dir=tokenizer_dir))
+  it = iter(pipeline.make_dataset(config, stage, tokenizer_dir=tokenizer_dir, **config_lib.dataset_options(config, stage)))
   try:
     for _ in range(warmup):
       batch = next(it)
@@ -56,10 +55,7 @@ def main(argv):
     if config.data.dataset == 'shapes':
       config.data.shapes.data_dir = _DATA_DIR.value or config.data.shapes.data_dir or os.path.join(tmp, 'tfds')
       shapes_tfds.prepare(config.data.shapes)
-    tokenizer_dir = _TOKENIZER.value or pipeline.resolve_tokenizer_dir(config)
-    if tokenizer_dir is None:
-      tokenizer_dir = os.path.join(tmp, 'tokenizer')
-      hf_fixtures.make_chat_tokenizer(config.llm.vocab_size).save_pretrained(tokenizer_dir)
+    tokenizer_dir = _TOKENIZER.value or tokenizer.resolve(config)  # the run's tokenizer
     results = {}
     for n in workers:
       config.data.num_workers = n

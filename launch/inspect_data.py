@@ -9,15 +9,13 @@ prints, for each, the prompt (up to the first answer token; each image's visual-
 ' | '). The PNG shows each row's image as the first expert receives it (de-normalised), with the boxes and polygons
 written in its answers drawn (coordinates 0-999), and for the synthetic shapes dataset the instance masks tinted.
 
-Tokenizer: --tokenizer, else config.tokenizer_dir or the one stored in config.init_checkpoint, else the tiny offline
-chat tokenizer (`astrea_jax.testing.hf_fixtures`), written to a temporary folder.
+Tokenizer: --tokenizer, else the one the run uses (`astrea_jax.data.tokenizer.resolve`: config.tokenizer_dir, the one
+stored in config.init_checkpoint, or the synthetic set's own), so the tokenisation shown is training's.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 
 import numpy as np
 from absl import app, flags
@@ -25,8 +23,9 @@ from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
 from astrea_jax import config as config_lib
+from astrea_jax.core import files
 from astrea_jax.data import pipeline, shapes_tfds
-from astrea_jax.testing import hf_fixtures
+from astrea_jax.data import tokenizer as tokenizer_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Experiment config.')
 _STAGE = flags.DEFINE_enum('stage', 'align_detection', config_lib.STAGES, 'Training stage whose examples to show.')
@@ -94,11 +93,8 @@ def save_grid(tiles: list[Image.Image], path: str) -> None:
   grid = Image.new('RGB', (len(tiles) * (TILE + 4), TILE), (255, 255, 255))
   for i, tile in enumerate(tiles):
     grid.paste(tile, (i * (TILE + 4), 0))
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, suffix='.png', delete=False) as f:
-    grid.save(f, format='PNG')
-  os.replace(f.name, path)
+  with files.atomic_file(path) as tmp:
+    grid.save(tmp, format='PNG')
 
 
 def main(argv):
@@ -108,20 +104,15 @@ def main(argv):
   stage, split, n = _STAGE.value, _SPLIT.value, _N.value
   try:
     config_lib.validate(config)
-    with tempfile.TemporaryDirectory() as tmp:
-      tokenizer_dir = _TOKENIZER.value or pipeline.resolve_tokenizer_dir(config)
-      if tokenizer_dir is None:
-        tokenizer_dir = os.path.join(tmp, 'tokenizer')
-        hf_fixtures.make_chat_tokenizer(config.llm.vocab_size).save_pretrained(tokenizer_dir)
-        print(f'no tokenizer configured: using the tiny offline chat tokenizer ({config.llm.vocab_size} tokens)')
-      it = iter(pipeline.make_dataset(config, stage, split, tokenizer_dir=tokenizer_dir, shuffle=False,
-                                      num_epochs=1, batch_size=n))
-      batch = next(it)
-      it.close()
-      tokenizer = pipeline.load_tokenizer(tokenizer_dir).backend
+    tokenizer_dir = _TOKENIZER.value or tokenizer_lib.resolve(config)  # the tokenizer the run uses
+    it = iter(pipeline.make_dataset(config, stage, split, tokenizer_dir=tokenizer_dir, shuffle=False, num_epochs=1,
+                                    batch_size=n, **config_lib.dataset_options(config, stage)))
+    batch = next(it)
+    it.close()
+    tokenizer = pipeline.load_tokenizer(tokenizer_dir).backend
   except StopIteration:
     raise SystemExit(f'inspect_data: error: the {split} split has fewer than --n={n} examples') from None
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, config_lib.ConfigError) as e:
     raise SystemExit(f'inspect_data: error: {e}') from None
 
   expert_name = next(iter(config.data.experts))

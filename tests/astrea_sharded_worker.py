@@ -13,7 +13,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -21,7 +20,8 @@ from astrea_jax import config as config_lib  # noqa: E402
 from astrea_jax.astrea import model as model_lib  # noqa: E402
 from astrea_jax.parallel import mesh as mesh_lib  # noqa: E402
 from astrea_jax.parallel import sharding  # noqa: E402
-from astrea_jax.train import stages, step as step_lib  # noqa: E402
+from astrea_jax.core import stages as stage_table  # noqa: E402
+from astrea_jax.train import astrea_loss, stages, step as step_lib  # noqa: E402
 
 from astrea_fixtures import B, make_batch, model_config  # noqa: E402
 
@@ -41,9 +41,12 @@ def run(case, mesh_sizes, devices, batches):
   params_abstract, p_shardings = sharding.abstract_and_shardings(init_params, mesh, rules)
   labels = stages.param_labels(params_abstract, stages.default_trainable(stage, cfg))
   tx, schedule = stages.stage_optimizer(run_cfg.optimizer, 10, 1e-4)  # the paper's peak
-  init = lambda: step_lib.init_state(init_params(), tx, labels, stage, run_cfg.moco, jax.random.key(1))
+  moco_cfg = run_cfg.moco if stage_table.spec(stage).moco else None
+  init = lambda: step_lib.init_state(init_params(), tx, labels, jax.random.key(1), moco_cfg)
   state, state_shardings = sharding.init_sharded(init, mesh, rules)
-  step = step_lib.make_step(model_lib.Astrea(cfg), stage, tx, run_cfg, labels, schedule, 2, p_shardings)
+  loss = astrea_loss.astrea_loss_fn(model_lib.Astrea(cfg), stage, run_cfg, 2)
+  step = step_lib.make_step(loss, tx, labels, moco_cfg=moco_cfg, schedule=schedule, accum_steps=2,
+                            param_shardings=p_shardings)
   jitted = step_lib.jit_step(step, mesh, rules, state_shardings,
                              step_lib.batch_shardings(batches[0] if cached else
                                                       {k: v for k, v in batches[0].items() if k != 'cached'},

@@ -1,4 +1,4 @@
-"""Runs `astrea_jax.train.lm_loop.train_and_evaluate` in its own process (for tests/test_checkpointing.py and
+"""Runs `lm_loop.train_and_evaluate` (tests/lm_loop.py) in its own process (for tests/test_checkpointing.py and
 tests/test_multihost.py): a tiny LLM on the config below, one process of a multi-process job when --num_processes > 1.
 Process 0 writes the final parameters to <workdir>/final_params.npz (gathered from every process), keyed by path.
 
@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from astrea_jax import config as config_lib  # noqa: E402
 from astrea_jax.parallel import distributed  # noqa: E402
-from astrea_jax.train import lm_loop  # noqa: E402
+import lm_loop  # noqa: E402  (tests/)
 
 
 def tiny_config(args):

@@ -17,7 +17,7 @@ from astrea_jax import config as config_lib  # noqa: E402
 from astrea_jax.models import llama  # noqa: E402
 from astrea_jax.parallel import mesh as mesh_lib  # noqa: E402
 from astrea_jax.parallel import sharding  # noqa: E402
-from astrea_jax.train import lm, optimizer as optimizer_lib  # noqa: E402
+from astrea_jax.train import stage_step, step as step_lib  # noqa: E402
 
 STEPS = 3
 
@@ -26,14 +26,12 @@ def run(config, devices, init_params, batches):
   mesh = mesh_lib.create_mesh(config.mesh, devices)
   rules = config.logical_axis_rules
   cfg = config_lib.llm_config(config)
-  model = llama.Llama(cfg)
-  tx = optimizer_lib.make_optimizer(config.optimizer, STEPS, 1e-4)
-  init = lm.init_state_fn(model, tx, jax.random.key(0), config.data.seq_len)
-  _, state_shardings = sharding.abstract_and_shardings(init, mesh, rules)
-  params = jax.device_put(init_params, state_shardings.params)
-  state = lm.state_from_params(params, tx, state_shardings)
-  grads = jax.device_get(jax.jit(jax.grad(lambda p, b: lm.loss_fn(model, p, b)[0]))(params, batches[0]))
-  step = lm.make_train_step(model, tx, mesh, rules, state_shardings)
+  built, _ = stage_step.build_lm(cfg, config.optimizer, STEPS, 1e-4, mesh, rules, config.data.seq_len)
+  params = jax.device_put(init_params, built.state_shardings.params)
+  state = jax.jit(built.init_state, out_shardings=built.state_shardings)(params)
+  grads_of = step_lib.make_grad_fn(step_lib.lm_loss_fn(llama.Llama(cfg)), built.labels)
+  grads = jax.device_get(jax.jit(grads_of)(params, batches[0], jax.random.key(0), {}, {})[0])
+  step = stage_step.jit(built, mesh, rules, batches[0])
   metrics = []
   for batch in batches:
     state, m = step(state, batch)
@@ -70,9 +68,9 @@ def main():
   # as an unsharded init from the same key.
   mesh8 = mesh_lib.create_mesh(eight.mesh)
   cfg8 = config_lib.llm_config(eight)
-  tx = optimizer_lib.make_optimizer(eight.optimizer, STEPS, 1e-4)
-  init = lm.init_state_fn(llama.Llama(cfg8), tx, jax.random.key(1), eight.data.seq_len)
-  state8, shardings8 = sharding.init_sharded(init, mesh8, eight.logical_axis_rules)
+  built8, boxed = stage_step.build_lm(cfg8, eight.optimizer, STEPS, 1e-4, mesh8, eight.logical_axis_rules,
+                                      eight.data.seq_len, seed=1)
+  state8, shardings8 = sharding.init_sharded(lambda: built8.init_state(boxed()), mesh8, eight.logical_axis_rules)
   mu_spec = str(jax.tree.leaves(state8.opt_state[1][0].mu)[0].sharding.spec)
   init_diff = max(float(np.abs(np.asarray(a) - b).max())
                   for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(init_params)))

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from astrea_jax.convert import checkpoint, hf, safetensors_io, table
-from astrea_jax.testing import hf_fixtures
+import hf_fixtures  # tests/
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',

@@ -12,7 +12,7 @@ from PIL import Image
 from astrea_jax import config as config_lib
 from astrea_jax.data import pipeline
 from astrea_jax.data.conversation import BadRecordError
-from astrea_jax.testing import hf_fixtures
+import hf_fixtures  # tests/
 
 BAD_INDEX = 2
 NUM_GOOD = 4

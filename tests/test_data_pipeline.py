@@ -17,7 +17,7 @@ from PIL import Image
 from astrea_jax import config as config_lib
 from astrea_jax.data import pipeline, shapes_tfds
 from astrea_jax.parallel import mesh as mesh_lib
-from astrea_jax.testing import hf_fixtures
+import hf_fixtures  # tests/
 
 NUM_TRAIN = 48
 SIZE = 32

@@ -10,7 +10,7 @@ import pytest
 
 from astrea_jax import config as config_lib
 from astrea_jax.data import pipeline, shapes, shapes_text, shapes_tfds, stage_targets
-from astrea_jax.testing import hf_fixtures
+import hf_fixtures  # tests/
 
 SIZE = 48
 SPLIT_SIZES = dict(num_train=12, num_validation=4, num_test=4)

@@ -6,7 +6,7 @@ import pytest
 
 from astrea_jax.data import sequence, templates
 from astrea_jax.data.templates import TokenizedConversation
-from astrea_jax.testing import hf_fixtures
+import hf_fixtures  # tests/
 
 TURNS = (('human', '<image>\nhow many shapes?'), ('gpt', 'three.'),
          ('human', 'is there a red circle?'), ('gpt', 'yes'))
@@ -93,9 +93,15 @@ def test_two_images_fill_their_placeholders_in_order(tokenizer):
 
 
 def test_missing_template_marker_is_named(tokenizer):
-  plain = hf_fixtures.make_tokenizer()
+  import tokenizers
+  from tokenizers import models, pre_tokenizers, trainers
+  plain = tokenizers.Tokenizer(models.BPE(unk_token='<unk>'))  # a BPE tokenizer without the chat markers
+  plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  plain.train_from_iterator(list(hf_fixtures.TOKENIZER_CORPUS), trainers.BpeTrainer(
+      vocab_size=300, special_tokens=['<unk>'], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False))
   with pytest.raises(ValueError, match=r"tokenizer TOKDIR: the chatml template needs '<\|im_start\|>' as one token"):
-    templates.check_special_tokens(plain.backend_tokenizer, templates.TEMPLATES['chatml'], 'TOKDIR')
+    templates.check_special_tokens(plain, templates.TEMPLATES['chatml'], 'TOKDIR')
   templates.check_special_tokens(tokenizer.backend_tokenizer, templates.TEMPLATES['chatml'], 'TOKDIR')
   with pytest.raises(ValueError, match="unknown chat template 'llama3'"):
     templates.get_template('llama3')

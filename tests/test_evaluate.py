@@ -19,7 +19,7 @@ from astrea_jax.data import pipeline, shapes_tfds, templates
 from astrea_jax.data.conversation import GPT, HUMAN
 from astrea_jax.data.shapes_text import VQA_TYPES
 from astrea_jax.eval import evaluate, generate, plots
-from astrea_jax.testing import hf_fixtures
+import hf_fixtures  # tests/
 
 END = '<|im_end|>'
 NUM_SCENES = 3

@@ -14,7 +14,7 @@ from astrea_jax import config as config_lib
 from astrea_jax.convert import checkpoint, hf
 from astrea_jax.models import expert, vit
 from astrea_jax.parallel import mesh as mesh_lib
-from astrea_jax.testing import hf_fixtures
+import hf_fixtures  # tests/
 
 TOL = 1e-4
 

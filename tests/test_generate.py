@@ -18,7 +18,7 @@ from astrea_jax.convert import checkpoint, hf
 from astrea_jax.eval import generate
 from astrea_jax.models import llama
 from astrea_jax.parallel import mesh as mesh_lib
-from astrea_jax.testing import hf_fixtures
+import hf_fixtures  # tests/
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EOS = 2

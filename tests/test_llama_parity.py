@@ -11,7 +11,7 @@ from astrea_jax import config as config_lib
 from astrea_jax.convert import checkpoint, hf
 from astrea_jax.models import llama
 from astrea_jax.parallel import mesh as mesh_lib
-from astrea_jax.testing import hf_fixtures
+import hf_fixtures  # tests/
 
 CASES = {
     'mha_theta1e4_untied': dict(num_key_value_heads=4, rope_theta=10000.0),

@@ -168,7 +168,7 @@ def test_a_converted_expert_checkpoint_is_loaded_into_its_slot(data_dir, tmp_pat
   import numpy as np
   from astrea_jax.convert import hf
   from astrea_jax.parallel import mesh as mesh_lib
-  from astrea_jax.testing import hf_fixtures
+  import hf_fixtures  # tests/
   hf_dir = hf_fixtures.make_tiny_vit('siglip', str(tmp_path / 'hf'), image_size=64, num_hidden_layers=2,
                                      num_attention_heads=2, intermediate_size=64)
   ckpt = str(tmp_path / 'siglip')

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from astrea_jax.convert import hf
-from astrea_jax.testing import hf_fixtures
+import hf_fixtures  # tests/
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = {'caption': 'siglip', 'classification': 'clip', 'detection': 'dinov2', 'segmentation': 'dinov2'}

@@ -19,6 +19,7 @@ from astrea_jax.astrea import model as astrea_model
 from astrea_jax.data import images as images_lib
 from astrea_jax.data import shapes, shapes_text, shapes_tfds
 from astrea_jax.models import expert as expert_lib
+from astrea_jax.models import families
 from astrea_jax.train import experts
 from configs import tiny
 
@@ -162,7 +163,7 @@ def test_trees_are_the_composed_models_experts_and_the_backbones_moved(trained):
     inputs = images_lib.experts_from_config(config.data.experts, config_lib.expert_families(config), [cfg.name])[0]
     images = jnp.asarray(experts.expert_inputs(train, inputs, 'pad')[:1])
     batch = jax.tree.map(lambda t: jnp.asarray(t[:1]), task.targets(train, 4))
-    start = experts.initial_params(expert_lib.build_expert(cfg), task.head(), images, batch,
+    start = experts.initial_params(families.build_expert(cfg), task.head(), images, batch,
                                    (config.train.seed, index))['expert']
     moved = np.abs(params[cfg.name]['backbone']['embed']['patch']['kernel']
                    - start['backbone']['embed']['patch']['kernel']).max()

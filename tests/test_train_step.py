@@ -8,12 +8,12 @@ import pytest
 
 from astrea_jax import config as config_lib
 from astrea_jax.astrea import model as model_lib
-from astrea_jax.models import expert, llama, vit
+from astrea_jax.core import stages as stage_table
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
 from astrea_jax.train import metrics as metrics_lib
 from astrea_jax.train import stages
-from astrea_jax.train import step as step_lib
+from astrea_jax.train import astrea_loss, step as step_lib
 
 from astrea_fixtures import ANSWER_LENGTHS, B, make_batch, model_config
 
@@ -43,11 +43,13 @@ def _train(setup, stage, steps, accum_steps, cfg=None):
   model = model_lib.Astrea(cfg)
   labels = stages.param_labels(params, stages.default_trainable(stage, cfg))
   tx, _ = stages.stage_optimizer(run.optimizer, 10, 1e-3)
-  state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx, labels, stage, run.moco, jax.random.key(1))
+  moco_cfg = run.moco if stage_table.spec(stage).moco else None
+  state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx, labels, jax.random.key(1), moco_cfg)
   shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state)
   rules = config_lib.DEFAULT_LOGICAL_AXIS_RULES
-  step = step_lib.jit_step(step_lib.make_step(model, stage, tx, run, labels, accum_steps=accum_steps), mesh, rules,
-                           shardings, step_lib.batch_shardings(batch, mesh, rules))
+  loss = astrea_loss.astrea_loss_fn(model, stage, run, accum_steps)
+  step = step_lib.jit_step(step_lib.make_step(loss, tx, labels, moco_cfg=moco_cfg, accum_steps=accum_steps), mesh,
+                           rules, shardings, step_lib.batch_shardings(batch, mesh, rules))
   history = []
   for _ in range(steps):
     state, metrics = step(state, batch)
@@ -116,8 +118,10 @@ def gradients(setup, stage, batch, accum_steps, **run_overrides):
       run[section][field] = value
     labels = stages.param_labels(params, stages.default_trainable(stage, cfg))
     tx, _ = stages.stage_optimizer(run.optimizer, 10, 1e-3)
-    state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx, labels, stage, run.moco, jax.random.key(1))
-    cache[key] = state, jax.jit(step_lib.make_grad_fn(model_lib.Astrea(cfg), stage, run, labels, accum_steps))
+    moco_cfg = run.moco if stage_table.spec(stage).moco else None
+    state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx, labels, jax.random.key(1), moco_cfg)
+    loss = astrea_loss.astrea_loss_fn(model_lib.Astrea(cfg), stage, run, accum_steps)
+    cache[key] = state, jax.jit(step_lib.make_grad_fn(loss, labels, accum_steps))
   state, grad_fn = cache[key]
   grads, metrics, _ = grad_fn(state.params, batch, state.rng, state.momentum, state.queues)
   return grads, metrics
@@ -162,7 +166,6 @@ def test_accumulated_moco_loss_is_the_mean_of_the_micro_batches_contrasts(setup)
 
 
 def test_only_trainable_parameters_get_gradients(setup):
-  params = setup[2]
   grads, _ = gradients(setup, 'align_detection', setup[3], 1)
   assert set(grads) == {'projectors', 'residual'}
   assert set(grads['projectors']) == {'detection'} and set(grads['residual']) == {'detection'}

@@ -21,7 +21,7 @@ from astrea_jax import config as config_lib
 from astrea_jax.convert import hf, safetensors_io, table
 from astrea_jax.models import expert, vit
 from astrea_jax.parallel import mesh as mesh_lib
-from astrea_jax.testing import hf_fixtures
+import hf_fixtures  # tests/
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4

@@ -10,14 +10,14 @@ and wrong types, so `--config.llm.num_layers=abc` or `--config.llm.nmu_layers=2`
 from astrea_jax.config.build import expert_config, llm_config, model_config
 from astrea_jax.config.defaults import base_config
 from astrea_jax.config.presets import paper_scale
-from astrea_jax.config.run import (expert_families, run_stages, settings_name, single_turn_rows, stage_fusion,
+from astrea_jax.config.run import (dataset_options, expert_families, run_stages, settings_name, single_turn_rows, stage_fusion,
                                    stage_settings)
 from astrea_jax.config.validate import lock, validate
 from astrea_jax.core.axes import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
 from astrea_jax.core.errors import ConfigError
 from astrea_jax.core.stages import ALIGN_STAGES, EXPERTS_STAGE, GROUP_SEPARATOR, STAGES, align_members
 
-__all__ = ['ALIGN_STAGES', 'ConfigError', 'DEFAULT_LOGICAL_AXIS_RULES', 'EXPERTS_STAGE', 'GROUP_SEPARATOR',
+__all__ = ['ALIGN_STAGES', 'ConfigError', 'DEFAULT_LOGICAL_AXIS_RULES', 'dataset_options', 'EXPERTS_STAGE', 'GROUP_SEPARATOR',
            'MESH_AXES', 'STAGES', 'align_members', 'base_config', 'expert_config', 'expert_families', 'llm_config',
            'lock', 'model_config', 'paper_scale', 'run_stages', 'settings_name', 'single_turn_rows', 'stage_fusion',
            'stage_settings', 'validate']

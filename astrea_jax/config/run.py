@@ -36,6 +36,13 @@ def single_turn_rows(config: ml_collections.ConfigDict, stage: str) -> bool:
   return stage_fusion(config, stage) == 'routed' and config.astrea.router_context == 'visual+text'
 
 
+def dataset_options(config: ml_collections.ConfigDict, stage: str) -> dict:
+  """What a stage's rows need beyond the config's data fields (`data.pipeline.make_dataset` keywords): single-turn
+  rows (`single_turn_rows`), and each image's caption tokens where the stage trains the momentum contrast."""
+  return {'single_turn': single_turn_rows(config, stage),
+          'caption_len': config.moco.caption_len if spec(stage).moco else 0}
+
+
 def expert_families(config: ml_collections.ConfigDict) -> dict[str, str]:
   """slot -> `config.model.experts.<slot>.family`."""
   return {slot: e.family for slot, e in config.model.experts.items()}

@@ -230,11 +230,9 @@ def _run_stage(config, cfg, plan: StagePlan, index: int, params, mesh, rules, wo
   if cached_slots:
     store = feature_writer.ensure_feature_cache(config, Astrea(cfg), plan.name, cached_slots, params, restore_into,
                                                 ckpt, resume_step, mesh, rules, workdir)
-  moco = stage_table.spec(plan.name).moco
   data_iter = iter(pipeline.make_dataset(config, plan.name, 'train', tokenizer_dir=tokenizer_dir,
                                          experts=stage_experts(cfg, plan.name, backend),
-                                         single_turn=config_lib.single_turn_rows(config, plan.name),
-                                         caption_len=config.moco.caption_len if moco else 0))
+                                         **config_lib.dataset_options(config, plan.name)))
   if resume_step is not None:
     state, _ = ckpt.restore(resume_step, restore_into, data_iter)
     logging.info('runner: stage %s resumes at global step %d', plan.name, resume_step)

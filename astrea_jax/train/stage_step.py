@@ -14,8 +14,10 @@ import optax
 
 from astrea_jax import config as config_lib
 from astrea_jax.astrea.model import Astrea, AstreaConfig, init_params
+from astrea_jax.core import stages as stage_table
+from astrea_jax.models import llama
 from astrea_jax.parallel import sharding
-from astrea_jax.train import stages, step as step_lib
+from astrea_jax.train import astrea_loss, stages, step as step_lib
 
 Array = jax.Array
 
@@ -76,10 +78,12 @@ def build(config: ml_collections.ConfigDict, cfg: AstreaConfig, plan: StagePlan,
   params_abstract, param_shardings = sharding.abstract_and_shardings(boxed, mesh, rules)
   labels = stages.param_labels(params_abstract, plan.trainable)
   tx, schedule = stages.stage_optimizer(config.optimizer, plan.num_steps, plan.learning_rate)
-  init_state = lambda p: step_lib.init_state(p, tx, labels, plan.name, config.moco, stage_rng(config, index))
+  moco_cfg = config.moco if stage_table.spec(plan.name).moco else None
+  init_state = lambda p: step_lib.init_state(p, tx, labels, stage_rng(config, index), moco_cfg)
   abstract_state, state_shardings = sharding.abstract_and_shardings(lambda: init_state(boxed()), mesh, rules)
-  step = step_lib.make_step(Astrea(cfg), plan.name, tx, config, labels, schedule, config.train.grad_accum_steps,
-                            param_shardings)
+  accum = config.train.grad_accum_steps
+  step = step_lib.make_step(astrea_loss.astrea_loss_fn(Astrea(cfg), plan.name, config, accum), tx, labels,
+                            moco_cfg=moco_cfg, schedule=schedule, accum_steps=accum, param_shardings=param_shardings)
   return StageStep(labels, tx, schedule, init_state, abstract_state, state_shardings, step)
 
 
@@ -99,3 +103,18 @@ def memory_stats(compiled) -> dict[str, int]:
          for name in ('argument', 'output', 'temp', 'alias', 'generated_code')}
   out['peak'] = out['argument'] + out['temp'] + out['output'] - out['alias']
   return out
+
+
+def build_lm(cfg: llama.LlamaConfig, opt: ml_collections.ConfigDict, num_steps: int, learning_rate: float, mesh,
+             rules, seq_len: int, seed: int = 0) -> tuple[StageStep, Callable[[], Any]]:
+  """The LLM alone trained with the paper's optimizer (every parameter trainable; Eq. 1 on token rows), for the LLM
+  benchmarks and tests: (its `StageStep`, the function making its boxed fresh parameters)."""
+  model = llama.Llama(cfg)
+  boxed = lambda: model.init(jax.random.key(seed), jax.numpy.zeros((1, seq_len), jax.numpy.int32))['params']
+  params_abstract, param_shardings = sharding.abstract_and_shardings(boxed, mesh, rules)
+  labels = stages.param_labels(params_abstract, ('.*',))
+  tx, schedule = stages.stage_optimizer(opt, num_steps, learning_rate)
+  init_state = lambda p: step_lib.init_state(p, tx, labels, jax.random.key(seed))
+  abstract_state, state_shardings = sharding.abstract_and_shardings(lambda: init_state(boxed()), mesh, rules)
+  step = step_lib.make_step(step_lib.lm_loss_fn(model), tx, labels, schedule=schedule, param_shardings=param_shardings)
+  return StageStep(labels, tx, schedule, init_state, abstract_state, state_shardings, step), boxed

@@ -22,6 +22,7 @@ from absl import logging
 
 from astrea_jax.data import images as images_lib
 from astrea_jax.models import expert as expert_lib
+from astrea_jax.models import families
 from astrea_jax.train import optimizer as optimizer_lib
 from astrea_jax.train.experts.heads import Batch
 from astrea_jax.train.experts.targets import Scenes, expert_inputs
@@ -78,7 +79,7 @@ def train_expert(cfg: expert_lib.ExpertConfig, inputs: images_lib.ExpertImage, t
   if cfg.name not in TASKS:
     raise ValueError(f'expert slot {cfg.name!r}: no stage-0 task; expected one of {sorted(TASKS)}')
   task, grid = TASKS[cfg.name], expert_lib.grid_side(cfg.num_visual_tokens)
-  expert, head = expert_lib.build_expert(cfg), task.head()
+  expert, head = families.build_expert(cfg), task.head()
   train_images = jnp.asarray(expert_inputs(train, inputs, square_mode))
   train_targets = task.targets(train, grid)
   device_targets = jax.tree.map(jnp.asarray, train_targets)

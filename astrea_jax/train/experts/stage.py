@@ -24,7 +24,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from astrea_jax import config as config_lib
-from astrea_jax.core import multihost
+
 from astrea_jax.data import images as images_lib
 from astrea_jax.data import shapes_tfds
 from astrea_jax.train.experts import loop
@@ -54,10 +54,7 @@ def train_experts(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
                           f'{METRICS_FILE}); empty it or set experts_pretrain.checkpoint to another folder')
 
   pretrain = config.experts_pretrain
-  if jax.process_index() == 0:  # first alone, so that processes sharing a filesystem do not race to build it
-    shapes_tfds.prepare(config.data.shapes)
-  multihost.barrier('astrea_jax.train.experts: data prepared')
-  dataset_dir = shapes_tfds.prepare(config.data.shapes)
+  dataset_dir = shapes_tfds.prepare_shared(config.data.shapes)
   train, validation = load_scenes(dataset_dir, 'train'), load_scenes(dataset_dir, 'validation')
   inputs = images_lib.experts_from_config(config.data.experts, config_lib.expert_families(config), model_config.slots)
   params, metrics = {}, {}

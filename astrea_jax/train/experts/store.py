@@ -28,7 +28,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from jax.experimental import multihost_utils
 
 from astrea_jax.core import files, multihost, trees
-from astrea_jax.models import expert as expert_lib
+from astrea_jax.models import families
 
 PARAMS_DIR = 'params'
 METRICS_FILE = 'metrics.json'
@@ -96,7 +96,7 @@ def expected_shapes(model_config) -> dict[str, Any]:
   for cfg in model_config.experts:
     images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
     out[cfg.name] = jax.eval_shape(
-        lambda x, c=cfg: nn.unbox(expert_lib.build_expert(c).init(jax.random.key(0), x)['params']), images)
+        lambda x, c=cfg: nn.unbox(families.build_expert(c).init(jax.random.key(0), x)['params']), images)
   return out
 
 

@@ -1,5 +1,6 @@
-"""The LLM-only training driver: `astrea_jax.train.lm`'s sharded next-token step in a loop with the run's services,
-resumable Orbax checkpoints, a clean stop on SIGTERM, clu metrics and multi-host input.
+"""A test driver of the run's services on the LLM alone (tests/lm_loop_worker.py, for tests/test_checkpointing.py and
+tests/test_multihost.py): the LLM's sharded next-token step (`train.stage_step.build_lm`) in a loop with resumable
+Orbax checkpoints, a clean stop on SIGTERM, clu metrics and multi-host input.
 
   train_and_evaluate(config, workdir, num_steps=N, learning_rate=LR) trains until step N; called again with the same workdir (or
   after a kill) it continues from the newest checkpoint, and ends with the parameters of a run never interrupted.
@@ -24,11 +25,9 @@ from absl import logging
 
 from astrea_jax import config as config_lib
 from astrea_jax.data import pipeline
-from astrea_jax.models import llama
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
-from astrea_jax.train import checkpointing, lm, metrics
-from astrea_jax.train import optimizer as optimizer_lib
+from astrea_jax.train import checkpointing, metrics, stage_step
 
 STAGE = 'lm'  # the stage name this driver's checkpoints carry
 NUM_ROWS = 2**40  # rows the synthetic stream can index (it is lazy; a run never comes near)
@@ -71,47 +70,47 @@ def synthetic_dataset(config: ml_collections.ConfigDict, process_index: int, pro
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, num_steps: int, learning_rate: float,
-                       extra_hooks: Sequence[Callable[[int], Any]] = ()) -> lm.TrainState:
+                       extra_hooks: Sequence[Callable[[int], Any]] = ()) -> Any:
   """Trains (or resumes training) to `num_steps` with peak `learning_rate`; returns the final state. extra_hooks are
   called after every step with its number, like clu's periodic actions (an evaluation, say)."""
   config_lib.validate(config)
   mesh = mesh_lib.create_mesh(config.mesh)
   mesh_lib.check_batch_divides(config.train.global_batch_size, dict(mesh.shape))
   rules = config.logical_axis_rules
-  model = llama.Llama(config_lib.llm_config(config))
-  tx = optimizer_lib.make_optimizer(config.optimizer, num_steps, learning_rate)
-  schedule = optimizer_lib.learning_rate_schedule(config.optimizer, num_steps, learning_rate)
-  init = lm.init_state_fn(model, tx, jax.random.key(config.train.seed), config.data.seq_len)
-  abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
+  built, boxed = stage_step.build_lm(config_lib.llm_config(config), config.optimizer, num_steps, learning_rate, mesh,
+                                     rules, config.data.seq_len, config.train.seed)
   data_iter = iter(synthetic_dataset(config, jax.process_index(), jax.process_count()))
 
   with (contextlib.closing(metrics.create_writer(workdir)) as writer,
         checkpointing.Checkpointer(workdir, config) as ckpt, checkpointing.Preemption() as preemption):
     latest = ckpt.latest()
     if latest is None:
-      state, _ = sharding.init_sharded(init, mesh, rules)
+      state, _ = sharding.init_sharded(lambda: built.init_state(boxed()), mesh, rules)
     elif latest.stage != STAGE:
       raise ValueError(f'{ckpt.directory}: the newest checkpoint (step {latest.step}) holds stage '
                        f'{latest.stage!r}; this driver trains {STAGE!r}. Use another workdir.')
     else:
-      state, _ = ckpt.restore(latest.step, sharding.with_shardings(abstract, shardings), data_iter)
+      state, _ = ckpt.restore(latest.step, built.restore_target(), data_iter)
     metrics.log_parameter_overview(state.params)
-    train_step = lm.make_train_step(model, tx, mesh, rules, shardings)
+    first = pipeline.to_global_batch(next(data_iter), mesh, rules)
+    train_step = stage_step.jit(built, mesh, rules, first)
     hooks = [*metrics.periodic_hooks(config.logging, workdir, num_steps, writer), *extra_hooks]
     logger = metrics.MetricLogger(writer, config.logging.every_steps)
 
     step = int(state.step)
     logging.info('lm_loop: %s at step %d of %d', 'resuming' if latest else 'starting', step, num_steps)
+    batch = first
     while step < num_steps:
-      batch = pipeline.to_global_batch(next(data_iter), mesh, rules)
       state, step_metrics = train_step(state, batch)
       step += 1
-      logger.update(step, {**step_metrics, 'lr': schedule(step - 1)})
+      logger.update(step, step_metrics)
       for hook in hooks:
         hook(step)
       stop = preemption.reached(step)
       ckpt.save(step, STAGE, state, data_iter, force=stop or step == num_steps)
       if stop:
         break
+      if step < num_steps:
+        batch = pipeline.to_global_batch(next(data_iter), mesh, rules)
     logger.write(step)
   return state

@@ -1,13 +1,16 @@
-"""Tiny random Hugging Face models and tokenizers, built offline.
+"""Tiny random Hugging Face models and tokenizers for the tests, built offline.
 
-Tests and the tiny default never download anything: they build a random `transformers` model from a small config
-and a byte-level BPE tokenizer trained on a few sentences, and `save_pretrained` them to a local folder.
+Tests never download anything: they build a random `transformers` model from a small config (every parameter
+perturbed, so that a mis-mapped tensor shows) and a byte-level BPE tokenizer trained on a few sentences, and
+`save_pretrained` them to a local folder.
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any, Sequence
+
+from astrea_jax.data import tokenizer as tokenizer_lib
 
 TOKENIZER_CORPUS = (
     'a red circle is left of a blue square.',
@@ -16,37 +19,13 @@ TOKENIZER_CORPUS = (
     'where is the yellow star? the yellow star is at the top right.',
     'describe the image. a small purple circle and a large orange square.',
 )
-SPECIAL_TOKENS = ('<unk>', '<s>', '</s>')
-
-
-def make_tokenizer(vocab_size: int = 320, corpus: Sequence[str] | None = None):
-  """A byte-level BPE `PreTrainedTokenizerFast` (<unk>=0, <s>=1, </s>=2; BOS prepended) of at most vocab_size,
-  its merges learned from `corpus` (default: a few sentences about shapes)."""
-  import tokenizers
-  import transformers
-  from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-
-  tok = tokenizers.Tokenizer(models.BPE(unk_token='<unk>'))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator(list(TOKENIZER_CORPUS) * 4 if corpus is None else list(corpus), trainer)
-  tok.post_processor = processors.TemplateProcessing(single='<s> $A', pair='<s> $A <s> $B',
-                                                     special_tokens=[('<s>', tok.token_to_id('<s>'))])
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>', eos_token='</s>',
-                                              unk_token='<unk>')
-
-
-CHAT_TOKENS = ('<image>', '<|im_start|>', '<|im_end|>', '<pad>')
 
 
 def make_chat_tokenizer(vocab_size: int = 320, corpus: Sequence[str] | None = None):
-  """`make_tokenizer` with the chat markers added as special tokens (<image>, <|im_start|>, <|im_end|>, and <pad>
-  as the pad token) in its last four ids, so that both chat templates work; at most vocab_size entries."""
-  tok = make_tokenizer(vocab_size - len(CHAT_TOKENS), corpus)
-  tok.add_special_tokens({'pad_token': '<pad>', 'additional_special_tokens': list(CHAT_TOKENS[:-1])})
-  return tok
+  """The project's chat tokenizer (`data.tokenizer.build_chat_tokenizer`: byte-level BPE, <unk>=0, <s>=1, </s>=2,
+  the chat markers in its last four ids) of at most vocab_size entries, its merges learned from `corpus` (default: a
+  few sentences about shapes)."""
+  return tokenizer_lib.build_chat_tokenizer(vocab_size, list(TOKENIZER_CORPUS) * 4 if corpus is None else corpus)
 
 
 def perturb(model, scale: float = 0.1) -> None:
