@@ -10,6 +10,7 @@ Missing, unexpected or mis-shaped tensors are named with the family and the expe
 
 from absl import app, flags, logging
 
+from astrea_jax.core import logs
 from astrea_jax import convert
 from astrea_jax.convert import hf
 
@@ -25,6 +26,7 @@ flags.mark_flags_as_required(['family', 'hf_dir', 'out'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logs.quiet_library_logs(flags.FLAGS.verbosity)
   try:
     meta = hf.import_hf(_HF_DIR.value, _OUT.value, _FAMILY.value, _PARAM_DTYPE.value, _OVERWRITE.value)
   except (ValueError, OSError) as e:

@@ -13,6 +13,7 @@ original keys. Nothing is left at --out on failure.
 
 from absl import app, flags
 
+from astrea_jax.core import logs
 from astrea_jax.convert import ram_plus
 
 _SRC = flags.DEFINE_string('src', None, 'RAM++ .pth or .safetensors file to import.')
@@ -36,6 +37,7 @@ flags.mark_flags_as_required(['out'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logs.quiet_library_logs(flags.FLAGS.verbosity)
   if (_SRC.value is None) == (_CKPT.value is None):
     raise app.UsageError('give exactly one of --src (import) and --ckpt (export)')
   try:

@@ -25,6 +25,7 @@ import transformers
 from absl import app, flags
 from PIL import Image, ImageDraw
 
+from astrea_jax.core import logs
 from astrea_jax.convert import checkpoint
 from astrea_jax.convert import grounding_dino as convert_gd
 from astrea_jax.data import images as images_lib
@@ -66,6 +67,7 @@ def draw(image: np.ndarray, lines: list[tuple[str, tuple[float, ...]]], path: st
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logs.quiet_library_logs(flags.FLAGS.verbosity)
   overrides = {} if _IMAGE_SIZE.value is None else {'image_size': _IMAGE_SIZE.value}
   try:
     cfg, params = convert_gd.load(_CKPT.value, **overrides)

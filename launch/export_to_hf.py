@@ -10,6 +10,7 @@ import re
 
 from absl import app, flags
 
+from astrea_jax.core import logs
 from astrea_jax.convert import hf
 
 _CKPT = flags.DEFINE_string('ckpt', None, 'Converted checkpoint folder (from launch.convert_hf_to_orbax).')
@@ -35,6 +36,7 @@ def parse_size(text: str) -> int:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logs.quiet_library_logs(flags.FLAGS.verbosity)
   try:
     files = hf.export_hf(_CKPT.value, _OUT.value, _DTYPE.value, parse_size(_MAX_SHARD.value), _OVERWRITE.value)
   except (ValueError, OSError) as e:

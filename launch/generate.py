@@ -21,6 +21,7 @@ import transformers
 from absl import app, flags
 from ml_collections import config_flags
 
+from astrea_jax.core import logs
 from astrea_jax.convert import loaders
 from astrea_jax import config
 from astrea_jax.convert import checkpoint
@@ -69,6 +70,7 @@ def eos_from_metadata(meta: dict[str, Any]) -> int | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logs.quiet_library_logs(flags.FLAGS.verbosity)
   if (_PROMPT_IDS.value is None) == (_PROMPT.value is None):
     given = 'both' if _PROMPT_IDS.value is not None else 'neither'
     raise SystemExit(f'generate: error: pass exactly one of --prompt_ids (token ids, e.g. 1,5,9) or --prompt (text); '

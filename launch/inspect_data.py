@@ -22,6 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
+from astrea_jax.core import logs
 from astrea_jax import config as config_lib
 from astrea_jax.core import files
 from astrea_jax.data import pipeline, shapes_tfds
@@ -100,6 +101,7 @@ def save_grid(tiles: list[Image.Image], path: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logs.quiet_library_logs(flags.FLAGS.verbosity)
   config = _CONFIG.value
   stage, split, n = _STAGE.value, _SPLIT.value, _N.value
   try:

@@ -13,6 +13,7 @@ import transformers
 from absl import app, flags
 from ml_collections import config_flags
 
+from astrea_jax.core import logs
 from astrea_jax import config as config_lib
 from astrea_jax.convert import llama as llama_family
 from astrea_jax.convert import random_hf
@@ -27,6 +28,7 @@ flags.mark_flags_as_required(['out'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logs.quiet_library_logs(flags.FLAGS.verbosity)
   config = _CONFIG.value
   config_lib.validate(config)
   if os.path.exists(_OUT.value) and os.listdir(_OUT.value):

@@ -15,6 +15,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from astrea_jax.core import logs
 from astrea_jax import config as config_lib
 from astrea_jax.convert import ram_plus
 from astrea_jax.data import images
@@ -38,6 +39,7 @@ def model_input(path: str, size: int) -> np.ndarray:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logs.quiet_library_logs(flags.FLAGS.verbosity)
   try:
     mesh = mesh_lib.create_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
     cfg, params = ram_plus.load(_CKPT.value, mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)

@@ -20,6 +20,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from astrea_jax.core import logs
 from astrea_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/tiny.py.', lock_config=True)
@@ -30,6 +31,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  logs.quiet_library_logs(flags.FLAGS.verbosity)
   config = _CONFIG.value
   distributed.maybe_initialize(config)  # before anything touches a device
   import jax  # noqa: F401  (after the distributed start-up)

@@ -18,6 +18,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from astrea_jax.core import logs
 from astrea_jax.parallel import distributed
 from astrea_jax.train import experts
 
@@ -35,6 +36,7 @@ def format_metrics(slot: str, metrics: dict[str, float]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logs.quiet_library_logs(flags.FLAGS.verbosity)
   config = _CONFIG.value
   distributed.maybe_initialize(config)
   start = time.perf_counter()

@@ -19,7 +19,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from astrea_jax import config as config_lib
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
-from astrea_jax.train import checkpointing, lm_loop, metrics
+from astrea_jax.train import checkpointing, metrics
+
+import lm_loop  # tests/
 
 import lm_loop_worker  # tests/: the driver in a subprocess
 

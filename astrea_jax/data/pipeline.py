@@ -214,14 +214,15 @@ class _DropIterator(grain.DatasetIterator):
     self._pending = dict(state['pending'])
 
 
-class _Drop(grain.IterDataset):
+class _Wrapped(grain.IterDataset):
+  """An IterDataset whose iterator is `iterator_class(parent iterator, *args)` (the pipeline's own iterators)."""
 
-  def __init__(self, parent: grain.IterDataset, source: str, max_run: int):
+  def __init__(self, parent: grain.IterDataset, iterator_class: type, *args: Any):
     super().__init__(parent)
-    self._source, self._max_run = source, max_run
+    self._iterator_class, self._args = iterator_class, args
 
-  def __iter__(self) -> _DropIterator:
-    return _DropIterator(self._parent.__iter__(), self._source, self._max_run)
+  def __iter__(self) -> grain.DatasetIterator:
+    return self._iterator_class(self._parent.__iter__(), *self._args)
 
 
 class DataIterator(grain.DatasetIterator):
@@ -255,16 +256,6 @@ class DataIterator(grain.DatasetIterator):
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state['parent'])
     self.counts = dict(state['counts'])
-
-
-class _Counted(grain.IterDataset):
-
-  def __init__(self, parent: grain.IterDataset, source: str):
-    super().__init__(parent)
-    self._source = source
-
-  def __iter__(self) -> DataIterator:
-    return DataIterator(self._parent.__iter__(), self._source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,9 +337,9 @@ def make_dataset(config, stage: str, split: str = 'train', *, tokenizer_dir: str
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = HostBlocks(ds.repeat(num_epochs), batch_size, shard.shard_index, shard.shard_count).map(encoder)
-  it = _Drop(ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
-                                                  prefetch_buffer_size=2 * batch_size)),
-             name, data.max_consecutive_drops)
+  it = _Wrapped(ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
+                                                     prefetch_buffer_size=2 * batch_size)),
+                _DropIterator, name, data.max_consecutive_drops)
   if data.packing:
     slot_fields = ('image_ids', 'captions', 'caption_mask') if caption_len else ('image_ids',)
     it = _pack(it, [e.name for e in encoder.experts], data.seq_len, data.max_images, tok.pad_id, batch_size, seed,
@@ -361,7 +352,7 @@ def make_dataset(config, stage: str, split: str = 'train', *, tokenizer_dir: str
       flags.FLAGS.mark_as_parsed()  # grain's worker setup reads its absl flags; outside an absl app, the defaults
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers,
                                                      per_worker_buffer_size=data.worker_buffer_size))
-  return _Counted(it, name)
+  return _Wrapped(it, DataIterator, name)
 
 
 def batch_logical_axes(key: str, ndim: int) -> tuple[str | None, ...]:

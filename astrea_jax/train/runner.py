@@ -151,6 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   A newest checkpoint that does not restore (a truncated file, a partial copy) is renamed aside with a warning and
   the run resumes from the newest one that does; if none does, the run stops naming them."""
   cfg, plans = check_run(config, jax.device_count())
+  logging.info('runner: plan: %s', '; '.join(f'{p.name} steps {p.offset + 1}-{p.end} at peak lr {p.learning_rate:g}'
+                                             for p in plans))
   mesh = mesh_lib.create_mesh(config.mesh)
   rules = config.logical_axis_rules
   os.makedirs(workdir, exist_ok=True)
