@@ -4,7 +4,7 @@ the checks every family shares) and the dtype names configs use."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Collection, Mapping
 
 import jax.numpy as jnp
 
@@ -28,17 +28,30 @@ def check_known_fields(cls: type, d: Mapping[str, Any]) -> None:
     raise ValueError(f'unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(names)}')
 
 
+def _positive(value: Any) -> bool:
+  """A size is positive; a tuple of sizes when every entry is."""
+  if isinstance(value, tuple):
+    return all(_positive(v) for v in value)
+  return value > 0
+
+
 class ConfigFields:
   """`from_dict` / `to_dict` / `replace` and shared checks for the frozen config dataclasses of the model families.
 
-  A subclass lists its nested config fields in `NESTED` ({field: config class}) so that `from_dict` rebuilds them
-  from stored JSON, and its valid activation names in `ACTIVATIONS` (checked on the fields named in
-  `ACTIVATION_FIELDS`). `__post_init__` collects `problems()` and raises one ValueError naming every one.
+  A subclass declares, as class attributes:
+    NESTED             {field: config class}: nested configs that `from_dict` rebuilds from stored JSON
+    POSITIVE_FIELDS    sizes that must be > 0 (a tuple-valued field: every entry)
+    MULTIPLE_FIELDS    (a, b) pairs: field a must be a multiple of field b (checked when b > 0)
+    ACTIVATIONS        the valid activation names (any collection of names, e.g. `models.layers.ACTIVATIONS`),
+                       checked on the fields named in ACTIVATION_FIELDS
+  and overrides `problems()` (calling `super().problems()`) for its own checks. `__post_init__` collects
+  `problems()` and raises one ValueError 'invalid <class>: <problem>; <problem>; ...' naming every one.
   """
   NESTED: ClassVar[Mapping[str, type]] = {}
-  ACTIVATIONS: ClassVar[tuple[str, ...]] = ()
-  ACTIVATION_FIELDS: ClassVar[tuple[str, ...]] = ('hidden_act',)
   POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ()
+  MULTIPLE_FIELDS: ClassVar[tuple[tuple[str, str], ...]] = ()
+  ACTIVATIONS: ClassVar[Collection[str]] = ()
+  ACTIVATION_FIELDS: ClassVar[tuple[str, ...]] = ('hidden_act',)
 
   def __post_init__(self):
     problems = self.problems()
@@ -46,10 +59,13 @@ class ConfigFields:
       raise ValueError(f'invalid {type(self).__name__}: ' + '; '.join(problems))
 
   def problems(self) -> list[str]:
-    """What is wrong with the field values (empty when valid): positive sizes, activation names, dtypes and the
-    remat policy where the config has them. Subclasses add their own checks."""
+    """What is wrong with the field values (empty when valid): positive sizes, multiples, activation names, dtypes
+    and the remat policy where the config has them. Subclasses add their own checks."""
     out = [f'{name}={getattr(self, name)} must be positive' for name in self.POSITIVE_FIELDS
-           if getattr(self, name) <= 0]
+           if not _positive(getattr(self, name))]
+    for a, b in self.MULTIPLE_FIELDS:
+      if getattr(self, b) > 0 and getattr(self, a) % getattr(self, b):
+        out.append(f'{a}={getattr(self, a)} must be a multiple of {b}={getattr(self, b)}')
     for name in self.ACTIVATION_FIELDS:
       if hasattr(self, name) and self.ACTIVATIONS and getattr(self, name) not in self.ACTIVATIONS:
         out.append(f'{name}={getattr(self, name)!r} must be one of {sorted(self.ACTIVATIONS)}')

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from astrea_jax.models.layers import LogicalDenseGeneral
+from astrea_jax.models.layers import LogicalDenseGeneral, Numerics, heads_in, heads_out
 
 Array = jax.Array
 SpatialShapes = Sequence[tuple[int, int]]
@@ -150,24 +150,22 @@ class MultiscaleDeformableAttention(nn.Module):
     if len(spatial_shapes) != levels:
       raise ValueError(f'deformable attention: {len(spatial_shapes)} spatial shapes for num_levels={levels}')
     head_dim = self.d_model // heads
+    nx = Numerics(self.dtype, self.param_dtype)
     xavier_in = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=0, out_axis=(1, 2))
     xavier_out = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1), out_axis=2)
-    dense = lambda feats, names, name, kernel_init, in_axes=1, bias_names=None, bias_init=nn.initializers.zeros: (
-        LogicalDenseGeneral(feats, names, in_axes=in_axes, bias_names=bias_names or names[in_axes:],
-                            kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=name))
+    zero_dense = lambda feats, names, name, bias_init=nn.initializers.zeros: LogicalDenseGeneral(
+        feats, names, bias_names=names[1:], kernel_init=nn.initializers.zeros, bias_init=bias_init, dtype=nx.dtype,
+        param_dtype=nx.param_dtype, name=name)
     if position is not None:
       queries = queries + position
-    offsets = dense((heads, levels, points, 2), ('embed', 'q_heads', None, None, None), 'sampling_offsets',
-                    nn.initializers.zeros, bias_init=grid_offsets_init(heads, levels, points))(queries)
-    logits = dense((heads, levels * points), ('embed', 'q_heads', None), 'attention_weights',
-                   nn.initializers.zeros)(queries)
+    offsets = zero_dense((heads, levels, points, 2), ('embed', 'q_heads', None, None, None), 'sampling_offsets',
+                         bias_init=grid_offsets_init(heads, levels, points))(queries)
+    logits = zero_dense((heads, levels * points), ('embed', 'q_heads', None), 'attention_weights')(queries)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).reshape(*logits.shape[:-1], levels, points)
-    value = dense((heads, head_dim), ('embed', 'q_heads', 'head_dim'), 'value_proj', xavier_in)(values)
+    value = heads_in(nx, heads, head_dim, 'value_proj', kernel_init=xavier_in)(values)
     if value_mask is not None:
       value = jnp.where(value_mask[:, :, None, None], value, 0)
     locations = sampling_locations_from(reference_points, offsets, spatial_shapes)
     out = multiscale_deformable_attention(value, spatial_shapes, locations, weights)
     out = out.reshape(*out.shape[:2], heads, head_dim)
-    return dense((self.d_model,), ('q_heads', 'head_dim', 'embed'), 'output_proj', xavier_out, in_axes=2,
-                 bias_names=('embed',))(out)
+    return heads_out(nx, self.d_model, 'output_proj', kernel_init=xavier_out)(out)

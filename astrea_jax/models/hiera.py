@@ -53,11 +53,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from astrea_jax.models.layers import LogicalDenseGeneral
 from astrea_jax.core.axes import BATCH, EMBED_ACT
-from astrea_jax.core.fields import ConfigFields, REMAT_POLICIES, to_dtype
-from astrea_jax.models.layers import remat_policy
-from astrea_jax.models.vit import ACTIVATIONS, resize_bicubic
+from astrea_jax.models.layers import (Mlp, ModelConfig, Numerics, conv, dense, heads_in, heads_out, layer_norm,
+                                      remat)
+from astrea_jax.models.vit import resize_bicubic
 
 Array = jax.Array
 
@@ -77,7 +76,7 @@ def _pair(x) -> tuple[int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class HieraConfig(ConfigFields):
+class HieraConfig(ModelConfig):
   """Shape and numerics of SAM2's image encoder: the fields of transformers' `Sam2HieraDetConfig` (backbone) and
   `Sam2VisionConfig` (neck). Sequences are stored as tuples; pairs accept an int for a square."""
   hidden_size: int                               # patch-embedding width D (= embed_dim_per_stage[0])
@@ -96,7 +95,7 @@ class HieraConfig(ConfigFields):
   patch_stride: tuple[int, int] = (4, 4)
   patch_padding: tuple[int, int] = (3, 3)
   mlp_ratio: float = 4.0
-  hidden_act: str = 'gelu'                       # one of vit.ACTIVATIONS
+  hidden_act: str = 'gelu'                       # one of layers.ACTIVATIONS
   layer_norm_eps: float = 1e-6
   backbone_feature_sizes: tuple[tuple[int, int], ...] = ()  # Sam2Model's reshape sizes of the returned levels
   fpn_hidden_size: int = 256
@@ -110,33 +109,27 @@ class HieraConfig(ConfigFields):
   param_dtype: str = 'float32'                   # storage dtype of the parameters
   remat_policy: str = 'none'                     # one of REMAT_POLICIES (per block)
 
+  POSITIVE_FIELDS = ('hidden_size', 'num_channels', 'fpn_hidden_size', 'fpn_kernel_size', 'fpn_stride',
+                     'blocks_per_stage', 'embed_dim_per_stage', 'num_attention_heads_per_stage',
+                     'window_positional_embedding_background_size', 'query_stride', 'patch_stride')
+
   def __post_init__(self):
     for name in _PAIRS:
       object.__setattr__(self, name, _pair(getattr(self, name)))
     for name in _LISTS:
       object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
     object.__setattr__(self, 'backbone_feature_sizes', tuple(_pair(s) for s in self.backbone_feature_sizes))
-    problems = self.problems()
-    if problems:
-      raise ValueError('invalid HieraConfig: ' + '; '.join(problems))
+    super().__post_init__()
 
   def problems(self) -> list[str]:
-    """What is wrong with the field values (empty when valid)."""
-    out = []
+    """What is wrong with the field values (empty when valid): the shared checks, then the stage layout."""
+    out = super().problems()
     n = len(self.blocks_per_stage)
-    for name in ('embed_dim_per_stage', 'num_attention_heads_per_stage', 'window_size_per_stage',
-                 'backbone_channel_list'):
-      if len(getattr(self, name)) != n:
-        out.append(f'{name}={getattr(self, name)} must have one entry per stage ({n}, from blocks_per_stage)')
-    if out or n == 0:
-      return out + (['blocks_per_stage must not be empty'] if n == 0 else [])
-    for name in ('hidden_size', 'num_channels', 'fpn_hidden_size', 'fpn_kernel_size', 'fpn_stride'):
-      if getattr(self, name) <= 0:
-        out.append(f'{name}={getattr(self, name)} must be positive')
-    for name in ('blocks_per_stage', 'embed_dim_per_stage', 'num_attention_heads_per_stage',
-                 'window_positional_embedding_background_size', 'query_stride', 'patch_stride'):
-      if min(getattr(self, name)) <= 0:
-        out.append(f'{name}={getattr(self, name)} must be positive')
+    lengths = [f'{name}={getattr(self, name)} must have one entry per stage ({n}, from blocks_per_stage)'
+               for name in ('embed_dim_per_stage', 'num_attention_heads_per_stage', 'window_size_per_stage',
+                            'backbone_channel_list') if len(getattr(self, name)) != n]
+    if lengths or n == 0:
+      return out + lengths + (['blocks_per_stage must not be empty'] if n == 0 else [])
     if self.hidden_size != self.embed_dim_per_stage[0]:
       out.append(f'hidden_size={self.hidden_size} must equal embed_dim_per_stage[0]={self.embed_dim_per_stage[0]}')
     for s, (dim, heads) in enumerate(zip(self.embed_dim_per_stage, self.num_attention_heads_per_stage)):
@@ -165,15 +158,6 @@ class HieraConfig(ConfigFields):
     if pooled_global:
       out.append(f'global_attention_blocks={self.global_attention_blocks}: blocks {pooled_global} pool the query '
                  '(first of a stage) and cannot be global (transformers fails on them)')
-    if self.hidden_act not in ACTIVATIONS:
-      out.append(f'hidden_act={self.hidden_act!r} must be one of {sorted(ACTIVATIONS)}')
-    if self.remat_policy not in REMAT_POLICIES:
-      out.append(f'remat_policy={self.remat_policy!r} must be one of {REMAT_POLICIES}')
-    for name in ('dtype', 'param_dtype'):
-      try:
-        to_dtype(getattr(self, name))
-      except ValueError as e:
-        out.append(f'{name}: {e}')
     return out
 
   @property
@@ -319,21 +303,6 @@ def sine_position_encoding(height: int, width: int, num_features: int, temperatu
   return jnp.concatenate([pos_y, pos_x], axis=-1)
 
 
-def _init(cfg: HieraConfig, names: tuple[str | None, ...], init=None):
-  return nn.with_logical_partitioning(init or nn.initializers.normal(cfg.initializer_range), names)
-
-
-def _layer_norm(cfg: HieraConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
-                      scale_init=_init(cfg, ('embed',), nn.initializers.ones),
-                      bias_init=_init(cfg, ('embed',), nn.initializers.zeros), name=name)
-
-
-def _dense(cfg: HieraConfig, features: int, names: tuple[str, str], name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
-                  kernel_init=_init(cfg, names), bias_init=_init(cfg, names[-1:], nn.initializers.zeros), name=name)
-
-
 class MultiScaleAttention(nn.Module):
   """Self-attention over each window, the query optionally max-pooled: x [N, h, w, c] -> [N, h', w', c']
   ((h', w') = (h, w) // query_stride when pooling)."""
@@ -343,33 +312,16 @@ class MultiScaleAttention(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg, spec = self.cfg, self.spec
-    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    nx = Numerics.of(cfg)
     head_dim = spec.dim_out // spec.heads
-    qkv = LogicalDenseGeneral((3, spec.heads, head_dim), ('embed', None, 'q_heads', 'head_dim'),
-                              bias_names=(None, 'q_heads', 'head_dim'),
-                              kernel_init=nn.initializers.normal(cfg.initializer_range), dtype=dtype,
-                              param_dtype=pdtype, name='qkv')(x)          # [N, h, w, 3, H, d]
+    qkv = heads_in(nx, spec.heads, head_dim, 'qkv', packed=3)(x)          # [N, h, w, 3, H, d]
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
     if spec.query_stride is not None:
       q = max_pool(q, spec.query_stride)
     n, hq, wq = q.shape[:3]
     flat = lambda t: t.reshape(n, -1, spec.heads, head_dim)
     out = jax.nn.dot_product_attention(flat(q), flat(k), flat(v)).reshape(n, hq, wq, spec.heads, head_dim)
-    return LogicalDenseGeneral((spec.dim_out,), ('q_heads', 'head_dim', 'embed'), in_axes=2, bias_names=('embed',),
-                               kernel_init=nn.initializers.normal(cfg.initializer_range), dtype=dtype,
-                               param_dtype=pdtype, name='o_proj')(out)
-
-
-class Mlp(nn.Module):
-  """fc2(act(fc1(x))): [..., c] -> [..., c], hidden width c * mlp_ratio."""
-  cfg: HieraConfig
-  width: int
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    cfg = self.cfg
-    h = ACTIVATIONS[cfg.hidden_act](_dense(cfg, int(self.width * cfg.mlp_ratio), ('embed', 'mlp'), 'fc1')(x))
-    return _dense(cfg, self.width, ('mlp', 'embed'), 'fc2')(h)
+    return heads_out(nx, spec.dim_out)(out)
 
 
 class MultiScaleBlock(nn.Module):
@@ -380,11 +332,12 @@ class MultiScaleBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg, spec = self.cfg, self.spec
+    nx = Numerics.of(cfg)
     x = nn.with_logical_constraint(x, SPATIAL)
-    normed = _layer_norm(cfg, 'attn_norm')(x)
+    normed = layer_norm(nx, cfg.layer_norm_eps, 'attn_norm')(x)
     residual = x
     if spec.dim != spec.dim_out:
-      residual = _dense(cfg, spec.dim_out, ('embed', 'mlp'), 'proj')(normed)
+      residual = dense(nx, spec.dim_out, ('embed', 'mlp'), 'proj')(normed)
       if spec.query_stride is not None:
         residual = max_pool(residual, spec.query_stride)
     attn = MultiScaleAttention(cfg, spec, name='attn')
@@ -399,7 +352,8 @@ class MultiScaleBlock(nn.Module):
     else:
       out = attn(normed)
     x = residual + out
-    x = x + Mlp(cfg, spec.dim_out, name='mlp')(_layer_norm(cfg, 'mlp_norm')(x))
+    mlp = Mlp(nx, int(spec.dim_out * cfg.mlp_ratio), spec.dim_out, cfg.hidden_act, name='mlp')
+    x = x + mlp(layer_norm(nx, cfg.layer_norm_eps, 'mlp_norm')(x))
     return nn.with_logical_constraint(x, SPATIAL)
 
 
@@ -410,25 +364,21 @@ class Hiera(nn.Module):
   @nn.compact
   def __call__(self, images: Array) -> tuple[Array, ...]:
     cfg = self.cfg
-    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    nx = Numerics.of(cfg)
     mh, mw = cfg.input_multiple
     if images.ndim != 4 or images.shape[-1] != cfg.num_channels or images.shape[1] % mh or images.shape[2] % mw:
       raise ValueError(f'Hiera: images have shape {images.shape}; expected [B, H, W, {cfg.num_channels}] with H a '
                        f'multiple of {mh} and W of {mw} (patch_stride * window_size_per_stage[0])')
     pad = cfg.patch_padding
-    x = nn.Conv(cfg.hidden_size, cfg.patch_kernel_size, strides=cfg.patch_stride,
-                padding=((pad[0], pad[0]), (pad[1], pad[1])), dtype=dtype, param_dtype=pdtype,
-                kernel_init=_init(cfg, (None, None, None, 'embed')),
-                bias_init=_init(cfg, ('embed',), nn.initializers.zeros), name='patch_embed')(images.astype(dtype))
+    x = conv(nx, cfg.hidden_size, cfg.patch_kernel_size, 'patch_embed', strides=cfg.patch_stride,
+             padding=((pad[0], pad[0]), (pad[1], pad[1])))(images.astype(nx.dtype))
     w0 = cfg.window_size_per_stage[0]
-    background = self.param('pos_embed', _init(cfg, (None, None, 'embed'), nn.initializers.zeros),
-                            (*cfg.window_positional_embedding_background_size, cfg.hidden_size), pdtype)
-    window = self.param('pos_embed_window', _init(cfg, (None, None, 'embed'), nn.initializers.zeros),
-                        (w0, w0, cfg.hidden_size), pdtype)
-    x = x + window_position_embedding(background, window, x.shape[1:3]).astype(dtype)[None]
-    block = MultiScaleBlock
-    if cfg.remat_policy != 'none':
-      block = nn.remat(block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+    background = self.param('pos_embed', nx.init((None, None, 'embed'), nn.initializers.zeros),
+                            (*cfg.window_positional_embedding_background_size, cfg.hidden_size), nx.param_dtype)
+    window = self.param('pos_embed_window', nx.init((None, None, 'embed'), nn.initializers.zeros),
+                        (w0, w0, cfg.hidden_size), nx.param_dtype)
+    x = x + window_position_embedding(background, window, x.shape[1:3]).astype(nx.dtype)[None]
+    block = remat(MultiScaleBlock, cfg.remat_policy)
     ends = stage_ends(cfg)
     stages = []
     for i, spec in enumerate(block_specs(cfg)):
@@ -445,14 +395,13 @@ class FpnNeck(nn.Module):
   @nn.compact
   def __call__(self, stages: Sequence[Array]) -> tuple[Array, ...]:
     cfg = self.cfg
+    nx = Numerics.of(cfg)
     k, p = cfg.fpn_kernel_size, cfg.fpn_padding
     levels: list[Array | None] = [None] * len(stages)
     prev = None
     for s in reversed(range(len(stages))):  # top-down: coarsest first
-      lateral = nn.Conv(cfg.fpn_hidden_size, (k, k), strides=cfg.fpn_stride, padding=((p, p), (p, p)),
-                        dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
-                        kernel_init=_init(cfg, (None, None, None, 'embed')),
-                        bias_init=_init(cfg, ('embed',), nn.initializers.zeros), name=f'lateral_{s}')(stages[s])
+      lateral = conv(nx, cfg.fpn_hidden_size, (k, k), f'lateral_{s}', strides=cfg.fpn_stride,
+                     padding=((p, p), (p, p)))(stages[s])
       if prev is not None and s in cfg.fpn_top_down_levels:
         prev = lateral + upsample_nearest2(prev.astype(jnp.float32)).astype(lateral.dtype)
       else:

@@ -32,13 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from astrea_jax.core.axes import BATCH, EMBED_ACT, HEADS_ACT, KV_HEADS_ACT, LENGTH, MLP_ACT, VOCAB_ACT
-from astrea_jax.core.fields import ConfigFields, to_dtype
-from astrea_jax.models.layers import LogicalDenseGeneral, remat_policy
+from astrea_jax.core.fields import to_dtype
+from astrea_jax.models.layers import ModelConfig, Numerics, dense, heads_in, heads_out, layer_scan
 
 Array = jax.Array
 
+
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig(ConfigFields):
+class LlamaConfig(ModelConfig):
   """Shape and numerics of a Llama-family decoder (a frozen mirror of `config.llm`)."""
   vocab_size: int
   hidden_size: int
@@ -58,18 +59,13 @@ class LlamaConfig(ConfigFields):
 
   POSITIVE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'num_kv_heads',
                      'head_dim')
+  MULTIPLE_FIELDS = (('num_heads', 'num_kv_heads'),)
 
   def problems(self) -> list[str]:
     out = super().problems()
-    if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
-      out.append(f'num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}')
     if self.head_dim % 2:
       out.append(f'head_dim={self.head_dim} must be even for rotary embeddings')
     return out
-
-
-def _kernel_init(cfg: LlamaConfig, names: tuple[str | None, ...]):
-  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
 
 
 class RMSNorm(nn.Module):
@@ -154,16 +150,10 @@ class Attention(nn.Module):
   def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, layer_cache: dict | None,
                cache_index: Array | None) -> tuple[Array, dict | None]:
     cfg = self.cfg
-    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-
-    def proj(name, heads, axis_name):
-      return LogicalDenseGeneral((heads, cfg.head_dim), ('embed', axis_name, 'head_dim'),
-                                 kernel_init=nn.initializers.normal(cfg.initializer_range), dtype=dtype,
-                                 param_dtype=pdtype, name=name)(x)
-
-    q = proj('q_proj', cfg.num_heads, 'q_heads')
-    k = proj('k_proj', cfg.num_kv_heads, 'kv_heads')
-    v = proj('v_proj', cfg.num_kv_heads, 'kv_heads')
+    nx = Numerics.of(cfg)
+    q = heads_in(nx, cfg.num_heads, cfg.head_dim, 'q_proj', use_bias=False)(x)
+    k = heads_in(nx, cfg.num_kv_heads, cfg.head_dim, 'k_proj', heads_axis='kv_heads', use_bias=False)(x)
+    v = heads_in(nx, cfg.num_kv_heads, cfg.head_dim, 'v_proj', heads_axis='kv_heads', use_bias=False)(x)
     q = nn.with_logical_constraint(q, (BATCH, LENGTH, HEADS_ACT, 'head_dim'))
     k = nn.with_logical_constraint(k, (BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'))
     v = nn.with_logical_constraint(v, (BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'))
@@ -176,14 +166,11 @@ class Attention(nn.Module):
       v = jax.lax.dynamic_update_slice_in_dim(layer_cache['value'], v.astype(layer_cache['value'].dtype),
                                               cache_index, axis=1)
       new_cache = {'key': k, 'value': v}
-      k, v = k.astype(dtype), v.astype(dtype)
+      k, v = k.astype(nx.dtype), v.astype(nx.dtype)
 
     out = grouped_query_attention(q, k, v, mask)
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS_ACT, 'head_dim'))
-    out = LogicalDenseGeneral((cfg.hidden_size,), ('q_heads', 'head_dim', 'embed'), in_axes=2,
-                              kernel_init=nn.initializers.normal(cfg.initializer_range), dtype=dtype,
-                              param_dtype=pdtype, name='o_proj')(out)
-    return out, new_cache
+    return heads_out(nx, cfg.hidden_size, use_bias=False)(out), new_cache
 
 
 class MLP(nn.Module):
@@ -193,13 +180,11 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
-    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-    dense = lambda feats, names, name: nn.Dense(feats, use_bias=False, dtype=dtype, param_dtype=pdtype,
-                                                kernel_init=_kernel_init(cfg, names), name=name)
-    h = nn.silu(dense(cfg.intermediate_size, ('embed', 'mlp'), 'gate')(x)) * dense(
-        cfg.intermediate_size, ('embed', 'mlp'), 'up')(x)
-    h = nn.with_logical_constraint(h, (BATCH, LENGTH, MLP_ACT))
-    return dense(cfg.hidden_size, ('mlp', 'embed'), 'down')(h)
+    nx = Numerics.of(cfg)
+    gate = dense(nx, cfg.intermediate_size, ('embed', 'mlp'), 'gate', use_bias=False)(x)
+    up = dense(nx, cfg.intermediate_size, ('embed', 'mlp'), 'up', use_bias=False)(x)
+    h = nn.with_logical_constraint(nn.silu(gate) * up, (BATCH, LENGTH, MLP_ACT))
+    return dense(nx, cfg.hidden_size, ('mlp', 'embed'), 'down', use_bias=False)(h)
 
 
 class DecoderLayer(nn.Module):
@@ -220,8 +205,6 @@ class DecoderLayer(nn.Module):
     return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED_ACT)), new_cache
 
 
-
-
 class Llama(nn.Module):
   """Llama decoder.
 
@@ -236,19 +219,14 @@ class Llama(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-    self.embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
-                             embedding_init=_kernel_init(cfg, ('vocab', 'embed')), name='embed')
-    block = DecoderLayer
-    if cfg.remat_policy != 'none':
-      block = nn.remat(block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-    self.layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, name='layers')
-    self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name='final_norm')
+    nx = Numerics.of(cfg)
+    self.embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=nx.dtype, param_dtype=nx.param_dtype,
+                             embedding_init=nx.init(('vocab', 'embed')), name='embed')
+    self.layers = layer_scan(DecoderLayer, cfg.num_layers, (0,) + (nn.broadcast,) * 4,
+                             cfg.remat_policy)(cfg, name='layers')
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, nx.dtype, nx.param_dtype, name='final_norm')
     if not cfg.tie_word_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=pdtype,
-                              kernel_init=_kernel_init(cfg, ('embed', 'vocab')), name='lm_head')
+      self.lm_head = dense(nx, cfg.vocab_size, ('embed', 'vocab'), 'lm_head', use_bias=False)
 
   def embed(self, tokens: Array) -> Array:
     """Token ids [B, L] -> input embeddings [B, L, E] in the compute dtype."""

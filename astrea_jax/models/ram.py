@@ -35,18 +35,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from astrea_jax.models import swin
-from astrea_jax.models.layers import LogicalDenseGeneral
 from astrea_jax.core.axes import BATCH, EMBED_ACT, LENGTH, MLP_ACT
-from astrea_jax.core.fields import ConfigFields, check_known_fields, to_dtype
-from astrea_jax.models.vit import ACTIVATIONS
+from astrea_jax.core.fields import to_dtype
+from astrea_jax.models import swin
+from astrea_jax.models.layers import ModelConfig, Numerics, attention, dense, feed_forward, layer_norm, layer_scan
 
 Array = jax.Array
 
@@ -55,7 +53,7 @@ TAG_STATES = (BATCH, LENGTH, EMBED_ACT)
 
 
 @dataclasses.dataclass(frozen=True)
-class RamPlusConfig(ConfigFields):
+class RamPlusConfig(ModelConfig):
   """Shape and numerics of RAM++ (defaults: the released Swin-L model's tag decoder, `q2l_config.json`)."""
   swin: swin.SwinConfig         # image encoder (its final norm is used)
   num_tags: int                 # T (4585 in the release)
@@ -65,40 +63,22 @@ class RamPlusConfig(ConfigFields):
   num_heads: int = 4
   intermediate_size: int = 3072
   num_layers: int = 2           # tag decoder layers
-  hidden_act: str = 'gelu'
+  hidden_act: str = 'gelu'      # one of layers.ACTIVATIONS
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
   dtype: str = 'float32'        # compute dtype of the heads and decoder (the Swin has its own)
   param_dtype: str = 'float32'
 
-  def __post_init__(self):
-    problems = []
-    for name in ('num_tags', 'num_descriptions', 'embed_width', 'hidden_size', 'num_heads', 'intermediate_size',
-                 'num_layers'):
-      if getattr(self, name) <= 0:
-        problems.append(f'{name}={getattr(self, name)} must be positive')
-    if self.num_heads > 0 and self.hidden_size % self.num_heads:
-      problems.append(f'hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}')
-    if not self.swin.final_norm:
-      problems.append('swin.final_norm must be True (RAM++ uses the normed Swin tokens)')
-    if self.hidden_act not in ACTIVATIONS:
-      problems.append(f'hidden_act={self.hidden_act!r} must be one of {sorted(ACTIVATIONS)}')
-    for name in ('dtype', 'param_dtype'):
-      try:
-        to_dtype(getattr(self, name))
-      except ValueError as e:
-        problems.append(f'{name}: {e}')
-    if problems:
-      raise ValueError('invalid RamPlusConfig: ' + '; '.join(problems))
+  NESTED = {'swin': swin.SwinConfig}
+  POSITIVE_FIELDS = ('num_tags', 'num_descriptions', 'embed_width', 'hidden_size', 'num_heads', 'intermediate_size',
+                     'num_layers')
+  MULTIPLE_FIELDS = (('hidden_size', 'num_heads'),)
 
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'RamPlusConfig':
-    """From `to_dict()` output (the Swin config nested as a dict); unknown keys are an error."""
-    check_known_fields(cls, d)
-    d = dict(d)
-    if isinstance(d.get('swin'), Mapping):
-      d['swin'] = swin.SwinConfig.from_dict(d['swin'])
-    return cls(**d)
+  def problems(self) -> list[str]:
+    out = super().problems()
+    if not self.swin.final_norm:
+      out.append('swin.final_norm must be True (RAM++ uses the normed Swin tokens)')
+    return out
 
   @property
   def head_dim(self) -> int:
@@ -141,26 +121,6 @@ def tag_embeddings(weights: Array, label_embed: Array) -> Array:
   return jnp.einsum('btk,tke->bte', weights, label_embed.astype(weights.dtype).reshape(t, k, -1))
 
 
-def _normal(cfg: RamPlusConfig):
-  return nn.initializers.normal(cfg.initializer_range)
-
-
-def _init(cfg: RamPlusConfig, names: tuple[str | None, ...], init=None):
-  return nn.with_logical_partitioning(init or _normal(cfg), names)
-
-
-def _dense(cfg: RamPlusConfig, features: int, names: tuple[str | None, str | None],
-           name: str | None = None) -> nn.Dense:
-  return nn.Dense(features, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
-                  kernel_init=_init(cfg, names), bias_init=_init(cfg, names[-1:], nn.initializers.zeros), name=name)
-
-
-def _layer_norm(cfg: RamPlusConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
-                      scale_init=_init(cfg, ('embed',), nn.initializers.ones),
-                      bias_init=_init(cfg, ('embed',), nn.initializers.zeros), name=name)
-
-
 class TagDecoderLayer(nn.Module):
   """One BERT post-norm layer with cross-attention only. Scan carry: tag queries [B, T, D]; broadcast: image
   embeddings [B, S, E]."""
@@ -169,23 +129,12 @@ class TagDecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, queries: Array, image_embeds: Array) -> tuple[Array, None]:
     cfg = self.cfg
-    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-
-    def proj(x, name, in_axis, heads_axis):
-      return LogicalDenseGeneral((cfg.num_heads, cfg.head_dim), (in_axis, heads_axis, 'head_dim'),
-                                 bias_names=(heads_axis, 'head_dim'), kernel_init=_normal(cfg), dtype=dtype,
-                                 param_dtype=pdtype, name=name)(x)
-
-    q = proj(queries, 'q_proj', 'embed', 'q_heads')
-    k = proj(image_embeds, 'k_proj', None, 'kv_heads')
-    v = proj(image_embeds, 'v_proj', None, 'kv_heads')
-    attn = jax.nn.dot_product_attention(q, k, v)
-    attn = LogicalDenseGeneral((cfg.hidden_size,), ('q_heads', 'head_dim', 'embed'), in_axes=2, bias_names=('embed',),
-                               kernel_init=_normal(cfg), dtype=dtype, param_dtype=pdtype, name='o_proj')(attn)
-    x = _layer_norm(cfg, 'attn_norm')(attn + queries)
-    h = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.intermediate_size, ('embed', 'mlp'), 'fc1')(x))
-    h = nn.with_logical_constraint(h, (BATCH, LENGTH, MLP_ACT))
-    x = _layer_norm(cfg, 'mlp_norm')(_dense(cfg, cfg.hidden_size, ('mlp', 'embed'), 'fc2')(h) + x)
+    nx = Numerics.of(cfg)
+    attn = attention(nx, queries, image_embeds, image_embeds, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                     features=cfg.hidden_size, kv_in_axis=None)
+    x = layer_norm(nx, cfg.layer_norm_eps, 'attn_norm')(attn + queries)
+    h = feed_forward(nx, x, cfg.intermediate_size, cfg.hidden_size, cfg.hidden_act, (BATCH, LENGTH, MLP_ACT))
+    x = layer_norm(nx, cfg.layer_norm_eps, 'mlp_norm')(h + x)
     return nn.with_logical_constraint(x, TAG_STATES), None
 
 
@@ -195,9 +144,7 @@ class TagDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, queries: Array, image_embeds: Array) -> Array:
-    layers = nn.scan(TagDecoderLayer, variable_axes={'params': 0}, split_rngs={'params': True},
-                     in_axes=nn.broadcast, length=self.cfg.num_layers,
-                     metadata_params={nn.PARTITION_NAME: 'layers'})(self.cfg, name='layers')
+    layers = layer_scan(TagDecoderLayer, self.cfg.num_layers, nn.broadcast)(self.cfg, name='layers')
     out, _ = layers(queries, image_embeds)
     return out
 
@@ -209,17 +156,16 @@ class RamPlus(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    pdtype = to_dtype(cfg.param_dtype)
+    nx = Numerics.of(cfg)
     self.swin = swin.Swin(cfg.swin)
-    self.image_proj = _dense(cfg, cfg.embed_width, ('embed', None))
-    self.label_embed = self.param('label_embed', _init(cfg, ('vocab', None)),
-                                  (cfg.num_tags * cfg.num_descriptions, cfg.embed_width), pdtype)
-    self.reweight_scale = self.param('reweight_scale', _init(cfg, (), nn.initializers.constant(math.log(1 / 0.07))),
-                                     (), pdtype)
-    self.wordvec_proj = (None if cfg.hidden_size == cfg.embed_width else
-                         _dense(cfg, cfg.hidden_size, (None, 'embed')))
+    self.image_proj = dense(nx, cfg.embed_width, ('embed', None))
+    self.label_embed = self.param('label_embed', nx.init(('vocab', None)),
+                                  (cfg.num_tags * cfg.num_descriptions, cfg.embed_width), nx.param_dtype)
+    self.reweight_scale = self.param('reweight_scale', nx.init((), nn.initializers.constant(math.log(1 / 0.07))),
+                                     (), nx.param_dtype)
+    self.wordvec_proj = None if cfg.hidden_size == cfg.embed_width else dense(nx, cfg.hidden_size, (None, 'embed'))
     self.decoder = TagDecoder(cfg)
-    self.fc = _dense(cfg, 1, ('embed', None))
+    self.fc = dense(nx, 1, ('embed', None))
 
   def image_grid(self, images: Array) -> Array:
     """images [B, H, W, 3] -> the normed Swin tokens as a grid [B, h, w, C] (the expert's 'grid' features)."""

@@ -53,11 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from astrea_jax.models.layers import LogicalDenseGeneral
 from astrea_jax.core.axes import BATCH, EMBED_ACT, LENGTH, MLP_ACT
-from astrea_jax.core.fields import ConfigFields, REMAT_POLICIES, to_dtype
-from astrea_jax.models.layers import remat_policy
-from astrea_jax.models.vit import ACTIVATIONS
+from astrea_jax.models.layers import Mlp, ModelConfig, Numerics, conv, dense, heads_in, heads_out, layer_norm, remat
 
 Array = jax.Array
 
@@ -67,7 +64,7 @@ GRID = (BATCH, None, None, EMBED_ACT)
 
 
 @dataclasses.dataclass(frozen=True)
-class SwinConfig(ConfigFields):
+class SwinConfig(ModelConfig):
   """Shape and numerics of a Swin Transformer (Hugging Face `SwinConfig` names)."""
   image_size: int               # native input side (pixels); inputs of other sizes run too
   patch_size: int
@@ -78,7 +75,7 @@ class SwinConfig(ConfigFields):
   num_channels: int = 3
   mlp_ratio: float = 4.0
   qkv_bias: bool = True
-  hidden_act: str = 'gelu'      # one of vit.ACTIVATIONS
+  hidden_act: str = 'gelu'      # one of layers.ACTIVATIONS
   layer_norm_eps: float = 1e-5  # blocks and the final norm
   final_norm: bool = True       # SwinModel's `layernorm`; a backbone-only Swin (Grounding DINO) has none
   out_indices: tuple[int, ...] = ()  # feature maps to return: 0 = stem, i = stage i (1-based, before merging)
@@ -89,38 +86,28 @@ class SwinConfig(ConfigFields):
   param_dtype: str = 'float32'  # storage dtype of the parameters
   remat_policy: str = 'none'    # one of REMAT_POLICIES, applied per block
 
+  POSITIVE_FIELDS = ('image_size', 'patch_size', 'embed_dim', 'window_size', 'num_channels', 'mlp_ratio')
+
   def __post_init__(self):
     for name in ('depths', 'num_heads', 'out_indices'):  # lists from JSON -> hashable tuples
       object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-    problems = []
-    for name in ('image_size', 'patch_size', 'embed_dim', 'window_size', 'num_channels'):
-      if getattr(self, name) <= 0:
-        problems.append(f'{name}={getattr(self, name)} must be positive')
+    super().__post_init__()
+
+  def problems(self) -> list[str]:
+    out = super().problems()
     if not self.depths or len(self.depths) != len(self.num_heads):
-      problems.append(f'depths={list(self.depths)} and num_heads={list(self.num_heads)} must be non-empty and '
-                      'of equal length (one entry per stage)')
+      out.append(f'depths={list(self.depths)} and num_heads={list(self.num_heads)} must be non-empty and '
+                 'of equal length (one entry per stage)')
     else:
       for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
         if depth <= 0 or heads <= 0 or (self.embed_dim << i) % heads:
-          problems.append(f'stage {i}: depth={depth} and num_heads={heads} must be positive, and the width '
-                          f'{self.embed_dim << i} a multiple of num_heads')
-    if self.mlp_ratio <= 0:
-      problems.append(f'mlp_ratio={self.mlp_ratio} must be positive')
-    if self.hidden_act not in ACTIVATIONS:
-      problems.append(f'hidden_act={self.hidden_act!r} must be one of {sorted(ACTIVATIONS)}')
+          out.append(f'stage {i}: depth={depth} and num_heads={heads} must be positive, and the width '
+                     f'{self.embed_dim << i} a multiple of num_heads')
     if list(self.out_indices) != sorted(set(self.out_indices)) or any(
         not 0 <= k <= len(self.depths) for k in self.out_indices):
-      problems.append(f'out_indices={list(self.out_indices)} must be increasing stage indices in '
-                      f'0..{len(self.depths)} (0 = stem)')
-    if self.remat_policy not in REMAT_POLICIES:
-      problems.append(f'remat_policy={self.remat_policy!r} must be one of {REMAT_POLICIES}')
-    for name in ('dtype', 'param_dtype'):
-      try:
-        to_dtype(getattr(self, name))
-      except ValueError as e:
-        problems.append(f'{name}: {e}')
-    if problems:
-      raise ValueError('invalid SwinConfig: ' + '; '.join(problems))
+      out.append(f'out_indices={list(self.out_indices)} must be increasing stage indices in '
+                 f'0..{len(self.depths)} (0 = stem)')
+    return out
 
   @property
   def num_stages(self) -> int:
@@ -237,26 +224,6 @@ def merge_patches(x: Array) -> Array:
   return jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
 
 
-def _normal(cfg: SwinConfig):
-  return nn.initializers.normal(cfg.initializer_range)
-
-
-def _init(cfg: SwinConfig, names: tuple[str | None, ...], init=None):
-  return nn.with_logical_partitioning(init or _normal(cfg), names)
-
-
-def _layer_norm(cfg: SwinConfig, name: str, eps: float) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=eps, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
-                      scale_init=_init(cfg, ('embed',), nn.initializers.ones),
-                      bias_init=_init(cfg, ('embed',), nn.initializers.zeros), name=name)
-
-
-def _dense(cfg: SwinConfig, features: int, names: tuple[str | None, str | None], name: str,
-           use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
-                  kernel_init=_init(cfg, names), bias_init=_init(cfg, names[-1:], nn.initializers.zeros), name=name)
-
-
 class PatchEmbed(nn.Module):
   """images [B, H, W, C] -> normed patch grid [B, ceil(H/p), ceil(W/p), embed_dim]."""
   cfg: SwinConfig
@@ -266,12 +233,10 @@ class PatchEmbed(nn.Module):
     cfg = self.cfg
     if images.ndim != 4 or images.shape[-1] != cfg.num_channels:
       raise ValueError(f'Swin: images have shape {images.shape}; expected [B, H, W, {cfg.num_channels}] (NHWC)')
-    p = cfg.patch_size
-    x = pad_to_multiple(images.astype(to_dtype(cfg.dtype)), p)
-    x = nn.Conv(cfg.embed_dim, (p, p), strides=(p, p), padding='VALID', dtype=to_dtype(cfg.dtype),
-                param_dtype=to_dtype(cfg.param_dtype), kernel_init=_init(cfg, (None, None, None, 'embed')),
-                bias_init=_init(cfg, ('embed',), nn.initializers.zeros), name='patch')(x)
-    return _layer_norm(cfg, 'norm', TORCH_LAYER_NORM_EPS)(x)
+    nx, p = Numerics.of(cfg), cfg.patch_size
+    x = pad_to_multiple(images.astype(nx.dtype), p)
+    x = conv(nx, cfg.embed_dim, (p, p), 'patch', strides=(p, p))(x)
+    return layer_norm(nx, TORCH_LAYER_NORM_EPS, 'norm')(x)
 
 
 class WindowAttention(nn.Module):
@@ -282,41 +247,23 @@ class WindowAttention(nn.Module):
 
   @nn.compact
   def __call__(self, windows: Array, mask: np.ndarray | None) -> Array:
-    cfg = self.cfg
-    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    cfg, nx = self.cfg, Numerics.of(self.cfg)
     heads, width = cfg.num_heads[self.stage], cfg.stage_dim(self.stage)
     head_dim = width // heads
-
-    def proj(name, heads_axis):
-      return LogicalDenseGeneral((heads, head_dim), ('embed', heads_axis, 'head_dim'),
-                                 bias_names=(heads_axis, 'head_dim') if cfg.qkv_bias else None,
-                                 kernel_init=_normal(cfg), dtype=dtype, param_dtype=pdtype, name=name)(windows)
-
+    proj = lambda name, heads_axis: heads_in(nx, heads, head_dim, name, heads_axis=heads_axis,
+                                             use_bias=cfg.qkv_bias)(windows)
     q, k, v = proj('q_proj', 'q_heads'), proj('k_proj', 'kv_heads'), proj('v_proj', 'kv_heads')
     logits = jnp.einsum('bwqhd,bwkhd->bwhqk', q, k).astype(jnp.float32) * head_dim**-0.5
     w = cfg.window_size
-    table = self.param('relative_position_bias', _init(cfg, (None, 'q_heads')), ((2 * w - 1)**2, heads), pdtype)
+    table = self.param('relative_position_bias', nx.init((None, 'q_heads')), ((2 * w - 1)**2, heads),
+                       nx.param_dtype)
     bias = table.astype(jnp.float32)[relative_position_index(w)]  # [N, N, H]
     logits = logits + bias.transpose(2, 0, 1)[None, None]
     if mask is not None:
       logits = logits + jnp.asarray(mask)[None, :, None]
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(nx.dtype)
     out = jnp.einsum('bwhqk,bwkhd->bwqhd', probs, v)
-    return LogicalDenseGeneral((width,), ('q_heads', 'head_dim', 'embed'), in_axes=2, bias_names=('embed',),
-                               kernel_init=_normal(cfg), dtype=dtype, param_dtype=pdtype, name='o_proj')(out)
-
-
-class MLP(nn.Module):
-  """fc2(act(fc1(x)))."""
-  cfg: SwinConfig
-  stage: int
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    cfg = self.cfg
-    h = ACTIVATIONS[cfg.hidden_act](_dense(cfg, cfg.mlp_dim(self.stage), ('embed', 'mlp'), 'fc1')(x))
-    h = nn.with_logical_constraint(h, (BATCH, None, None, MLP_ACT))
-    return _dense(cfg, cfg.stage_dim(self.stage), ('mlp', 'embed'), 'fc2')(h)
+    return heads_out(nx, width)(out)
 
 
 class SwinBlock(nn.Module):
@@ -327,9 +274,9 @@ class SwinBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    cfg, w = self.cfg, self.cfg.window_size
+    cfg, nx, w = self.cfg, Numerics.of(self.cfg), self.cfg.window_size
     _, height, width, _ = x.shape
-    h = pad_to_multiple(_layer_norm(cfg, 'attn_norm', cfg.layer_norm_eps)(x), w)
+    h = pad_to_multiple(layer_norm(nx, cfg.layer_norm_eps, 'attn_norm')(x), w)
     padded = h.shape[1:3]
     if self.shift:
       h = jnp.roll(h, (-self.shift, -self.shift), axis=(1, 2))
@@ -339,7 +286,9 @@ class SwinBlock(nn.Module):
     if self.shift:
       h = jnp.roll(h, (self.shift, self.shift), axis=(1, 2))
     x = nn.with_logical_constraint(x + h[:, :height, :width], GRID)
-    x = x + MLP(cfg, self.stage, name='mlp')(_layer_norm(cfg, 'mlp_norm', cfg.layer_norm_eps)(x))
+    mlp = Mlp(nx, cfg.mlp_dim(self.stage), cfg.stage_dim(self.stage), cfg.hidden_act, (BATCH, None, None, MLP_ACT),
+              name='mlp')
+    x = x + mlp(layer_norm(nx, cfg.layer_norm_eps, 'mlp_norm')(x))
     return nn.with_logical_constraint(x, GRID)
 
 
@@ -350,9 +299,9 @@ class PatchMerging(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    cfg = self.cfg
-    x = _layer_norm(cfg, 'norm', TORCH_LAYER_NORM_EPS)(merge_patches(x))
-    return _dense(cfg, 2 * cfg.stage_dim(self.stage), (None, 'embed'), 'reduction', use_bias=False)(x)
+    cfg, nx = self.cfg, Numerics.of(self.cfg)
+    x = layer_norm(nx, TORCH_LAYER_NORM_EPS, 'norm')(merge_patches(x))
+    return dense(nx, 2 * cfg.stage_dim(self.stage), (None, 'embed'), 'reduction', use_bias=False)(x)
 
 
 class SwinStage(nn.Module):
@@ -364,9 +313,7 @@ class SwinStage(nn.Module):
   def __call__(self, x: Array) -> tuple[Array, Array | None]:
     cfg = self.cfg
     shift = stage_shift(cfg, x.shape[1:3], self.stage)
-    block = SwinBlock
-    if cfg.remat_policy != 'none':
-      block = nn.remat(block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+    block = remat(SwinBlock, cfg.remat_policy)
     for j in range(cfg.depths[self.stage]):
       x = block(cfg, self.stage, shift if j % 2 else 0, name=f'block{j}')(x)
     if self.stage == cfg.num_stages - 1:
@@ -391,14 +338,14 @@ class Swin(nn.Module):
     tokens = last.reshape(b, h * w, d)
     pooled = None
     if cfg.final_norm:
-      tokens = _layer_norm(cfg, 'final_norm', cfg.layer_norm_eps)(tokens)
+      tokens = layer_norm(Numerics.of(cfg), cfg.layer_norm_eps, 'final_norm')(tokens)
       pooled = tokens.astype(jnp.float32).mean(axis=1).astype(tokens.dtype)
     tokens = nn.with_logical_constraint(tokens, (BATCH, LENGTH, EMBED_ACT))
     maps = []
     for k in cfg.out_indices:
       m = states[k]
       if cfg.stage_norms:
-        m = _layer_norm(cfg, f'out_norm{k}', TORCH_LAYER_NORM_EPS)(m)
+        m = layer_norm(Numerics.of(cfg), TORCH_LAYER_NORM_EPS, f'out_norm{k}')(m)
       maps.append(m)
     return SwinOutput(last_hidden_state=tokens, pooler_output=pooled, feature_maps=tuple(maps), grid=(h, w))
 

@@ -46,24 +46,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from astrea_jax.models.layers import LogicalDenseGeneral
 from astrea_jax.core.axes import BATCH, EMBED_ACT, HEADS_ACT, LENGTH, MLP_ACT
-from astrea_jax.core.fields import ConfigFields, REMAT_POLICIES, to_dtype
-from astrea_jax.models.layers import remat_policy
+from astrea_jax.models.layers import (Mlp, ModelConfig, MultiHeadAttention, Numerics, conv, heads_in, heads_out,
+                                      layer_norm, layer_scan)
 
 Array = jax.Array
 
 FAMILIES = ('siglip', 'clip', 'dinov2')
-ACTIVATIONS = {
-    'gelu': lambda x: nn.gelu(x, approximate=False),
-    'gelu_pytorch_tanh': lambda x: nn.gelu(x, approximate=True),
-    'gelu_new': lambda x: nn.gelu(x, approximate=True),
-    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),
-}
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig(ConfigFields):
+class ViTConfig(ModelConfig):
   """Shape and numerics of a SigLIP / CLIP / DINOv2 vision tower."""
   family: str                   # one of FAMILIES: the layout (see the module docstring)
   hidden_size: int
@@ -73,7 +66,7 @@ class ViTConfig(ConfigFields):
   image_size: int               # native resolution: the position-embedding grid is image_size // patch_size square
   patch_size: int
   num_channels: int = 3
-  hidden_act: str = 'gelu'      # one of ACTIVATIONS
+  hidden_act: str = 'gelu'      # one of layers.ACTIVATIONS
   layer_norm_eps: float = 1e-6
   use_head: bool = False        # SigLIP attention-pooling head
   use_mask_token: bool = False  # DINOv2 mask token (replaces masked patches)
@@ -83,34 +76,21 @@ class ViTConfig(ConfigFields):
   param_dtype: str = 'float32'  # storage dtype of the parameters
   remat_policy: str = 'none'    # one of REMAT_POLICIES
 
-  def __post_init__(self):
-    problems = []
-    if self.family not in FAMILIES:
-      problems.append(f'family={self.family!r} must be one of {FAMILIES}')
-    for name in ('hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'image_size', 'patch_size',
-                 'num_channels'):
-      if getattr(self, name) <= 0:
-        problems.append(f'{name}={getattr(self, name)} must be positive')
-    if self.num_heads > 0 and self.hidden_size % self.num_heads:
-      problems.append(f'hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}')
-    if self.patch_size > self.image_size:
-      problems.append(f'patch_size={self.patch_size} must be at most image_size={self.image_size}')
-    if self.hidden_act not in ACTIVATIONS:
-      problems.append(f'hidden_act={self.hidden_act!r} must be one of {sorted(ACTIVATIONS)}')
-    if self.use_head and self.family != 'siglip':
-      problems.append(f'use_head=True is a SigLIP option, not one of family {self.family!r}')
-    if self.use_mask_token and self.family != 'dinov2':
-      problems.append(f'use_mask_token=True is a DINOv2 option, not one of family {self.family!r}')
-    if self.remat_policy not in REMAT_POLICIES:
-      problems.append(f'remat_policy={self.remat_policy!r} must be one of {REMAT_POLICIES}')
-    for name in ('dtype', 'param_dtype'):
-      try:
-        to_dtype(getattr(self, name))
-      except ValueError as e:
-        problems.append(f'{name}: {e}')
-    if problems:
-      raise ValueError('invalid ViTConfig: ' + '; '.join(problems))
+  POSITIVE_FIELDS = ('hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'image_size', 'patch_size',
+                     'num_channels')
+  MULTIPLE_FIELDS = (('hidden_size', 'num_heads'),)
 
+  def problems(self) -> list[str]:
+    out = super().problems()
+    if self.family not in FAMILIES:
+      out.append(f'family={self.family!r} must be one of {FAMILIES}')
+    if self.patch_size > self.image_size:
+      out.append(f'patch_size={self.patch_size} must be at most image_size={self.image_size}')
+    if self.use_head and self.family != 'siglip':
+      out.append(f'use_head=True is a SigLIP option, not one of family {self.family!r}')
+    if self.use_mask_token and self.family != 'dinov2':
+      out.append(f'use_mask_token=True is a DINOv2 option, not one of family {self.family!r}')
+    return out
 
   @property
   def head_dim(self) -> int:
@@ -182,18 +162,10 @@ def interpolate_positions(positions: Array, grid: tuple[int, int]) -> Array:
   return resize_bicubic(positions.reshape(n, n, -1), grid).reshape(grid[0] * grid[1], -1)
 
 
-def _normal(cfg: ViTConfig):
-  return nn.initializers.normal(cfg.initializer_range)
-
-
-def _init(cfg: ViTConfig, names: tuple[str | None, ...], init=None):
-  return nn.with_logical_partitioning(init or _normal(cfg), names)
-
-
-def _layer_norm(cfg: ViTConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype),
-                      scale_init=_init(cfg, ('embed',), nn.initializers.ones),
-                      bias_init=_init(cfg, ('embed',), nn.initializers.zeros), name=name)
+def _mlp(cfg: ViTConfig) -> Mlp:
+  """The block's (and the pooling head's) MLP: [B, N, D] -> [B, N, D] through intermediate_size."""
+  return Mlp(Numerics.of(cfg), cfg.intermediate_size, cfg.hidden_size, cfg.hidden_act, (BATCH, LENGTH, MLP_ACT),
+             name='mlp')
 
 
 class Embeddings(nn.Module):
@@ -203,74 +175,32 @@ class Embeddings(nn.Module):
   @nn.compact
   def __call__(self, images: Array, mask: Array | None) -> Array:
     cfg = self.cfg
-    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    nx = Numerics.of(cfg)
     b, height, width, channels = images.shape
     if channels != cfg.num_channels or height < cfg.patch_size or width < cfg.patch_size:
       raise ValueError(f'ViT ({cfg.family}): images have shape {images.shape}; expected [B, H, W, '
                        f'{cfg.num_channels}] with H, W >= patch_size={cfg.patch_size}')
     p = cfg.patch_size
-    patches = nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding='VALID', use_bias=cfg.family != 'clip',
-                      dtype=dtype, param_dtype=pdtype, kernel_init=_init(cfg, (None, None, None, 'embed')),
-                      bias_init=_init(cfg, ('embed',), nn.initializers.zeros), name='patch')(images.astype(dtype))
+    patches = conv(nx, cfg.hidden_size, (p, p), 'patch', strides=(p, p),
+                   use_bias=cfg.family != 'clip')(images.astype(nx.dtype))
     grid = patches.shape[1:3]
     x = patches.reshape(b, grid[0] * grid[1], cfg.hidden_size)
     if cfg.use_mask_token:
-      mask_token = self.param('mask_token', _init(cfg, ('embed',), nn.initializers.zeros), (cfg.hidden_size,), pdtype)
+      mask_token = self.param('mask_token', nx.init(('embed',), nn.initializers.zeros), (cfg.hidden_size,),
+                              nx.param_dtype)
       if mask is not None:
-        x = jnp.where(mask[..., None], mask_token.astype(dtype), x)
+        x = jnp.where(mask[..., None], mask_token.astype(nx.dtype), x)
     elif mask is not None:
       raise ValueError(f'ViT ({cfg.family}): a patch mask needs use_mask_token=True (DINOv2)')
-    positions = self.param('position', _init(cfg, (None, 'embed')), (cfg.num_positions, cfg.hidden_size), pdtype)
+    positions = self.param('position', nx.init((None, 'embed')), (cfg.num_positions, cfg.hidden_size),
+                           nx.param_dtype)
     if cfg.class_token:
-      cls = self.param('cls', _init(cfg, ('embed',)), (cfg.hidden_size,), pdtype)
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(dtype), (b, 1, cfg.hidden_size)), x], axis=1)
+      cls = self.param('cls', nx.init(('embed',)), (cfg.hidden_size,), nx.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(nx.dtype), (b, 1, cfg.hidden_size)), x], axis=1)
       positions = jnp.concatenate([positions[:1], interpolate_positions(positions[1:], grid)], axis=0)
     else:
       positions = interpolate_positions(positions, grid)
-    return x + positions.astype(dtype)[None]
-
-
-class Attention(nn.Module):
-  """Multi-head self-attention with biases; x [B, N, D] -> [B, N, D]."""
-  cfg: ViTConfig
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    cfg = self.cfg
-    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-
-    def proj(name, heads_axis):
-      return LogicalDenseGeneral((cfg.num_heads, cfg.head_dim), ('embed', heads_axis, 'head_dim'),
-                                 bias_names=(heads_axis, 'head_dim'), kernel_init=_normal(cfg), dtype=dtype,
-                                 param_dtype=pdtype, name=name)(x)
-
-    q, k, v = proj('q_proj', 'q_heads'), proj('k_proj', 'kv_heads'), proj('v_proj', 'kv_heads')
-    q, k, v = (nn.with_logical_constraint(t, (BATCH, LENGTH, HEADS_ACT, 'head_dim')) for t in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v)
-    return _out_proj(cfg, out)
-
-
-def _out_proj(cfg: ViTConfig, heads: Array) -> Array:
-  """[B, N, H, d] -> [B, N, D]."""
-  return LogicalDenseGeneral((cfg.hidden_size,), ('q_heads', 'head_dim', 'embed'), in_axes=2, bias_names=('embed',),
-                             kernel_init=_normal(cfg), dtype=to_dtype(cfg.dtype),
-                             param_dtype=to_dtype(cfg.param_dtype), name='o_proj')(heads)
-
-
-class MLP(nn.Module):
-  """fc2(act(fc1(x)))."""
-  cfg: ViTConfig
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    cfg = self.cfg
-    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-    dense = lambda feats, names, name: nn.Dense(feats, dtype=dtype, param_dtype=pdtype,
-                                                kernel_init=_init(cfg, names),
-                                                bias_init=_init(cfg, names[-1:], nn.initializers.zeros), name=name)
-    h = ACTIVATIONS[cfg.hidden_act](dense(cfg.intermediate_size, ('embed', 'mlp'), 'fc1')(x))
-    h = nn.with_logical_constraint(h, (BATCH, LENGTH, MLP_ACT))
-    return dense(cfg.hidden_size, ('mlp', 'embed'), 'fc2')(h)
+    return x + positions.astype(nx.dtype)[None]
 
 
 class LayerScale(nn.Module):
@@ -280,8 +210,9 @@ class LayerScale(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.cfg
-    scale = self.param('scale', _init(cfg, ('embed',), nn.initializers.constant(cfg.layerscale_value)),
-                       (cfg.hidden_size,), to_dtype(cfg.param_dtype))
+    nx = Numerics.of(cfg)
+    scale = self.param('scale', nx.init(('embed',), nn.initializers.constant(cfg.layerscale_value)),
+                       (cfg.hidden_size,), nx.param_dtype)
     return x * scale.astype(x.dtype)
 
 
@@ -294,13 +225,16 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, carry: tuple[Array, Array | None], index: Array) -> tuple[tuple[Array, Array | None], None]:
     cfg = self.cfg
+    nx = Numerics.of(cfg)
     x, picked = carry
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED_ACT))
-    h = Attention(cfg, name='attn')(_layer_norm(cfg, 'attn_norm')(x))
+    h = layer_norm(nx, cfg.layer_norm_eps, 'attn_norm')(x)
+    h = MultiHeadAttention(nx, cfg.num_heads, cfg.head_dim, cfg.hidden_size,
+                           head_axes=(BATCH, LENGTH, HEADS_ACT, 'head_dim'), name='attn')(h, h, h)
     if cfg.family == 'dinov2':
       h = LayerScale(cfg, name='attn_scale')(h)
     x = x + h
-    h = MLP(cfg, name='mlp')(_layer_norm(cfg, 'mlp_norm')(x))
+    h = _mlp(cfg)(layer_norm(nx, cfg.layer_norm_eps, 'mlp_norm')(x))
     if cfg.family == 'dinov2':
       h = LayerScale(cfg, name='mlp_scale')(h)
     x = nn.with_logical_constraint(x + h, (BATCH, LENGTH, EMBED_ACT))
@@ -317,12 +251,12 @@ class AttentionPoolHead(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array) -> Array:
     cfg = self.cfg
-    dtype, pdtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    nx = Numerics.of(cfg)
     b = tokens.shape[0]
-    probe = self.param('probe', _init(cfg, ('embed',)), (cfg.hidden_size,), pdtype)
-    probe = jnp.broadcast_to(probe.astype(dtype), (b, 1, cfg.hidden_size))
+    probe = self.param('probe', nx.init(('embed',)), (cfg.hidden_size,), nx.param_dtype)
+    probe = jnp.broadcast_to(probe.astype(nx.dtype), (b, 1, cfg.hidden_size))
     x = AttentionPool(cfg, name='attn')(probe, tokens)
-    x = x + MLP(cfg, name='mlp')(_layer_norm(cfg, 'norm')(x))
+    x = x + _mlp(cfg)(layer_norm(nx, cfg.layer_norm_eps, 'norm')(x))
     return x[:, 0]
 
 
@@ -333,13 +267,12 @@ class AttentionPool(nn.Module):
   @nn.compact
   def __call__(self, query: Array, tokens: Array) -> Array:
     cfg = self.cfg
-    in_proj = LogicalDenseGeneral((3, cfg.num_heads, cfg.head_dim), ('embed', None, 'q_heads', 'head_dim'),
-                                  bias_names=(None, 'q_heads', 'head_dim'), kernel_init=_normal(cfg),
-                                  dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype), name='in_proj')
+    nx = Numerics.of(cfg)
+    in_proj = heads_in(nx, cfg.num_heads, cfg.head_dim, 'in_proj', packed=3)
     q = in_proj(query)[:, :, 0]
     kv = in_proj(tokens)
     out = jax.nn.dot_product_attention(q, kv[:, :, 1], kv[:, :, 2])
-    return _out_proj(cfg, out)
+    return heads_out(nx, cfg.hidden_size)(out)
 
 
 def hidden_state_index(layer: int, num_layers: int) -> int:
@@ -364,18 +297,15 @@ class VisionTransformer(nn.Module):
   def __call__(self, images: Array, *, mask: Array | None = None,
                hidden_state_layer: int | None = None) -> ViTOutput:
     cfg = self.cfg
+    nx = Numerics.of(cfg)
     x = Embeddings(cfg, name='embed')(images, mask)
     if cfg.family == 'clip':
-      x = _layer_norm(cfg, 'pre_norm')(x)
+      x = layer_norm(nx, cfg.layer_norm_eps, 'pre_norm')(x)
     x = nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED_ACT))
     pick = None if hidden_state_layer is None else hidden_state_index(hidden_state_layer, cfg.num_layers)
-    block = EncoderLayer
-    if cfg.remat_policy != 'none':
-      block = nn.remat(block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-    layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=0,
-                     length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})(cfg, pick, name='layers')
+    layers = layer_scan(EncoderLayer, cfg.num_layers, 0, cfg.remat_policy)(cfg, pick, name='layers')
     (x, picked), _ = layers((x, None if pick is None else x), jnp.arange(cfg.num_layers))
-    normed = _layer_norm(cfg, 'final_norm')(x)
+    normed = layer_norm(nx, cfg.layer_norm_eps, 'final_norm')(x)
     if cfg.family == 'siglip':
       pooled = AttentionPoolHead(cfg, name='head')(normed) if cfg.use_head else None
     else:
