@@ -4,7 +4,7 @@
 import numpy as np
 
 from astrea_jax.astrea import model as model_lib
-from astrea_jax.models import expert, llama, vit
+from astrea_jax.models import llama, vit, vit_expert
 
 FAMILIES = {'caption': 'siglip', 'classification': 'clip', 'detection': 'dinov2', 'segmentation': 'dinov2'}
 B, L, LC = 4, 24, 6
@@ -37,7 +37,7 @@ def make_batch(rng: np.random.RandomState, slots, answer_lengths=ANSWER_LENGTHS)
 def model_config(instruct_fusion='routed'):
   llm = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=8)
-  experts = tuple(expert.vit_expert_config(slot, vit.ViTConfig(family=f, hidden_size=16, intermediate_size=32,
+  experts = tuple(vit_expert.vit_expert_config(slot, vit.ViTConfig(family=f, hidden_size=16, intermediate_size=32,
                                                                num_layers=2, num_heads=2, image_size=32,
                                                                patch_size=8), num_visual_tokens=16)
                   for slot, f in FAMILIES.items())

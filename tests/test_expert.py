@@ -12,7 +12,7 @@ import transformers
 from astrea_jax.convert import clip
 from astrea_jax import config as config_lib
 from astrea_jax.convert import checkpoint, hf
-from astrea_jax.models import expert, vit
+from astrea_jax.models import expert, families, vit, vit_expert
 from astrea_jax.parallel import mesh as mesh_lib
 import hf_fixtures  # tests/
 
@@ -126,21 +126,21 @@ TINY = vit.ViTConfig(family='clip', hidden_size=32, intermediate_size=48, num_la
 
 
 def test_expert_config_defaults_round_trip_and_errors():
-  cfg = expert.vit_expert_config('caption', TINY)
+  cfg = vit_expert.vit_expert_config('caption', TINY)
   assert (cfg.feature_layer, cfg.feature_select, cfg.image_size, cfg.num_visual_tokens) == (-2, 'default', 32, 576)
-  assert cfg.image_mean == expert.NORMALIZATION['clip'][0] and cfg.feature_width == 32 and cfg.family == 'clip'
-  assert expert.expert_config_from_dict(cfg.to_dict()) == cfg
-  assert expert.vit_expert_config('detection', TINY.replace(family='dinov2')).feature_layer is None
+  assert cfg.image_mean == vit_expert.NORMALIZATION['clip'][0] and cfg.feature_width == 32 and cfg.family == 'clip'
+  assert families.expert_config_from_dict(cfg.to_dict()) == cfg
+  assert vit_expert.vit_expert_config('detection', TINY.replace(family='dinov2')).feature_layer is None
   with pytest.raises(ValueError, match=r"name='global' must be one of the slots"):
-    expert.vit_expert_config('global', TINY)
+    vit_expert.vit_expert_config('global', TINY)
   with pytest.raises(ValueError, match=r'num_visual_tokens=577: expected a square'):
-    expert.vit_expert_config('caption', TINY, num_visual_tokens=577)
+    vit_expert.vit_expert_config('caption', TINY, num_visual_tokens=577)
   with pytest.raises(ValueError, match=r'feature_layer: hidden_state_layer=-5: expected an index into the 4'):
-    expert.vit_expert_config('caption', TINY, feature_layer=-5)
+    vit_expert.vit_expert_config('caption', TINY, feature_layer=-5)
   with pytest.raises(ValueError, match=r"feature_select='cls' must be one of"):
-    expert.vit_expert_config('caption', TINY, feature_select='cls')
-  with pytest.raises(ValueError, match=r"family='sam2': expected one of"):
-    expert.expert_config_from_dict(dict(cfg.to_dict(), family='sam2'))
+    vit_expert.vit_expert_config('caption', TINY, feature_select='cls')
+  with pytest.raises(ValueError, match=r"unknown expert family 'nonesuch'; expected one of"):
+    families.expert_config_from_dict(dict(cfg.to_dict(), family='nonesuch'))
   with pytest.raises(TypeError, match='abstract'):
     expert.ExpertConfig(name='caption', image_size=32, image_mean=(0, 0, 0), image_std=(1, 1, 1))
 
@@ -177,7 +177,7 @@ def test_clip_expert_takes_llava_features(tiny_experts):
   cfg, params = _load(tiny_experts, 'clip', num_visual_tokens=4)
   images = jnp.asarray(np.random.RandomState(5).rand(2, 32, 32, 3).astype(np.float32))
   ref = _hf_hidden_states(tiny_experts['clip'][1], images, cfg).hidden_states[-2].numpy()
-  model = expert.build_expert(cfg)
+  model = families.build_expert(cfg)
   features = model.apply({'params': params}, images, method='encode')
   assert features.kind == 'grid' and features.arrays[0].shape == (2, 4, 4, 32)
   err = float(np.abs(np.asarray(features.arrays[0]).reshape(2, 16, 32) - ref[:, 1:]).max())
@@ -187,14 +187,14 @@ def test_clip_expert_takes_llava_features(tiny_experts):
   want = ref[:, 1:].reshape(2, 2, 2, 2, 2, 32).mean(axis=(2, 4)).reshape(2, 4, 32)
   assert tokens.shape == (2, 4, 32) and float(np.abs(np.asarray(tokens) - want).max()) <= TOL
   full_cfg, _ = _load(tiny_experts, 'clip', feature_select='full')
-  full = expert.build_expert(full_cfg).apply({'params': params}, images, method='encode')
+  full = families.build_expert(full_cfg).apply({'params': params}, images, method='encode')
   assert full.kind == 'tokens' and float(np.abs(np.asarray(full.arrays[0]) - ref).max()) <= TOL
 
 
 def test_siglip_expert_takes_the_last_hidden_state_and_resizes_inputs(tiny_experts):
   cfg, params = _load(tiny_experts, 'siglip', num_visual_tokens=16)
   assert cfg.feature_layer is None and cfg.image_mean == (0.5, 0.5, 0.5)
-  model = expert.build_expert(cfg)
+  model = families.build_expert(cfg)
   images = jnp.asarray(np.random.RandomState(6).rand(1, 32, 32, 3).astype(np.float32))
   ref = _hf_hidden_states(tiny_experts['siglip'][1], images, cfg).last_hidden_state.numpy()
   tokens = jax.jit(lambda p, x: model.apply({'params': p}, x))(params, images)
@@ -209,8 +209,8 @@ def test_siglip_expert_takes_the_last_hidden_state_and_resizes_inputs(tiny_exper
 
 def test_dinov2_expert_runs_at_another_resolution_than_its_checkpoint():
   model_cfg = TINY.replace(family='dinov2', hidden_act='gelu', use_mask_token=True)
-  cfg = expert.vit_expert_config('segmentation', model_cfg, image_size=48, num_visual_tokens=9)
-  model = expert.build_expert(cfg)
+  cfg = vit_expert.vit_expert_config('segmentation', model_cfg, image_size=48, num_visual_tokens=9)
+  model = families.build_expert(cfg)
   images = jnp.zeros((1, 48, 48, 3))
   params = nn.unbox(model.init(jax.random.key(0), images)['params'])
   features = model.apply({'params': params}, images, method='encode')
@@ -220,11 +220,11 @@ def test_dinov2_expert_runs_at_another_resolution_than_its_checkpoint():
 
 
 def test_load_refuses_shape_overrides_and_other_families(tiny_experts, tmp_path):
-  with pytest.raises(checkpoint.CheckpointError, match=r"model overrides \['hidden_size'\] would change"):
+  with pytest.raises(checkpoint.CheckpointError, match=r"clip_ckpt: overrides \['hidden_size'\] would change the stored model shape"):
     _load(tiny_experts, 'clip', model_overrides={'hidden_size': 64})
   cfg, params = _load(tiny_experts, 'clip', model_overrides={'dtype': 'bfloat16'})
   assert cfg.model.dtype == 'bfloat16'
-  out = expert.build_expert(cfg).apply({'params': params}, jnp.zeros((1, 32, 32, 3)))
+  out = families.build_expert(cfg).apply({'params': params}, jnp.zeros((1, 32, 32, 3)))
   assert out.dtype == jnp.bfloat16
   llm = hf_fixtures.make_tiny_llama(str(tmp_path / 'llm'), with_tokenizer=False)
   hf.import_hf(llm, str(tmp_path / 'llm_ckpt'), 'llama', show_progress=False)

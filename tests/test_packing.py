@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from astrea_jax.astrea import model as model_lib
-from astrea_jax.models import expert, llama, vit
+from astrea_jax.models import llama, vit, vit_expert
 
 T = 4  # visual tokens per image
 
@@ -47,7 +47,7 @@ def test_second_example_of_a_packed_row_equals_the_example_alone(llm):
 def astrea():
   llm_cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                               num_kv_heads=2, head_dim=8)
-  experts = tuple(expert.vit_expert_config(slot, vit.ViTConfig(family='siglip', hidden_size=16, intermediate_size=32,
+  experts = tuple(vit_expert.vit_expert_config(slot, vit.ViTConfig(family='siglip', hidden_size=16, intermediate_size=32,
                                                                num_layers=1, num_heads=2, image_size=16,
                                                                patch_size=8), num_visual_tokens=T)
                   for slot in ('caption', 'detection'))

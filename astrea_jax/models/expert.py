@@ -36,12 +36,16 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+
+from astrea_jax.core.axes import BATCH, EMBED_ACT, LENGTH
+from astrea_jax.core.fields import to_dtype
 
 Array = jax.Array
 
@@ -163,6 +167,7 @@ class ExpertConfig(abc.ABC):
   image_mean: tuple[float, float, float]  # per-channel mean of [0, 1] RGB, subtracted
   image_std: tuple[float, float, float]   # per-channel std, divided by
   num_visual_tokens: int = 576            # T: tokens after `resample` (a square)
+  MODEL: ClassVar[type]                   # the config class of the family's `model` field
 
   def __post_init__(self):
     problems = self.problems()
@@ -195,8 +200,41 @@ class ExpertConfig(abc.ABC):
     """C: channels of the resampled tokens."""
 
   def to_dict(self) -> dict[str, Any]:
-    """JSON-able fields plus `family` (which `expert_config_from_dict` dispatches on)."""
+    """JSON-able fields plus `family` (which `families.expert_config_from_dict` dispatches on)."""
     return dict(dataclasses.asdict(self), family=self.family)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'ExpertConfig':
+    """Builds from `to_dict()` output (or a ConfigDict of the same fields), the `model` field through the class's
+    `MODEL` config class; unknown keys are an error."""
+    d = {k: v for k, v in dict(d).items() if k != 'family'}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown or 'model' not in d:
+      raise ValueError(f'{cls.__name__} fields {sorted(d)}: unknown {unknown} or no "model"; expected a subset of '
+                       f'{sorted(names)} with "model"')
+    model = d['model'] if isinstance(d['model'], cls.MODEL) else cls.MODEL.from_dict(d['model'])
+    return cls(**dict(d, model=model, image_mean=tuple(d['image_mean']), image_std=tuple(d['image_std'])))
+
+
+class ExpertModule(nn.Module):
+  """What every expert module shares: `pixels` (its preprocessing), `resample` and `__call__`; a family's module
+  subclasses it with `setup` (its backbone under the name 'backbone') and `encode`."""
+  cfg: Any  # the family's ExpertConfig
+
+  def pixels(self, images: Array) -> Array:
+    """[B, H, W, 3] in [0, 1] -> the backbone's input: resized to the expert's side and normalised."""
+    return preprocess(images, self.cfg, to_dtype(self.cfg.model.dtype))
+
+  def encode(self, images: Array) -> Features:
+    raise NotImplementedError(f'{type(self).__name__} has no encode')
+
+  def resample(self, features: Features) -> Array:
+    return resample(features, self.cfg.num_visual_tokens)
+
+  def __call__(self, images: Array) -> Array:
+    """images [B, H, W, 3] in [0, 1] -> [B, num_visual_tokens, feature_width]."""
+    return nn.with_logical_constraint(self.resample(self.encode(images)), (BATCH, LENGTH, EMBED_ACT))
 
 
 def preprocess(images: Array, cfg: ExpertConfig, dtype: Any) -> Array:

@@ -6,13 +6,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import flax.linen as nn
 import jax
 
-from astrea_jax.core.axes import BATCH, EMBED_ACT, LENGTH
-from astrea_jax.core.fields import to_dtype
 from astrea_jax.models import vit
-from astrea_jax.models.expert import IMAGENET, ExpertConfig, Features, preprocess, resample
+from astrea_jax.models.expert import IMAGENET, ExpertConfig, ExpertModule, Features
 
 Array = jax.Array
 FEATURE_SELECTS = ('default', 'full')
@@ -35,6 +32,7 @@ class ViTExpertConfig(ExpertConfig):
   model: vit.ViTConfig
   feature_layer: int | None = None
   feature_select: str = 'default'
+  MODEL = vit.ViTConfig
 
   def problems(self) -> list[str]:
     out = super().problems()
@@ -59,18 +57,11 @@ class ViTExpertConfig(ExpertConfig):
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> 'ViTExpertConfig':
-    """Builds from `to_dict()` output (or a ConfigDict of the same fields); unknown keys are an error."""
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names - {'family'})
-    if unknown or 'model' not in d:
-      raise ValueError(f'ViTExpertConfig fields {sorted(d)}: unknown {unknown} or no "model"; expected a subset of '
-                       f'{sorted(names)} with "model"')
-    model = d['model'] if isinstance(d['model'], vit.ViTConfig) else vit.ViTConfig.from_dict(d['model'])
-    family = d.pop('family', model.family)
-    if family != model.family:
-      raise ValueError(f'ViTExpertConfig: family={family!r} differs from the model family {model.family!r}')
-    return cls(**dict(d, model=model, image_mean=tuple(d['image_mean']), image_std=tuple(d['image_std'])))
+    """`ExpertConfig.from_dict`, with the stored `family` checked against the model's."""
+    cfg = super().from_dict(d)
+    if d.get('family', cfg.family) != cfg.family:
+      raise ValueError(f'ViTExpertConfig: family={d["family"]!r} differs from the model family {cfg.family!r}')
+    return cfg
 
 
 def vit_expert_config(name: str, model: vit.ViTConfig, **overrides: Any) -> ViTExpertConfig:
@@ -83,7 +74,7 @@ def vit_expert_config(name: str, model: vit.ViTConfig, **overrides: Any) -> ViTE
   return ViTExpertConfig(**kw)
 
 
-class ViTExpert(nn.Module):
+class ViTExpert(ExpertModule):
   """A ViT-family expert; its parameters are {'backbone': VisionTransformer params}."""
   cfg: ViTExpertConfig
 
@@ -93,8 +84,7 @@ class ViTExpert(nn.Module):
   def encode(self, images: Array) -> Features:
     """images [B, H, W, 3] in [0, 1] -> 'grid' [B, h, w, D] (feature_select='default') or 'tokens' [B, N, D]."""
     cfg = self.cfg
-    pixels = preprocess(images, cfg, to_dtype(cfg.model.dtype))
-    out = self.backbone(pixels, hidden_state_layer=cfg.feature_layer)
+    out = self.backbone(self.pixels(images), hidden_state_layer=cfg.feature_layer)
     tokens = out.last_hidden_state if cfg.feature_layer is None else out.hidden_state
     if cfg.feature_select == 'full':
       return Features.tokens(tokens)
@@ -102,10 +92,3 @@ class ViTExpert(nn.Module):
       tokens = tokens[:, 1:]
     side = cfg.image_size // cfg.model.patch_size
     return Features.grid(tokens.reshape(tokens.shape[0], side, side, tokens.shape[-1]))
-
-  def resample(self, features: Features) -> Array:
-    return resample(features, self.cfg.num_visual_tokens)
-
-  def __call__(self, images: Array) -> Array:
-    """images [B, H, W, 3] in [0, 1] -> [B, num_visual_tokens, feature_width]."""
-    return nn.with_logical_constraint(self.resample(self.encode(images)), (BATCH, LENGTH, EMBED_ACT))
