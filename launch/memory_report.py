@@ -2,13 +2,11 @@ r"""Per-device memory and FLOPs of the full Astrea train step, by ahead-of-time 
 
   python -m launch.memory_report --config=configs/astrea_13b.py --devices=64 [--stage=main] [--config.mesh.fsdp=..]
 
-Nothing is allocated: the train state (LLM + the four experts + projectors + residual attention + router and adapters
-+ MoCo heads, momentum copies and queues, and the stage's AdamW state) and a global batch (config.train
-.global_batch_size rows of config.data.seq_len tokens with one image per expert) are `jax.ShapeDtypeStruct`s
-carrying their shardings; the jitted, donated step is lowered and compiled for `--devices` fake CPU devices, and
-XLA's `memory_analysis()` (per device) and `cost_analysis()` are read. Prints a table and, as its last line, one JSON
-object with devices, params, state_bytes, frozen_param_bytes and batch_bytes (whole, unsharded), argument_bytes,
-temp_bytes, output_bytes, alias_bytes, peak_bytes (per device), flops.
+Nothing is allocated (`astrea_jax.bench.memory`): the state and a global batch are `jax.ShapeDtypeStruct`s carrying
+their shardings, and the jitted, donated step is lowered and compiled for `--devices` fake CPU devices, created here
+before jax is imported. Prints a table and, as its last line, one JSON object with devices, params, state_bytes,
+frozen_param_bytes and batch_bytes (whole, unsharded), argument_bytes, temp_bytes, output_bytes, alias_bytes,
+peak_bytes (per device), flops.
 """
 
 import os
@@ -27,84 +25,17 @@ if __name__ == '__main__':  # the fake devices must exist before jax is imported
                              f' --xla_force_host_platform_device_count={_devices_from_argv(sys.argv)}')
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-import json  # noqa: E402
-import time  # noqa: E402
-
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from astrea_jax import config as config_lib  # noqa: E402
-from astrea_jax.parallel import mesh as mesh_lib  # noqa: E402
-from astrea_jax.parallel import sharding  # noqa: E402
-from astrea_jax.core import stages as stage_table  # noqa: E402
-from astrea_jax.train import runner, stage_step, stages, step as step_lib  # noqa: E402
+from astrea_jax.bench import memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Run config.')
 _DEVICES = flags.DEFINE_integer('devices', 64, 'Fake devices to compile for.')
 _STAGE = flags.DEFINE_string('stage', 'main', 'Stage whose step is compiled (its trainable set and losses).')
 _ACCUM = flags.DEFINE_integer('accum_steps', 1, 'Gradient-accumulation micro-batches per step.')
 flags.mark_flags_as_required(['config'])
-
-GIB = 2**30
-
-
-def abstract_batch(config, cfg, stage: str, mesh, rules):
-  """ShapeDtypeStructs of one global batch (every field the stage's step reads; one image slot per row, every expert's
-  input), with the batch axis sharded over the data axes."""
-  b, l, n = config.train.global_batch_size, config.data.seq_len, config.data.max_images
-  batch = {name: jax.ShapeDtypeStruct((b, l), jnp.int32) for name in ('inputs', 'targets', 'loss_mask', 'image_mask',
-                                                                      'instruction_mask', 'segment_ids', 'positions')}
-  batch['image_ids'] = batch['image_segment_ids'] = jax.ShapeDtypeStruct((b, n), jnp.int32)
-  batch['images'] = {e.name: jax.ShapeDtypeStruct((b, n, e.image_size, e.image_size, 3), jnp.float32)
-                     for e in cfg.experts}
-  if stage_table.spec(stage).moco:
-    batch['captions'] = batch['caption_mask'] = jax.ShapeDtypeStruct((b, n, config.moco.caption_len), jnp.int32)
-  return sharding.with_shardings(batch, step_lib.batch_shardings(batch, mesh, rules))
-
-
-def compile_step(config, stage: str, devices: int, accum_steps: int):
-  """(compiled step, {params, state_bytes, frozen_param_bytes, batch_bytes}, seconds to lower and compile): the
-  stage's step as the runner builds it (`train.stage_step`), lowered with abstract sharded state and batch."""
-  config_lib.validate(config)
-  config = config.copy_and_resolve_references()
-  config.train.grad_accum_steps = accum_steps
-  cfg = config_lib.model_config(config)
-  mesh_lib.check_batch_divides(config.train.global_batch_size, mesh_lib.resolve_axis_sizes(config.mesh, devices))
-  mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:devices])
-  rules = config.logical_axis_rules
-  plan = stage_step.stage_plan(config, cfg, stage)
-  params_abstract = runner.abstract_params(config, cfg)
-  stages.check_trains_something(stage, params_abstract, plan.trainable)
-  built = stage_step.build(config, cfg, plan, 0, mesh, rules)
-  batch = abstract_batch(config, cfg, stage, mesh, rules)
-  start = time.perf_counter()
-  with sharding.logical_context(mesh, rules):
-    compiled = stage_step.jit(built, mesh, rules, batch).lower(built.restore_target(), batch).compile()
-  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  sizes = {'params': sum(x.size for x in jax.tree.leaves(params_abstract)), 'batch_bytes': nbytes(batch),
-           'state_bytes': nbytes(built.abstract_state),
-           'frozen_param_bytes': nbytes(stages.split(params_abstract, built.labels)[1])}
-  return compiled, sizes, time.perf_counter() - start
-
-
-def report(config, stage: str, devices: int, accum_steps: int) -> dict:
-  compiled, sizes, seconds = compile_step(config, stage, devices, accum_steps)
-  mem = stage_step.memory_stats(compiled)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out = {
-      'devices': devices, 'stage': stage, 'params': int(sizes['params']),
-      'state_bytes': int(sizes['state_bytes']), 'frozen_param_bytes': int(sizes['frozen_param_bytes']),
-      'batch_bytes': int(sizes['batch_bytes']),
-      'mesh': dict(mesh_lib.resolve_axis_sizes(config.mesh, devices)),
-      'global_batch': config.train.global_batch_size, 'seq_len': config.data.seq_len,
-      'remat_policy': config.llm.remat_policy,
-      **{f'{k}_bytes': mem[k] for k in ('argument', 'output', 'alias', 'temp', 'peak')},
-      'flops': float(cost.get('flops', 0.0)), 'compile_seconds': round(seconds, 1),
-  }
-  return out
 
 
 def main(argv):
@@ -113,18 +44,7 @@ def main(argv):
   if jax.device_count() < _DEVICES.value:
     raise SystemExit(f'memory_report: only {jax.device_count()} devices; run it as `python -m launch.memory_report` '
                      'so that --devices fake devices are created before jax starts')
-  r = report(_CONFIG.value, _STAGE.value, _DEVICES.value, _ACCUM.value)
-  rows = [('stage', r['stage']), ('devices / mesh', f"{r['devices']} {r['mesh']}"),
-          ('parameters', f"{r['params'] / 1e9:.2f} B"),
-          ('global batch x tokens', f"{r['global_batch']} x {r['seq_len']} (remat {r['remat_policy']})"),
-          ('arguments / device', f"{r['argument_bytes'] / GIB:.2f} GiB"),
-          ('temporaries / device', f"{r['temp_bytes'] / GIB:.2f} GiB"),
-          ('outputs (aliased) / device', f"{r['output_bytes'] / GIB:.2f} GiB ({r['alias_bytes'] / GIB:.2f})"),
-          ('peak / device', f"{r['peak_bytes'] / GIB:.2f} GiB"),
-          ('FLOPs / step / device', f"{r['flops']:.3e}"), ('compile', f"{r['compile_seconds']} s")]
-  for name, value in rows:
-    print(f'{name:28s} {value}')
-  print(json.dumps(r))
+  memory.print_report(memory.report(_CONFIG.value, _STAGE.value, _DEVICES.value, _ACCUM.value))
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-"""launch.bench_flops against hand counts, and every `launch.benchmark` subcommand end to end on the tiny config.
+"""astrea_jax.bench.flops against hand counts, and every `launch.benchmark` subcommand end to end on the tiny config.
 
 No timing is asserted: the CLI runs only check that each subcommand finishes and ends with its JSON line.
 """
@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from astrea_jax import config as config_lib
+from astrea_jax.bench import flops as bench_flops
 from astrea_jax.models import llama
 from configs import astrea_13b
-from launch import bench_flops
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DATA = ['--config.data.shapes.num_train=16', '--config.data.shapes.num_validation=2',
@@ -28,6 +28,7 @@ RUNS = {
     # 0.005 GiB holds a few 64-wide layers at 2 x 32 tokens, fewer than 6: the search has to stop early.
     'mfu': ['--device_memory_gib=0.005', '--steps=1', '--batch=2', '--seq_len=32', '--peak_tflops=1',
             '--config.llm.num_layers=6'],
+    'deformable': ['--steps=1'],
 }
 
 
@@ -104,6 +105,7 @@ def test_stage_flops_hand_count():
                    'expert caption (frozen)': experts['caption'], 'projector caption': 6 * projector * 16}
   second = bench_flops.stage_flops_per_example(config, 'align_classification')
   assert second['residual attention classification'] == 6 * 4 * 64 * 64 * 16 + 12 * 16 * 16 * 64
+  config.stages.instruct.fusion = 'routed'
   instruct = bench_flops.stage_flops_per_example(config, 'instruct')
   routing = 4 * 64 * 4 + 4 * 2 * 64 * 64
   assert instruct == {'llm': s * 958464, 'experts (frozen)': sum(experts.values()),
@@ -114,6 +116,18 @@ def test_stage_flops_hand_count():
   assert main['contrastive logits'] == 2 * 4 * 32 * (8 + 4096)
   with pytest.raises(ValueError, match='unknown stage'):
     bench_flops.stage_flops_per_example(config, 'pretrain')
+
+
+def test_residual_instruct_flops_hand_count():
+  """Instruction tuning with residual fusion: every expert and projector runs, the projectors and the LLM train, and
+  the last alignment stage's residual attention attends to the three earlier stages' tokens."""
+  config = base()
+  config.stages.instruct.fusion = 'residual'
+  experts = {e.name: bench_flops.expert_forward_flops(e) for e in config_lib.model_config(config).experts}
+  projector = 32 * 64 + 64 * 64
+  assert bench_flops.stage_flops_per_example(config, 'instruct') == {
+      'llm': 256 * 958464, 'experts (frozen)': sum(experts.values()), 'projectors': 4 * 6 * projector * 16,
+      'residual attention segmentation': 6 * 4 * 64 * 64 * 16 + 12 * 16 * 16 * 64}
 
 
 def test_mfu():
@@ -141,3 +155,8 @@ def test_data_flops_convert_mfu_cli(results):
   assert results['convert']['peak_rss_bytes'] > 0
   mfu = results['mfu']
   assert 1 <= mfu['layers'] < 6 and mfu['step_bytes'] <= 0.9 * 0.005 * 2**30 and mfu['mfu'] > 0
+
+
+def test_deformable_cli(results):
+  deformable = results['deformable']
+  assert deformable['max_abs_error'] <= 1e-4 and deformable['jax_forward_ms'] > 0 and 'backward_ratio' in deformable

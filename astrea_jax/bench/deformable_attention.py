@@ -12,31 +12,19 @@ weights): `time.perf_counter` around each call, results synced (`block_until_rea
 from __future__ import annotations
 
 import math
-import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astrea_jax.bench import BenchmarkError, timing
 from astrea_jax.models import deformable_attention as da
 
 
 def level_shapes(image_size: int, strides: tuple[int, ...]) -> list[tuple[int, int]]:
   """(h, w) of each level of a square image: ceil(image_size / stride)."""
   return [(math.ceil(image_size / s), math.ceil(image_size / s)) for s in strides]
-
-
-def _median_seconds(fn: Callable[[], Any], warmup: int, repeats: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def benchmark(batch: int = 1, image_size: int = 800, strides: tuple[int, ...] = (8, 16, 32, 64), heads: int = 8,
@@ -72,7 +60,7 @@ def benchmark(batch: int = 1, image_size: int = 800, strides: tuple[int, ...] = 
     expected = torch_forward(*torch_args).numpy()
   error = float(np.abs(np.asarray(forward(*args)) - expected).max())
   if error > 1e-4:
-    raise AssertionError(f'deformable attention benchmark: JAX and torch outputs differ by {error:.2e}')
+    raise BenchmarkError(f'deformable attention: JAX and torch outputs differ by {error:.2e} > 1e-4')
 
   def torch_forward_only():
     with torch.no_grad():
@@ -84,10 +72,10 @@ def benchmark(batch: int = 1, image_size: int = 800, strides: tuple[int, ...] = 
     xs[0].grad.sum().item()
 
   c = jnp.asarray(cotangent)
-  jax_fwd = _median_seconds(lambda: forward(*args).block_until_ready(), warmup, repeats)
-  torch_fwd = _median_seconds(torch_forward_only, 1, repeats)
-  jax_bwd = _median_seconds(lambda: jax.block_until_ready(grads(*args, c)), warmup, repeats)
-  torch_bwd = _median_seconds(torch_backward, 1, repeats)
+  jax_fwd = timing.median_seconds(lambda: forward(*args).block_until_ready(), warmup, repeats)
+  torch_fwd = timing.median_seconds(torch_forward_only, 1, repeats)
+  jax_bwd = timing.median_seconds(lambda: jax.block_until_ready(grads(*args, c)), warmup, repeats)
+  torch_bwd = timing.median_seconds(torch_backward, 1, repeats)
   return {
       'shapes': shapes, 'tokens': tokens, 'batch': batch, 'heads': heads, 'head_dim': head_dim, 'points': points,
       'queries': queries, 'torch_threads': torch.get_num_threads(), 'jax_backend': jax.default_backend(),
@@ -95,3 +83,17 @@ def benchmark(batch: int = 1, image_size: int = 800, strides: tuple[int, ...] = 
       'jax_backward_ms': 1e3 * jax_bwd, 'torch_backward_ms': 1e3 * torch_bwd, 'backward_ratio': torch_bwd / jax_bwd,
       'max_abs_error': error,
   }
+
+
+def run(info: dict[str, Any], **kwargs: Any) -> None:
+  """The `deformable` benchmark (`benchmark(**kwargs)`): prints its table and its JSON line (with `info`, the
+  machine)."""
+  r = benchmark(**kwargs)
+  print(f'deformable attention: {r["tokens"]} value tokens in levels {r["shapes"]}, {r["queries"]} queries, batch '
+        f'{r["batch"]}, {r["heads"]} heads x {r["head_dim"]}, {r["points"]} points; jax {r["jax_backend"]}, torch '
+        f'{r["torch_threads"]} threads; {info["cpus"]} x {info["cpu_model"]}')
+  print(f'{"pass":18s} {"jax ms":>9s} {"torch ms":>9s} {"torch / jax":>12s}')
+  for label, key in (('forward', 'forward'), ('forward + backward', 'backward')):
+    print(f'{label:18s} {r[f"jax_{key}_ms"]:9.1f} {r[f"torch_{key}_ms"]:9.1f} {r[f"{key}_ratio"]:11.2f}x')
+  print(f'outputs agree within {r["max_abs_error"]:.1e}')
+  timing.emit(dict(r, **info))

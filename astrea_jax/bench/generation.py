@@ -1,0 +1,54 @@
+"""Greedy decoding with our KV cache (`astrea_jax.eval.generate`) against `transformers` generate: the same random
+Llama (`hf_llama`), weights and prompts, no end-of-sequence stop; the outputs must be equal. Tokens/s counts new
+tokens, prefill included."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from astrea_jax.bench import BenchmarkError, hf_llama, llm_step, timing
+from astrea_jax.eval import generate
+from astrea_jax.models import llama
+
+
+def run(model_name: str, batch: int, prompt_len: int, new_tokens: int, steps: int, info: dict[str, Any]) -> None:
+  """The `generate` benchmark: `batch` random prompts of `prompt_len` tokens, `new_tokens` new tokens each, `steps`
+  timed calls; prints its table and JSON line."""
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_dir, cfg, params = hf_llama.converted_model(model_name, tmp, llm_step.one_device_mesh())
+    model = hf_llama.load_hf(hf_dir).eval()
+  if prompt_len + new_tokens > cfg.max_position_embeddings:
+    raise BenchmarkError(f'--prompt_len + --max_new_tokens = {prompt_len + new_tokens} exceeds the model\'s '
+                         f'max_position_embeddings={cfg.max_position_embeddings}')
+  prompts = np.random.RandomState(0).randint(3, cfg.vocab_size, (batch, prompt_len))
+  ids = torch.from_numpy(prompts).long()
+
+  def theirs(_):
+    with torch.no_grad():
+      out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0)
+    return out[:, prompt_len:].tolist()
+
+  fns = {'jax': lambda _: generate.generate(cfg, params, prompts.tolist(), new_tokens), 'torch': theirs}
+  outputs = {name: r.values[0] for name, r in timing.time_calls(fns, range(timing.WARMUP_STEPS)).items()}
+  runs = timing.time_calls(fns, range(steps))
+  if outputs['jax'] != outputs['torch'] or any(len(row) != new_tokens for row in outputs['jax']):
+    raise BenchmarkError(f'greedy outputs differ: jax {outputs["jax"]} vs transformers {outputs["torch"]}')
+  tokens = {name: batch * new_tokens / r.median_s for name, r in runs.items()}
+  print(f'generate: model {model_name} ({llama.num_params(cfg) / 1e6:.1f}M params), greedy, batch {batch}, prompt '
+        f'{prompt_len} + {new_tokens} new tokens, fp32, median of {steps} after {timing.WARMUP_STEPS} warm-up; '
+        f'{info["cpus"]} x {info["cpu_model"]}')
+  print(f'{"framework":28s} {"seconds":>9s} {"new tokens/s":>13s}')
+  for name, label in (('jax', 'jax (KV cache, while_loop)'), ('torch', 'transformers generate')):
+    print(f'{label:28s} {runs[name].median_s:9.3f} {tokens[name]:13.1f}')
+  ratio = tokens['jax'] / tokens['torch']
+  print(f'jax / transformers: {ratio:.2f}x; outputs equal')
+  timing.emit(dict(model=model_name, params=llama.num_params(cfg), batch=batch, prompt_len=prompt_len,
+                   max_new_tokens=new_tokens, steps=steps, jax_tokens_per_s=round(tokens['jax'], 1),
+                   torch_tokens_per_s=round(tokens['torch'], 1), ratio=round(ratio, 3), outputs_equal=True,
+                   jax_seconds=round(runs['jax'].median_s, 4), torch_seconds=round(runs['torch'].median_s, 4),
+                   torch_threads=torch.get_num_threads(), **info))
