@@ -344,7 +344,7 @@ def test_docvqa_anls_mean():
 
 def test_registry():
   assert sorted(registry.REGISTRY) == ['chartqa', 'docvqa', 'gqa', 'mmbench', 'mme', 'mmmu', 'pope', 'scienceqa_img',
-                                       'seedbench', 'textvqa', 'vqav2']
+                                       'seedbench', 'shapes', 'textvqa', 'vqav2']
   for name, cls in registry.REGISTRY.items():
     evaluator = registry.get_evaluator(name)
     assert evaluator.name == name and evaluator.max_new_tokens > 0 and evaluator.split == cls.default_split

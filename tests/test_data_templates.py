@@ -134,13 +134,13 @@ def test_truncation_never_cuts_through_an_image():
 def test_instruction_tokens_are_the_same_in_a_training_row_and_an_evaluation_prompt(tokenizer):
   """The router's text context ('visual+text') pools the tokens of the question being answered: the same ids in a
   single-turn training conversation and in the generation prompt the evaluation builds."""
-  from astrea_jax.eval import evaluate
+  from astrea_jax.eval import prompting
   template = templates.TEMPLATES['chatml']
   question = 'what colour is the small circle?'
   train = templates.tokenize_conversation(tokenizer.backend_tokenizer, template,
                                           [('human', f'<image>\n{question}'), ('gpt', 'red')], visual_tokens=3,
                                           image_token_id=5, bos_id=None)
-  prompt = templates.tokenize_conversation(tokenizer.backend_tokenizer, evaluate.generation_template(template),
+  prompt = templates.tokenize_conversation(tokenizer.backend_tokenizer, prompting.generation_template(template),
                                            [('human', f'<image>\n{question}')], visual_tokens=3, image_token_id=5,
                                            bos_id=None)
   assert list(train.ids[train.instruction_mask]) == list(prompt.ids[prompt.instruction_mask])

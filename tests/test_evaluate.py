@@ -1,5 +1,5 @@
-"""The held-out evaluation: scorers on hand-made inputs, the generation prompt, the PIL heatmap, the prompt encoders
-against the model's own forward pass, and `evaluate` end to end on a tiny random model (routed and alignment stage)."""
+"""The held-out evaluation: the shapes evaluator's scorers on hand-made inputs, the probes (retrieval, router), the
+generation prompt, the PIL heatmap, the prompt encoders against the model's own forward pass, and `evaluate` end to end on a tiny random model (routed and alignment stage)."""
 
 import collections
 import json
@@ -18,7 +18,8 @@ from astrea_jax.core import boxes, files
 from astrea_jax.data import pipeline, shapes_tfds, templates
 from astrea_jax.data.conversation import GPT, HUMAN
 from astrea_jax.data.shapes_text import VQA_TYPES
-from astrea_jax.eval import evaluate, generate, plots
+from astrea_jax.eval import encoders as encoders_lib
+from astrea_jax.eval import evaluate, generate, plots, probes, prompting, shapes
 import hf_fixtures  # tests/
 
 END = '<|im_end|>'
@@ -28,31 +29,31 @@ NUM_SCENES = 3
 # --- scorers ---
 
 def test_normalize_answer():
-  assert evaluate.normalize_answer('The Red.') == 'red'
-  assert evaluate.normalize_answer('Yes.<|im_end|>\nno', END) == 'yes'
-  assert evaluate.normalize_answer('  a  small, Circle! ') == 'small circle'
-  assert evaluate.normalize_answer('three') == '3'
-  assert evaluate.normalize_answer('A') == 'a'  # an article alone is kept (the multiple-choice letter)
-  assert evaluate.normalize_answer('') == ''
-  assert evaluate.answer_text(' [1,2,3,4]</s>junk', '</s>') == '[1,2,3,4]'
-  assert evaluate.answer_text(' no marker ', '</s>') == 'no marker'
+  assert shapes.normalize_answer('The Red.') == 'red'
+  assert shapes.normalize_answer('Yes.<|im_end|>\nno', END) == 'yes'
+  assert shapes.normalize_answer('  a  small, Circle! ') == 'small circle'
+  assert shapes.normalize_answer('three') == '3'
+  assert shapes.normalize_answer('A') == 'a'  # an article alone is kept (the multiple-choice letter)
+  assert shapes.normalize_answer('') == ''
+  assert prompting.answer_text(' [1,2,3,4]</s>junk', '</s>') == '[1,2,3,4]'
+  assert prompting.answer_text(' no marker ', '</s>') == 'no marker'
 
 
 def test_exact_match():
-  assert evaluate.exact_match('Yes.', 'yes')
-  assert evaluate.exact_match('two', '2')
-  assert not evaluate.exact_match('', 'A')
-  assert not evaluate.exact_match('B', 'A')
-  assert not evaluate.exact_match('red circle', 'red')
+  assert shapes.exact_match('Yes.', 'yes')
+  assert shapes.exact_match('two', '2')
+  assert not shapes.exact_match('', 'A')
+  assert not shapes.exact_match('B', 'A')
+  assert not shapes.exact_match('red circle', 'red')
 
 
 def test_parse_box_good_and_garbled():
-  assert evaluate.parse_box('[1,2,3,4]') == (1, 2, 3, 4)
-  assert evaluate.parse_box('the star is at [ 10, 20 ,30,999 ].') == (10, 20, 30, 999)
-  assert evaluate.parse_box('[0,0,5,5] and [1,1,2,2]') == (0, 0, 5, 5)  # the first box
+  assert shapes.parse_box('[1,2,3,4]') == (1, 2, 3, 4)
+  assert shapes.parse_box('the star is at [ 10, 20 ,30,999 ].') == (10, 20, 30, 999)
+  assert shapes.parse_box('[0,0,5,5] and [1,1,2,2]') == (0, 0, 5, 5)  # the first box
   for garbled in ('', '[1,2,3]', '1,2,3,4', '[1,2,3,4000]', '[5,2,3,4]', '[1,9,3,4]', '[a,b,c,d]', '[-1,2,3,4]',
                   '[1.5,2,3,4]', '[1,2,3,4'):
-    assert evaluate.parse_box(garbled) is None, garbled
+    assert shapes.parse_box(garbled) is None, garbled
 
 
 def test_box_iou_and_grounding_threshold():
@@ -60,62 +61,62 @@ def test_box_iou_and_grounding_threshold():
   assert boxes.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
   assert boxes.box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
   assert boxes.box_iou((3, 3, 3, 3), (3, 3, 3, 3)) == 0.0  # empty union
-  assert not evaluate.grounding_correct('[0,0,10,20]', '[0,0,10,10]')  # IoU 0.5 exactly is not > 0.5
-  assert evaluate.grounding_correct('[0,0,10,18]', '[0,0,10,10]')      # IoU 100 / 180
-  assert not evaluate.grounding_correct('somewhere', '[0,0,10,10]')
+  assert not shapes.grounding_correct('[0,0,10,20]', '[0,0,10,10]')  # IoU 0.5 exactly is not > 0.5
+  assert shapes.grounding_correct('[0,0,10,18]', '[0,0,10,10]')      # IoU 100 / 180
+  assert not shapes.grounding_correct('somewhere', '[0,0,10,10]')
   with pytest.raises(ValueError, match='not a box'):
-    evaluate.grounding_correct('[0,0,1,1]', 'left')
+    shapes.grounding_correct('[0,0,1,1]', 'left')
 
 
 def test_accuracy_by_type():
   types = ['grounding', 'counting', 'counting', 'color', 'multiple_choice']
   predictions = ['[0,0,10,18]<|im_end|>', '3', 'two', 'Red.', '']
   answers = ['[0,0,10,10]', '3', '3', 'red', 'A']
-  scores = evaluate.accuracy_by_type(types, predictions, answers)
+  scores = shapes.accuracy_by_type(types, predictions, answers)
   assert scores == {'counting': 0.5, 'color': 1.0, 'grounding': 1.0, 'multiple_choice': 0.0}
   assert list(scores) == ['counting', 'color', 'grounding', 'multiple_choice']  # VQA_TYPES order
-  assert evaluate.mean_over_types(scores) == 0.625
+  assert shapes.mean_over_types(scores) == 0.625
   with pytest.raises(ValueError, match="unknown question type 'size'"):
-    evaluate.accuracy_by_type(['size'], ['1'], ['1'])
+    shapes.accuracy_by_type(['size'], ['1'], ['1'])
 
 
 def test_recall_at_1():
   eye = np.eye(4)
-  assert evaluate.recall_at_1(eye, eye) == {'image_to_text': 1.0, 'text_to_image': 1.0}
+  assert probes.recall_at_1(eye, eye) == {'image_to_text': 1.0, 'text_to_image': 1.0}
   perm = [1, 0, 2, 3]  # texts 0 and 1 swapped: pairs 2 and 3 still find each other
-  assert evaluate.recall_at_1(eye, eye[perm]) == {'image_to_text': 0.5, 'text_to_image': 0.5}
+  assert probes.recall_at_1(eye, eye[perm]) == {'image_to_text': 0.5, 'text_to_image': 0.5}
   e0, e1 = eye[0, :2], eye[1, :2]
   images, texts = np.stack([e0, e0, e1]), np.stack([e0, e1, e1])
   # images 0 and 1 both pick text 0 (ties to the lower index); image 2 picks text 1 -> 1/3.
   # text 0 picks image 0, text 1 and text 2 both pick image 2 -> 2/3.
-  r = evaluate.recall_at_1(images, texts)
+  r = probes.recall_at_1(images, texts)
   assert r['image_to_text'] == pytest.approx(1 / 3) and r['text_to_image'] == pytest.approx(2 / 3)
   with pytest.raises(ValueError, match=r'expected two \[N, d\] arrays'):
-    evaluate.recall_at_1(eye, eye[:3])
+    probes.recall_at_1(eye, eye[:3])
 
 
 def test_majority_answers_and_baseline():
   train = [('counting', '2'), ('counting', '3'), ('counting', '2'), ('color', 'red'), ('color', 'blue'),
            ('grounding', '[0,0,10,10]'), ('grounding', '[0,0,10,10]'), ('grounding', '[50,50,60,60]')]
-  majority = evaluate.majority_answers(train)
+  majority = shapes.majority_answers(train)
   assert majority == {'counting': '2', 'color': 'blue', 'grounding': '[0,0,10,10]'}  # a tie goes to 'blue'
   held_out = [('counting', '2'), ('counting', '4'), ('color', 'red'), ('grounding', '[0,0,10,18]'),
               ('grounding', '[50,50,60,60]')]
-  assert evaluate.majority_baseline(majority, held_out) == {'counting': 0.5, 'color': 0.0, 'grounding': 0.5}
+  assert shapes.majority_baseline(majority, held_out) == {'counting': 0.5, 'color': 0.0, 'grounding': 0.5}
   with pytest.raises(ValueError, match=r"no majority answer for question types \['relation'\]"):
-    evaluate.majority_baseline(majority, [('relation', 'yes')])
+    shapes.majority_baseline(majority, [('relation', 'yes')])
 
 
 def test_mean_by_task_router_report_and_batches():
-  means = evaluate.mean_by_task(['caption', 'counting', 'caption'], np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]))
+  means = probes.mean_by_task(['caption', 'counting', 'caption'], np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]))
   assert list(means) == ['counting', 'caption']
   np.testing.assert_allclose(means['caption'], [0.5, 0.5])
   np.testing.assert_allclose(means['counting'], [0.5, 0.5])
-  router = evaluate.router_report(['caption', 'counting', 'caption'], np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]),
+  router = probes.router_report(['caption', 'counting', 'caption'], np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]),
                                   ('x', 'y'), 'visual')
   assert router == {'router_context': 'visual', 'experts': ['x', 'y'], 'tasks': ['counting', 'caption'],
                     'mean_prob': [[0.5, 0.5], [0.5, 0.5]], 'counts': {'counting': 1, 'caption': 2}}
-  batches = [(rows.tolist(), real) for rows, real in evaluate.batch_indices(5, 2)]
+  batches = [(rows.tolist(), real) for rows, real in prompting.batch_indices(5, 2)]
   assert batches == [([0, 1], 2), ([2, 3], 2), ([4, 4], 1)]
 
 
@@ -132,7 +133,7 @@ def tokenizer_dir(tmp_path_factory):
 def test_generation_prompt_is_the_training_prefix(tokenizer_dir, name):
   """The prompt ends with the assistant header and holds exactly the tokens the train step sees before the answer."""
   tok, template = pipeline.load_tokenizer(tokenizer_dir), templates.get_template(name)
-  prompt = evaluate.prompt_tokens(tok, template, '<image>\nhow many shapes are there?', 4)
+  prompt = prompting.prompt_tokens(tok, template, '<image>\nhow many shapes are there?', 4)
   full = templates.tokenize_conversation(tok.backend, template, [(HUMAN, '<image>\nhow many shapes are there?'),
                                                                  (GPT, 'yes')], visual_tokens=4,
                                          image_token_id=tok.image_token_id, bos_id=tok.bos_id)
@@ -146,10 +147,10 @@ def test_generation_prompt_is_the_training_prefix(tokenizer_dir, name):
 
 
 def test_left_pad_prompts():
-  prompts = [evaluate.Prompt(0, 'counting', np.array([5, 9, 9, 7]), np.array([0, 1, 1, 0], bool),
+  prompts = [prompting.Prompt(0, 'counting', np.array([5, 9, 9, 7]), np.array([0, 1, 1, 0], bool),
                              np.array([0, 0, 0, 1], bool)),
-             evaluate.Prompt(1, 'color', np.array([9, 3]), np.array([1, 0], bool), np.array([0, 1], bool))]
-  ids, mask, image_mask, instruction = evaluate.left_pad_prompts(prompts, pad_id=0)
+             prompting.Prompt(1, 'color', np.array([9, 3]), np.array([1, 0], bool), np.array([0, 1], bool))]
+  ids, mask, image_mask, instruction = prompting.left_pad_prompts(prompts, pad_id=0)
   np.testing.assert_array_equal(ids, [[5, 9, 9, 7], [0, 0, 9, 3]])
   np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [0, 0, 1, 1]])
   np.testing.assert_array_equal(image_mask, [[0, 1, 1, 0], [0, 0, 1, 0]])
@@ -228,14 +229,14 @@ def test_prompt_encoders_match_the_model_forward(models, tokenizer_dir):
   c, cfg, params = models['visual+text']
   tok, template = pipeline.load_tokenizer(tokenizer_dir), templates.get_template(c.data.template)
   texts = ['<image>\nwhere is the red circle?', evaluate.CAPTION_PROMPT]
-  prompts = [evaluate.Prompt(0, 'x', t.ids, t.image_mask, t.instruction_mask)
-             for t in (evaluate.prompt_tokens(tok, template, text, 4) for text in texts)]
-  ids, mask, image_mask, instruction_mask = evaluate.left_pad_prompts(prompts, tok.pad_id)
+  prompts = [prompting.Prompt(0, 'x', t.ids, t.image_mask, t.instruction_mask)
+             for t in (prompting.prompt_tokens(tok, template, text, 4) for text in texts)]
+  ids, mask, image_mask, instruction_mask = prompting.left_pad_prompts(prompts, tok.pad_id)
   rng = np.random.RandomState(0)
   image = {slot: rng.rand(1, 32, 32, 3).astype(np.float32) for slot in cfg.slots}
   batch_images = {slot: np.repeat(x, 2, axis=0) for slot, x in image.items()}
   model = model_lib.Astrea(cfg)
-  embeds, probs = evaluate.make_encoders(model, 'main').prompt_inputs(params, ids, image_mask, instruction_mask,
+  embeds, probs = encoders_lib.make_encoders(model, 'main').prompt_inputs(params, ids, image_mask, instruction_mask,
                                                                       batch_images)
   first = [row[0] for row in generate.generate_from_inputs(cfg.llm, params['llm'], embeds, mask, 1)]
 
@@ -253,7 +254,7 @@ def test_prompt_encoders_match_the_model_forward(models, tokenizer_dir):
   assert np.abs(probs[0] - probs[1]).max() > 1e-6
 
   c, cfg, params = models['visual']
-  _, probs = evaluate.make_encoders(model_lib.Astrea(cfg), 'main').prompt_inputs(params, ids, image_mask,
+  _, probs = encoders_lib.make_encoders(model_lib.Astrea(cfg), 'main').prompt_inputs(params, ids, image_mask,
                                                                                  instruction_mask, batch_images)
   np.testing.assert_allclose(probs[0], probs[1], atol=1e-7)
 
@@ -295,7 +296,7 @@ def test_evaluate_routed_stage_end_to_end(models, tokenizer_dir, tmp_path):
   train = shapes_tfds.data_source(shapes_tfds.prepare(c.data.shapes), 'train', with_segmentation=False)
   train_pairs = [(VQA_TYPES[t], a.decode()) for i in range(len(train))
                  for t, a in zip(train[i]['vqa']['type'], train[i]['vqa']['answer'])]
-  assert vqa['majority_answer'] == {t: evaluate.majority_answers(train_pairs)[t] for t in present}
+  assert vqa['majority_answer'] == {t: shapes.majority_answers(train_pairs)[t] for t in present}
   assert vqa['majority_train_scenes'] == 8
   assert len(vqa['samples']) == sum(min(types[t], 2) for t in present)
   assert all(isinstance(s['prediction'], str) and END not in s['prediction'] for s in vqa['samples'])
@@ -361,7 +362,7 @@ def test_per_type_accuracy_with_a_decoder_right_on_some_answers_pairs_each_quest
   caption_inputs = images_lib.expert_inputs([s['image'] for s in scenes], images_lib.experts_from_config(
       c.data.experts, config_lib.expert_families(c), ['caption']), c.data.image_square)['caption']
   seen = []
-  real = evaluate.make_encoders
+  real = encoders_lib.make_encoders
 
   def spying(model, stage):
     encoders = real(model, stage)
@@ -385,7 +386,7 @@ def test_per_type_accuracy_with_a_decoder_right_on_some_answers_pairs_each_quest
       out.append(tok.backend.encode(' ' + answer + END, add_special_tokens=False).ids)
     return out
 
-  monkeypatch.setattr(evaluate, 'make_encoders', spying)
+  monkeypatch.setattr(encoders_lib, 'make_encoders', spying)
   monkeypatch.setattr(generate, 'generate_from_inputs', decoder)
   result = evaluate.evaluate(c, cfg, params, tokenizer_dir, str(tmp_path), stage='align_caption')
   right, total = collections.Counter(), collections.Counter()

@@ -13,6 +13,7 @@
 | mmbench       | mmbench_en_dev  | accuracy (CircularEval)      |
 | chartqa       | chartqa         | relaxed_overall              |
 | docvqa        | docvqa_val      | anls                         |
+| shapes        | (the synthetic set's held-out VQA) | mean_accuracy (over types) |
 
 The table below is the one list of benchmarks (no decorator in each module): reading this file shows them all, and
 importing it imports every evaluator, with no registration as a side effect of an import elsewhere.
@@ -22,12 +23,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from astrea_jax.eval import chartqa, docvqa, gqa, mmbench, mme, mmmu, pope, scienceqa, seed_bench, textvqa, vqav2
+from astrea_jax.eval import (chartqa, docvqa, gqa, mmbench, mme, mmmu, pope, scienceqa, seed_bench, shapes, textvqa,
+                             vqav2)
 from astrea_jax.eval.evaluator import Evaluator
 
 REGISTRY: dict[str, type[Evaluator]] = {cls.name: cls for cls in (
     mme.MME, pope.POPE, vqav2.VQAv2, textvqa.TextVQA, gqa.GQA, scienceqa.ScienceQAImg, seed_bench.SEEDBench,
-    mmmu.MMMU, mmbench.MMBench, chartqa.ChartQA, docvqa.DocVQA)}
+    mmmu.MMMU, mmbench.MMBench, chartqa.ChartQA, docvqa.DocVQA, shapes.Shapes)}
 
 
 def get_evaluator(name: str, **kwargs: Any) -> Evaluator:

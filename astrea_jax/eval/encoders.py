@@ -1,0 +1,77 @@
+"""The model's side of evaluation, jitted per model and stage: prompt embeddings with the stage's visual tokens,
+routed image embeddings of the caption prompt, caption text embeddings (`make_encoders`), and the parameters made
+readable on every process (`readable_params`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+
+from astrea_jax.astrea.model import Astrea
+from astrea_jax.core import stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoders:
+  """Jitted functions of (params, ...) for one model and stage.
+
+  prompt_inputs(params, ids, image_mask, instruction_mask, images) -> (LLM input embeddings [B, P, D], router P per
+    prompt averaged over the visual tokens [B, n] ([B, 0] outside the routed stages));
+  caption_outputs(params, ids, image_mask, instruction_mask, images) -> (image embeddings [B, d] of the routed visual
+    tokens, router P per prompt [B, n]);
+  text_embeddings(params, ids, mask) -> [B, d] (caption tokens, `templates.caption_tokens`).
+  ids, image_mask, instruction_mask [B, P] (left-padded prompts), images {slot: [B, S, S, 3]} in [0, 1] (one image
+  per prompt).
+  """
+  prompt_inputs: Any
+  caption_outputs: Any
+  text_embeddings: Any
+
+
+def make_encoders(model: Astrea, stage: str) -> Encoders:
+  """The `Encoders` of a model evaluated at `stage`; the router context follows the train step."""
+
+  def visual(params, stage, ids, instruction_mask, images):
+    variables = {'params': params}
+    instruction = None
+    if model.cfg.fusion(stage) == 'routed' and model.cfg.router_context == 'visual+text':
+      instruction = model.apply(variables, ids, instruction_mask[:, None, :], method=Astrea.pooled_instruction)
+    rows = {slot: x[:, None] for slot, x in images.items()}  # one image slot per prompt
+    tokens, aux = model.apply(variables, stage, rows, instruction=instruction, method=Astrea.visual_tokens)
+    probs = aux['probs'].mean(axis=(1, 2)) if 'probs' in aux else jnp.zeros((ids.shape[0], 0), jnp.float32)
+    return tokens, probs
+
+  @jax.jit
+  def prompt_inputs(params, ids, image_mask, instruction_mask, images):
+    tokens, probs = visual(params, stage, ids, instruction_mask, images)
+    embeds = model.apply({'params': params}, ids, tokens, image_mask, method=Astrea.prompt_embeddings)
+    return embeds, probs
+
+  @jax.jit
+  def caption_outputs(params, ids, image_mask, instruction_mask, images):
+    del image_mask
+    tokens, probs = visual(params, stages.MOCO_STAGE, ids, instruction_mask, images)
+    return model.apply({'params': params}, tokens[:, 0], method=Astrea.image_embedding), probs
+
+  @jax.jit
+  def text_embeddings(params, ids, mask):
+    embeds = model.apply({'params': params}, ids, method=Astrea.embed_tokens)
+    return model.apply({'params': params}, embeds, mask, method=Astrea.text_embedding)
+
+  return Encoders(prompt_inputs, caption_outputs, text_embeddings)
+
+
+
+def readable_params(params: Any) -> Any:
+  """The unboxed params with every leaf that spans several processes (multi-host) gathered whole onto each process
+  as a numpy array, so that each process can run the single-device-style evaluation; other leaves as they are."""
+  def readable(x):
+    return x if getattr(x, 'is_fully_addressable', True) else multihost_utils.process_allgather(x, tiled=True)
+  return jax.tree.map(readable, nn.unbox(params))
+
+
