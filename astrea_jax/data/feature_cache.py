@@ -1,4 +1,6 @@
 """The on-disk feature cache C (the paper's memory bank, Eq. 2-4): projected visual tokens per expert slot and image.
+(One module of ~420 lines: the store's layout, its multi-process writing, completion marker and fingerprint check
+are one on-disk format, read and written only here.)
 
 After pre-alignment stage i the trainer runs the frozen expert i + projector i once over every training image and
 stores the projected tokens C_i^j [T, D] of image j here; the later alignment stages k > i read them (the `cached`

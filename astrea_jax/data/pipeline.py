@@ -181,9 +181,25 @@ class DroppedEverythingError(ValueError):
   """A run of consecutive records was dropped: the data cannot make a batch (names the source and the reasons)."""
 
 
-class _DropIterator(grain.DatasetIterator):
+class _CountingIterator(grain.DatasetIterator):
+  """A pipeline iterator whose checkpointed state is its parent's and one dict of counts: the attribute named by
+  `STATE` = (key in the state, attribute)."""
+  STATE: tuple[str, str]
+
+  def get_state(self) -> dict[str, Any]:
+    key, attribute = self.STATE
+    return {'parent': self._parent.get_state(), key: dict(getattr(self, attribute))}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    key, attribute = self.STATE
+    self._parent.set_state(state['parent'])
+    setattr(self, attribute, dict(state[key]))
+
+
+class _DropIterator(_CountingIterator):
   """Drops `Dropped` markers; each example kept carries, per drop counter, the markers dropped just before it. More
   than `max_run` markers in a row stop the pipeline (`DroppedEverythingError`) instead of reading forever."""
+  STATE = ('pending', '_pending')
 
   def __init__(self, parent: grain.DatasetIterator, source: str, max_run: int):
     super().__init__(parent)
@@ -206,13 +222,6 @@ class _DropIterator(grain.DatasetIterator):
       self._pending = dict.fromkeys(self._pending, 0)
       return element
 
-  def get_state(self) -> dict[str, Any]:
-    return {'parent': self._parent.get_state(), 'pending': dict(self._pending)}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state['parent'])
-    self._pending = dict(state['pending'])
-
 
 class _Wrapped(grain.IterDataset):
   """An IterDataset whose iterator is `iterator_class(parent iterator, *args)` (the pipeline's own iterators)."""
@@ -225,7 +234,7 @@ class _Wrapped(grain.IterDataset):
     return self._iterator_class(self._parent.__iter__(), *self._args)
 
 
-class DataIterator(grain.DatasetIterator):
+class DataIterator(_CountingIterator):
   """The pipeline's iterator over host batches. `counts` holds, so far: 'skipped' bad records, 'truncated' sequences
   and 'too_long' sequences dropped with no answer token within seq_len; each is logged as it grows and is part of the
   checkpointed state."""
@@ -233,6 +242,7 @@ class DataIterator(grain.DatasetIterator):
   _MESSAGES = {'skipped': 'data %s: skipped %d bad records so far (on_bad_record=skip)',
                'truncated': 'data %s: truncated %d sequences longer than config.data.seq_len so far',
                'too_long': 'data %s: dropped %d sequences with no answer token within config.data.seq_len so far'}
+  STATE = ('counts', 'counts')
 
   def __init__(self, parent: grain.DatasetIterator, source: str):
     super().__init__(parent)
@@ -249,13 +259,6 @@ class DataIterator(grain.DatasetIterator):
         logging.warning(self._MESSAGES[name], self._source, self.counts[name])
         self._logged_at[name] = time.monotonic()
     return batch
-
-  def get_state(self) -> dict[str, Any]:
-    return {'parent': self._parent.get_state(), 'counts': dict(self.counts)}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state['parent'])
-    self.counts = dict(state['counts'])
 
 
 @dataclasses.dataclass(frozen=True)

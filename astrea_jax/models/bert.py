@@ -48,8 +48,6 @@ class BertConfig(ModelConfig):
   hidden_act: str = 'gelu'      # one of layers.ACTIVATIONS
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
-  dtype: str = 'float32'        # compute dtype
-  param_dtype: str = 'float32'  # storage dtype of the parameters
   remat_policy: str = 'none'    # one of REMAT_POLICIES
 
   POSITIVE_FIELDS = ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size',

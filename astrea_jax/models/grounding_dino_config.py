@@ -34,8 +34,6 @@ class GroundingDinoConfig(ModelConfig):
   decoder_bbox_embed_share: bool = True     # one box head for every decoder layer
   image_size: int = 800                     # square side images are resized to (not a Hugging Face field)
   init_std: float = 0.02
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
 
   NESTED = {'backbone': swin.SwinConfig, 'text': bert.BertConfig}
   POSITIVE_FIELDS = ('d_model', 'num_queries', 'encoder_layers', 'decoder_layers', 'encoder_ffn_dim',

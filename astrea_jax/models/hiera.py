@@ -1,4 +1,6 @@
 """SAM2's image encoder (Hiera backbone + FPN neck) in Flax Linen, matching `transformers.Sam2VisionModel`.
+(One module of ~440 lines: the backbone, its windowed position embedding and the neck are one parity unit, checked
+together against `Sam2VisionModel`; splitting them would scatter the window bookkeeping they share.)
 
 Backbone (Hiera, `Sam2HieraDetModel`): a patch convolution (7x7, stride 4, padding 3 by default), then the windowed
 absolute position embedding (`window_position_embedding`), then `sum(blocks_per_stage)` pre-norm blocks in stages.
@@ -105,8 +107,6 @@ class HieraConfig(ModelConfig):
   fpn_top_down_levels: tuple[int, ...] = (2, 3)  # stage indices that add the upsampled coarser level
   num_feature_levels: int = 3                    # finest levels returned
   initializer_range: float = 0.02
-  dtype: str = 'float32'                         # compute dtype
-  param_dtype: str = 'float32'                   # storage dtype of the parameters
   remat_policy: str = 'none'                     # one of REMAT_POLICIES (per block)
 
   POSITIVE_FIELDS = ('hidden_size', 'num_channels', 'fpn_hidden_size', 'fpn_kernel_size', 'fpn_stride',
@@ -311,8 +311,7 @@ class MultiScaleAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    cfg, spec = self.cfg, self.spec
-    nx = Numerics.of(cfg)
+    spec, nx = self.spec, Numerics.of(self.cfg)
     head_dim = spec.dim_out // spec.heads
     qkv = heads_in(nx, spec.heads, head_dim, 'qkv', packed=3)(x)          # [N, h, w, 3, H, d]
     q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]

@@ -44,10 +44,14 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig(ConfigFields):
   """`ConfigFields` whose activation fields (`ACTIVATION_FIELDS`) take the names of `ACTIVATIONS`: the base of every
-  model family's frozen config dataclass."""
+  model family's frozen config dataclass, with the numerics every family has (keyword-only, so that they follow the
+  family's own fields)."""
   ACTIVATIONS = ACTIVATIONS  # the class attribute is the module's table (the right side is read from the module)
+  dtype: str = 'float32'        # compute dtype
+  param_dtype: str = 'float32'  # storage dtype of the parameters
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,8 +53,6 @@ class LlamaConfig(ModelConfig):
   max_position_embeddings: int = 4096
   tie_word_embeddings: bool = False
   initializer_range: float = 0.02
-  dtype: str = 'float32'        # compute dtype
-  param_dtype: str = 'float32'  # storage dtype of the parameters
   remat_policy: str = 'none'    # one of REMAT_POLICIES
 
   POSITIVE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'num_kv_heads',

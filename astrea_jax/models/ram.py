@@ -54,7 +54,8 @@ TAG_STATES = (BATCH, LENGTH, EMBED_ACT)
 
 @dataclasses.dataclass(frozen=True)
 class RamPlusConfig(ModelConfig):
-  """Shape and numerics of RAM++ (defaults: the released Swin-L model's tag decoder, `q2l_config.json`)."""
+  """Shape and numerics of RAM++ (defaults: the released Swin-L model's tag decoder, `q2l_config.json`); `dtype` and
+  `param_dtype` are those of the heads and the tag decoder (the Swin has its own)."""
   swin: swin.SwinConfig         # image encoder (its final norm is used)
   num_tags: int                 # T (4585 in the release)
   num_descriptions: int = 51    # K text embeddings per tag
@@ -66,8 +67,6 @@ class RamPlusConfig(ModelConfig):
   hidden_act: str = 'gelu'      # one of layers.ACTIVATIONS
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
-  dtype: str = 'float32'        # compute dtype of the heads and decoder (the Swin has its own)
-  param_dtype: str = 'float32'
 
   NESTED = {'swin': swin.SwinConfig}
   POSITIVE_FIELDS = ('num_tags', 'num_descriptions', 'embed_width', 'hidden_size', 'num_heads', 'intermediate_size',

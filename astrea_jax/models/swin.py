@@ -82,8 +82,6 @@ class SwinConfig(ModelConfig):
   stage_norms: bool = True      # a LayerNorm per returned feature map (SwinBackbone's hidden_states_norms)
   always_partition: bool = False  # SwinBackbone's window rule (see the module docstring)
   initializer_range: float = 0.02
-  dtype: str = 'float32'        # compute dtype
-  param_dtype: str = 'float32'  # storage dtype of the parameters
   remat_policy: str = 'none'    # one of REMAT_POLICIES, applied per block
 
   POSITIVE_FIELDS = ('image_size', 'patch_size', 'embed_dim', 'window_size', 'num_channels', 'mlp_ratio')

@@ -72,8 +72,6 @@ class ViTConfig(ModelConfig):
   use_mask_token: bool = False  # DINOv2 mask token (replaces masked patches)
   layerscale_value: float = 1.0  # DINOv2: initial layer-scale value of fresh weights
   initializer_range: float = 0.02
-  dtype: str = 'float32'        # compute dtype
-  param_dtype: str = 'float32'  # storage dtype of the parameters
   remat_policy: str = 'none'    # one of REMAT_POLICIES
 
   POSITIVE_FIELDS = ('hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'image_size', 'patch_size',
