@@ -240,6 +240,6 @@ def test_wrong_family_and_bad_config_are_named(converted, tmp_path):
   bad = _rewrite(src, str(tmp_path / 'channels'), config={'backbone_channel_list': [8, 16, 32, 64]})
   with pytest.raises(table.ConversionError, match=r'config\.json: invalid HieraConfig: backbone_channel_list'):
     hf.import_hf(bad, str(tmp_path / 'out'), 'sam2', show_progress=False)
-  with pytest.raises(checkpoint.CheckpointError, match=r"model overrides \['hidden_size'\] would change"):
+  with pytest.raises(checkpoint.CheckpointError, match=r"overrides \['hidden_size'\] would change"):
     sam2_convert.load_sam2_encoder(converted['vision_padded96']['ckpt'], None, (), {'hidden_size': 16})
   assert not os.path.exists(tmp_path / 'out')
