@@ -17,6 +17,7 @@ from astrea_jax.convert import hf, ram_plus, table
 from astrea_jax.convert import sam2 as sam2_convert
 from astrea_jax.models import expert, families, hiera, ram, ram_expert, sam2_expert, swin
 from astrea_jax.parallel import mesh as mesh_lib
+from astrea_jax.parallel import sharding
 from astrea_jax.train import initial, runner
 from tests import ram_fixtures
 
@@ -156,6 +157,25 @@ def test_tags_features_are_the_top_scoring_tag_states():
   np.testing.assert_allclose(features.arrays[0], np.take_along_axis(np.asarray(out.tag_states), order[..., None], 1),
                              atol=1e-6)
   np.testing.assert_allclose(module.apply({'params': params}, images), features.arrays[0], atol=1e-6)
+
+
+def test_widths_the_fsdp_axis_does_not_divide_are_kept_whole():
+  """Hiera-L's 144- and 288-wide stages under fsdp=64: the dimension stays whole, the others keep their axes."""
+  mesh = jax.sharding.AbstractMesh((1, 16, 2), ('data', 'fsdp', 'tensor'))
+  spec = lambda s: tuple(s.spec)
+  s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('fsdp', 'tensor'))
+  assert spec(sharding.fit_to_shape(s, (24, 4))) == (None, 'tensor')
+  assert spec(sharding.fit_to_shape(s, (32, 3, 5))) == ('fsdp', None, None)
+  assert sharding.fit_to_shape(s, (32, 4)) is s
+  e = sam2_expert.sam2_expert_config('segmentation', hiera.HieraConfig(**{
+      **sam2_fixtures.CONFIGS['global64'][0], **sam2_fixtures.CONFIGS['global64'][1]}))
+  init = lambda: families.build_expert(e).init(jax.random.key(0), _images(1))['params']
+  abstract, shardings = sharding.abstract_and_shardings(init, mesh, RULES)
+  blocks = shardings['backbone']['backbone']
+  assert spec(blocks['block_0']['attn']['qkv']['kernel']) == (None, None, None, None)  # 8 wide, 1 head
+  assert spec(blocks['block_2']['attn']['qkv']['kernel']) == ('fsdp', None, 'tensor', None)  # 32 wide, 2 heads
+  for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    s.shard_shape(a.shape)  # raises where an axis does not divide
 
 
 # --- converted checkpoints in a run --------------------------------------------------------------------------------
