@@ -186,7 +186,7 @@ def test_video_model_source_takes_the_vision_encoder(converted, tmp_path):
   reader = safetensors_io.SafetensorsReader(src)
   available = {k: reader.info(k).shape for k in reader.keys()}
   prefix = sam2_convert.key_prefix(hf_config, available)
-  plan = table.plan('sam2', hf.keyed_rules(sam2_convert, cfg, prefix), 0, available, sam2_convert.IGNORE_PATTERNS)
+  plan = table.plan('sam2', sam2_convert.FAMILY.keyed_rules(cfg, prefix), 0, available, sam2_convert.IGNORE_PATTERNS)
   assert prefix == 'vision_encoder.' and len(plan.ignored) == len(available) - len(sam2_convert.rules(cfg))
   assert any(k.startswith('memory_attention.') for k in plan.ignored)
   assert 'occlusion_spatial_embedding_parameter' in plan.ignored

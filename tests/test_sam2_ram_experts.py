@@ -103,6 +103,20 @@ def test_a_setting_the_family_cannot_honour_is_a_config_error_naming_the_slot(da
     config_lib.model_config(c)
 
 
+def test_the_paper_scale_configs_hold_ram_plus_swin_l_and_sam2_hiera_l():
+  from configs import astrea_34b
+  experts = {e.name: e for e in config_lib.model_config(astrea_34b.get_config()).experts}
+  cls, seg = experts['classification'], experts['segmentation']
+  assert (cls.family, cls.image_size, cls.feature_width, cls.model.swin.dtype) == ('ram_plus', 384, 1536, 'bfloat16')
+  assert cls.model.swin.grid_sizes(384, 384)[-1] == (12, 12) and cls.model.num_tags * cls.model.num_descriptions == 233835
+  # Swin-L at 384: 195.2M parameters without a classifier (197M with ImageNet's), 103.9 GMAC = 207.8 GFLOP
+  assert swin.num_params(cls.model.swin) == pytest.approx(195.2e6, rel=1e-3)
+  assert ram_expert.forward_flops(cls) == pytest.approx(207.8e9, rel=1e-3)
+  assert (seg.family, seg.image_size, seg.feature_width, seg.model.num_blocks) == ('sam2', 1024, 256, 48)
+  assert seg.model.fpn_sizes(1024) == ((256, 256), (128, 128), (64, 64))  # the grid: the 64 x 64 x 256 embedding
+  assert 200e6 < hiera.num_params(seg.model) < 224.4e6  # the whole SAM2.1-L (prompt encoder, decoder, memory): 224.4M
+
+
 def test_forward_flops_match_hand_counts():
   model = hiera.HieraConfig(hidden_size=8, blocks_per_stage=(1, 1), embed_dim_per_stage=(8, 16),
                             num_attention_heads_per_stage=(1, 2), window_size_per_stage=(4, 2),
