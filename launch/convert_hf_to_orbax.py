@@ -14,7 +14,8 @@ from astrea_jax.core import logs
 from astrea_jax import convert
 from astrea_jax.convert import hf
 
-_FAMILY = flags.DEFINE_enum('family', None, sorted(convert.FAMILIES), 'Model family of the checkpoint.')
+_FAMILY = flags.DEFINE_enum('family', None, sorted(n for n, f in convert.FAMILIES.items() if f.hf_folder),
+                            'Model family of the checkpoint (RAM++: launch.convert_ram_plus).')
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'Hugging Face folder with config.json and *.safetensors.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder (must not exist, or be empty, unless --overwrite).')
 _PARAM_DTYPE = flags.DEFINE_enum('param_dtype', 'float32', ['float32', 'bfloat16', 'float16'],

@@ -5,8 +5,8 @@ r"""Tags an image with a converted RAM++ checkpoint.
 Prints one line per tag whose score (sigmoid of its logit) exceeds its threshold, highest score first:
 `<tag>\t<score>`. Thresholds are the per-tag ones stored with the checkpoint (`launch.convert_ram_plus
 --thresholds`), else --threshold for every tag; tags are named from the stored tag list, else `tag_<index>`. The
-image is preprocessed as recognize-anything does: RGB, bilinear resize to the model's square size, ImageNet
-normalisation.
+image is preprocessed as recognize-anything does: RGB, bilinear resize to the model's square size, and the RAM++
+family's normalisation (ImageNet's mean / std, `astrea_jax.models.families`).
 """
 
 import jax
@@ -19,7 +19,7 @@ from astrea_jax.core import logs
 from astrea_jax import config as config_lib
 from astrea_jax.convert import ram_plus
 from astrea_jax.data import images
-from astrea_jax.models import ram
+from astrea_jax.models import families, ram
 from astrea_jax.parallel import mesh as mesh_lib
 
 _CKPT = flags.DEFINE_string('ckpt', None, 'Converted RAM++ checkpoint folder (from launch.convert_ram_plus).')
@@ -30,10 +30,11 @@ flags.mark_flags_as_required(['ckpt', 'image'])
 
 
 def model_input(path: str, size: int) -> np.ndarray:
-  """The image at `path` as the model's input [1, size, size, 3]."""
+  """The image at `path` as the model's input [1, size, size, 3], normalised."""
   pixels = Image.fromarray(images.load_image(path)).resize((size, size), Image.BILINEAR)
   x = np.asarray(pixels, np.float32) / 255.0
-  return ((x - np.asarray(images.IMAGENET_MEAN)) / np.asarray(images.IMAGENET_STD))[None].astype(np.float32)
+  mean, std = families.get(ram_plus.NAME).normalization
+  return ((x - np.asarray(mean)) / np.asarray(std))[None].astype(np.float32)
 
 
 def main(argv):

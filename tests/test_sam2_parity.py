@@ -186,7 +186,7 @@ def test_video_model_source_takes_the_vision_encoder(converted, tmp_path):
   reader = safetensors_io.SafetensorsReader(src)
   available = {k: reader.info(k).shape for k in reader.keys()}
   prefix = sam2_convert.key_prefix(hf_config, available)
-  plan = table.plan('sam2', hf.keyed_rules(sam2_convert, cfg, prefix), 0, available, sam2_convert.IGNORE_PATTERNS)
+  plan = table.plan('sam2', sam2_convert.FAMILY.keyed_rules(cfg, prefix), 0, available, sam2_convert.IGNORE_PATTERNS)
   assert prefix == 'vision_encoder.' and len(plan.ignored) == len(available) - len(sam2_convert.rules(cfg))
   assert any(k.startswith('memory_attention.') for k in plan.ignored)
   assert 'occlusion_spatial_embedding_parameter' in plan.ignored
@@ -240,6 +240,6 @@ def test_wrong_family_and_bad_config_are_named(converted, tmp_path):
   bad = _rewrite(src, str(tmp_path / 'channels'), config={'backbone_channel_list': [8, 16, 32, 64]})
   with pytest.raises(table.ConversionError, match=r'config\.json: invalid HieraConfig: backbone_channel_list'):
     hf.import_hf(bad, str(tmp_path / 'out'), 'sam2', show_progress=False)
-  with pytest.raises(checkpoint.CheckpointError, match=r"model overrides \['hidden_size'\] would change"):
+  with pytest.raises(checkpoint.CheckpointError, match=r"overrides \['hidden_size'\] would change"):
     sam2_convert.load_sam2_encoder(converted['vision_padded96']['ckpt'], None, (), {'hidden_size': 16})
   assert not os.path.exists(tmp_path / 'out')

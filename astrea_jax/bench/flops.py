@@ -49,6 +49,11 @@ def expert_forward_flops(e: expert_lib.ExpertConfig) -> int:
   return families.get(e.family).forward_flops(e)
 
 
+def expert_summary(e: expert_lib.ExpertConfig) -> str:
+  """One expert for the report, for any family: 'sam2 @1024px -> 256 wide, 1234.5 GFLOP/image'."""
+  return f'{e.family} @{e.image_size}px -> {e.feature_width} wide, {expert_forward_flops(e) / 1e9:.1f} GFLOP/image'
+
+
 def projector_weights(in_width: int, width: int) -> int:
   """LLaVA mlp2x_gelu in_width -> width -> width (biases are not matmul weights)."""
   return in_width * width + width * width
@@ -133,8 +138,7 @@ def run(config: ml_collections.ConfigDict, step_seconds: float = 0.0, devices: i
               for stage in tuple(config.data.align_order) + ('instruct', 'main')}
   except ValueError as e:
     raise BenchmarkError(str(e)) from None
-  experts = {e.name: f'{e.family} {e.model.hidden_size}w {e.model.num_layers}L @{e.image_size}px'
-             for e in config_lib.model_config(config).experts}
+  experts = {e.name: expert_summary(e) for e in config_lib.model_config(config).experts}
   seq_len, batch = config.data.seq_len, config.train.global_batch_size
   rows = {'llm (all trained)': {'llm': seq_len * llm_flops_per_token(cfg, seq_len)}, **stages}
   peak = peak_tflops * 1e12

@@ -43,18 +43,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.astrea.load_balance_coef = 0.0   # Switch load-balancing loss weight; 0 = off (the paper has none)
   c.astrea.router_z_coef = 0.0       # router z-loss weight; 0 = off
 
-  # --- the vision experts' backbones (astrea_jax.models.vit); their input size and normalisation are
+  # --- the vision experts (one family of astrea_jax.models.families each); their input size and normalisation are
   # config.data.experts.<slot>, their common token count config.data.visual_tokens ---
   c.model = ml_collections.ConfigDict()
   c.model.train_experts = False      # False: experts are frozen (no gradient flows into them)
   # A part that would start from random weights and stay frozen (the LLM without init_checkpoint, an expert without
   # its checkpoint or stage 0) is a ConfigError naming the field; True allows it (the tiny default's LLM, tests).
   c.allow_random_init = False
-  # Per slot: a converted expert checkpoint (launch.convert_hf_to_orbax --family=siglip|clip|dinov2) loaded into that
-  # slot at the start of a run; its shapes must equal config.model.experts.<slot>; '' = random init (or stage 0).
+  # Per slot: a converted expert checkpoint (launch.convert_hf_to_orbax --family=siglip|clip|dinov2|sam2, or
+  # launch.convert_ram_plus) loaded into that slot at the start of a run as the slot's expert; its family, shapes and
+  # the model fields config.model.experts.<slot> sets must match; '' = random init (or stage 0).
   c.model.expert_checkpoints = ml_collections.ConfigDict({slot: '' for slot in
                                                           ('caption', 'classification', 'detection', 'segmentation')})
-  c.model.experts = ml_collections.ConfigDict()  # per slot: a ViT-family backbone (family siglip | clip | dinov2)
+  # Per slot: `family` (siglip | clip | dinov2: ViTConfig fields; sam2: HieraConfig fields and features='grid' |
+  # 'multiscale'; ram_plus: RamPlusConfig fields, its Swin's under `swin`, and features='grid' | 'tags'); the image
+  # side and numerics come from config.data.experts.<slot> and config.llm; config/presets.py shows sam2 and ram_plus.
+  c.model.experts = ml_collections.ConfigDict()
   for slot, family in (('caption', 'siglip'), ('classification', 'clip'), ('detection', 'dinov2'),
                        ('segmentation', 'dinov2')):
     c.model.experts[slot] = dict(family=family, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,

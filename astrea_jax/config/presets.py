@@ -20,16 +20,24 @@ def paper_scale(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.seq_len = 2048
   c.data.template = 'vicuna_v1'      # Vicuna-1.5 (13B); the 34B config sets chatml
   c.data.visual_tokens = 576         # 24 x 24
-  # Caption: SigLIP-SO400M/14@384 (the paper's). The other slots hold ViT stand-ins of about the size and token count of
-  # RAM++ (Swin-L, ~200M), Grounding DINO (~170M) and SAM2 Hiera-L (~220M) until those modules exist.
+  # The paper's experts at their released sizes: caption SigLIP-SO400M/14@384; classification RAM++ (Swin-L@384,
+  # recognize-anything's config_swinL_384 and q2l_config: 4585 tags of 51 descriptions; its Swin image tokens,
+  # 12 x 12 x 1536); segmentation SAM2.1 Hiera-L@1024 (Meta's sam2.1_hiera_l config; its stride-16 FPN level, 64 x 64
+  # x 256). Detection holds a ViT stand-in of about Grounding DINO's size (~170M) until that module is in.
   c.model.experts.caption = dict(family='siglip', hidden_size=1152, intermediate_size=4304, num_layers=27,
                                  num_heads=16, patch_size=14)
-  c.model.experts.classification = dict(family='clip', hidden_size=1024, intermediate_size=4096, num_layers=24,
-                                        num_heads=16, patch_size=16)
+  c.model.experts.classification = dict(
+      family='ram_plus', features='grid', num_tags=4585, num_descriptions=51, embed_width=512, hidden_size=768,
+      num_heads=4, intermediate_size=3072, num_layers=2,
+      swin=dict(patch_size=4, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12))
   c.model.experts.detection = dict(family='dinov2', hidden_size=768, intermediate_size=3072, num_layers=12,
                                    num_heads=12, patch_size=32)
-  c.model.experts.segmentation = dict(family='dinov2', hidden_size=1024, intermediate_size=4096, num_layers=16,
-                                      num_heads=16, patch_size=32)
+  c.model.experts.segmentation = dict(
+      family='sam2', features='grid', hidden_size=144, blocks_per_stage=(2, 6, 36, 4),
+      embed_dim_per_stage=(144, 288, 576, 1152), num_attention_heads_per_stage=(2, 4, 8, 16),
+      window_size_per_stage=(8, 4, 16, 8), global_attention_blocks=(23, 33, 43),
+      window_positional_embedding_background_size=(7, 7), fpn_hidden_size=256, fpn_top_down_levels=(2, 3),
+      num_feature_levels=3)
   for slot, side in (('caption', 384), ('classification', 384), ('detection', 800), ('segmentation', 1024)):
     c.data.experts[slot].image_size = side  # SigLIP-SO400M@384, RAM++ Swin-L@384, Grounding DINO, SAM2
   # The recipe of Sec. 4.1: pre-alignment 2000k, 500k, 200k, 200k steps; instruction tuning 500k; peak learning rate

@@ -103,13 +103,16 @@ def _nest(path: tuple[str, ...], value: Any) -> dict:
   return value
 
 
-def load_params(ckpt_dir: str, abstract_params: Any) -> Any:
+def load_params(ckpt_dir: str, abstract_params: Any, partial: bool = False) -> Any:
   """Restores the parameters onto the devices and shardings of `abstract_params` (ShapeDtypeStructs with
-  `.sharding`); each host reads only the shards it holds."""
+  `.sharding`); each host reads only the shards it holds. `partial`: `abstract_params` may name a part of the
+  stored tree (the rest is not read)."""
   path = os.path.join(ckpt_dir, PARAMS_DIR)
   if not os.path.isdir(path):
     raise CheckpointError(f'{ckpt_dir}: no {PARAMS_DIR}/ folder')
-  with warnings.catch_warnings():
+  ctx = ocp.Context()
+  ctx.pytree.loading.partial_load = partial
+  with ctx, warnings.catch_warnings():
     warnings.simplefilter('ignore')
     return ocp.load_pytree(path, abstract_params)
 
@@ -128,11 +131,7 @@ def load_param_leaves(ckpt_dir: str, leaves: dict[tuple[str, ...], tuple[tuple[i
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = np.empty(shape, dtype)
-  ctx = ocp.Context()
-  ctx.pytree.loading.partial_load = True
-  with ctx, warnings.catch_warnings():
-    warnings.simplefilter('ignore')
-    tree = ocp.load_pytree(os.path.join(ckpt_dir, PARAMS_DIR), abstract)
+  tree = load_params(ckpt_dir, abstract, partial=True)
   out = {}
   for path in leaves:
     node = tree
@@ -167,8 +166,8 @@ def check_family(ckpt_dir: str, meta: dict[str, Any], allowed, what: str) -> Non
     raise CheckpointError(f'{ckpt_dir}: family {meta["family"]!r} is not {what}; expected one of {sorted(allowed)}')
 
 
-def restore(ckpt_dir: str, init_fn: Any, mesh: jax.sharding.Mesh, rules: Any) -> Any:
+def restore(ckpt_dir: str, init_fn: Any, mesh: jax.sharding.Mesh, rules: Any, partial: bool = False) -> Any:
   """The checkpoint's parameters in the shapes `init_fn` gives (abstractly evaluated), each read straight into its
-  shards on the mesh (sharded by the logical axis names of the parameters)."""
+  shards on the mesh (sharded by the logical axis names of the parameters); `partial` as in `load_params`."""
   abstract, shardings = sharding.abstract_and_shardings(init_fn, mesh, rules)
-  return load_params(ckpt_dir, sharding.with_shardings(abstract, shardings))
+  return load_params(ckpt_dir, sharding.with_shardings(abstract, shardings), partial)

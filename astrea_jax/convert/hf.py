@@ -25,8 +25,9 @@ from typing import Any, Iterable
 import numpy as np
 import tqdm
 
+import astrea_jax.convert as convert  # the family registry; imported as a package: a family module imports this one
 from astrea_jax.core import files
-from astrea_jax.convert import checkpoint, get_family, safetensors_io, table
+from astrea_jax.convert import checkpoint, safetensors_io, table
 from astrea_jax.core.fields import to_dtype
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -58,10 +59,19 @@ def source_dtype(reader: safetensors_io.SafetensorsReader, keys: Iterable[str] |
   return floats[0] if len(floats) == 1 else 'float32'
 
 
+def hf_family(name: str, where: str):
+  """The converter family `name`, which must have a Hugging Face folder form (`ConvertFamily.hf_folder`)."""
+  fam = convert.get_family(name)
+  if not fam.hf_folder:
+    raise table.ConversionError(f'{where}: family {name!r} has no Hugging Face folder form; its checkpoints are '
+                                f'converted by astrea_jax.convert.{name} (see its module docstring)')
+  return fam
+
+
 def import_hf(hf_dir: str, out_dir: str, family: str, param_dtype: str = 'float32', overwrite: bool = False,
               show_progress: bool = True) -> dict[str, Any]:
   """HF folder -> converted Orbax checkpoint at out_dir; returns the written metadata."""
-  fam = get_family(family)
+  fam = hf_family(family, hf_dir)
   hf_config = _read_json(os.path.join(hf_dir, 'config.json'))
   try:
     cfg = fam.config_from_hf(hf_config, where=os.path.join(hf_dir, 'config.json'))
@@ -116,7 +126,7 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
   Returns the safetensors file names written.
   """
   meta = checkpoint.read_metadata(ckpt_dir)
-  fam = get_family(meta['family'])
+  fam = hf_family(meta['family'], ckpt_dir)
   cfg = fam.config.from_dict(meta['model_config'])
   dtype = dtype or meta.get('source_dtype') or 'float32'
   out_np = np.dtype(to_dtype(dtype))

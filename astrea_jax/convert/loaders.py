@@ -26,13 +26,15 @@ def load_llm(ckpt_dir: str, mesh: jax.sharding.Mesh, rules, **overrides) -> tupl
 
 
 def load_expert(ckpt_dir: str, slot: str, mesh: jax.sharding.Mesh, rules,
-                model_overrides: Mapping[str, Any] | None = None) -> tuple[Any, dict]:
-  """(expert config, params) of a converted vision-expert checkpoint of any family, as the expert of `slot`."""
+                model_overrides: Mapping[str, Any] | None = None, **expert_overrides: Any) -> tuple[Any, dict]:
+  """(expert config, params) of a converted vision-expert checkpoint of any family, as the expert of `slot`:
+  `model_overrides` change the stored model's numerics only, `expert_overrides` set expert fields (image_size,
+  num_visual_tokens, the family's feature options), which also decide which parameters the expert holds."""
   family = get_family(checkpoint.read_metadata(ckpt_dir)['family'])
   if family.load_expert is None:
     raise CheckpointError(f'{ckpt_dir}: family {family.name!r} is not a vision expert (its converter has no expert '
                           'loader)')
-  return family.load_expert(ckpt_dir, slot, mesh, rules, model_overrides)
+  return family.load_expert(ckpt_dir, slot, mesh, rules, model_overrides, **expert_overrides)
 
 
 def load_astrea(ckpt_dir: str, mesh: jax.sharding.Mesh, rules) -> tuple[AstreaConfig, Any]:

@@ -33,9 +33,10 @@ from astrea_jax.core import files
 from astrea_jax.convert import checkpoint, fused, hf, safetensors_io, swin, table, torch_io
 from astrea_jax.convert.table import ConversionError
 from astrea_jax.core.fields import to_dtype
+from astrea_jax.convert.family import ConvertFamily
+from astrea_jax.models import ram_expert
 from astrea_jax.models.ram import RamPlus, RamPlusConfig
 from astrea_jax.models.swin import SwinConfig
-from astrea_jax.parallel import sharding
 
 NAME = 'ram_plus'
 CONFIG = RamPlusConfig
@@ -243,8 +244,7 @@ def export_checkpoint(ckpt_dir: str, out_file: str, dtype: str | None = None, ov
   """Converted checkpoint -> one `.safetensors` file with the source's keys (its head prefix; the Swin buffers
   rebuilt when the source had them), in `dtype` (default: the source's). Returns the keys written."""
   meta = checkpoint.read_metadata(ckpt_dir)
-  if meta['family'] != NAME:
-    raise checkpoint.CheckpointError(f'{ckpt_dir}: family {meta["family"]!r} is not {NAME!r}')
+  checkpoint.check_family(ckpt_dir, meta, (NAME,), 'a RAM++ checkpoint')
   if os.path.exists(out_file) and not overwrite:
     raise FileExistsError(f'{out_file} exists; choose another output or pass overwrite')
   cfg = RamPlusConfig.from_dict(meta['model_config'])
@@ -285,19 +285,49 @@ def export_checkpoint(ckpt_dir: str, out_file: str, dtype: str | None = None, ov
   return [s.name for s in specs]
 
 
+def stored_config(ckpt_dir: str, model_overrides: Mapping[str, Any] | None = None) -> RamPlusConfig:
+  """The RamPlusConfig of a converted checkpoint in the numerics of `model_overrides` (dtype, param_dtype,
+  remat_policy: `RamPlusConfig.with_numerics`; nothing else may change); another family is an error naming the
+  folder."""
+  model_overrides = dict(model_overrides or {})
+  checkpoint.check_numerics_only(ckpt_dir, model_overrides)
+  meta = checkpoint.read_metadata(ckpt_dir)
+  checkpoint.check_family(ckpt_dir, meta, (NAME,), 'a RAM++ checkpoint')
+  return RamPlusConfig.from_dict(meta['model_config']).with_numerics(**model_overrides)
+
+
 def load(ckpt_dir: str, mesh: jax.sharding.Mesh, logical_rules,
          **config_overrides: Any) -> tuple[RamPlusConfig, dict]:
   """(RamPlusConfig, params) of a converted checkpoint, restored into the mesh's shardings (`logical_rules`: the
-  config's logical axis rules); `config_overrides` may change numerics only (dtype, param_dtype)."""
-  meta = checkpoint.read_metadata(ckpt_dir)
-  if meta['family'] != NAME:
-    raise checkpoint.CheckpointError(f'{ckpt_dir}: family {meta["family"]!r} is not {NAME!r}')
-  bad = sorted(set(config_overrides) - {'dtype', 'param_dtype'})
-  if bad:
-    raise checkpoint.CheckpointError(f'{ckpt_dir}: overrides {bad} would change the stored model shape')
-  cfg = RamPlusConfig.from_dict(dict(meta['model_config'], **config_overrides))
+  config's logical axis rules); `config_overrides` may change numerics only (`stored_config`)."""
+  cfg = stored_config(ckpt_dir, config_overrides)
   s = cfg.swin.image_size
   images = jnp.zeros((1, s, s, cfg.swin.num_channels), jnp.float32)
   init = lambda: RamPlus(cfg).init(jax.random.key(0), images)['params']
-  abstract, shardings = sharding.abstract_and_shardings(init, mesh, logical_rules)
-  return cfg, checkpoint.load_params(ckpt_dir, sharding.with_shardings(abstract, shardings))
+  return cfg, checkpoint.restore(ckpt_dir, init, mesh, logical_rules)
+
+
+def load_ram_expert(ckpt_dir: str, slot: str, mesh: jax.sharding.Mesh, logical_rules,
+                    model_overrides: Mapping[str, Any] | None = None,
+                    **expert_overrides: Any) -> tuple[ram_expert.RamExpertConfig, dict]:
+  """(config, params) of a converted RAM++ checkpoint as the expert of `slot` (`ConvertFamily.load_expert`): the
+  model config from the checkpoint (`model_overrides`: numerics only), `expert_overrides` set expert fields
+  (image_size, features, num_visual_tokens, ...). Only the part the expert holds is read: the Swin for
+  features='grid', everything for 'tags' (`RamExpertConfig.checkpoint_path`)."""
+  cfg = ram_expert.ram_expert_config(slot, stored_config(ckpt_dir, model_overrides), **expert_overrides)
+  path = cfg.checkpoint_path
+  images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+
+  def init():
+    tree = ram_expert.RamExpert(cfg).init(jax.random.key(0), images)['params']['backbone']
+    for key in reversed(path):
+      tree = {key: tree}
+    return tree
+
+  tree = checkpoint.restore(ckpt_dir, init, mesh, logical_rules, partial=bool(path))
+  for key in path:
+    tree = tree[key]
+  return cfg, {'backbone': tree}
+
+
+FAMILY = ConvertFamily(NAME, CONFIG, None, None, rules, IGNORE_PATTERNS, load_expert=load_ram_expert)

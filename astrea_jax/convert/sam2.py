@@ -1,5 +1,5 @@
 """SAM2 image-encoder family (`Sam2VisionModel`, or the `vision_encoder` of a full `Sam2Model` / `Sam2VideoModel`):
-config, tensor table, and the loader of a converted checkpoint.
+config, tensor table, and the loaders of a converted checkpoint (as the encoder, as an expert).
 
 Sources: a vision-only `Sam2VisionModel` folder (transformers 5.x saves its tensors with no prefix: `backbone.*`,
 `neck.*`; config.json of model_type 'sam2_vision_model' nesting `backbone_config`), or a full `Sam2Model` or
@@ -28,9 +28,8 @@ import jax.numpy as jnp
 from astrea_jax.convert.family import ConvertFamily
 from astrea_jax.convert import checkpoint, table
 from astrea_jax.convert.table import ConversionError
-from astrea_jax.models import hiera
+from astrea_jax.models import hiera, sam2_expert
 from astrea_jax.models.hiera import HieraConfig
-from astrea_jax.parallel import sharding
 
 NAME = 'sam2'
 CONFIG = HieraConfig
@@ -43,7 +42,6 @@ IGNORE_PATTERNS = (r'prompt_encoder\..*', r'mask_decoder\..*', r'shared_image_em
                    r'memory_.*', r'mask_downsample.*', r'object_pointer_proj.*',
                    r'temporal_positional_encoding_projection_layer.*', r'no_memory_positional_encoding',
                    r'no_object_pointer', r'occlusion_spatial_embedding_parameter')
-NUMERIC_FIELDS = ('dtype', 'param_dtype', 'remat_policy')
 
 
 def key_prefix(hf: dict[str, Any], keys: Iterable[str]) -> str:
@@ -176,29 +174,43 @@ def optional_keys(cfg: HieraConfig) -> tuple[str, ...]:
   return ()
 
 
+def stored_config(ckpt_dir: str, model_overrides: Mapping[str, Any] | None = None) -> HieraConfig:
+  """The HieraConfig of a converted SAM2 image encoder, with `model_overrides` of its numerics only (dtype,
+  param_dtype, remat_policy); another family is an error naming the folder."""
+  model_overrides = dict(model_overrides or {})
+  checkpoint.check_numerics_only(ckpt_dir, model_overrides)
+  meta = checkpoint.read_metadata(ckpt_dir)
+  checkpoint.check_family(ckpt_dir, meta, (NAME,), 'a SAM2 image encoder')
+  return HieraConfig.from_dict(dict(meta['model_config'], **model_overrides))
+
+
+def restore_encoder(ckpt_dir: str, cfg: HieraConfig, mesh: jax.sharding.Mesh, rules: Any) -> dict:
+  """The `Sam2VisionEncoder` parameters {'backbone': ..., 'neck': ...} of a converted checkpoint of config `cfg`,
+  restored into the mesh's shardings."""
+  images = jnp.zeros((1, *cfg.image_size, cfg.num_channels), jnp.float32)
+  init = lambda: hiera.Sam2VisionEncoder(cfg).init(jax.random.key(0), images)['params']
+  return checkpoint.restore(ckpt_dir, init, mesh, rules)
+
+
 def load_sam2_encoder(ckpt_dir: str, mesh: jax.sharding.Mesh, rules: Any,
                       model_overrides: Mapping[str, Any] | None = None) -> tuple[HieraConfig, dict]:
   """(config, params) of a converted SAM2 image encoder, restored into the mesh's shardings; `params` are the
-  `Sam2VisionEncoder` tree {'backbone': ..., 'neck': ...}.
+  `Sam2VisionEncoder` tree {'backbone': ..., 'neck': ...}. The model config comes from the checkpoint;
+  `model_overrides` may change numerics only."""
+  cfg = stored_config(ckpt_dir, model_overrides)
+  return cfg, restore_encoder(ckpt_dir, cfg, mesh, rules)
 
-  The model config comes from the checkpoint; `model_overrides` may change numerics only (dtype, param_dtype,
-  remat_policy).
-  """
-  meta = checkpoint.read_metadata(ckpt_dir)
-  if meta['family'] != NAME:
-    raise checkpoint.CheckpointError(f'{ckpt_dir}: family {meta["family"]!r} is not a SAM2 image encoder; '
-                                     f'expected {NAME!r}')
-  model_overrides = dict(model_overrides or {})
-  bad = sorted(set(model_overrides) - set(NUMERIC_FIELDS))
-  if bad:
-    raise checkpoint.CheckpointError(f'{ckpt_dir}: model overrides {bad} would change the stored model shape; '
-                                     f'only {NUMERIC_FIELDS} may be overridden')
-  cfg = HieraConfig.from_dict(dict(meta['model_config'], **model_overrides))
-  images = jnp.zeros((1, *cfg.image_size, cfg.num_channels), jnp.float32)
-  init = lambda: hiera.Sam2VisionEncoder(cfg).init(jax.random.key(0), images)['params']
-  abstract, shardings = sharding.abstract_and_shardings(init, mesh, rules)
-  return cfg, checkpoint.load_params(ckpt_dir, sharding.with_shardings(abstract, shardings))
+
+def load_sam2_expert(ckpt_dir: str, slot: str, mesh: jax.sharding.Mesh, rules: Any,
+                     model_overrides: Mapping[str, Any] | None = None,
+                     **expert_overrides: Any) -> tuple[sam2_expert.Sam2ExpertConfig, dict]:
+  """(config, params) of a converted SAM2 image encoder as the expert of `slot` (`ConvertFamily.load_expert`):
+  the model config from the checkpoint (`model_overrides`: numerics only), `expert_overrides` set expert fields
+  (image_size, features, num_visual_tokens, ...); params {'backbone': the encoder's}."""
+  model = stored_config(ckpt_dir, model_overrides)
+  cfg = sam2_expert.sam2_expert_config(slot, model, **expert_overrides)
+  return cfg, {'backbone': restore_encoder(ckpt_dir, model, mesh, rules)}
 
 
 FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, IGNORE_PATTERNS, optional_keys,
-                       key_prefix=key_prefix, export_key_prefix=export_key_prefix)
+                       key_prefix=key_prefix, export_key_prefix=export_key_prefix, load_expert=load_sam2_expert)

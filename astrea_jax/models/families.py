@@ -14,8 +14,12 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 
 from astrea_jax.core import flops
-from astrea_jax.models import vit, vit_expert
-from astrea_jax.models.expert import ExpertConfig
+from astrea_jax.models import hiera, ram, ram_expert, sam2_expert, swin, vit, vit_expert
+from astrea_jax.models.expert import IMAGENET, ExpertConfig
+
+# Model fields a run sets itself (config.data.experts.<slot>.image_size, config.llm's numerics): not settable in
+# config.model.experts.<slot>.
+RUN_FIELDS = ('image_size', 'dtype', 'param_dtype', 'remat_policy')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +33,15 @@ class ExpertInputs:
   param_dtype: str = 'float32'
   remat_policy: str = 'none'
 
+  def expert_fields(self, slot: str) -> dict[str, Any]:
+    """The `ExpertConfig` fields these inputs set for `slot`."""
+    return dict(name=slot, image_size=self.image_size, image_mean=self.image_mean, image_std=self.image_std,
+                num_visual_tokens=self.num_visual_tokens)
+
+  def numerics(self) -> dict[str, str]:
+    """The model numerics the run sets (the LLM's)."""
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype, remat_policy=self.remat_policy)
+
 
 @dataclasses.dataclass(frozen=True)
 class ExpertFamily:
@@ -36,7 +49,7 @@ class ExpertFamily:
   name: str
   config_class: type                      # its `ExpertConfig` subclass
   module: type                            # its expert Linen module (built from a config of `config_class`)
-  feature_kind: str                       # 'grid' | 'tokens' | 'multiscale' | 'queries' (models.expert)
+  feature_kind: str                       # 'grid' | 'tokens' | 'multiscale' | 'queries' (models.expert), by default
   normalization: tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std) of its processor
   input_size: int                         # the side its released weights run at
   converter: str                          # `--family` of its checkpoints in astrea_jax.convert
@@ -44,14 +57,38 @@ class ExpertFamily:
   forward_flops: Callable[[ExpertConfig], int]  # FLOPs of one image's forward pass up to its features
 
 
+def split_fields(fields: Mapping[str, Any], options: tuple[str, ...] = ()) -> tuple[dict, dict]:
+  """(model fields, expert options) of config.model.experts.<slot> (or of a nested model config in it), without
+  `family`; a field the run sets itself (RUN_FIELDS) is an error naming it."""
+  fields = {k: v for k, v in dict(fields).items() if k != 'family'}
+  reserved = sorted(set(fields) & set(RUN_FIELDS))
+  if reserved:
+    raise ValueError(f'{reserved} cannot be set here: the image side is config.data.experts.<slot>.image_size and '
+                     'the numerics are config.llm\'s')
+  return ({k: v for k, v in fields.items() if k not in options}, {k: v for k, v in fields.items() if k in options})
+
+
 def _vit_from_fields(family: str) -> Callable[[str, Mapping[str, Any], ExpertInputs], ExpertConfig]:
   def build(slot: str, fields: Mapping[str, Any], inputs: ExpertInputs) -> ExpertConfig:
-    fields = {k: v for k, v in dict(fields).items() if k != 'family'}
-    model = vit.ViTConfig(family=family, image_size=inputs.image_size, dtype=inputs.dtype,
-                          param_dtype=inputs.param_dtype, remat_policy=inputs.remat_policy, **fields)
-    return vit_expert.vit_expert_config(slot, model, image_size=inputs.image_size, image_mean=inputs.image_mean,
-                                        image_std=inputs.image_std, num_visual_tokens=inputs.num_visual_tokens)
+    model = vit.ViTConfig(family=family, image_size=inputs.image_size, **inputs.numerics(), **split_fields(fields)[0])
+    return vit_expert.vit_expert_config(model=model, **inputs.expert_fields(slot))
   return build
+
+
+def _sam2_from_fields(slot: str, fields: Mapping[str, Any], inputs: ExpertInputs) -> ExpertConfig:
+  """HieraConfig fields (backbone_channel_list defaults to embed_dim_per_stage reversed) and `features`."""
+  model_fields, options = split_fields(fields, ('features',))
+  model_fields.setdefault('backbone_channel_list', tuple(model_fields.get('embed_dim_per_stage', ()))[::-1])
+  model = hiera.HieraConfig(image_size=inputs.image_size, **inputs.numerics(), **model_fields)
+  return sam2_expert.Sam2ExpertConfig(model=model, **inputs.expert_fields(slot), **options)
+
+
+def _ram_from_fields(slot: str, fields: Mapping[str, Any], inputs: ExpertInputs) -> ExpertConfig:
+  """RamPlusConfig fields with its Swin's fields under `swin`, and `features`."""
+  model_fields, options = split_fields(fields, ('features',))
+  swin_cfg = swin.SwinConfig(image_size=inputs.image_size, **split_fields(model_fields.pop('swin', {}))[0])
+  model = ram.RamPlusConfig(swin=swin_cfg, **model_fields).with_numerics(**inputs.numerics())
+  return ram_expert.RamExpertConfig(model=model, **inputs.expert_fields(slot), **options)
 
 
 def _vit_forward_flops(e: ExpertConfig) -> int:
@@ -66,9 +103,13 @@ def _vit_forward_flops(e: ExpertConfig) -> int:
 
 
 FAMILIES: dict[str, ExpertFamily] = {
-    name: ExpertFamily(name, vit_expert.ViTExpertConfig, vit_expert.ViTExpert, 'grid',
-                       vit_expert.NORMALIZATION[name], size, name, _vit_from_fields(name), _vit_forward_flops)
-    for name, size in (('siglip', 384), ('clip', 336), ('dinov2', 518))
+    **{name: ExpertFamily(name, vit_expert.ViTExpertConfig, vit_expert.ViTExpert, 'grid',
+                          vit_expert.NORMALIZATION[name], size, name, _vit_from_fields(name), _vit_forward_flops)
+       for name, size in (('siglip', 384), ('clip', 336), ('dinov2', 518))},
+    'sam2': ExpertFamily('sam2', sam2_expert.Sam2ExpertConfig, sam2_expert.Sam2Expert, 'grid', IMAGENET, 1024,
+                         'sam2', _sam2_from_fields, sam2_expert.forward_flops),
+    'ram_plus': ExpertFamily('ram_plus', ram_expert.RamExpertConfig, ram_expert.RamExpert, 'grid', IMAGENET, 384,
+                             'ram_plus', _ram_from_fields, ram_expert.forward_flops),
 }
 
 

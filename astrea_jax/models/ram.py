@@ -83,6 +83,15 @@ class RamPlusConfig(ModelConfig):
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
 
+  def with_numerics(self, dtype: str | None = None, param_dtype: str | None = None,
+                    remat_policy: str | None = None) -> 'RamPlusConfig':
+    """The same model in other numerics: dtype and param_dtype for the heads, the decoder and the Swin;
+    remat_policy for the Swin (the decoder's two layers are not rematerialised). None keeps a value."""
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
+    return self.replace(swin=self.swin.replace(**given(dtype=dtype, param_dtype=param_dtype,
+                                                       remat_policy=remat_policy)),
+                        **given(dtype=dtype, param_dtype=param_dtype))
+
   @property
   def image_width(self) -> int:
     """C: the Swin tokens' width."""

@@ -3,12 +3,15 @@
 Modules name the axes of their parameters and activations (`embed`, `mlp`, `activation_batch`, ...); the rules that
 map names to mesh axes are data in the config (`config.logical_axis_rules`). Following big_vision/MaxText, state is
 never materialised on one device: `jax.eval_shape` gives the abstract tree with its logical names, the rules give
-`NamedSharding`s, and `jax.jit(init, out_shardings=...)` creates each shard where it lives.
+`NamedSharding`s, and `jax.jit(init, out_shardings=...)` creates each shard where it lives. A parameter dimension
+that its mesh axes do not divide is kept whole (replicated over them; `fit_to_shape`): SAM2 Hiera-L's 144-wide stage
+under fsdp=64, say.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
@@ -45,11 +48,21 @@ def logical_to_sharding(logical_tree: Any, mesh: Mesh, rules: Rules) -> Any:
   return nn.logical_to_mesh_sharding(logical_tree, mesh, normalize_rules(rules))
 
 
+def fit_to_shape(s: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+  """`s` with the mesh axes of each dimension they do not divide dropped (that dimension replicated)."""
+  spec = tuple(s.spec) + (None,) * (len(shape) - len(s.spec))
+  size = lambda axes: math.prod(s.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+  fitted = tuple(axes if dim % size(axes) == 0 else None for dim, axes in zip(shape, spec))
+  return s if fitted == spec else NamedSharding(s.mesh, PartitionSpec(*fitted))
+
+
 def abstract_and_shardings(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
-  """(abstract tree with boxed logical names stripped, matching tree of NamedShardings) for `init_fn`'s output."""
+  """(abstract tree with boxed logical names stripped, matching tree of NamedShardings) for `init_fn`'s output; each
+  sharding fitted to its leaf's shape (`fit_to_shape`)."""
   boxed = jax.eval_shape(init_fn)
+  abstract = nn.unbox(boxed)
   shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
-  return nn.unbox(boxed), shardings
+  return abstract, jax.tree.map(lambda a, s: fit_to_shape(s, a.shape), abstract, shardings)
 
 
 def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:

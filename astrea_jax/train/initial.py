@@ -5,7 +5,8 @@ naming the fields."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Mapping
 
 import jax
 import ml_collections
@@ -13,9 +14,11 @@ import numpy as np
 
 from astrea_jax import config as config_lib
 from astrea_jax.astrea.model import AstreaConfig
-from astrea_jax.convert import loaders
+from astrea_jax.convert import checkpoint, loaders
 from astrea_jax.core import trees
 from astrea_jax.core.errors import ConfigError
+from astrea_jax.models import families
+from astrea_jax.models.expert import ExpertConfig
 from astrea_jax.parallel import sharding
 from astrea_jax.train import experts as experts_lib
 from astrea_jax.train.stage_step import params_init_fn
@@ -79,19 +82,55 @@ def drop_unused(loaded: dict, current: dict) -> dict:
   return out
 
 
+def expert_fields(e: ExpertConfig) -> dict[str, Any]:
+  """A slot's expert fields other than its name and model (image side, normalisation, visual token count, the
+  family's feature options): the expert a checkpoint is loaded as."""
+  return {f.name: getattr(e, f.name) for f in dataclasses.fields(e) if f.name not in ('name', 'model')}
+
+
+def given_field_differences(given: Mapping[str, Any], stored: Any, built: Any, prefix: str = '') -> dict[str, Any]:
+  """{field: (checkpoint's value, config's)} of the model fields that config.model.experts.<slot> sets (`given`;
+  a nested config's by its dotted path) where the checkpoint's model config (`stored`) differs from the run's
+  (`built`). Numerics and what is not a model field (family options such as `features`) are not compared."""
+  out = {}
+  for key, value in given.items():
+    if key in NUMERICS or not hasattr(built, key):
+      continue
+    ours, theirs = getattr(built, key), getattr(stored, key)
+    if isinstance(value, Mapping) and dataclasses.is_dataclass(ours):
+      out.update(given_field_differences(value, theirs, ours, f'{prefix}{key}.'))
+    elif ours != theirs:
+      out[prefix + key] = (theirs, ours)
+  return out
+
+
 def load_expert(config: ml_collections.ConfigDict, cfg: AstreaConfig, slot: str, path: str, mesh, rules,
                 current: Any) -> Any:
-  """The parameters of a converted expert checkpoint for `slot`, sharded like `current` (the slot's initial params);
-  ConfigError naming config.model.experts.<slot> when the checkpoint's shapes differ from the config's."""
+  """The parameters of a converted expert checkpoint for `slot`, loaded as the slot's expert (its feature options
+  decide what is read) and sharded like `current` (the slot's initial params). ConfigError naming the checkpoint
+  and config.model.experts.<slot> when it holds another family, or when its parameter shapes or the model fields
+  the config sets differ from the config's."""
   if slot not in cfg.slots:
     raise ConfigError(f'config.model.expert_checkpoints.{slot}={path!r}: the model has no {slot!r} expert '
                       f'(config.model.experts has {list(cfg.slots)})')
   numerics = {k: getattr(cfg.llm, k) for k in NUMERICS}
-  _, loaded = loaders.load_expert(path, slot, mesh, rules, model_overrides=numerics)
+  want = {e.name: e for e in cfg.experts}[slot]
+  try:
+    stored, needed = checkpoint.read_metadata(path)['family'], families.get(want.family).converter
+    if stored != needed:
+      raise ConfigError(f'config.model.expert_checkpoints.{slot}={path!r} holds a {stored!r} checkpoint, but '
+                        f'config.model.experts.{slot}.family={want.family!r} needs a {needed!r} one')
+    got, loaded = loaders.load_expert(path, slot, mesh, rules, model_overrides=numerics, **expert_fields(want))
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError(f'config.model.expert_checkpoints.{slot}={path!r}: {e}') from e
   loaded = drop_unused(loaded, current)
   count, first = trees.shape_differences(loaded, current)
-  if count:
+  fields = given_field_differences(config.model.experts[slot].to_dict(), got.model, want.model)
+  if count or fields:
     raise ConfigError(f'config.model.expert_checkpoints.{slot}={path!r}: its parameters do not fit '
-                      f'config.model.experts.{slot} / config.data.experts.{slot}.image_size (first of {count} '
-                      f'differences, checkpoint vs config: {first})')
+                      f'config.model.experts.{slot} / config.data.experts.{slot}.image_size (model fields that '
+                      f'differ, checkpoint vs config: {fields or "none"}; {count} parameter shapes differ'
+                      + (f', the first: {first})' if count else ')'))
   return loaded
