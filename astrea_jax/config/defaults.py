@@ -50,11 +50,18 @@ def base_config() -> ml_collections.ConfigDict:
   # A part that would start from random weights and stay frozen (the LLM without init_checkpoint, an expert without
   # its checkpoint or stage 0) is a ConfigError naming the field; True allows it (the tiny default's LLM, tests).
   c.allow_random_init = False
-  # Per slot: a converted expert checkpoint (launch.convert_hf_to_orbax --family=siglip|clip|dinov2) loaded into that
-  # slot at the start of a run; its shapes must equal config.model.experts.<slot>; '' = random init (or stage 0).
+  # Per slot: a converted expert checkpoint (launch.convert_hf_to_orbax --family=siglip|clip|dinov2|grounding_dino)
+  # loaded into that slot at the start of a run; its shapes must equal config.model.experts.<slot>; '' = random init
+  # (or stage 0). A family that runs with a text prompt (grounding_dino) tokenizes it with the checkpoint's tokenizer.
   c.model.expert_checkpoints = ml_collections.ConfigDict({slot: '' for slot in
                                                           ('caption', 'classification', 'detection', 'segmentation')})
-  c.model.experts = ml_collections.ConfigDict()  # per slot: a ViT-family backbone (family siglip | clip | dinov2)
+  # Per slot: `family` and its fields (the registry astrea_jax.models.families builds the expert from them):
+  #   siglip | clip | dinov2   a ViT backbone: hidden_size, intermediate_size, num_layers, num_heads, patch_size, ...
+  #   grounding_dino           `prompt`, the phrases it detects ('person . car . dog .'; what the LLM then sees:
+  #                            astrea_jax.models.grounding_dino_expert), GroundingDinoConfig fields (d_model,
+  #                            num_queries, ...), `backbone` (Swin fields) and `text` (BERT fields) dicts;
+  #                            presets.paper_scale's detection slot is one
+  c.model.experts = ml_collections.ConfigDict()
   for slot, family in (('caption', 'siglip'), ('classification', 'clip'), ('detection', 'dinov2'),
                        ('segmentation', 'dinov2')):
     c.model.experts[slot] = dict(family=family, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
