@@ -133,8 +133,8 @@ def run(config: ml_collections.ConfigDict, step_seconds: float = 0.0, devices: i
               for stage in tuple(config.data.align_order) + ('instruct', 'main')}
   except ValueError as e:
     raise BenchmarkError(str(e)) from None
-  experts = {e.name: f'{e.family} {e.model.hidden_size}w {e.model.num_layers}L @{e.image_size}px'
-             for e in config_lib.model_config(config).experts}
+  experts = {e.name: f'{e.family} @{e.image_size}px -> {e.feature_width}w, '
+                     f'{expert_forward_flops(e) / 1e9:.1f} GFLOP/image' for e in config_lib.model_config(config).experts}
   seq_len, batch = config.data.seq_len, config.train.global_batch_size
   rows = {'llm (all trained)': {'llm': seq_len * llm_flops_per_token(cfg, seq_len)}, **stages}
   peak = peak_tflops * 1e12

@@ -98,9 +98,9 @@ def word_hash_ids(prompt: str, vocab_size: int) -> tuple[int, ...]:
   delimiters = {'.': DOT, '?': QUESTION}
   words = re.findall(r'\w+|[^\w\s]', grounding_dino.caption(prompt))
   ids = (CLS, *(delimiters.get(w, first + zlib.crc32(w.encode()) % (vocab_size - first)) for w in words), SEP)
-  logging.warning('Grounding DINO expert without a checkpoint: prompt %r tokenized by word hashes, not by a BERT '
-                  'tokenizer (ids %s). Fine for random weights; pretrained ones need '
-                  'config.model.expert_checkpoints.<slot>, whose tokenizer is then used.', prompt, list(ids))
+  logging.warning('Grounding DINO expert without a checkpoint: its prompt (%d ids, %r) is tokenized by word hashes, '
+                  'not by a BERT tokenizer. Fine for random weights; pretrained ones need '
+                  'config.model.expert_checkpoints.<slot>, whose tokenizer is then used.', len(ids), prompt)
   return ids
 
 
