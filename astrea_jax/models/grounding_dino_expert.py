@@ -56,7 +56,7 @@ from astrea_jax.models.grounding_dino import SPECIAL_TOKENS, GroundingDinoConfig
 Array = jax.Array
 CLS, SEP, DOT, QUESTION = SPECIAL_TOKENS
 TOKENIZERS = ('checkpoint', 'word_hash')  # what made `input_ids` (module docstring)
-DEFAULT_PROMPT = 'person . car . dog .'  # a loader's default when no prompt is given (8 tokens: fits any tiny model)
+DEFAULT_PROMPT = 'person . car . dog .'  # a loader's when none is given; 8 BERT tokens, within any max_text_len >= 8
 BACKBONE_FORM = dict(final_norm=False, always_partition=True)  # Hugging Face's SwinBackbone, as Grounding DINO has it
 
 COCO_CATEGORIES = (
@@ -81,7 +81,7 @@ def prompt_ids(prompt: str, tokenizer: Any) -> tuple[int, ...]:
   enc = tokenizer(grounding_dino.caption(prompt))
   ids = tuple(int(i) for i in enc['input_ids'])
   if any(m != 1 for m in enc.get('attention_mask', ())) or any(enc.get('token_type_ids', ())):
-    raise ValueError(f'prompt {prompt!r}: the tokenizer gave attention_mask={list(enc["attention_mask"])} and '
+    raise ValueError(f'prompt {prompt!r}: the tokenizer gave attention_mask={list(enc.get("attention_mask", ()))} and '
                      f'token_type_ids={list(enc.get("token_type_ids", ()))}; expected one unpadded sequence of type 0')
   return ids
 
