@@ -7,7 +7,7 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
   python -m launch.benchmark flops [--config=configs/astrea_13b.py --step_seconds=S --devices=N --peak_tflops=P]
   python -m launch.benchmark convert [--hidden=2048 --intermediate=5632 --layers=22 --dtype=bfloat16]
   python -m launch.benchmark mfu [--config=configs/astrea_13b.py --batch=4 --seq_len=2048 --peak_tflops=P]
-  python -m launch.benchmark deformable [--steps=5]
+  python -m launch.benchmark deformable [--steps=5 --image_size=800 --queries=900]
 
 - train (`astrea_jax.bench.train_step`): one random Hugging Face Llama (`--model`) is converted with our converter;
   our jitted step (fp32, AdamW, 1-device mesh) and `transformers` LlamaForCausalLM + torch.optim.AdamW (the same
@@ -27,7 +27,8 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
   trained for --steps steps on random tokens; MFU against --peak_tflops (default: the bf16 dense peak of a known GPU,
   or the measured CPU peak).
 - deformable (`bench.deformable_attention`): our multi-scale deformable attention against transformers' PyTorch one,
-  forward and forward + backward, at Grounding DINO's decoder size; --steps timed calls.
+  forward and forward + backward, at Grounding DINO's sizes: 4 levels of an --image_size square, --queries queries
+  (900: the decoder's cross-attention; 0: one per image token, the encoder's self-attention); --steps timed calls.
 
 Timings: `time.perf_counter` around each call, results synced (`jax.block_until_ready`, `.item()`), the first two
 calls (compilation) excluded, medians reported. Each subcommand prints a table and, as its last line, one JSON
@@ -58,6 +59,10 @@ _STEP_SECONDS = flags.DEFINE_float('step_seconds', 0.0, 'flops: a measured step 
                                    'global_batch_size, for MFU; 0 = none.')
 _DEVICES = flags.DEFINE_integer('devices', 1, 'flops: devices that ran --step_seconds.')
 _DEVICE_MEMORY_GIB = flags.DEFINE_float('device_memory_gib', 0.0, 'mfu: device memory; 0 = what the device reports.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', 800, 'deformable: side of the square image (levels at strides 8, 16, '
+                                   '32, 64).')
+_QUERIES = flags.DEFINE_integer('queries', 900, "deformable: queries; 900 = Grounding DINO's decoder, 0 = one per "
+                                'image token (its encoder).')
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'data, flops, mfu: the experiment config.')
 _PIPELINE = bench_flags.pipeline_flags()  # data: --stage --workers --batches --warmup --data_dir --tokenizer
 _SHAPE = bench_flags.shape_flags()  # convert: the synthetic checkpoint's shape (--hidden, ...)
@@ -77,7 +82,7 @@ def run_timed(command: str, info: dict) -> None:
     mfu.run(_CONFIG.value, _BATCH.value, _SEQ_LEN.value, _STEPS.value, _PEAK_TFLOPS.value, _DEVICE_MEMORY_GIB.value,
             info)
   else:
-    deformable_attention.run(info, repeats=_STEPS.value)
+    deformable_attention.run(info, repeats=_STEPS.value, image_size=_IMAGE_SIZE.value, queries=_QUERIES.value)
 
 
 def main(argv):

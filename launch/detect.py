@@ -21,7 +21,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
 from absl import app, flags
 from PIL import Image, ImageDraw
 
@@ -40,12 +39,6 @@ _TEXT_THRESHOLD = flags.DEFINE_float('text_threshold', 0.25, 'A phrase is the to
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'Square input side; default: the checkpoint config.')
 _OUT = flags.DEFINE_string('out', None, 'Where to save the image with the boxes drawn (PNG).')
 flags.mark_flags_as_required(['ckpt', 'image', 'prompt'])
-
-
-def prepare_prompt(prompt: str) -> str:
-  """Grounding DINO's caption rule: lower case, stripped, ending in '.'."""
-  prompt = prompt.lower().strip()
-  return prompt if prompt.endswith('.') else prompt + '.'
 
 
 def prepare_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -71,15 +64,11 @@ def main(argv):
   overrides = {} if _IMAGE_SIZE.value is None else {'image_size': _IMAGE_SIZE.value}
   try:
     cfg, params = convert_gd.load(_CKPT.value, **overrides)
-    tok_dir = checkpoint.tokenizer_dir(_CKPT.value)
-    if tok_dir is None:
-      raise checkpoint.CheckpointError(f'{_CKPT.value}: no {checkpoint.TOKENIZER_DIR}/ folder; convert a Hugging '
-                                       'Face folder that holds the BERT tokenizer')
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = checkpoint.load_tokenizer(_CKPT.value)
     image = images_lib.load_image(_IMAGE.value)
   except (ValueError, OSError) as e:
     raise SystemExit(f'detect: error: {e}') from None
-  text = tokenizer(prepare_prompt(_PROMPT.value), return_tensors='np')
+  text = tokenizer(grounding_dino.caption(_PROMPT.value), return_tensors='np')
   model = grounding_dino.GroundingDino(cfg)
   run = jax.jit(lambda p, x, ids, mask, types: model.apply({'params': p}, x, ids, mask, types,
                                                            method=grounding_dino.GroundingDino.detect))

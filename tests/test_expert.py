@@ -89,15 +89,15 @@ def test_multiscale_levels_are_resampled_and_concatenated_on_channels():
   np.testing.assert_allclose(constant, 1.0, atol=1e-6)
 
 
-def test_queries_keep_the_top_scores_in_order_or_the_first_ones_and_pad_with_zeros():
+def test_queries_keep_the_top_scores_in_query_order_or_the_first_ones_and_pad_with_zeros():
   q = _rand(2, 6, 3)
-  scores = jnp.asarray([[0.1, 0.9, 0.3, 0.8, -1.0, 0.5], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])
+  scores = jnp.asarray([[0.1, 0.9, 0.3, 0.8, -1.0, 0.5], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
   out = expert.resample(expert.Features.queries(q, scores), 4)
-  np.testing.assert_array_equal(out[0], np.asarray(q)[0, [1, 3, 5, 2]])
-  np.testing.assert_array_equal(out[1], np.asarray(q)[1, :4])
+  np.testing.assert_array_equal(out[0], np.asarray(q)[0, [1, 2, 3, 5]])  # scores 0.9, 0.3, 0.8, 0.5: by position
+  np.testing.assert_array_equal(out[1], np.asarray(q)[1, 2:])  # the best last, still in position order
   np.testing.assert_array_equal(expert.resample(expert.Features.queries(q), 4), q[:, :4])
   padded = expert.resample(expert.Features.queries(q[:, :3], scores[:, :3]), 4)
-  np.testing.assert_array_equal(padded[0, :3], np.asarray(q)[0, [1, 2, 0]])
+  np.testing.assert_array_equal(padded[:, :3], q[:, :3])  # all three kept, in their order
   np.testing.assert_array_equal(padded[:, 3], 0.0)
   assert expert.resample(expert.Features.queries(q[:, :2]), 16).shape == (2, 16, 3)
 

@@ -3,6 +3,7 @@
 
 Default size: Grounding DINO's decoder cross-attention on an 800 x 800 image, batch 1: 4 levels at strides 8, 16,
 32, 64 (100^2 + 50^2 + 25^2 + 13^2 = 13294 tokens), 8 heads of 32 (d_model 256), 4 points, 900 queries.
+`queries=0` gives its encoder's self-attention: one query per image token.
 
 Both sides are timed forward and forward + backward (gradients of the values, sampling locations and attention
 weights): `time.perf_counter` around each call, results synced (`block_until_ready`, `.sum().item()`), the first
@@ -31,12 +32,14 @@ def benchmark(batch: int = 1, image_size: int = 800, strides: tuple[int, ...] = 
               head_dim: int = 32, points: int = 4, queries: int = 900, warmup: int = 2, repeats: int = 5,
               seed: int = 0) -> dict[str, Any]:
   """{'shapes', 'tokens', ..., 'jax_forward_ms', 'torch_forward_ms', 'forward_ratio' (torch / jax; > 1: JAX is
-  faster), 'jax_backward_ms', 'torch_backward_ms' (forward + backward), 'backward_ratio', 'max_abs_error'}."""
+  faster), 'jax_backward_ms', 'torch_backward_ms' (forward + backward), 'backward_ratio', 'max_abs_error'};
+  queries=0: one per value token."""
   import torch
   from transformers.models.grounding_dino.modeling_grounding_dino import MultiScaleDeformableAttention
 
   shapes = level_shapes(image_size, strides)
   tokens = sum(h * w for h, w in shapes)
+  queries = queries or tokens
   rng = np.random.RandomState(seed)
   value = rng.randn(batch, tokens, heads, head_dim).astype(np.float32)
   locations = rng.rand(batch, queries, heads, len(shapes), points, 2).astype(np.float32)

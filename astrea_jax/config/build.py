@@ -3,9 +3,13 @@ LLM, each slot's expert built by its family's registry entry, the stage order an
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
 import ml_collections
 
 from astrea_jax.astrea.model import AstreaConfig
+from astrea_jax.convert import checkpoint
 from astrea_jax.core.errors import ConfigError
 from astrea_jax.models import families, llama
 
@@ -18,10 +22,24 @@ def llm_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
     raise ConfigError(f'config.llm: {e}') from e
 
 
+def checkpoint_tokenizer(config: ml_collections.ConfigDict, slot: str) -> Callable[[], Any] | None:
+  """A loader of the tokenizer stored in config.model.expert_checkpoints.<slot> (what a family that runs with a text
+  prompt tokenizes it with); None when the slot has no checkpoint."""
+  path = config.model.expert_checkpoints.get(slot, '')
+  return functools.partial(_stored_tokenizer, path, slot) if path else None
+
+
+def _stored_tokenizer(path: str, slot: str) -> Any:
+  try:
+    return checkpoint.load_tokenizer(path)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'config.model.expert_checkpoints.{slot}={path!r}: {e}') from e
+
+
 def expert_config(config: ml_collections.ConfigDict, slot: str):
   """The frozen expert config of `slot`: built by its family's registry entry from config.model.experts.<slot> and
-  config.data.experts.<slot> (input side; mean/std, the family's where empty), with the LLM's numerics; errors name
-  the slot's fields."""
+  config.data.experts.<slot> (input side; mean/std, the family's where empty), with the LLM's numerics and the
+  tokenizer of the slot's checkpoint (`checkpoint_tokenizer`); errors name the slot's fields."""
   fields, inputs = config.model.experts[slot], config.data.experts[slot]
   try:
     family = families.get(fields.family)
@@ -29,7 +47,7 @@ def expert_config(config: ml_collections.ConfigDict, slot: str):
     return family.from_fields(slot, fields.to_dict(), families.ExpertInputs(
         image_size=inputs.image_size, image_mean=tuple(mean), image_std=tuple(std),
         num_visual_tokens=config.data.visual_tokens, dtype=config.llm.dtype, param_dtype=config.llm.param_dtype,
-        remat_policy=config.llm.remat_policy))
+        remat_policy=config.llm.remat_policy, load_tokenizer=checkpoint_tokenizer(config, slot)))
   except (TypeError, ValueError) as e:
     raise ConfigError(f'config.model.experts.{slot}: {e}') from e
 

@@ -50,14 +50,20 @@ def base_config() -> ml_collections.ConfigDict:
   # A part that would start from random weights and stay frozen (the LLM without init_checkpoint, an expert without
   # its checkpoint or stage 0) is a ConfigError naming the field; True allows it (the tiny default's LLM, tests).
   c.allow_random_init = False
-  # Per slot: a converted expert checkpoint (launch.convert_hf_to_orbax --family=siglip|clip|dinov2|sam2, or
-  # launch.convert_ram_plus) loaded into that slot at the start of a run as the slot's expert; its family, shapes and
-  # the model fields config.model.experts.<slot> sets must match; '' = random init (or stage 0).
+  # Per slot: a converted expert checkpoint (launch.convert_hf_to_orbax --family=siglip|clip|dinov2|sam2|grounding_dino,
+  # or launch.convert_ram_plus) loaded into that slot at the start of a run as the slot's expert; its family, shapes
+  # and the model fields config.model.experts.<slot> sets must match; '' = random init (or stage 0). A family that
+  # runs with a text prompt (grounding_dino) tokenizes it with the checkpoint's tokenizer.
   c.model.expert_checkpoints = ml_collections.ConfigDict({slot: '' for slot in
                                                           ('caption', 'classification', 'detection', 'segmentation')})
-  # Per slot: `family` (siglip | clip | dinov2: ViTConfig fields; sam2: HieraConfig fields and features='grid' |
-  # 'multiscale'; ram_plus: RamPlusConfig fields, its Swin's under `swin`, and features='grid' | 'tags'); the image
-  # side and numerics come from config.data.experts.<slot> and config.llm; config/presets.py shows sam2 and ram_plus.
+  # Per slot: `family` and its fields (the registry astrea_jax.models.families builds the expert from them); the image
+  # side and numerics come from config.data.experts.<slot> and config.llm; config/presets.py shows each family:
+  #   siglip | clip | dinov2   ViTConfig fields: hidden_size, intermediate_size, num_layers, num_heads, patch_size, ...
+  #   sam2                     HieraConfig fields and features='grid' | 'multiscale'
+  #   ram_plus                 RamPlusConfig fields, its Swin's under `swin`, and features='grid' | 'tags'
+  #   grounding_dino           `prompt`, the phrases it detects ('person . car . dog .'; what the LLM then sees:
+  #                            astrea_jax.models.grounding_dino_expert), GroundingDinoConfig fields (d_model,
+  #                            num_queries, ...), `backbone` (Swin fields) and `text` (BERT fields) dicts
   c.model.experts = ml_collections.ConfigDict()
   for slot, family in (('caption', 'siglip'), ('classification', 'clip'), ('detection', 'dinov2'),
                        ('segmentation', 'dinov2')):

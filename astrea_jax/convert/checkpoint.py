@@ -70,6 +70,17 @@ def tokenizer_dir(ckpt_dir: str) -> str | None:
   return path if os.path.isdir(path) else None
 
 
+def load_tokenizer(ckpt_dir: str) -> Any:
+  """The Hugging Face tokenizer stored in a converted checkpoint (its tokenizer/ folder, copied from the source
+  folder at conversion); CheckpointError naming the folder when there is none."""
+  path = tokenizer_dir(ckpt_dir)
+  if path is None:
+    raise CheckpointError(f'{ckpt_dir}: no {TOKENIZER_DIR}/ folder; expected a checkpoint converted from a Hugging Face '
+                          'folder that holds its tokenizer (launch.convert_hf_to_orbax copies it)')
+  import transformers
+  return transformers.AutoTokenizer.from_pretrained(path)
+
+
 def save_params_partial(params_dir: str, path: tuple[str, ...], leaf: np.ndarray) -> None:
   """Adds one parameter at `path` to a partially written Orbax checkpoint (finish with `finalize_params`)."""
   save_params_batch(params_dir, {path: leaf})

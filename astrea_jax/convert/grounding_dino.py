@@ -14,12 +14,15 @@ save holds and the `relative_position_index` / `position_ids` buffers of old fil
 the checkpoint's `ignored_hf_tensors`); transformers initialises what it misses of them on load.
 `two_stage=False`, `embedding_init_target=False`, `two_stage_bbox_embed_share=True`, learned position embeddings
 and backbones other than Swin or text towers other than BERT are refused with the field named.
+
+`load` restores a converted checkpoint as the detector (the demo, `launch.detect`); `load_expert` as an Astrea
+detection expert (`models.grounding_dino_expert`), the family's `load_expert`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 from astrea_jax.convert.family import ConvertFamily
 from astrea_jax.convert import bert, checkpoint, swin, table
 from astrea_jax.convert.table import ConversionError
-from astrea_jax.models import grounding_dino
+from astrea_jax.models import grounding_dino, grounding_dino_expert
 from astrea_jax.models.grounding_dino import GroundingDinoConfig
 from astrea_jax.parallel import sharding
 
@@ -214,25 +217,31 @@ def optional_keys(cfg: GroundingDinoConfig) -> tuple[str, ...]:
   return tuple(keys) + tuple(BACKBONE + k for k in swin.optional_keys(cfg.backbone))
 
 
+TOWER_OVERRIDES = ('dtype', 'param_dtype', 'remat_policy')  # set on the Swin and BERT towers
+MODEL_OVERRIDES = ('dtype', 'param_dtype', 'image_size')     # set on the transformer
+
+
 def load(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None, rules: sharding.Rules | None = None,
          **numeric_overrides: Any) -> tuple[GroundingDinoConfig, dict]:
   """(config, params) of a converted checkpoint, restored into the mesh's shardings by the logical axis `rules`, or
   onto the default device without a mesh (the demo).
 
   The model config comes from the checkpoint; `numeric_overrides` may set dtype / param_dtype (of the transformer
-  and both towers) and image_size only.
+  and both towers), remat_policy (of the towers' blocks) and image_size only.
   """
   meta = checkpoint.read_metadata(ckpt_dir)
   if meta['family'] != NAME:
     raise checkpoint.CheckpointError(f'{ckpt_dir}: family {meta["family"]!r} is not {NAME!r}')
-  bad = sorted(set(numeric_overrides) - {'dtype', 'param_dtype', 'image_size'})
+  allowed = sorted(set(TOWER_OVERRIDES) | set(MODEL_OVERRIDES))
+  bad = sorted(set(numeric_overrides) - set(allowed))
   if bad:
     raise checkpoint.CheckpointError(f'{ckpt_dir}: overrides {bad} would change the stored model shape; only '
-                                     'dtype, param_dtype and image_size may be overridden')
+                                     f'{allowed} may be overridden')
   stored = dict(meta['model_config'])
   for tower in ('backbone', 'text'):
-    stored[tower] = dict(stored[tower], **{k: v for k, v in numeric_overrides.items() if k != 'image_size'})
-  cfg = GroundingDinoConfig.from_dict(dict(stored, **numeric_overrides))
+    stored[tower] = dict(stored[tower], **{k: v for k, v in numeric_overrides.items() if k in TOWER_OVERRIDES})
+  cfg = GroundingDinoConfig.from_dict(dict(stored, **{k: v for k, v in numeric_overrides.items()
+                                                      if k in MODEL_OVERRIDES}))
   model = grounding_dino.GroundingDino(cfg)
   images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.backbone.num_channels), jnp.float32)
   init = lambda: model.init(jax.random.key(0), images, jnp.zeros((1, 4), jnp.int32))['params']
@@ -245,4 +254,23 @@ def load(ckpt_dir: str, mesh: jax.sharding.Mesh | None = None, rules: sharding.R
   return cfg, checkpoint.load_params(ckpt_dir, abstract)
 
 
-FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, IGNORE_PATTERNS, optional_keys)
+def load_expert(ckpt_dir: str, slot: str, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+                model_overrides: Mapping[str, Any] | None = None,
+                **expert_overrides: Any) -> tuple[grounding_dino_expert.GroundingDinoExpertConfig, dict]:
+  """(config, params) of a converted checkpoint as the expert of `slot` (`grounding_dino_expert`), restored into the
+  mesh's shardings. The model config comes from the checkpoint; `model_overrides` may change numerics only
+  (`checkpoint.NUMERICS`); `expert_overrides` set expert fields: `prompt`, tokenized by the tokenizer stored in the
+  checkpoint (default `grounding_dino_expert.DEFAULT_PROMPT`; a run's comes from config.model.experts.<slot>.prompt
+  when the config is built, and the runner keeps only these parameters), image_size, num_visual_tokens, ..."""
+  model_overrides = dict(model_overrides or {})
+  checkpoint.check_numerics_only(ckpt_dir, model_overrides)
+  if 'image_size' in expert_overrides:
+    model_overrides['image_size'] = expert_overrides['image_size']
+  cfg, params = load(ckpt_dir, mesh, rules, **model_overrides)
+  prompt = expert_overrides.pop('prompt', grounding_dino_expert.DEFAULT_PROMPT)
+  ids = grounding_dino_expert.prompt_ids(prompt, checkpoint.load_tokenizer(ckpt_dir))
+  return grounding_dino_expert.expert_config(slot, cfg, prompt, ids, **expert_overrides), {'backbone': params}
+
+
+FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, IGNORE_PATTERNS, optional_keys,
+                       load_expert=load_expert)

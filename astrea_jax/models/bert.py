@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from astrea_jax.core import flops
 from astrea_jax.core.axes import BATCH, EMBED_ACT, HEADS_ACT, LENGTH, MLP_ACT
 from astrea_jax.models.layers import Mlp, ModelConfig, MultiHeadAttention, Numerics, layer_norm, layer_scan
 
@@ -139,3 +140,11 @@ def num_params(cfg: BertConfig) -> int:
   d, m = cfg.hidden_size, cfg.intermediate_size
   per_layer = 4 * (d * d + d) + (d * m + m) + (m * d + d) + 4 * d
   return (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * d + 2 * d + cfg.num_layers * per_layer
+
+
+def forward_flops(cfg: BertConfig, tokens: int) -> int:
+  """Forward FLOPs of one sequence of `tokens` tokens (`core.flops`): per layer q, k, v, o (4 D^2) and the MLP
+  (2 D M) per token and attention over tokens x tokens; the embedding lookups and norms are not counted."""
+  d = cfg.hidden_size
+  return cfg.num_layers * (flops.dense_flops(4 * d * d + 2 * d * cfg.intermediate_size, tokens)
+                           + flops.attention_flops(tokens, tokens, d))

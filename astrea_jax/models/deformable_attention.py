@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astrea_jax.core import flops
 from astrea_jax.models.layers import LogicalDenseGeneral, Numerics, heads_in, heads_out
 
 Array = jax.Array
@@ -169,3 +170,13 @@ class MultiscaleDeformableAttention(nn.Module):
     out = multiscale_deformable_attention(value, spatial_shapes, locations, weights)
     out = out.reshape(*out.shape[:2], heads, head_dim)
     return heads_out(nx, self.d_model, 'output_proj', kernel_init=xavier_out)(out)
+
+
+def forward_flops(d_model: int, heads: int, levels: int, points: int, queries: int, values: int) -> int:
+  """Forward FLOPs of `MultiscaleDeformableAttention` (`core.flops`): the sampling offsets (2 H L P), attention
+  weights (H L P) and output projection (D) of each of the `queries` queries, the value projection (D) of each of
+  the `values` tokens, and the weighted sum of the 4 bilinear corners of every sample (8 L P D per query; the gather
+  itself is not counted)."""
+  samples = heads * levels * points
+  return (flops.dense_flops(d_model * (3 * samples + d_model), queries) + flops.dense_flops(d_model * d_model, values)
+          + 8 * queries * levels * points * d_model)

@@ -27,8 +27,8 @@ Resampling to [B, T, C] (g = sqrt(T); computed in float32, returned in the input
               by the scale: `jax.image.resize(method='linear', antialias=True)`), e.g. SigLIP-384's 27 x 27 -> 24 x 24.
   tokens      a square N = n*n is the n x n grid above (so N == T is the identity); any other N is an error.
   multiscale  every level by the grid rule, then concatenated on channels: C = sum_i C_i.
-  queries     with scores: the T highest-scoring queries, highest first; without: the first T in order. Fewer than
-              T queries are followed by zero vectors.
+  queries     with scores: the T highest-scoring queries, kept in their query order (position), not by score; without
+              scores: the first T. Fewer than T queries are followed by zero vectors.
 """
 
 from __future__ import annotations
@@ -133,14 +133,15 @@ def resample_multiscale(maps: Sequence[Array], num_tokens: int) -> Array:
 
 
 def resample_queries(x: Array, scores: Array | None, num_tokens: int) -> Array:
-  """[B, Q, C] (+ scores [B, Q]) -> [B, T, C]: top-T by score (highest first) or the first T; zero-padded."""
+  """[B, Q, C] (+ scores [B, Q]) -> [B, T, C]: the top-T by score in query order (ascending index), or the first T;
+  zero-padded."""
   b, q, c = x.shape
   keep = min(q, num_tokens)
   if scores is None:
     kept = x[:, :keep]
   else:
     _, index = jax.lax.top_k(scores.astype(jnp.float32), keep)
-    kept = jnp.take_along_axis(x, index[..., None], axis=1)
+    kept = jnp.take_along_axis(x, jnp.sort(index, axis=-1)[..., None], axis=1)
   return jnp.pad(kept, ((0, 0), (0, num_tokens - keep), (0, 0)))
 
 

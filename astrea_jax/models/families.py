@@ -14,7 +14,8 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 
 from astrea_jax.core import flops
-from astrea_jax.models import hiera, ram, ram_expert, sam2_expert, swin, vit, vit_expert
+from astrea_jax.models import (grounding_dino_expert, grounding_dino_flops, hiera, ram, ram_expert, sam2_expert, swin,
+                               vit, vit_expert)
 from astrea_jax.models.expert import IMAGENET, ExpertConfig
 
 # Model fields a run sets itself (config.data.experts.<slot>.image_size, config.llm's numerics): not settable in
@@ -32,6 +33,9 @@ class ExpertInputs:
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   remat_policy: str = 'none'
+  # The tokenizer stored with the slot's converted checkpoint (called with no argument, it loads it), for families that
+  # run with a text prompt; None when the slot has no checkpoint.
+  load_tokenizer: Callable[[], Any] | None = None
 
   def expert_fields(self, slot: str) -> dict[str, Any]:
     """The `ExpertConfig` fields these inputs set for `slot`."""
@@ -102,6 +106,29 @@ def _vit_forward_flops(e: ExpertConfig) -> int:
   return flops.dense_flops(cfg.patch_size**2 * cfg.num_channels * d, patches) + layers * block
 
 
+def _grounding_dino_from_fields(slot: str, fields: Mapping[str, Any], inputs: ExpertInputs) -> ExpertConfig:
+  """Fields: `prompt`, the detector's fields with `backbone` (Swin) and `text` (BERT) dicts; the prompt tokenized by
+  the slot's checkpoint tokenizer, or by word hashes without one (`grounding_dino_expert`)."""
+  fields, options = split_fields(fields, ('prompt',))
+  prompt = options.get('prompt')
+  if not isinstance(prompt, str) or not prompt.strip():
+    raise ValueError(f'prompt={prompt!r}: expected the phrases the detector looks for, ending in " ." '
+                     '(e.g. "person . car . dog .")')
+  model = grounding_dino_expert.model_config(fields, image_size=inputs.image_size, **inputs.numerics())
+  if inputs.load_tokenizer is None:
+    ids, tokenizer = grounding_dino_expert.word_hash_ids(prompt, model.text.vocab_size), 'word_hash'
+  else:
+    ids, tokenizer = grounding_dino_expert.prompt_ids(prompt, inputs.load_tokenizer()), 'checkpoint'
+  return grounding_dino_expert.expert_config(slot, model, prompt, ids, tokenizer, image_mean=inputs.image_mean,
+                                             image_std=inputs.image_std, num_visual_tokens=inputs.num_visual_tokens)
+
+
+def _grounding_dino_forward_flops(e: ExpertConfig) -> int:
+  """The whole detector on one image_size square with the expert's prompt (`grounding_dino_flops`: backbone, text
+  tower, encoder, query selection, decoder and heads; its features are the decoder's last states)."""
+  return grounding_dino_flops.forward_flops(e.model, e.image_size, e.image_size, len(e.input_ids))
+
+
 FAMILIES: dict[str, ExpertFamily] = {
     **{name: ExpertFamily(name, vit_expert.ViTExpertConfig, vit_expert.ViTExpert, 'grid',
                           vit_expert.NORMALIZATION[name], size, name, _vit_from_fields(name), _vit_forward_flops)
@@ -110,6 +137,10 @@ FAMILIES: dict[str, ExpertFamily] = {
                          'sam2', _sam2_from_fields, sam2_expert.forward_flops),
     'ram_plus': ExpertFamily('ram_plus', ram_expert.RamExpertConfig, ram_expert.RamExpert, 'grid', IMAGENET, 384,
                              'ram_plus', _ram_from_fields, ram_expert.forward_flops),
+    # input_size: the shorter side its processor resizes to (the longer one up to 1333)
+    'grounding_dino': ExpertFamily('grounding_dino', grounding_dino_expert.GroundingDinoExpertConfig,
+                                   grounding_dino_expert.GroundingDinoExpert, 'queries', IMAGENET, 800,
+                                   'grounding_dino', _grounding_dino_from_fields, _grounding_dino_forward_flops),
 }
 
 

@@ -67,7 +67,7 @@ from astrea_jax.models.grounding_dino_encoder import (SPECIAL_TOKENS, EncoderLay
 from astrea_jax.models.layers import dense, layer_norm
 
 __all__ = ['GROUP_NORM_GROUPS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'LOGIT_EPS', 'SPECIAL_TOKENS', 'Detection',
-           'Detections', 'GroundingDino', 'GroundingDinoConfig', 'GroundingDinoOutput', 'MLPHead',
+           'Detections', 'GroundingDino', 'GroundingDinoConfig', 'GroundingDinoOutput', 'MLPHead', 'caption',
            'contrastive_logits', 'grid_position_embedding', 'inverse_sigmoid', 'normalize',
            'phrase_masks_and_positions', 'pixel_centres', 'proposal_anchors', 'select_detections', 'sine_embedding']
 
@@ -239,6 +239,12 @@ class GroundingDino(nn.Module):
                                init_reference_points=init_reference, reference_points=reference, topk_indices=topk,
                                encoder_last_hidden_state_vision=vision, encoder_last_hidden_state_text=text,
                                enc_outputs_class=enc_class, enc_outputs_coord_logits=enc_coords)
+
+
+def caption(prompt: str) -> str:
+  """Grounding DINO's caption rule for a text prompt: lower case, stripped, ending in '.'."""
+  prompt = prompt.lower().strip()
+  return prompt if prompt.endswith('.') else prompt + '.'
 
 
 def normalize(images: Array) -> Array:

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astrea_jax.core import flops
 from astrea_jax.core.axes import BATCH, EMBED_ACT, LENGTH, MLP_ACT
 from astrea_jax.models.layers import Mlp, ModelConfig, Numerics, conv, dense, heads_in, heads_out, layer_norm, remat
 
@@ -363,3 +364,22 @@ def num_params(cfg: SwinConfig) -> int:
   total += sum(2 * cfg.feature_channels(k) for k in cfg.out_indices) * int(cfg.stage_norms)
   return total
 
+
+
+def forward_flops(cfg: SwinConfig, height: int, width: int) -> int:
+  """Forward FLOPs of one height x width image (`core.flops`: 2 per multiply-add of the matmuls; norms, softmax, the
+  bias lookup and the padding are not counted): the patch embedding (p^2 C -> embed_dim per patch); per block q, k,
+  v, o (4 D^2) and the window attention (each token over the w^2 tokens of its window) on the grid padded to
+  multiples of the window, as they run, and the MLP (2 D M) on the real grid; each patch merging (4D -> 2D per
+  merged token)."""
+  grids = cfg.grid_sizes(height, width)
+  p, w = cfg.patch_size, cfg.window_size
+  total = flops.dense_flops(p * p * cfg.num_channels * cfg.embed_dim, grids[0][0] * grids[0][1])
+  for i, (h, wd) in enumerate(grids):
+    d, padded = cfg.stage_dim(i), -(-h // w) * w * -(-wd // w) * w
+    block = (flops.dense_flops(4 * d * d, padded) + flops.attention_flops(padded, w * w, d)
+             + flops.dense_flops(2 * d * cfg.mlp_dim(i), h * wd))
+    total += cfg.depths[i] * block
+    if i < cfg.num_stages - 1:
+      total += flops.dense_flops(4 * d * 2 * d, grids[i + 1][0] * grids[i + 1][1])
+  return total
