@@ -10,10 +10,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 
 from astrea_jax.astrea.model import Astrea
-from astrea_jax.core import stages
+from astrea_jax.core import multihost, stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +24,8 @@ class Encoders:
   caption_outputs(params, ids, image_mask, instruction_mask, images) -> (image embeddings [B, d] of the routed visual
     tokens, router P per prompt [B, n]);
   text_embeddings(params, ids, mask) -> [B, d] (caption tokens, `templates.caption_tokens`).
-  ids, image_mask, instruction_mask [B, P] (left-padded prompts), images {slot: [B, S, S, 3]} in [0, 1] (one image
-  per prompt).
+  ids, image_mask, instruction_mask [B, P] (left-padded prompts), images {slot: [B, N, S, S, 3]} in [0, 1]: N image
+  slots per prompt, whose tokens fill the prompt's placeholders in order (the caption prompt has one).
   """
   prompt_inputs: Any
   caption_outputs: Any
@@ -40,9 +39,10 @@ def make_encoders(model: Astrea, stage: str) -> Encoders:
     variables = {'params': params}
     instruction = None
     if model.cfg.fusion(stage) == 'routed' and model.cfg.router_context == 'visual+text':
-      instruction = model.apply(variables, ids, instruction_mask[:, None, :], method=Astrea.pooled_instruction)
-    rows = {slot: x[:, None] for slot, x in images.items()}  # one image slot per prompt
-    tokens, aux = model.apply(variables, stage, rows, instruction=instruction, method=Astrea.visual_tokens)
+      num_images = next(iter(images.values())).shape[1]  # every image of a prompt sees the prompt's instruction
+      masks = jnp.repeat(instruction_mask[:, None, :], num_images, axis=1)  # [B, N, P]
+      instruction = model.apply(variables, ids, masks, method=Astrea.pooled_instruction)
+    tokens, aux = model.apply(variables, stage, images, instruction=instruction, method=Astrea.visual_tokens)
     probs = aux['probs'].mean(axis=(1, 2)) if 'probs' in aux else jnp.zeros((ids.shape[0], 0), jnp.float32)
     return tokens, probs
 
@@ -71,7 +71,7 @@ def readable_params(params: Any) -> Any:
   """The unboxed params with every leaf that spans several processes (multi-host) gathered whole onto each process
   as a numpy array, so that each process can run the single-device-style evaluation; other leaves as they are."""
   def readable(x):
-    return x if getattr(x, 'is_fully_addressable', True) else multihost_utils.process_allgather(x, tiled=True)
+    return x if getattr(x, 'is_fully_addressable', True) else multihost.host_array(x)
   return jax.tree.map(readable, nn.unbox(params))
 
 
