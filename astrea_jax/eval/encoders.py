@@ -1,6 +1,6 @@
-"""The model's side of evaluation, jitted per model and stage: prompt embeddings with the stage's visual tokens,
-routed image embeddings of the caption prompt, caption text embeddings (`make_encoders`), and the parameters made
-readable on every process (`readable_params`)."""
+"""The model's side of evaluation, jitted per model and stage: prompt embeddings with the stage's visual tokens (or
+an AnyRes model's), routed image embeddings of the caption prompt, caption text embeddings (`make_encoders`), and the
+parameters made readable on every process (`readable_params`)."""
 
 from __future__ import annotations
 
@@ -23,13 +23,18 @@ class Encoders:
     prompt averaged over the visual tokens [B, n] ([B, 0] outside the routed stages));
   caption_outputs(params, ids, image_mask, instruction_mask, images) -> (image embeddings [B, d] of the routed visual
     tokens, router P per prompt [B, n]);
-  text_embeddings(params, ids, mask) -> [B, d] (caption tokens, `templates.caption_tokens`).
+  text_embeddings(params, ids, mask) -> [B, d] (caption tokens, `templates.caption_tokens`);
+  anyres_inputs(params, ids, image_mask, instruction_mask, tiles, index) -> `prompt_inputs`' pair for an AnyRes
+    model (one expert): tiles [B, N, M, S, S, 3] in [0, 1], each image's base tile and grid tiles padded to M;
+    index [B, K]: where each of a row's K placeholders takes its token from the row's tile tokens flattened
+    [N * M * T] followed by the newline embedding (index N * M * T) (`anyres.packed_token_index` per image).
   ids, image_mask, instruction_mask [B, P] (left-padded prompts), images {slot: [B, N, S, S, 3]} in [0, 1]: N image
   slots per prompt, whose tokens fill the prompt's placeholders in order (the caption prompt has one).
   """
   prompt_inputs: Any
   caption_outputs: Any
   text_embeddings: Any
+  anyres_inputs: Any = None
 
 
 def make_encoders(model: Astrea, stage: str) -> Encoders:
@@ -63,7 +68,19 @@ def make_encoders(model: Astrea, stage: str) -> Encoders:
     embeds = model.apply({'params': params}, ids, method=Astrea.embed_tokens)
     return model.apply({'params': params}, embeds, mask, method=Astrea.text_embedding)
 
-  return Encoders(prompt_inputs, caption_outputs, text_embeddings)
+  @jax.jit
+  def anyres_inputs(params, ids, image_mask, instruction_mask, tiles, index):
+    del instruction_mask  # one expert: no router
+    b, n, m = tiles.shape[:3]
+    features = model.apply({'params': params}, model.cfg.slots[0], tiles.reshape(b * n * m, *tiles.shape[3:]),
+                           method=Astrea.project)  # [b*n*m, T, D]
+    flat = features.reshape(b, n * m * features.shape[1], features.shape[-1])
+    newline = jnp.broadcast_to(params['image_newline'].astype(flat.dtype), (b, 1, flat.shape[-1]))
+    visual = jnp.take_along_axis(jnp.concatenate([flat, newline], axis=1), index[..., None], axis=1)  # [b, K, D]
+    embeds = model.apply({'params': params}, ids, visual, image_mask, method=Astrea.prompt_embeddings)
+    return embeds, jnp.zeros((b, 0), jnp.float32)
+
+  return Encoders(prompt_inputs, caption_outputs, text_embeddings, anyres_inputs)
 
 
 

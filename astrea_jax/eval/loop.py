@@ -9,7 +9,9 @@ the chat template ending with the assistant header (`prompting.prompt_tokens`: e
 before an answer), all left-padded to the longest so that the encoders, the prefill and the decode loop each
 compile once. Images: each expert's input as training makes it (`data.images.expert_inputs`), {slot: [B, N, S, S,
 3]} with N the most images of any prompt (a prompt with fewer gets black images that none of its placeholders
-reads). Generation: greedy, at most `max_new_tokens` tokens, stopping at the template's end marker; the text is cut
+reads); an AnyRes model (LLaVA-NeXT, one expert) gets each image's tiles (`astrea.anyres.anyres_tiles`) and as many
+placeholders as its size gives it tokens (`anyres.num_anyres_tokens`), packed by a gather
+(`anyres.packed_token_index`) so that images of every size share one compiled function. Generation: greedy, at most `max_new_tokens` tokens, stopping at the template's end marker; the text is cut
 there (`prompting.answer_text`).
 
 Every prompt is answered exactly once, on any mesh and any number of processes. The prompt list is padded to a
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,6 +35,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, PartitionSpec
 
+from astrea_jax.astrea import anyres
 from astrea_jax.astrea.model import Astrea, AstreaConfig
 from astrea_jax.core import multihost
 from astrea_jax.data import images as images_lib
@@ -96,9 +99,6 @@ class EvalModel:
                        f'{cfg.llm.vocab_size}')
     if cfg.fusion(stage) == 'routed' and not cfg.routed:  # (fusion raises naming the valid stages)
       raise ValueError(f'stage {stage!r} routes between experts, but the model has one expert {cfg.slots}')
-    if cfg.anyres_pinpoints:
-      raise ValueError(f'the model uses AnyRes tiles {cfg.anyres_pinpoints}; the evaluation loop feeds each expert '
-                       'one square image per placeholder (expected a model without anyres_pinpoints)')
     encoders = encoders or encoders_lib.make_encoders(Astrea(cfg), stage)
     return cls(cfg, nn.unbox(params), stage, tok, chat, images_lib.experts_from_model(cfg.experts), square_mode,
                mesh, rules, encoders)
@@ -110,6 +110,11 @@ class EvalModel:
     and sharding rules (config.logical_axis_rules)."""
     return cls.create(cfg, params, stage, tokenizer_dir, template=config.data.template, mesh=mesh,
                       rules=config.logical_axis_rules, square_mode=config.data.image_square, encoders=encoders)
+
+  @property
+  def anyres(self) -> bool:
+    """Whether images go in as AnyRes tiles (LLaVA-NeXT), each with its own token count."""
+    return bool(self.cfg.anyres_pinpoints)
 
   @property
   def end_marker(self) -> str:
@@ -127,8 +132,8 @@ class EvalModel:
       raise ValueError(f'{len(texts)} prompts and {len(images)} image lists; expected one list per prompt')
     if not texts:
       raise ValueError('no prompts to evaluate; expected at least one')
-    tokens = [prompt_tokens(self.tok, self.template, f'{IMAGE_PLACEHOLDER}\n' * len(i) + t,
-                            self.cfg.num_visual_tokens) for t, i in zip(texts, images)]
+    tokens = [prompt_tokens(self.tok, self.template, f'{IMAGE_PLACEHOLDER}\n' * len(i) + t, self._token_counts(i))
+              for t, i in zip(texts, images)]
     ids, mask, image_mask, instruction = left_pad_prompts(tokens, self.tok.pad_id)
     extra = ((0, 0), (max(0, min_length - ids.shape[1]), 0))
     ids, mask, image_mask, instruction = (np.pad(x, extra, constant_values=pad) for x, pad in
@@ -136,22 +141,58 @@ class EvalModel:
                                            (instruction, False)))
     return PromptRows(ids, mask, image_mask, instruction, tuple(tuple(i) for i in images))
 
+  def _token_counts(self, images: Sequence[Any]) -> list[int]:
+    """The visual tokens of each image: the model's count, or an AnyRes image's own (its size decides)."""
+    if not self.anyres:
+      return [self.cfg.num_visual_tokens] * len(images)
+    return [anyres.num_anyres_tokens(np.asarray(i.load()).shape[:2], self.cfg.anyres_pinpoints,
+                                     self.cfg.anyres_tile, math.isqrt(self.cfg.num_visual_tokens)) for i in images]
+
   def batch_inputs(self, rows: PromptRows, index: np.ndarray) -> dict[str, Any]:
-    """The host inputs of prompts `index` [b]: ids, mask, image_mask, instruction_mask [b, P], images {slot: [b, N,
-    S, S, 3]} in [0, 1]. Images are read here, a batch at a time, so host memory stays bounded."""
-    pixels = [np.asarray(image.load(), np.uint8) for r in index for image in rows.images[r]]
-    inputs = images_lib.expert_inputs(pixels, self.experts, self.square_mode)  # {slot: [images, S, S, 3]}
+    """The host inputs of prompts `index` [b]: ids, mask, image_mask, instruction_mask [b, P], and images {slot: [b,
+    N, S, S, 3]} in [0, 1] (AnyRes: tiles and index, `_anyres_inputs`). Images are read here, a batch at a time, so
+    host memory stays bounded."""
+    pixels = [[np.asarray(image.load(), np.uint8) for image in rows.images[r]] for r in index]
+    inputs = {'ids': rows.ids[index], 'mask': rows.mask[index], 'image_mask': rows.image_mask[index],
+              'instruction_mask': rows.instruction_mask[index]}
+    if self.anyres:
+      return dict(inputs, **self._anyres_inputs(pixels, rows.image_slots, int(rows.image_mask.sum(axis=1).max())))
+    flat = images_lib.expert_inputs([p for row in pixels for p in row], self.experts, self.square_mode)
     images = {}
-    for slot, x in inputs.items():
+    for slot, x in flat.items():  # x: [images, S, S, 3]
       grid = np.zeros((len(index), rows.image_slots, *x.shape[1:]), x.dtype)
       k = 0
-      for b, r in enumerate(index):
-        count = len(rows.images[r])
-        grid[b, :count] = x[k:k + count]
-        k += count
+      for b, row in enumerate(pixels):
+        grid[b, :len(row)] = x[k:k + len(row)]
+        k += len(row)
       images[slot] = grid
-    return {'ids': rows.ids[index], 'mask': rows.mask[index], 'image_mask': rows.image_mask[index],
-            'instruction_mask': rows.instruction_mask[index], 'images': images}
+    return dict(inputs, images=images)
+
+  def _anyres_inputs(self, pixels: Sequence[Sequence[np.ndarray]], slots: int, placeholders: int) -> dict[str, Any]:
+    """tiles [b, N, M, S, S, 3] (each image's `anyres.anyres_tiles`, padded to M, the most any grid needs) and
+    index [b, K] (`encoders.Encoders.anyres_inputs`), K the most placeholders of any prompt."""
+    cfg, t2 = self.cfg, self.cfg.num_visual_tokens
+    tile, pinpoints = cfg.anyres_tile, cfg.anyres_pinpoints
+    most = 1 + max((h // tile) * (w // tile) for h, w in pinpoints)
+    tiles = np.zeros((len(pixels), slots, most, tile, tile, 3), np.float32)
+    index = np.zeros((len(pixels), placeholders), np.int32)
+    for b, row in enumerate(pixels):
+      parts = []
+      for j, image in enumerate(row):
+        image_tiles = anyres.anyres_tiles(image, pinpoints, tile)
+        tiles[b, j, :len(image_tiles)] = image_tiles
+        packed = anyres.packed_token_index(image.shape[:2], pinpoints, tile, math.isqrt(t2))
+        parts.append(np.where(packed == anyres.NEWLINE, slots * most * t2, packed + j * most * t2))
+      flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+      index[b, :len(flat)] = flat
+    return {'tiles': tiles, 'index': index}
+
+  def prompt_inputs(self, batch: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(LLM input embeddings [B, P, D], router probabilities [B, n]) of a (global) batch of `batch_inputs`."""
+    fields = (batch['ids'], batch['image_mask'], batch['instruction_mask'])
+    if self.anyres:
+      return self.encoders.anyres_inputs(self.params, *fields, batch['tiles'], batch['index'])
+    return self.encoders.prompt_inputs(self.params, *fields, batch['images'])
 
 
 def default_stage(cfg: AstreaConfig) -> str:
@@ -212,8 +253,7 @@ def predict(model: EvalModel, rows: PromptRows, *, batch_size: int, max_new_toke
     local = dict(model.batch_inputs(rows, row_of(positions, len(rows))), position=positions)
     batch = pipeline.to_global_batch(local, model.mesh, model.rules)
     with sharding.logical_context(model.mesh, model.rules):
-      embeds, batch_probs = model.encoders.prompt_inputs(model.params, batch['ids'], batch['image_mask'],
-                                                         batch['instruction_mask'], batch['images'])
+      embeds, batch_probs = model.prompt_inputs(batch)
       out = generate.generate_from_inputs(model.cfg.llm, model.params['llm'], embeds, batch['mask'], max_new_tokens,
                                           eos_id=model.eos_id, pad_id=model.tok.pad_id)
     everywhere = multihost.host_array(batch['position'])

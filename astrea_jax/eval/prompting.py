@@ -27,8 +27,9 @@ def generation_template(template: templates.ChatTemplate) -> templates.ChatTempl
 
 
 def prompt_tokens(tok: pipeline.TokenizerInfo, template: templates.ChatTemplate, text: str,
-                  visual_tokens: int) -> templates.TokenizedConversation:
-  """A single-turn generation prompt for the user text (with its `<image>`) -> ids and image mask."""
+                  visual_tokens: int | Sequence[int]) -> templates.TokenizedConversation:
+  """A single-turn generation prompt for the user text (with its `<image>`s, `visual_tokens` each, or the k-th
+  `visual_tokens[k]`) -> ids and image mask."""
   return templates.tokenize_conversation(tok.backend, generation_template(template), [(HUMAN, text)],
                                          visual_tokens=visual_tokens, image_token_id=tok.image_token_id,
                                          bos_id=tok.bos_id)
