@@ -36,6 +36,16 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
+class ArrayImage:
+  """An image held as a uint8 [H, W, 3] array, loaded like a benchmark's `ImageRef` (`load()` -> RGB PIL image)."""
+
+  def __init__(self, array: np.ndarray):
+    self.array = array
+
+  def load(self) -> Image.Image:
+    return Image.fromarray(self.array).convert('RGB')
+
+
 def _image_cell(image: Any) -> Any:
   if image is None:
     return None

@@ -49,17 +49,6 @@ def test_batch_size_must_split_over_the_batch_shards_and_processes():
   assert loop.batch_shards(mesh, (('activation_batch', None),)) == 1
 
 
-class Pixels:
-  """An image given as an array, loaded as PIL like an ImageRef."""
-
-  def __init__(self, array):
-    self.array = array
-
-  def load(self):
-    from PIL import Image
-    return Image.fromarray(self.array)
-
-
 def unit_model(tokenizer_dir, encoders=None):
   """The two-expert worker model on this process's device; no parameters (the tests replace the model's side)."""
   config = eval_worker.tiny_config('-1,1,1')
@@ -72,7 +61,7 @@ def unit_model(tokenizer_dir, encoders=None):
 def test_prompt_rows_put_each_image_before_the_prompt_and_batch_inputs_fill_its_slots(tokenizer_dir):
   model = unit_model(tokenizer_dir)
   rng = np.random.default_rng(0)
-  a, b, c = (Pixels(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(3))
+  a, b, c = (benchmark_files.ArrayImage(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(3))
   rows = model.prompt_rows(['one image', 'two images', 'no image'], [(a,), (b, c), ()])
   assert len(rows) == 3 and rows.image_slots == 2
   assert rows.image_mask.sum(axis=1).tolist() == [4, 8, 0]  # 4 visual tokens per image

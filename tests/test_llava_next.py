@@ -15,8 +15,10 @@ from astrea_jax import config as config_lib
 from astrea_jax.astrea import anyres
 from astrea_jax.astrea import model as model_lib
 from astrea_jax.convert import hf, safetensors_io
-from astrea_jax.eval import generate
+from astrea_jax.eval import generate, loop
 from astrea_jax.parallel import mesh as mesh_lib
+
+import benchmark_files  # tests/
 
 TILE, PATCH, IMAGE_TOKEN = 32, 8, 319
 PINPOINTS = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
@@ -148,17 +150,6 @@ def test_hub_layout_with_vision_model_prefix_converts_the_same(converted):
 
 # --- the evaluation loop on the converted model ---
 
-class Pixels:
-  """An image held as an array, loaded as PIL like a benchmark's ImageRef."""
-
-  def __init__(self, array):
-    self.array = array
-
-  def load(self):
-    from PIL import Image
-    return Image.fromarray(self.array)
-
-
 def _random_image(size, seed):
   return np.random.RandomState(seed).randint(0, 256, (*size, 3)).astype(np.uint8)
 
@@ -167,7 +158,6 @@ def test_the_evaluation_loop_packs_anyres_images_of_several_sizes_as_the_model_d
   """One batch of prompts whose images differ in size (so in tiles and token counts), one prompt with two images and
   one with none: each row's embeddings are those of the model's own AnyRes path (`Astrea.anyres_tokens`) on the
   prompt alone."""
-  from astrea_jax.eval import loop
   _, _, cfg, params = converted
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   model = loop.EvalModel.create(cfg, params, loop.default_stage(cfg), tokenizer_dir, template='chatml', mesh=mesh,
@@ -175,7 +165,8 @@ def test_the_evaluation_loop_packs_anyres_images_of_several_sizes_as_the_model_d
   assert model.anyres and model.stage == 'align_caption'
   images = [_random_image(size, k) for k, size in enumerate([(40, 90), (77, 51), (120, 33)])]
   per_row = [images[:1], images[1:], []]
-  rows = model.prompt_rows(['what is it?', 'compare them', 'no image here'], [[Pixels(i) for i in r] for r in per_row])
+  rows = model.prompt_rows(['what is it?', 'compare them', 'no image here'],
+                           [[benchmark_files.ArrayImage(i) for i in r] for r in per_row])
   counts = [sum(anyres.num_anyres_tokens(i.shape[:2], PINPOINTS, TILE, TILE // PATCH) for i in r) for r in per_row]
   assert rows.image_mask.sum(axis=1).tolist() == counts
   embeds, _ = model.prompt_inputs(model.batch_inputs(rows, np.arange(3)))
@@ -199,7 +190,6 @@ def test_launch_evaluate_scores_a_converted_checkpoint(converted, tokenizer_dir,
   import os
   import subprocess
   import sys
-  import benchmark_files  # tests/
   from astrea_jax.eval import mme
   tmp, _, _, _ = converted
   rows = [{'question_id': f'existence/img{k}.png', 'image': _random_image(size, k), 'category': 'existence',
