@@ -7,8 +7,8 @@ it into tiles row-major, and put a plain resize of the whole image first (the ba
 Model side (JAX, geometry static per image size): the tiles' visual tokens are laid back out as one feature map,
 the padding is cropped away (`unpad`), a learned `image_newline` is appended after each row, and the base tile's tokens
 are prepended: `pack_anyres_features`, a gather by `packed_token_index` (which a batch of images of different sizes
-uses as data, each image's index computed on the host). `num_anyres_tokens` gives the resulting length, which is how many `<image>`
-placeholder tokens the prompt needs.
+uses as data, each image's index computed on the host). `num_anyres_tokens` gives the resulting length, which is
+how many `<image>` placeholder tokens the prompt needs.
 
 Sizes are (height, width) throughout; grid pinpoints are (height, width) resolutions.
 """

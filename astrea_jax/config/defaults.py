@@ -145,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   # every stage and every `every_steps` steps; {} = none (on the command line: --config.eval.benchmarks="{'mme':
   # '/data/MME', 'shapes': ''}"). launch.evaluate --benchmark=all evaluates them all.
   c.eval.benchmarks = ml_collections.ConfigDict()
-  c.eval.every_steps = 0             # also evaluate `benchmarks` every this many steps; 0 = at the end of each stage only
+  c.eval.every_steps = 0             # also evaluate `benchmarks` every this many steps; 0 = at stage ends only
 
   # --- checkpoints (astrea_jax.train.checkpointing): one Orbax manager in <workdir>/checkpoints, steps count on
   # over the whole run and each checkpoint names its stage; running the same command again resumes the latest ---

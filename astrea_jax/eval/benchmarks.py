@@ -74,7 +74,7 @@ def prompt_rows(model: loop.EvalModel, benchmark: Benchmark) -> loop.PromptRows:
 
 
 def run_benchmark(model: loop.EvalModel, benchmark: Benchmark, *, batch_size: int,
-                  settings: Mapping[str, Any] = (), rows: loop.PromptRows | None = None) -> dict[str, Any]:
+                  settings: Mapping[str, Any] | None = None, rows: loop.PromptRows | None = None) -> dict[str, Any]:
   """The benchmark's result JSON (`evaluator.result_json`): every example answered once by `loop.predict` (greedy,
   the evaluator's `max_new_tokens`) and scored. Its settings: data, split, limit, examples, stage, template,
   max_new_tokens and batch_size, then the caller's `settings` (where the model came from). `rows`: the benchmark's
@@ -86,14 +86,14 @@ def run_benchmark(model: loop.EvalModel, benchmark: Benchmark, *, batch_size: in
   scores, per_example = evaluator.score(examples, predictions.texts)
   run_settings = {'data': benchmark.data, 'split': evaluator.split, 'limit': benchmark.limit,
                   'num_examples': len(examples), 'stage': model.stage, 'template': model.template.name,
-                  'max_new_tokens': evaluator.max_new_tokens, 'batch_size': batch_size, **dict(settings)}
+                  'max_new_tokens': evaluator.max_new_tokens, 'batch_size': batch_size, **(settings or {})}
   return result_json(benchmark.name, run_settings, scores, examples, predictions.texts, per_example)
 
 
 def evaluate_benchmarks(model: loop.EvalModel, config: ml_collections.ConfigDict, data: Mapping[str, str],
                         out_dir: str, *, batch_size: int | None = None, limit: int | None = None,
                         image_root: str | None = None, answers: str | None = None,
-                        settings: Mapping[str, Any] = ()) -> list[dict[str, Any]]:
+                        settings: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
   """Evaluates each benchmark of `data` (name -> path, as `config.eval.benchmarks`) with `model` and writes
   OUT/<benchmark>.json and OUT/summary.md (`write_results`); returns the results. batch_size: default
   config.eval.batch_size; limit, image_root, answers: `load_benchmark`'s."""

@@ -7,10 +7,11 @@ task type (the paper's Fig. 2).
   evaluation loop (`eval.loop`, sharded over the mesh's batch axes and the hosts): every VQA pair of every scene is
   one single-turn prompt, "<image>\n" + question in the config's chat template ending with the assistant header
   (LLaVA's generation prompt: the template's user suffix without its trailing space), the stage's visual tokens
-  spliced in, greedy decoding of up to `config.eval.max_new_tokens` tokens that stops at the template's end marker. A prediction is right when its normalised text equals the answer's
-  (`normalize_answer`, `exact_match`); a grounding prediction when its box has IoU > 0.5 with the answer's box
-  (`parse_box`, `box_iou`). The majority baseline answers each question with the most frequent answer of its type in
-  the train split (`majority_answers`), scored in the same way.
+  spliced in, greedy decoding of up to `config.eval.max_new_tokens` tokens that stops at the template's end marker.
+  A prediction is right when its normalised text equals the answer's (`normalize_answer`, `exact_match`); a
+  grounding prediction when its box has IoU > 0.5 with the answer's box (`parse_box`, `box_iou`). The majority
+  baseline answers each question with the most frequent answer of its type in the train split (`majority_answers`),
+  scored in the same way.
 - Retrieval (models with a router, `cfg.routed`): the image embedding is `image_embedding` of the routed visual tokens
   given the caption prompt "<image>\ncaption" (the alignment stages' caption instruction), the text embedding is
   `text_embedding` of the scene's first caption as `templates.caption_tokens` gives it (the caption's tokens and the

@@ -11,8 +11,8 @@ compile once. Images: each expert's input as training makes it (`data.images.exp
 3]} with N the most images of any prompt (a prompt with fewer gets black images that none of its placeholders
 reads); an AnyRes model (LLaVA-NeXT, one expert) gets each image's tiles (`astrea.anyres.anyres_tiles`) and as many
 placeholders as its size gives it tokens (`anyres.num_anyres_tokens`), packed by a gather
-(`anyres.packed_token_index`) so that images of every size share one compiled function. Generation: greedy, at most `max_new_tokens` tokens, stopping at the template's end marker; the text is cut
-there (`prompting.answer_text`).
+(`anyres.packed_token_index`) so that images of every size share one compiled function. Generation: greedy, at most
+`max_new_tokens` tokens, stopping at the template's end marker; the text is cut there (`prompting.answer_text`).
 
 Every prompt is answered exactly once, on any mesh and any number of processes. The prompt list is padded to a
 multiple of the global batch B by repeating its last prompt (the repeats are marked and dropped, never returned);

@@ -270,10 +270,10 @@ def _run_stage(config, cfg, plan: StagePlan, index: int, params, mesh, rules, wo
       hook(step)
     stop = preemption.reached(step)
     ckpt.save(step, plan.name, state, data_iter, force=stop or step == plan.end)
-    evaluation.after_step(step, plan.name, plan.end, state.params)
     if stop:
       ckpt.wait()
       return state.params, step
+    evaluation.after_step(step, plan.name, plan.end, state.params)  # (not when stopping: SIGTERM wants a quick exit)
     if step < plan.end:
       global_batch = pipeline.to_global_batch(_drop_counters(data.next()), mesh, rules)
   logger.write(step)
