@@ -18,17 +18,18 @@ from jax.sharding import Mesh
 from astrea_jax.astrea.model import AstreaConfig
 from astrea_jax.eval import benchmarks as benchmarks_lib
 from astrea_jax.eval import loop
+from astrea_jax.eval.shapes import Shapes
 
 
 class TrainingEvaluation:
   """The run's benchmark evaluations; `after_step(step, stage, stage_end, params)` after every train step.
-  `skip_at`: {global step: benchmarks not evaluated then} (the runner's final evaluation gives the shapes scores of
-  the last step)."""
+  `final_step`: the step after which the held-out shapes evaluation (`eval.evaluate`, eval.json) runs anyway; there
+  the shapes benchmark is not evaluated a second time, its scores come from that evaluation (`record_final`)."""
 
   def __init__(self, config: ml_collections.ConfigDict, cfg: AstreaConfig, tokenizer_dir: str, mesh: Mesh,
-               writer: Any, skip_at: Mapping[int, Collection[str]] | None = None):
+               writer: Any, final_step: int | None = None):
     self._config, self._cfg, self._tokenizer_dir, self._mesh, self._writer = config, cfg, tokenizer_dir, mesh, writer
-    self._skip_at = dict(skip_at or {})
+    self._final_step = final_step
     self._benchmarks: list[tuple[benchmarks_lib.Benchmark, loop.PromptRows]] | None = None
     self._encoders: dict[str, Any] = {}
 
@@ -44,8 +45,15 @@ class TrainingEvaluation:
   def after_step(self, step: int, stage: str, stage_end: int, params: Any) -> None:
     """Evaluates the benchmarks with `params` at `stage` when `due`, and writes their scalars at `step`."""
     if self.due(step, stage_end):
-      for result in self.evaluate(params, stage, self._skip_at.get(step, ())):
+      skip = (Shapes.name,) if step == self._final_step else ()
+      for result in self.evaluate(params, stage, skip):
         self.write(step, result)
+
+  def record_final(self, step: int, held_out: Mapping[str, Any]) -> None:
+    """The held-out evaluation's VQA scores (eval.json's 'vqa', the shapes evaluator's own) as the shapes
+    benchmark's at `step`, when it is one of the benchmarks."""
+    if Shapes.name in self._config.eval.benchmarks:
+      self.write(step, {'benchmark': Shapes.name, 'scores': held_out['vqa']})
 
   def evaluate(self, params: Any, stage: str, skip: Collection[str] = ()) -> list[dict[str, Any]]:
     """The result JSON of every benchmark but those in `skip`, with `params` at `stage`."""

@@ -173,9 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         checkpointing.Checkpointer(workdir, config) as ckpt, checkpointing.Preemption() as preemption):
     hooks = [*metrics.periodic_hooks(config.logging, workdir, total, writer), *extra_hooks]
     logger = metrics.MetricLogger(writer, config.logging.every_steps, vector_names=cfg.slots)
-    # The last step's shapes scores come from the final evaluation (eval.json), not from a second pass.
     evaluation = eval_training.TrainingEvaluation(config, cfg, tokenizer_dir, mesh, writer,
-                                                  skip_at={total: ('shapes',)} if final_shapes else {})
+                                                  final_step=total if final_shapes else None)
     damaged: list[str] = []
     while True:
       try:
@@ -195,8 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if final_shapes:
       result['eval'] = evaluate_lib.evaluate(config, cfg, result['params'], tokenizer_dir, workdir,
                                              stage=plans[-1].name, mesh=mesh)
-      if 'shapes' in config.eval.benchmarks:
-        evaluation.write(total, {'benchmark': 'shapes', 'scores': result['eval']['vqa']})
+      evaluation.record_final(total, result['eval'])
   return result
 
 
