@@ -36,6 +36,16 @@ def png_bytes(image: Image.Image | np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
+class ArrayImage:
+  """An image held as a uint8 [H, W, 3] array, loaded like a benchmark's `ImageRef` (`load()` -> RGB PIL image)."""
+
+  def __init__(self, array: np.ndarray):
+    self.array = array
+
+  def load(self) -> Image.Image:
+    return Image.fromarray(self.array).convert('RGB')
+
+
 def _image_cell(image: Any) -> Any:
   if image is None:
     return None
@@ -183,3 +193,13 @@ def vqav2_rows(first_question_id: int, image: Any, annotations: Annotations) -> 
   pairs = [p for p in annotations.vqa if p.type in VQAV2_TYPES]
   return [{'question_id': first_question_id + k, 'question': p.question, 'image': image, 'answers': [p.answer] * 10,
            'question_type': p.type} for k, p in enumerate(pairs)]
+
+
+def write_shapes_benchmarks(folder: str, scenes: Sequence[tuple[Any, Annotations]]) -> dict[str, str]:
+  """The MME, POPE and VQAv2 files of `scenes` ((image, annotations) pairs, e.g. a prepared shapes split) in
+  folder/MME, folder/POPE, folder/VQAv2: {benchmark name: folder}."""
+  mme = [row for k, (image, ann) in enumerate(scenes) for row in mme_rows(f'scene{k}', image, ann.objects)]
+  pope = [row for k, (image, ann) in enumerate(scenes) for row in pope_rows(f'scene{k}', image, ann.objects)]
+  vqav2 = [row for k, (image, ann) in enumerate(scenes) for row in vqav2_rows(1000 * k, image, ann)]
+  return {'mme': write_mme(os.path.join(folder, 'MME'), mme), 'pope': write_pope(os.path.join(folder, 'POPE'), pope),
+          'vqav2': write_vqav2(os.path.join(folder, 'VQAv2'), vqav2)}

@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 # CPU only, no hub access; the repo root importable for `launch.*` and `configs/*`.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -8,3 +10,17 @@ os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: a long end-to-end case (deselect with -m "not slow")')
+
+
+@pytest.fixture(scope='session')
+def tokenizer_dir(tmp_path_factory):
+  """A saved chat tokenizer (tests/hf_fixtures.py: byte-level BPE with both templates' markers), shared by the tests
+  that tokenize prompts."""
+  import hf_fixtures  # tests/
+  path = str(tmp_path_factory.mktemp('tokenizer'))
+  hf_fixtures.make_chat_tokenizer().save_pretrained(path)
+  return path

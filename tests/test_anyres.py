@@ -60,6 +60,20 @@ def test_packing_matches_transformers(size):
   np.testing.assert_array_equal(np.asarray(ours), ref)
 
 
+@pytest.mark.parametrize('size', SIZES)
+def test_packed_token_index_puts_the_base_tile_first_and_a_newline_after_each_cropped_row(size):
+  index = anyres.packed_token_index(size, PINPOINTS, TILE, T)
+  assert len(index) == anyres.num_anyres_tokens(size, PINPOINTS, TILE, T)
+  assert index[:T * T].tolist() == list(range(T * T))
+  rows, cols = anyres.grid_shape(size, PINPOINTS, TILE)
+  (top, bottom), (left, right) = anyres.unpadded_shape(size, (rows, cols), T)
+  lines = index[T * T:].reshape(bottom - top, right - left + 1)
+  assert (lines[:, -1] == anyres.NEWLINE).all() and (lines[:, :-1] >= T * T).all()
+  assert lines[:, :-1].max() < (1 + rows * cols) * T * T
+  np.testing.assert_array_equal(anyres.packed_token_index(size, PINPOINTS, TILE, T, newline=False),
+                                index[index != anyres.NEWLINE])
+
+
 @pytest.mark.parametrize('size', SIZES + [(500, 375), (1000, 200)])
 def test_token_count_matches_the_processor(size):
   fake = types.SimpleNamespace(image_processor=types.SimpleNamespace(image_grid_pinpoints=[list(p) for p in

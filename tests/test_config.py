@@ -82,3 +82,34 @@ def test_global_batch_must_divide_over_the_data_axes():
   with pytest.raises(config_lib.ConfigError, match=r'global_batch_size=128 is not divisible by the data axes '
                      r'data x fsdp = 1 x 256 = 256'):
     mesh_lib.check_batch_divides(128, {'data': 1, 'fsdp': 256, 'tensor': 1})
+
+
+def test_a_saved_config_reads_back_as_it_was_with_new_fields_from_the_defaults():
+  import json
+  from configs import tiny
+  c = tiny.get_config()
+  saved = json.loads(c.to_json_best_effort())
+  assert config_lib.from_saved(saved, 'ckpt').to_dict() == c.to_dict()  # tuples, not JSON lists
+  del saved['eval']['every_steps'], saved['eval']['benchmarks']  # a run saved before these fields existed
+  for table in ('experts', 'expert_checkpoints'):
+    del saved['model'][table]['segmentation']  # a run with three experts
+  del saved['data']['experts']['segmentation']
+  saved['data']['align_order'] = saved['data']['align_order'][:3]
+  old = config_lib.from_saved(saved, 'ckpt')
+  assert old.eval.every_steps == 0 and old.eval.benchmarks.to_dict() == {} and old.is_locked
+  assert list(old.model.experts) == list(old.data.experts) == ['caption', 'classification', 'detection']
+  assert list(old.model.expert_checkpoints) == ['caption', 'classification', 'detection']
+  with pytest.raises(config_lib.ConfigError, match=r'ckpt: the saved config is not a run config'):
+    config_lib.from_saved({'eval': {}}, 'ckpt')
+
+
+def test_overrides_of_a_saved_config_are_checked():
+  c = config_lib.base_config()
+  changed = config_lib.override(c, {'eval.batch_size': 8, 'eval.benchmarks': {'mme': '/data/MME'}})
+  assert (changed.eval.batch_size, changed.eval.benchmarks.mme, c.eval.batch_size) == (8, '/data/MME', 32)
+  with pytest.raises(config_lib.ConfigError, match=r"--config.eval.nothing: the run's config has no field"):
+    config_lib.override(c, {'eval.nothing': 1})
+  with pytest.raises(config_lib.ConfigError, match=r'config.eval.batch_size=0: expected >= 1'):
+    config_lib.override(c, {'eval.batch_size': 0})
+  with pytest.raises(config_lib.ConfigError, match=r"config.eval.benchmarks.mme=3: expected the path"):
+    config_lib.override(c, {'eval.benchmarks': {'mme': 3}})

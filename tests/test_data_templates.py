@@ -92,6 +92,18 @@ def test_two_images_fill_their_placeholders_in_order(tokenizer):
   assert tokenizer.decode(tc.ids[starts[0] + VISUAL:starts[1]]) == '\nleft one, '
 
 
+def test_each_image_may_have_its_own_token_count(tokenizer):
+  """AnyRes images of different sizes: the k-th placeholder becomes visual_tokens[k] image tokens."""
+  turns = (('human', '<image>\nleft one, <image>\nright one. same?'), ('gpt', 'no'))
+  tc = templates.tokenize_conversation(tokenizer.backend_tokenizer, templates.TEMPLATES['chatml'], turns,
+                                       visual_tokens=(2, 5), image_token_id=IMAGE_ID, bos_id=None)
+  starts = sequence.image_block_starts(tc.image_mask)
+  assert np.count_nonzero(tc.image_mask) == 7 and tokenizer.decode(tc.ids[starts[0] + 2:starts[1]]) == '\nleft one, '
+  with pytest.raises(ValueError, match=r'1 visual token counts for 2 <image> placeholders'):
+    templates.tokenize_conversation(tokenizer.backend_tokenizer, templates.TEMPLATES['chatml'], turns,
+                                    visual_tokens=(2,), image_token_id=IMAGE_ID, bos_id=None)
+
+
 def test_missing_template_marker_is_named(tokenizer):
   import tokenizers
   from tokenizers import models, pre_tokenizers, trainers

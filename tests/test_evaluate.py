@@ -20,7 +20,6 @@ from astrea_jax.data.conversation import GPT, HUMAN
 from astrea_jax.data.shapes_text import VQA_TYPES
 from astrea_jax.eval import encoders as encoders_lib
 from astrea_jax.eval import evaluate, generate, plots, probes, prompting, shapes
-import hf_fixtures  # tests/
 
 END = '<|im_end|>'
 NUM_SCENES = 3
@@ -122,13 +121,6 @@ def test_mean_by_task_router_report_and_batches():
 
 # --- prompts, files, plot ---
 
-@pytest.fixture(scope='module')
-def tokenizer_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp('tokenizer'))
-  hf_fixtures.make_chat_tokenizer().save_pretrained(path)
-  return path
-
-
 @pytest.mark.parametrize('name', sorted(templates.TEMPLATES))
 def test_generation_prompt_is_the_training_prefix(tokenizer_dir, name):
   """The prompt ends with the assistant header and holds exactly the tokens the train step sees before the answer."""
@@ -147,9 +139,10 @@ def test_generation_prompt_is_the_training_prefix(tokenizer_dir, name):
 
 
 def test_left_pad_prompts():
-  prompts = [prompting.Prompt(0, 'counting', np.array([5, 9, 9, 7]), np.array([0, 1, 1, 0], bool),
-                             np.array([0, 0, 0, 1], bool)),
-             prompting.Prompt(1, 'color', np.array([9, 3]), np.array([1, 0], bool), np.array([0, 1], bool))]
+  prompts = [templates.TokenizedConversation(np.array([5, 9, 9, 7]), np.zeros(4, bool), np.array([0, 1, 1, 0], bool),
+                                             np.array([0, 0, 0, 1], bool)),
+             templates.TokenizedConversation(np.array([9, 3]), np.zeros(2, bool), np.array([1, 0], bool),
+                                             np.array([0, 1], bool))]
   ids, mask, image_mask, instruction = prompting.left_pad_prompts(prompts, pad_id=0)
   np.testing.assert_array_equal(ids, [[5, 9, 9, 7], [0, 0, 9, 3]])
   np.testing.assert_array_equal(mask, [[1, 1, 1, 1], [0, 0, 1, 1]])
@@ -229,12 +222,11 @@ def test_prompt_encoders_match_the_model_forward(models, tokenizer_dir):
   c, cfg, params = models['visual+text']
   tok, template = pipeline.load_tokenizer(tokenizer_dir), templates.get_template(c.data.template)
   texts = ['<image>\nwhere is the red circle?', evaluate.CAPTION_PROMPT]
-  prompts = [prompting.Prompt(0, 'x', t.ids, t.image_mask, t.instruction_mask)
-             for t in (prompting.prompt_tokens(tok, template, text, 4) for text in texts)]
+  prompts = [prompting.prompt_tokens(tok, template, text, 4) for text in texts]
   ids, mask, image_mask, instruction_mask = prompting.left_pad_prompts(prompts, tok.pad_id)
   rng = np.random.RandomState(0)
   image = {slot: rng.rand(1, 32, 32, 3).astype(np.float32) for slot in cfg.slots}
-  batch_images = {slot: np.repeat(x, 2, axis=0) for slot, x in image.items()}
+  batch_images = {slot: np.repeat(x[:, None], 2, axis=0) for slot, x in image.items()}  # [2, 1, 32, 32, 3]
   model = model_lib.Astrea(cfg)
   embeds, probs = encoders_lib.make_encoders(model, 'main').prompt_inputs(params, ids, image_mask, instruction_mask,
                                                                       batch_images)
@@ -376,7 +368,7 @@ def test_per_type_accuracy_with_a_decoder_right_on_some_answers_pairs_each_quest
     ids, pixels = seen[-1]
     out = []
     for row_ids, row_pixels in zip(ids, pixels):
-      (scene,) = [i for i in range(NUM_SCENES) if np.array_equal(caption_inputs[i], row_pixels)]
+      (scene,) = [i for i in range(NUM_SCENES) if np.array_equal(caption_inputs[i], row_pixels[0])]
       text = tok.backend.decode(row_ids.tolist(), skip_special_tokens=False)
       questions = [q.decode() for q in scenes[scene]['vqa']['question']]
       answer = 'wrong answer'

@@ -15,8 +15,10 @@ from astrea_jax import config as config_lib
 from astrea_jax.astrea import anyres
 from astrea_jax.astrea import model as model_lib
 from astrea_jax.convert import hf, safetensors_io
-from astrea_jax.eval import generate
+from astrea_jax.eval import generate, loop
 from astrea_jax.parallel import mesh as mesh_lib
+
+import benchmark_files  # tests/
 
 TILE, PATCH, IMAGE_TOKEN = 32, 8, 319
 PINPOINTS = ((32, 64), (64, 32), (64, 64), (96, 32), (32, 96))
@@ -144,3 +146,67 @@ def test_hub_layout_with_vision_model_prefix_converts_the_same(converted):
     np.testing.assert_array_equal(a, b)
   hf.export_hf(str(tmp / 'hub_ckpt'), str(tmp / 'hub_out'), show_progress=False)
   assert safetensors_io.SafetensorsReader(str(tmp / 'hub_out')).keys() == sorted(original)
+
+
+# --- the evaluation loop on the converted model ---
+
+def _random_image(size, seed):
+  return np.random.RandomState(seed).randint(0, 256, (*size, 3)).astype(np.uint8)
+
+
+def test_the_evaluation_loop_packs_anyres_images_of_several_sizes_as_the_model_does(converted, tokenizer_dir):
+  """One batch of prompts whose images differ in size (so in tiles and token counts), one prompt with two images and
+  one with none: each row's embeddings are those of the model's own AnyRes path (`Astrea.anyres_tokens`) on the
+  prompt alone."""
+  _, _, cfg, params = converted
+  mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  model = loop.EvalModel.create(cfg, params, loop.default_stage(cfg), tokenizer_dir, template='chatml', mesh=mesh,
+                                rules=config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  assert model.anyres and model.stage == 'align_caption'
+  images = [_random_image(size, k) for k, size in enumerate([(40, 90), (77, 51), (120, 33)])]
+  per_row = [images[:1], images[1:], []]
+  rows = model.prompt_rows(['what is it?', 'compare them', 'no image here'],
+                           [[benchmark_files.ArrayImage(i) for i in r] for r in per_row])
+  counts = [sum(anyres.num_anyres_tokens(i.shape[:2], PINPOINTS, TILE, TILE // PATCH) for i in r) for r in per_row]
+  assert rows.image_mask.sum(axis=1).tolist() == counts
+  embeds, _ = model.prompt_inputs(model.batch_inputs(rows, np.arange(3)))
+
+  def reference(m, ids, image_mask, row):
+    tokens = [m.anyres_tokens(jnp.asarray(anyres.anyres_tiles(i, PINPOINTS, TILE)), i.shape[:2]) for i in row]
+    visual = jnp.concatenate(tokens)[None] if tokens else jnp.zeros((1, 1, cfg.llm.hidden_size))
+    return m.prompt_embeddings(ids, visual, image_mask)
+
+  for r, row in enumerate(per_row):
+    real = rows.mask[r]
+    want = nn.apply(reference, model_lib.Astrea(cfg))({'params': params}, jnp.asarray(rows.ids[r][real][None]),
+                                                     jnp.asarray(rows.image_mask[r][real][None]), row)
+    np.testing.assert_allclose(np.asarray(embeds[r][real]), np.asarray(want[0]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_launch_evaluate_scores_a_converted_checkpoint(converted, tokenizer_dir, tmp_path):
+  """`launch.evaluate --ckpt` on an MME file whose images have several sizes: every question once, scored."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from astrea_jax.eval import mme
+  tmp, _, _, _ = converted
+  rows = [{'question_id': f'existence/img{k}.png', 'image': _random_image(size, k), 'category': 'existence',
+           'question': f'Is there a {shape}? Please answer yes or no.', 'answer': answer}
+          for k, size in enumerate([(40, 90), (77, 51), (32, 32)]) for shape, answer in (('star', 'Yes'),
+                                                                                          ('ring', 'No'))]
+  data = benchmark_files.write_mme(str(tmp_path / 'MME'), rows)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-m', 'launch.evaluate', f'--ckpt={tmp / "ckpt"}', '--benchmark=mme',
+                         f'--data={data}', f'--out={tmp_path / "out"}', f'--config.tokenizer_dir={tokenizer_dir}',
+                         '--batch_size=4'], cwd=root, env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS='cpu'),
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  with open(tmp_path / 'out' / 'mme.json') as f:
+    result = json.load(f)
+  examples = mme.MME().load(data)
+  assert [e['question_id'] for e in result['examples']] == [e.question_id for e in examples]
+  scores, _ = mme.MME().score(examples, [e['prediction'] for e in result['examples']])
+  assert result['scores'] == json.loads(json.dumps(scores))
+  assert result['settings']['checkpoint'] == str(tmp / 'ckpt') and result['settings']['stage'] == 'align_caption'

@@ -6,8 +6,9 @@ it into tiles row-major, and put a plain resize of the whole image first (the ba
 
 Model side (JAX, geometry static per image size): the tiles' visual tokens are laid back out as one feature map,
 the padding is cropped away (`unpad`), a learned `image_newline` is appended after each row, and the base tile's tokens
-are prepended: `pack_anyres_features`. `num_anyres_tokens` gives the resulting length, which is how many `<image>`
-placeholder tokens the prompt needs.
+are prepended: `pack_anyres_features`, a gather by `packed_token_index` (which a batch of images of different sizes
+uses as data, each image's index computed on the host). `num_anyres_tokens` gives the resulting length, which is
+how many `<image>` placeholder tokens the prompt needs.
 
 Sizes are (height, width) throughout; grid pinpoints are (height, width) resolutions.
 """
@@ -23,6 +24,7 @@ import numpy as np
 
 Size = tuple[int, int]
 
+NEWLINE = -1  # `packed_token_index`'s mark for a row's newline token
 CLIP_336_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 SIGLIP_384_PINPOINTS = ((384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152))
 
@@ -106,13 +108,29 @@ def anyres_tiles(image: np.ndarray, pinpoints: Sequence[Size], tile_size: int, m
   return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def packed_token_index(image_size: Size, pinpoints: Sequence[Size], tile_size: int, tokens_per_side: int,
+                       newline: bool = True) -> np.ndarray:
+  """The packing of one image's tile tokens as a gather: for each packed token, its row in the tile tokens flattened
+  [(1 + rows*cols) * t*t] (base tile first, then the tiles row-major), or `NEWLINE` where a row's newline goes ->
+  int32 [num_anyres_tokens] (without the newlines when `newline` is False). The stitched [rows*t, cols*t] map is
+  cropped to the image's aspect ratio (`unpadded_shape`); the base tile's t*t tokens go first."""
+  t = tokens_per_side
+  rows, cols = grid_shape(image_size, pinpoints, tile_size)
+  (top, bottom), (left, right) = unpadded_shape(image_size, (rows, cols), t)
+  r, c = np.meshgrid(np.arange(top, bottom), np.arange(left, right), indexing='ij')  # [h, w] stitched positions
+  grid = (1 + (r // t) * cols + c // t) * t * t + (r % t) * t + c % t
+  if newline:
+    grid = np.concatenate([grid, np.full((grid.shape[0], 1), NEWLINE)], axis=1)
+  return np.concatenate([np.arange(t * t), grid.ravel()]).astype(np.int32)
+
+
 def pack_anyres_features(features: jax.Array, image_size: Size, pinpoints: Sequence[Size], tile_size: int,
                          image_newline: jax.Array | None) -> jax.Array:
   """features [1 + rows*cols, t*t, D] (base tile first) -> packed tokens [num_anyres_tokens, D].
 
   The tiles' token grids are stitched into one [rows*t, cols*t] map, cropped to the image's aspect ratio, a newline
-  embedding [D] is appended to each row, and the base tile's t*t tokens go first. A single tile (no grid) gives the
-  base tokens followed by one newline, as transformers does.
+  embedding [D] is appended to each row, and the base tile's t*t tokens go first (`packed_token_index`). A single
+  tile (no grid) gives the base tokens followed by one newline, as transformers does.
   """
   n, tokens, dim = features.shape
   t = math.isqrt(tokens)
@@ -125,10 +143,9 @@ def pack_anyres_features(features: jax.Array, image_size: Size, pinpoints: Seque
   if n - 1 != rows * cols:
     raise ValueError(f'pack_anyres_features: image of size {tuple(image_size)} has a {rows}x{cols} grid, '
                      f'but {n - 1} tiles were given')
-  grid = features[1:].reshape(rows, cols, t, t, dim).transpose(0, 2, 1, 3, 4).reshape(rows * t, cols * t, dim)
-  (top, bottom), (left, right) = unpadded_shape(image_size, (rows, cols), t)
-  grid = grid[top:bottom, left:right]
+  flat = features.reshape(n * tokens, dim)
+  index = packed_token_index(image_size, pinpoints, tile_size, t, newline=image_newline is not None)
   if image_newline is not None:
-    newline = jnp.broadcast_to(image_newline.astype(grid.dtype), (grid.shape[0], 1, dim))
-    grid = jnp.concatenate([grid, newline], axis=1)
-  return jnp.concatenate([base, grid.reshape(-1, dim)])
+    flat = jnp.concatenate([flat, image_newline[None].astype(flat.dtype)])
+    index = np.where(index == NEWLINE, n * tokens, index)
+  return flat[index]

@@ -141,12 +141,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.experts_pretrain.learning_rate = 1e-3  # peak learning rate (AdamW, warm-up + cosine)
   c.experts_pretrain.checkpoint = ''  # Orbax folder with pre-trained experts; '' = <workdir>/experts
 
-  # --- evaluation at the end of the run (astrea_jax.eval.evaluate): DIR/eval.json and DIR/router.png ---
+  # --- evaluation: at the end of the run on the synthetic set (astrea_jax.eval.evaluate: DIR/eval.json and
+  # DIR/router.png), and of `benchmarks` during training (TensorBoard scalars eval/<benchmark>/<score>, the paper's
+  # Fig. 3) and by launch.evaluate ---
   c.eval = ml_collections.ConfigDict()
   c.eval.split = 'test'              # held-out split of the synthetic set
   c.eval.num_scenes = 0              # scenes evaluated; 0 = the whole split
-  c.eval.batch_size = 32             # prompts decoded at once
-  c.eval.max_new_tokens = 24         # answer length limit (a box answer is ~20 tokens)
+  c.eval.batch_size = 32             # prompts decoded at once, over all hosts; a multiple of the batch shards
+  c.eval.max_new_tokens = 24         # answer length limit of the shapes evaluation (a box answer is ~20 tokens);
+  #                                    every other benchmark decodes as many tokens as lmms-eval lets it
+  # Benchmark name (astrea_jax.eval.registry) -> its data: a folder of lmms-lab parquet shards, or a LLaVA question
+  # .jsonl; 'shapes' -> a prepared shapes TFDS folder, '' = this run's (config.data.shapes). Evaluated at the end of
+  # every stage and every `every_steps` steps; {} = none (on the command line: --config.eval.benchmarks="{'mme':
+  # '/data/MME', 'shapes': ''}"). launch.evaluate --benchmark=all evaluates them all.
+  c.eval.benchmarks = ml_collections.ConfigDict()
+  c.eval.every_steps = 0             # also evaluate `benchmarks` every this many steps; 0 = at stage ends only
 
   # --- checkpoints (astrea_jax.train.checkpointing): one Orbax manager in <workdir>/checkpoints, steps count on
   # over the whole run and each checkpoint names its stage; running the same command again resumes the latest ---

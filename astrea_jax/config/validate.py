@@ -82,9 +82,13 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.experts_pretrain.learning_rate={config.experts_pretrain.learning_rate}: expected > 0')
   if config.eval.split not in ('train', 'validation', 'test'):
     raise ConfigError(f"config.eval.split={config.eval.split!r}: expected 'train', 'validation' or 'test'")
-  for field, low in (('num_scenes', 0), ('batch_size', 1), ('max_new_tokens', 1)):
+  for field, low in (('num_scenes', 0), ('batch_size', 1), ('max_new_tokens', 1), ('every_steps', 0)):
     if config.eval[field] < low:
       raise ConfigError(f'config.eval.{field}={config.eval[field]}: expected >= {low}')
+  for name, path in config.eval.benchmarks.items():
+    if not isinstance(path, str):
+      raise ConfigError(f'config.eval.benchmarks.{name}={path!r}: expected the path of its data (a string; \'\' for '
+                        "the run's own shapes set)")
 
 
 def _validate_astrea(config: ml_collections.ConfigDict) -> None:

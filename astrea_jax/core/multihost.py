@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 
@@ -26,3 +27,11 @@ def first_then_all(name: str, fn):
 def is_primary() -> bool:
   """Whether this is process 0, the one that writes what all processes share."""
   return jax.process_index() == 0
+
+
+def host_array(x) -> np.ndarray:
+  """The whole of array `x` as numpy on this host: gathered from every process (`process_allgather`) when it spans
+  several, else read where it lives. Every process must call it when any does."""
+  if getattr(x, 'is_fully_addressable', True):
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -48,6 +48,13 @@ def experts_from_config(experts: Mapping[str, Mapping], families: Mapping[str, s
   return tuple(specs)
 
 
+def experts_from_model(experts: Sequence) -> tuple[ExpertImage, ...]:
+  """The ExpertImage specs of a model's experts (`ExpertConfig`s, which carry their input size and normalisation),
+  in their order: what a converted checkpoint, which has no run config, is fed."""
+  return tuple(ExpertImage(e.name, int(e.image_size), tuple(map(float, e.image_mean)), tuple(map(float, e.image_std)))
+               for e in experts)
+
+
 def resolve_image_path(image_root: str, path: str) -> str:
   """image_root/path, refusing absolute paths and paths that climb out of the root (`../`)."""
   root = os.path.normpath(os.path.abspath(image_root))

@@ -122,15 +122,21 @@ def _mark_targets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int,
   return ((starts < s[..., 1]) & (s[..., 0] < ends)).any(axis=1)
 
 
-def tokenize_conversation(tokenizer, template: ChatTemplate, turns: Sequence[Turn], *, visual_tokens: int,
-                          image_token_id: int, bos_id: int | None) -> TokenizedConversation:
+def tokenize_conversation(tokenizer, template: ChatTemplate, turns: Sequence[Turn], *,
+                          visual_tokens: int | Sequence[int], image_token_id: int,
+                          bos_id: int | None) -> TokenizedConversation:
   """Renders and tokenises a conversation; the loss mask (Eq. 1) marks the answers' tokens.
 
   `tokenizer` is a `tokenizers.Tokenizer` (a transformers tokenizer's `backend_tokenizer`, which gives offsets).
   The text between `<image>` placeholders is tokenised piece by piece, as LLaVA does, and each placeholder becomes
-  `visual_tokens` copies of `image_token_id`. BOS is prepended when the template asks for it and bos_id is given.
+  `visual_tokens` copies of `image_token_id` (a sequence: the k-th placeholder's count, for images whose token
+  counts differ, e.g. AnyRes). BOS is prepended when the template asks for it and bos_id is given.
   """
   text, spans, instruction_spans = render(template, turns)
+  counts = [visual_tokens] * text.count(IMAGE_PLACEHOLDER) if isinstance(visual_tokens, int) else list(visual_tokens)
+  if len(counts) != text.count(IMAGE_PLACEHOLDER):
+    raise ValueError(f'{len(counts)} visual token counts for {text.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} '
+                     'placeholders; expected one per placeholder')
   ids, target, image, instruction = [], [], [], []
   if template.add_bos and bos_id is not None:
     ids, target, image, instruction = [bos_id], [False], [False], [False]
@@ -146,9 +152,9 @@ def tokenize_conversation(tokenizer, template: ChatTemplate, turns: Sequence[Tur
       image.extend([False] * len(encoding.ids))
     start += len(piece)
     if k < len(pieces) - 1:
-      ids.extend([image_token_id] * visual_tokens)
+      ids.extend([image_token_id] * counts[k])
       for mask, value in ((target, False), (image, True), (instruction, False)):
-        mask.extend([value] * visual_tokens)
+        mask.extend([value] * counts[k])
       start += len(IMAGE_PLACEHOLDER)
   return TokenizedConversation(np.asarray(ids, np.int32), np.asarray(target, bool), np.asarray(image, bool),
                                np.asarray(instruction, bool))

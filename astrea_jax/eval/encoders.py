@@ -1,6 +1,6 @@
-"""The model's side of evaluation, jitted per model and stage: prompt embeddings with the stage's visual tokens,
-routed image embeddings of the caption prompt, caption text embeddings (`make_encoders`), and the parameters made
-readable on every process (`readable_params`)."""
+"""The model's side of evaluation, jitted per model and stage: prompt embeddings with the stage's visual tokens (or
+an AnyRes model's), routed image embeddings of the caption prompt, caption text embeddings (`make_encoders`), and the
+parameters made readable on every process (`readable_params`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 
 from astrea_jax.astrea.model import Astrea
-from astrea_jax.core import stages
+from astrea_jax.core import multihost, stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,13 +23,18 @@ class Encoders:
     prompt averaged over the visual tokens [B, n] ([B, 0] outside the routed stages));
   caption_outputs(params, ids, image_mask, instruction_mask, images) -> (image embeddings [B, d] of the routed visual
     tokens, router P per prompt [B, n]);
-  text_embeddings(params, ids, mask) -> [B, d] (caption tokens, `templates.caption_tokens`).
-  ids, image_mask, instruction_mask [B, P] (left-padded prompts), images {slot: [B, S, S, 3]} in [0, 1] (one image
-  per prompt).
+  text_embeddings(params, ids, mask) -> [B, d] (caption tokens, `templates.caption_tokens`);
+  anyres_inputs(params, ids, image_mask, instruction_mask, tiles, index) -> `prompt_inputs`' pair for an AnyRes
+    model (one expert): tiles [B, N, M, S, S, 3] in [0, 1], each image's base tile and grid tiles padded to M;
+    index [B, K]: where each of a row's K placeholders takes its token from the row's tile tokens flattened
+    [N * M * T] followed by the newline embedding (index N * M * T) (`anyres.packed_token_index` per image).
+  ids, image_mask, instruction_mask [B, P] (left-padded prompts), images {slot: [B, N, S, S, 3]} in [0, 1]: N image
+  slots per prompt, whose tokens fill the prompt's placeholders in order (the caption prompt has one).
   """
   prompt_inputs: Any
   caption_outputs: Any
   text_embeddings: Any
+  anyres_inputs: Any = None
 
 
 def make_encoders(model: Astrea, stage: str) -> Encoders:
@@ -40,9 +44,10 @@ def make_encoders(model: Astrea, stage: str) -> Encoders:
     variables = {'params': params}
     instruction = None
     if model.cfg.fusion(stage) == 'routed' and model.cfg.router_context == 'visual+text':
-      instruction = model.apply(variables, ids, instruction_mask[:, None, :], method=Astrea.pooled_instruction)
-    rows = {slot: x[:, None] for slot, x in images.items()}  # one image slot per prompt
-    tokens, aux = model.apply(variables, stage, rows, instruction=instruction, method=Astrea.visual_tokens)
+      num_images = next(iter(images.values())).shape[1]  # every image of a prompt sees the prompt's instruction
+      masks = jnp.repeat(instruction_mask[:, None, :], num_images, axis=1)  # [B, N, P]
+      instruction = model.apply(variables, ids, masks, method=Astrea.pooled_instruction)
+    tokens, aux = model.apply(variables, stage, images, instruction=instruction, method=Astrea.visual_tokens)
     probs = aux['probs'].mean(axis=(1, 2)) if 'probs' in aux else jnp.zeros((ids.shape[0], 0), jnp.float32)
     return tokens, probs
 
@@ -63,7 +68,19 @@ def make_encoders(model: Astrea, stage: str) -> Encoders:
     embeds = model.apply({'params': params}, ids, method=Astrea.embed_tokens)
     return model.apply({'params': params}, embeds, mask, method=Astrea.text_embedding)
 
-  return Encoders(prompt_inputs, caption_outputs, text_embeddings)
+  @jax.jit
+  def anyres_inputs(params, ids, image_mask, instruction_mask, tiles, index):
+    del instruction_mask  # one expert: no router
+    b, n, m = tiles.shape[:3]
+    features = model.apply({'params': params}, model.cfg.slots[0], tiles.reshape(b * n * m, *tiles.shape[3:]),
+                           method=Astrea.project)  # [b*n*m, T, D]
+    flat = features.reshape(b, n * m * features.shape[1], features.shape[-1])
+    newline = jnp.broadcast_to(params['image_newline'].astype(flat.dtype), (b, 1, flat.shape[-1]))
+    visual = jnp.take_along_axis(jnp.concatenate([flat, newline], axis=1), index[..., None], axis=1)  # [b, K, D]
+    embeds = model.apply({'params': params}, ids, visual, image_mask, method=Astrea.prompt_embeddings)
+    return embeds, jnp.zeros((b, 0), jnp.float32)
+
+  return Encoders(prompt_inputs, caption_outputs, text_embeddings, anyres_inputs)
 
 
 
@@ -71,7 +88,7 @@ def readable_params(params: Any) -> Any:
   """The unboxed params with every leaf that spans several processes (multi-host) gathered whole onto each process
   as a numpy array, so that each process can run the single-device-style evaluation; other leaves as they are."""
   def readable(x):
-    return x if getattr(x, 'is_fully_addressable', True) else multihost_utils.process_allgather(x, tiled=True)
+    return x if getattr(x, 'is_fully_addressable', True) else multihost.host_array(x)
   return jax.tree.map(readable, nn.unbox(params))
 
 

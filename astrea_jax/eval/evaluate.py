@@ -3,14 +3,15 @@ baseline, image-text retrieval R@1 from the MoCo embeddings, and the router's me
 task type (the paper's Fig. 2).
 
 `evaluate` reads the first `config.eval.num_scenes` scenes (0 = all) of `config.eval.split`:
-- VQA (the registry's `shapes` evaluator, `eval.shapes`: questions, scoring, majority baseline): every VQA pair of
-  every scene is one single-turn prompt, "<image>\n" + question in the config's chat template
-  ending with the assistant header (LLaVA's generation prompt: the template's user suffix without its trailing
-  space), the stage's visual tokens spliced in, greedy decoding of up to `config.eval.max_new_tokens` tokens that
-  stops at the template's end marker. A prediction is right when its normalised text equals the answer's
-  (`normalize_answer`, `exact_match`); a grounding prediction when its box has IoU > 0.5 with the answer's box
-  (`parse_box`, `box_iou`). The majority baseline answers each question with the most frequent answer of its type in
-  the train split (`majority_answers`), scored in the same way.
+- VQA (the registry's `shapes` evaluator, `eval.shapes`: questions, scoring, majority baseline), answered by the
+  evaluation loop (`eval.loop`, sharded over the mesh's batch axes and the hosts): every VQA pair of every scene is
+  one single-turn prompt, "<image>\n" + question in the config's chat template ending with the assistant header
+  (LLaVA's generation prompt: the template's user suffix without its trailing space), the stage's visual tokens
+  spliced in, greedy decoding of up to `config.eval.max_new_tokens` tokens that stops at the template's end marker.
+  A prediction is right when its normalised text equals the answer's (`normalize_answer`, `exact_match`); a
+  grounding prediction when its box has IoU > 0.5 with the answer's box (`parse_box`, `box_iou`). The majority
+  baseline answers each question with the most frequent answer of its type in the train split (`majority_answers`),
+  scored in the same way.
 - Retrieval (models with a router, `cfg.routed`): the image embedding is `image_embedding` of the routed visual tokens
   given the caption prompt "<image>\ncaption" (the alignment stages' caption instruction), the text embedding is
   `text_embedding` of the scene's first caption as `templates.caption_tokens` gives it (the caption's tokens and the
@@ -24,7 +25,8 @@ task type (the paper's Fig. 2).
   through the scenes each type covers.
 
 All prompts are left-padded to one length and every batch to `config.eval.batch_size` rows (the last one repeats
-its final prompt), so that the prompt encoder, the prefill and the decode loop each compile once. Process 0 writes
+its final prompt), so that the prompt encoder, the prefill and the decode loop each compile once. The retrieval and
+router probes run on every process alike (the parameters gathered whole, `encoders.readable_params`). Process 0 writes
 `<workdir>/eval.json` and `<workdir>/router.png`, each to a temporary file renamed into place. eval.json:
 
   {"stage", "split", "num_scenes", "template", "max_new_tokens",
@@ -39,130 +41,80 @@ its final prompt), so that the prompt encoder, the prefill and the decode loop e
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
-from astrea_jax.astrea.model import Astrea, AstreaConfig
+from astrea_jax.astrea.model import AstreaConfig
 from astrea_jax.core import files
-from astrea_jax import config as config_lib
-from astrea_jax.data import images as images_lib
-from astrea_jax.data import pipeline, shapes_tfds, stage_targets, templates
+from astrea_jax.data import stage_targets, templates
 from astrea_jax.data.conversation import IMAGE_PLACEHOLDER
 from astrea_jax.eval import encoders as encoders_lib
-from astrea_jax.eval import generate, probes, registry
-from astrea_jax.eval.evaluator import Example
-from astrea_jax.eval.prompting import Prompt, answer_text, batch_indices, left_pad_prompts, prompt_tokens
+from astrea_jax.eval import loop, probes
+from astrea_jax.eval.prompting import batch_indices
+from astrea_jax.eval.shapes import SceneImage, Shapes
+from astrea_jax.parallel import mesh as mesh_lib
 
 CAPTION_PROMPT = f'{IMAGE_PLACEHOLDER}\n{stage_targets.CAPTION_REQUEST}'
 EVAL_FILE, ROUTER_FILE = 'eval.json', 'router.png'
 
 
-def _check_inputs(config: ml_collections.ConfigDict, cfg: AstreaConfig, stage: str,
-                  tok: pipeline.TokenizerInfo, tokenizer_dir: str) -> None:
+def _check_inputs(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> None:
   if config.data.dataset != 'shapes':
     raise ValueError(f"config.data.dataset={config.data.dataset!r}: the evaluation reads the synthetic 'shapes' data")
-  if cfg.fusion(stage) == 'routed' and not cfg.routed:  # (fusion raises naming the valid stages)
-    raise ValueError(f'stage {stage!r} routes between experts, but the model has one expert {cfg.slots}')
   if config.data.visual_tokens != cfg.num_visual_tokens:
     raise ValueError(f'config.data.visual_tokens={config.data.visual_tokens} but the model has '
                      f'{cfg.num_visual_tokens} visual tokens per image')
-  if tok.size > cfg.llm.vocab_size:
-    raise ValueError(f'tokenizer {tokenizer_dir} has {tok.size} tokens, more than the model vocabulary '
-                     f'{cfg.llm.vocab_size}')
-
-
-@dataclasses.dataclass(frozen=True)
-class _Batcher:
-  """The model inputs of a batch of prompt rows: (ids, mask, image_mask, instruction_mask) [B, P] and each expert's
-  input of the rows' scenes {slot: [B, S, S, 3]}, prepared per batch so that host memory stays bounded at any image
-  size."""
-  prompts: Sequence[Prompt]
-  padded: tuple[np.ndarray, ...]
-  scene_images: Sequence[np.ndarray]
-  experts: tuple[images_lib.ExpertImage, ...]
-  square_mode: str
-
-  def __call__(self, rows: np.ndarray):
-    ids, mask, image_mask, instruction_mask = (x[rows] for x in self.padded)
-    pixels = images_lib.expert_inputs([self.scene_images[self.prompts[r].scene] for r in rows], self.experts,
-                                      self.square_mode)
-    return ids, mask, image_mask, instruction_mask, pixels
-
-
-def build_prompts(tok: pipeline.TokenizerInfo, template: templates.ChatTemplate, examples: Sequence[Example],
-                  num_scenes: int, visual_tokens: int, with_captions: bool) -> list[Prompt]:
-  """One prompt per VQA example ("<image>\\n" + question), in order, then (with_captions) one caption prompt per
-  scene."""
-  prompts = []
-  for e in examples:
-    tokens = prompt_tokens(tok, template, f'{IMAGE_PLACEHOLDER}\n{e.prompt}', visual_tokens)
-    prompts.append(Prompt(e.meta['scene'], e.meta['type'], tokens.ids, tokens.image_mask, tokens.instruction_mask))
-  if with_captions:
-    caption = prompt_tokens(tok, template, CAPTION_PROMPT, visual_tokens)
-    prompts += [Prompt(s, probes.CAPTION_TASK, caption.ids, caption.image_mask, caption.instruction_mask)
-                for s in range(num_scenes)]
-  return prompts
 
 
 def evaluate(config: ml_collections.ConfigDict, cfg: AstreaConfig, params: Any, tokenizer_dir: str, workdir: str, *,
-             stage: str = 'main') -> dict[str, Any]:
+             stage: str = 'main', mesh: Mesh | None = None) -> dict[str, Any]:
   """Evaluates the model at `stage` on the held-out shapes scenes; returns the eval.json dict (module doc) and, on
-  process 0, writes <workdir>/eval.json and, for a routed stage, <workdir>/router.png."""
-  tok = pipeline.load_tokenizer(tokenizer_dir)
-  template = templates.get_template(config.data.template)
-  templates.check_special_tokens(tok.backend, template, tokenizer_dir)
-  _check_inputs(config, cfg, stage, tok, tokenizer_dir)
-  params = encoders_lib.readable_params(params)
-  end_marker = template.answer_suffix
-  eos_id = tok.backend.encode(end_marker, add_special_tokens=False).ids[0]
-  visual_tokens, batch_size = config.data.visual_tokens, config.eval.batch_size
+  process 0, writes <workdir>/eval.json and, for a routed stage, <workdir>/router.png. The VQA prompts are answered
+  by `loop.predict` on `mesh` (default: `config.mesh` over every device)."""
+  _check_inputs(config, cfg)
+  mesh = mesh if mesh is not None else mesh_lib.create_mesh(config.mesh)
+  model = loop.EvalModel.from_config(config, cfg, params, stage, tokenizer_dir, mesh)
   routed_stage = cfg.fusion(stage) == 'routed'
+  batch_size = config.eval.batch_size
 
-  shapes = registry.get_evaluator('shapes', split=config.eval.split)
-  examples = shapes.load(shapes_tfds.prepare(config.data.shapes), limit=config.eval.num_scenes or None)
+  shapes = Shapes.from_config(config)
+  examples = shapes.load(shapes.data_path(''), limit=shapes.default_limit)
   annotations = shapes.annotations
-  prompts = build_prompts(tok, template, examples, len(annotations), visual_tokens, with_captions=cfg.routed)
-  padded = left_pad_prompts(prompts, tok.pad_id)
-  batch_inputs = _Batcher(prompts, padded, shapes.scene_images,
-                          images_lib.experts_from_config(config.data.experts, config_lib.expert_families(config),
-                                                         cfg.slots), config.data.image_square)
-  encoders = encoders_lib.make_encoders(Astrea(cfg), stage)
+  texts, images = [e.prompt for e in examples], [e.images for e in examples]
+  vqa_rows = model.prompt_rows(texts, images)
+  if cfg.routed:  # every prompt, VQA and caption, is padded to one length
+    captions = model.prompt_rows([stage_targets.CAPTION_REQUEST] * len(annotations),
+                                 [(SceneImage(pixels),) for pixels in shapes.scene_images], vqa_rows.length)
+    vqa_rows = model.prompt_rows(texts, images, captions.length)
   logging.info('eval: %d scenes of the %s split, %d VQA prompts of %d tokens, stage %s', len(annotations),
-               config.eval.split, len(examples), padded[0].shape[1], stage)
-
-  predictions, probs = [], []
-  num_batches = -(-len(examples) // batch_size)
-  for k, (rows, real) in enumerate(batch_indices(len(examples), batch_size)):
-    ids, mask, image_mask, instruction_mask, pixels = batch_inputs(rows)
-    embeds, batch_probs = encoders.prompt_inputs(params, ids, image_mask, instruction_mask, pixels)
-    out = generate.generate_from_inputs(cfg.llm, params['llm'], embeds, mask, config.eval.max_new_tokens,
-                                        eos_id=eos_id, pad_id=tok.pad_id)
-    predictions += [answer_text(tok.backend.decode(row, skip_special_tokens=False), end_marker)
-                    for row in out[:real]]
-    probs.append(np.asarray(batch_probs)[:real])
-    logging.info('eval: VQA batch %d/%d', k + 1, num_batches)
-  vqa, _ = shapes.score(examples, predictions)
+               config.eval.split, len(examples), vqa_rows.length, stage)
+  predictions = loop.predict(model, vqa_rows, batch_size=batch_size, max_new_tokens=shapes.max_new_tokens,
+                             with_probs=routed_stage, name='eval VQA')
+  vqa, _ = shapes.score(examples, predictions.texts)
   result: dict[str, Any] = {
-      'stage': stage, 'split': config.eval.split, 'num_scenes': len(annotations), 'template': template.name,
-      'max_new_tokens': config.eval.max_new_tokens, 'vqa': vqa}
+      'stage': stage, 'split': config.eval.split, 'num_scenes': len(annotations), 'template': model.template.name,
+      'max_new_tokens': shapes.max_new_tokens, 'vqa': vqa}
 
   if cfg.routed:
-    image_emb = []
+    params = encoders_lib.readable_params(params)
+    encoders = model.encoders
+    image_emb, caption_probs = [], []
     for rows, real in batch_indices(len(annotations), batch_size):
-      ids, _, image_mask, instruction_mask, pixels = batch_inputs(rows + len(examples))
-      emb, batch_probs = encoders.caption_outputs(params, ids, image_mask, instruction_mask, pixels)
+      inputs = model.batch_inputs(captions, rows)
+      emb, batch_probs = encoders.caption_outputs(params, inputs['ids'], inputs['image_mask'],
+                                                  inputs['instruction_mask'], inputs['images'])
       image_emb.append(np.asarray(emb)[:real])
-      if routed_stage:
-        probs.append(np.asarray(batch_probs)[:real])
-    texts = [templates.caption_tokens(tok.backend, template, ann.captions[0], config.moco.caption_len, tok.pad_id)
-             for ann in annotations]
+      caption_probs.append(np.asarray(batch_probs)[:real])
+    tok = model.tok
+    texts = [templates.caption_tokens(tok.backend, model.template, ann.captions[0], config.moco.caption_len,
+                                      tok.pad_id) for ann in annotations]
     text_ids, text_mask = np.stack([t for t, _ in texts]), np.stack([m for _, m in texts])
     text_emb = [np.asarray(encoders.text_embeddings(params, text_ids[rows], text_mask[rows]))[:real]
                 for rows, real in batch_indices(len(texts), batch_size)]
@@ -171,7 +123,8 @@ def evaluate(config: ml_collections.ConfigDict, cfg: AstreaConfig, params: Any, 
                            'chance': 1.0 / len(annotations), 'num_pairs': len(annotations),
                            'caption_prompt': CAPTION_PROMPT}
   if routed_stage:
-    result['router'] = probes.router_report([p.task for p in prompts], np.concatenate(probs), cfg.slots,
+    tasks = [e.meta['type'] for e in examples] + [probes.CAPTION_TASK] * len(annotations)
+    result['router'] = probes.router_report(tasks, np.concatenate([predictions.probs, *caption_probs]), cfg.slots,
                                             cfg.router_context)
 
   _log_summary(result)

@@ -74,6 +74,7 @@ class Evaluator(abc.ABC):
     benchmark's scores (by default the mean example score as `headline`, and `num_questions`).
   """
   reads_llava_questions: ClassVar[bool] = False
+  has_default_data: ClassVar[bool] = False  # whether `data_path('')` finds data by itself (the shapes set)
   name: ClassVar[str]
   max_new_tokens: ClassVar[int]
   default_split: ClassVar[str]
@@ -85,6 +86,21 @@ class Evaluator(abc.ABC):
 
   def __init__(self, split: str | None = None):
     self.split = split or self.default_split
+    self.default_limit: int | None = None  # the `limit` of a run config's evaluation (`from_config`)
+
+  @classmethod
+  def from_config(cls, config: Any) -> Evaluator:
+    """The evaluator as a run config (`config.eval`) asks for it: here the benchmark as lmms-eval runs it (its
+    default split, `max_new_tokens`, every example)."""
+    del config
+    return cls()
+
+  def data_path(self, path: str) -> str:
+    """The data to read for a `config.eval.benchmarks` entry: `path`; empty is an error (`has_default_data`)."""
+    if not path:
+      raise ValueError(f'no data given for benchmark {self.name!r}: expected a folder of lmms-lab parquet shards or '
+                       'a LLaVA question file (.jsonl)')
+    return path
 
   def load(self, path: str, *, image_root: str | None = None, answers: str | None = None,
            limit: int | None = None) -> list[Example]:

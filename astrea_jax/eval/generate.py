@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from astrea_jax.core import multihost
 from astrea_jax.models import llama
 
 Array = jax.Array
@@ -168,7 +169,8 @@ def generate_from_inputs(cfg: llama.LlamaConfig, params: Any, inputs: Array | np
                          eos_id: int | None = None, pad_id: int = 0) -> list[list[int]]:
   """`generate` from a left-padded prompt: token ids [B, P] or input embeddings [B, P, E], mask [B, P] (True on
   real positions). A vision-language model passes its embeddings with the visual tokens spliced in, so the visual
-  prefix is computed once and decoding runs on the LLM's KV cache alone."""
+  prefix is computed once and decoding runs on the LLM's KV cache alone. Inputs may be global arrays sharded over
+  several processes (every process calls this); each gets every row's tokens, in global row order."""
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens} must be at least 1')
   if temperature < 0:
@@ -181,4 +183,4 @@ def generate_from_inputs(cfg: llama.LlamaConfig, params: Any, inputs: Array | np
   out, _ = _decode(params, cache, logits, jax.random.key(seed), cfg=cfg, max_new_tokens=max_new_tokens,
                    temperature=float(temperature), top_p=float(top_p),
                    eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id))
-  return [_until_eos(row, eos_id) for row in np.asarray(out).tolist()]
+  return [_until_eos(row, eos_id) for row in multihost.host_array(out).tolist()]

@@ -13,17 +13,6 @@ from astrea_jax.data.conversation import HUMAN
 from astrea_jax.eval import generate
 
 
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-  """One prompt: its scene (index among the evaluated scenes), task (a VQA type or 'caption'), tokens [L] with the
-  visual-token positions in image_mask [L] and the instruction's in instruction_mask [L]."""
-  scene: int
-  task: str
-  ids: np.ndarray
-  image_mask: np.ndarray
-  instruction_mask: np.ndarray
-
-
 def answer_text(generated: str, end_marker: str = '') -> str:
   """The generated text up to the template's end marker (all of it when there is none), stripped."""
   if end_marker and end_marker in generated:
@@ -38,14 +27,15 @@ def generation_template(template: templates.ChatTemplate) -> templates.ChatTempl
 
 
 def prompt_tokens(tok: pipeline.TokenizerInfo, template: templates.ChatTemplate, text: str,
-                  visual_tokens: int) -> templates.TokenizedConversation:
-  """A single-turn generation prompt for the user text (with its `<image>`) -> ids and image mask."""
+                  visual_tokens: int | Sequence[int]) -> templates.TokenizedConversation:
+  """A single-turn generation prompt for the user text (with its `<image>`s, `visual_tokens` each, or the k-th
+  `visual_tokens[k]`) -> ids and image mask."""
   return templates.tokenize_conversation(tok.backend, generation_template(template), [(HUMAN, text)],
                                          visual_tokens=visual_tokens, image_token_id=tok.image_token_id,
                                          bos_id=tok.bos_id)
 
 
-def left_pad_prompts(prompts: Sequence[Prompt], pad_id: int) -> tuple[np.ndarray, ...]:
+def left_pad_prompts(prompts: Sequence[templates.TokenizedConversation], pad_id: int) -> tuple[np.ndarray, ...]:
   """(ids, mask, image_mask, instruction_mask), each [M, P] with P the longest prompt, every prompt right-aligned."""
   ids, mask = generate.left_pad([p.ids for p in prompts], pad_id)
   image_mask, _ = generate.left_pad([p.image_mask.astype(np.int32) for p in prompts], 0)

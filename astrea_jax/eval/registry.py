@@ -32,8 +32,18 @@ REGISTRY: dict[str, type[Evaluator]] = {cls.name: cls for cls in (
     mmmu.MMMU, mmbench.MMBench, chartqa.ChartQA, docvqa.DocVQA, shapes.Shapes)}
 
 
-def get_evaluator(name: str, **kwargs: Any) -> Evaluator:
-  """The evaluator registered as `name`, built with `kwargs` (e.g. split='dev')."""
+def evaluator_class(name: str) -> type[Evaluator]:
+  """The evaluator class registered as `name`; ValueError listing the names if there is none."""
   if name not in REGISTRY:
     raise ValueError(f'unknown benchmark {name!r}; expected one of {sorted(REGISTRY)}')
-  return REGISTRY[name](**kwargs)
+  return REGISTRY[name]
+
+
+def get_evaluator(name: str, **kwargs: Any) -> Evaluator:
+  """The evaluator registered as `name`, built with `kwargs` (e.g. split='dev')."""
+  return evaluator_class(name)(**kwargs)
+
+
+def evaluator_for_run(name: str, config: Any) -> Evaluator:
+  """The evaluator registered as `name` as a run config asks for it (`Evaluator.from_config`)."""
+  return evaluator_class(name).from_config(config)

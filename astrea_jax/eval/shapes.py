@@ -157,6 +157,7 @@ class Shapes(Evaluator):
   default_split = 'test'
   headline = 'mean_accuracy'
   id_column = None
+  has_default_data = True
 
   def __init__(self, split: str | None = None):
     super().__init__(split)
@@ -164,6 +165,26 @@ class Shapes(Evaluator):
     self.scene_images: list[np.ndarray] = []
     self.majority: dict[str, str] = {}
     self.num_train = 0
+    self.shapes_config: Any = None
+
+  @classmethod
+  def from_config(cls, config: Any) -> Shapes:
+    """config.eval's split, answer length (`max_new_tokens`) and scenes (`num_scenes`, the default limit), and
+    config.data.shapes as the data of an empty path (`data_path`)."""
+    evaluator = cls(config.eval.split)
+    evaluator.max_new_tokens = config.eval.max_new_tokens
+    evaluator.default_limit = config.eval.num_scenes or None
+    evaluator.shapes_config = config.data.shapes
+    return evaluator
+
+  def data_path(self, path: str) -> str:
+    """`path`, or for '' the run's own shapes set (config.data.shapes, prepared when absent)."""
+    if path:
+      return path
+    if self.shapes_config is None:
+      raise ValueError("no data given for benchmark 'shapes': expected a prepared shapes TFDS folder, or a run "
+                       "config's data.shapes (Shapes.from_config)")
+    return shapes_tfds.prepare_shared(self.shapes_config)
 
   def load(self, path: str, *, image_root: str | None = None, answers: str | None = None,
            limit: int | None = None) -> list[Example]:

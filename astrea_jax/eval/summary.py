@@ -5,7 +5,8 @@ groups General / Knowledge / OCR & Chart / Vision-Centric and their datasets, an
 match Cambrian-1's published table column for column): MME-P (perception score, points out of 2000), MMB, SEED
 (SEED-Image), GQA, SQA-I, MMMU, MathVista, AI2D, ChartQA, OCRBench, TextVQA, DocVQA, MMVP, RealWorldQA, CV-Bench2D,
 CV-Bench3D, all but MME-P in percent. Benchmarks that Table 1 lacks (MME cognition, POPE, VQAv2) follow the table
-columns; Table 1 columns with no evaluator here are listed under the table.
+columns (and the synthetic shapes set's VQA, the mean accuracy over its question types); Table 1 columns with no
+evaluator here are listed under the table, each result's settings (data, split, stage, checkpoint, ...) after it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ TABLE1 = (
     Column('TextVQA', 'textvqa', 'accuracy'), Column('DocVQA', 'docvqa', 'anls'), Column('MMVP', None),
     Column('RealWorldQA', None), Column('CV-Bench2D', None), Column('CV-Bench3D', None))
 EXTRA = (Column('MME-C', 'mme', 'cognition', 1.0, 'points / 800'), Column('POPE F1', 'pope', 'f1'),
-         Column('POPE acc', 'pope', 'accuracy'), Column('VQAv2', 'vqav2', 'accuracy'))
+         Column('POPE acc', 'pope', 'accuracy'), Column('VQAv2', 'vqav2', 'accuracy'),
+         Column('Shapes VQA', 'shapes', 'mean_accuracy'))
 # The paper's Table 1 rows, in TABLE1's column order.
 PAPER = {
     'Astrea-13B': (1655.2, 77.2, 76.1, 65.9, 78.2, 42.5, 49.3, 74.6, 75.5, 63.4, 73.8, 75.5, 44.6, 65.0, 74.1, 73.0),
@@ -87,4 +89,8 @@ def summary_markdown(results: Sequence[Mapping[str, Any]]) -> str:
           f'Table 1 columns with no evaluator here: {", ".join(missing)}.']
   if unknown:
     text.append(f'Results not in the table: {", ".join(unknown)}.')
+  settings = [f'- {name}: ' + ', '.join(f'{k}={v}' for k, v in by_name[name]['settings'].items())
+              for name in sorted(by_name) if by_name[name].get('settings')]
+  if settings:
+    text += ['', '## Settings', '', *settings]
   return '\n'.join(text) + '\n'

@@ -19,6 +19,9 @@ A complete checkpoint can still be damaged later (a bad disk, a partial copy bet
 `restore` then raise `CheckpointDamaged` naming the step, and `set_aside` renames its folder to
 `damaged_<step>_<time>` (kept for inspection; Orbax ignores names that are not steps), so that the next `latest` is
 the newest checkpoint before it.
+
+Without the run's config (evaluating a finished run): `read_saved` gives a checkpoint's step, stage and saved config,
+`restore_params` only its parameters.
 """
 
 from __future__ import annotations
@@ -72,12 +75,17 @@ def config_changes(saved: Any, current: Any, prefix: str = '') -> list[str]:
   return changes
 
 
+def checkpoint_directory(workdir: str) -> epath.Path:
+  """<workdir>/checkpoints (absolute; a URL such as gs://... as it is)."""
+  return epath.Path(workdir if '://' in workdir else os.path.abspath(workdir)) / 'checkpoints'
+
+
 class Checkpointer:
   """The run's checkpoints in `<workdir>/checkpoints`; every process makes one and calls each method in step."""
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict):
     c = config.checkpoint
-    self.directory = epath.Path(workdir if '://' in workdir else os.path.abspath(workdir)) / 'checkpoints'
+    self.directory = checkpoint_directory(workdir)
     self._config = json.loads(config.to_json_best_effort())
     policy = ocp.checkpoint_managers.AnySavePolicy([  # Orbax's default also saves the first step: not wanted
         ocp.checkpoint_managers.FixedIntervalPolicy(c.every_steps),
@@ -205,3 +213,54 @@ class Preemption:
     if reached:
       logging.warning('preemption: SIGTERM received; stopping after step %d', step)
     return reached
+
+
+# --- reading a finished (or running) run without its config: what evaluation restores ---
+
+def _reader(workdir: str) -> tuple[epath.Path, ocp.CheckpointManager]:
+  directory = checkpoint_directory(workdir)
+  if not directory.is_dir():
+    raise CheckpointError(f'{workdir}: no checkpoints folder {directory}; expected the workdir of a training run '
+                          '(launch.train --workdir)')
+  options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+  handlers = {'state': ocp.PyTreeCheckpointHandler(), 'stage': ocp.JsonCheckpointHandler(),
+              'config': ocp.JsonCheckpointHandler()}
+  return directory, ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def read_saved(workdir: str, step: int | None = None) -> tuple[Saved, dict[str, Any]]:
+  """(step, stage) and the saved resolved config (JSON dict) of checkpoint `step` of the run in `workdir`, the
+  newest when None. CheckpointError naming the folder when there is none or it does not read."""
+  directory, manager = _reader(workdir)
+  try:
+    steps = sorted(manager.all_steps())
+    if step is None and not steps:
+      raise CheckpointError(f'{directory}: no complete checkpoint; expected at least one saved step')
+    if step is not None and step not in steps:
+      raise CheckpointError(f'{directory}: no checkpoint {step}; found steps {steps}')
+    step = steps[-1] if step is None else step
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(stage=ocp.args.JsonRestore(),
+                                                           config=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax / JSON errors of a damaged folder
+      raise CheckpointError(f'{directory / str(step)}: its stage and config do not read: {_first_line(e)}') from e
+    return Saved(step, meta['stage']['stage']), meta['config']
+  finally:
+    manager.close()
+
+
+def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
+  """The parameters alone of checkpoint `step`'s train state (Orbax partial restore: the optimizer state is not
+  read), each array read straight into the sharding of its `abstract_params` leaf (`sharding.with_shardings`)."""
+  directory, manager = _reader(workdir)
+  target = {'params': abstract_params}
+  args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=args))
+  except Exception as e:  # a truncated array file, or parameters of another shape
+    raise CheckpointError(f'{directory / str(step)}: its parameters do not restore: {_first_line(e)}') from e
+  finally:
+    manager.close()
+  logging.info('checkpoint: restored the parameters of step %d from %s', step, directory)
+  return restored['state']['params']

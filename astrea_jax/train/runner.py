@@ -8,7 +8,10 @@
                 cache, the tokens C_i of the earlier stages are written once per image (`train.feature_writer`)
     instruct    instruction tuning (residual or routed fusion)
     main        the router, adapters and MoCo heads with the total loss (Eq. 11)
-  then evaluates the held-out split (`astrea_jax.eval.evaluate`: DIR/eval.json, DIR/router.png).
+  then evaluates the held-out split (`astrea_jax.eval.evaluate`: DIR/eval.json, DIR/router.png). With
+  `config.eval.benchmarks`, those benchmarks are evaluated at the end of every stage and every
+  `config.eval.every_steps` steps, their scores written as TensorBoard scalars eval/<benchmark>/<score>
+  (`astrea_jax.eval.training`); the shapes set's scores at the last step are those of DIR/eval.json.
 
 This module holds the plan and the loop; the first parameters come from `train.initial`, each stage's optimizer,
 state, shardings and step from `train.stage_step`, the tokenizer from `data.tokenizer`.
@@ -38,7 +41,9 @@ from astrea_jax import config as config_lib
 from astrea_jax.astrea.model import Astrea, AstreaConfig
 from astrea_jax.core import stages as stage_table
 from astrea_jax.data import pipeline, shapes_tfds, tokenizer
+from astrea_jax.eval import benchmarks as benchmarks_lib
 from astrea_jax.eval import evaluate as evaluate_lib
+from astrea_jax.eval import training as eval_training
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.train import checkpointing, feature_writer, initial, metrics, stage_step, stages
 from astrea_jax.train.stage_step import StagePlan
@@ -109,6 +114,7 @@ def check_run(config: ml_collections.ConfigDict, num_devices: int) -> tuple[Astr
     except ValueError as e:
       raise config_lib.ConfigError(f'config.stages.{config_lib.settings_name(plan.name)}.trainable: {e}') from e
   check_initialisation(config, cfg, plans, abstract)
+  benchmarks_lib.check_benchmarks(config)
   return cfg, plans
 
 
@@ -162,10 +168,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total = plans[-1].end if plans else 0
   result: dict[str, Any] = {'stage': None, 'step': 0, 'eval': None, 'finished': False}
 
+  final_shapes = evaluate and bool(plans) and config.data.dataset == 'shapes'
   with (contextlib.closing(metrics.create_writer(workdir)) as writer,
         checkpointing.Checkpointer(workdir, config) as ckpt, checkpointing.Preemption() as preemption):
     hooks = [*metrics.periodic_hooks(config.logging, workdir, total, writer), *extra_hooks]
     logger = metrics.MetricLogger(writer, config.logging.every_steps, vector_names=cfg.slots)
+    evaluation = eval_training.TrainingEvaluation(config, cfg, tokenizer_dir, mesh, writer,
+                                                  final_step=total if final_shapes else None)
     damaged: list[str] = []
     while True:
       try:
@@ -174,7 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           raise checkpointing.CheckpointError(
               f'{ckpt.directory}: no checkpoint restores; damaged and renamed aside: {", ".join(damaged)}')
         outcome = _train(config, cfg, plans, latest, mesh, rules, workdir, tokenizer_dir, ckpt, preemption, logger,
-                         hooks)
+                         hooks, evaluation)
         break
       except checkpointing.CheckpointDamaged as e:
         damaged.append(ckpt.set_aside(e.step, e.cause))
@@ -182,14 +191,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if not result['finished']:
       return result
 
-  if evaluate and plans and config.data.dataset == 'shapes':
-    result['eval'] = evaluate_lib.evaluate(config, cfg, result['params'], tokenizer_dir, workdir,
-                                           stage=plans[-1].name)
+    if final_shapes:
+      result['eval'] = evaluate_lib.evaluate(config, cfg, result['params'], tokenizer_dir, workdir,
+                                             stage=plans[-1].name, mesh=mesh)
+      evaluation.record_final(total, result['eval'])
   return result
 
 
 def _train(config, cfg, plans, latest, mesh, rules, workdir, tokenizer_dir, ckpt, preemption, logger,
-           hooks) -> dict[str, Any]:
+           hooks, evaluation) -> dict[str, Any]:
   """The stages from the checkpoint `latest` (None: from the start) to the end or a SIGTERM."""
   if latest is not None and latest.stage not in [p.name for p in plans]:
     raise ValueError(f'{ckpt.directory}: the newest checkpoint (step {latest.step}) holds stage '
@@ -206,7 +216,7 @@ def _train(config, cfg, plans, latest, mesh, rules, workdir, tokenizer_dir, ckpt
     plan = plans[index]
     resume_step = latest.step if latest is not None and latest.stage == plan.name else None
     params, stopped = _run_stage(config, cfg, plan, index, params, mesh, rules, workdir, tokenizer_dir, ckpt,
-                                 preemption, logger, hooks, resume_step)
+                                 preemption, logger, hooks, resume_step, evaluation)
     out.update(stage=plan.name, step=plan.end, params=params)
     if stopped is not None:
       out['step'] = stopped
@@ -217,9 +227,9 @@ def _train(config, cfg, plans, latest, mesh, rules, workdir, tokenizer_dir, ckpt
 
 
 def _run_stage(config, cfg, plan: StagePlan, index: int, params, mesh, rules, workdir, tokenizer_dir, ckpt,
-               preemption, logger, hooks, resume_step):
-  """Trains one stage from `params` (or from the checkpoint at `resume_step`); returns (params, step it stopped at
-  on SIGTERM or None)."""
+               preemption, logger, hooks, resume_step, evaluation):
+  """Trains one stage from `params` (or from the checkpoint at `resume_step`), evaluating the benchmarks when due
+  (`evaluation`); returns (params, step it stopped at on SIGTERM or None)."""
   backend = config.train.feature_cache
   built = stage_step.build(config, cfg, plan, index, mesh, rules)
   restore_into = built.restore_target()
@@ -261,6 +271,7 @@ def _run_stage(config, cfg, plan: StagePlan, index: int, params, mesh, rules, wo
     if stop:
       ckpt.wait()
       return state.params, step
+    evaluation.after_step(step, plan.name, plan.end, state.params)  # (not when stopping: SIGTERM wants a quick exit)
     if step < plan.end:
       global_batch = pipeline.to_global_batch(_drop_counters(data.next()), mesh, rules)
   logger.write(step)

@@ -1,0 +1,271 @@
+r"""The evaluation loop: prompts with images -> the model's answers, batched and sharded over the mesh and the hosts.
+
+  model = EvalModel.create(cfg, params, 'main', tokenizer_dir, template='chatml', mesh=mesh, rules=rules)
+  rows = model.prompt_rows([e.prompt for e in examples], [e.images for e in examples])
+  out = predict(model, rows, batch_size=32, max_new_tokens=16)   # out.texts: one per example, on every process
+
+Prompts: "<image>\n" once per image, then the example's prompt, as the user turn of a single-turn conversation in
+the chat template ending with the assistant header (`prompting.prompt_tokens`: exactly the tokens training puts
+before an answer), all left-padded to the longest so that the encoders, the prefill and the decode loop each
+compile once. Images: each expert's input as training makes it (`data.images.expert_inputs`), {slot: [B, N, S, S,
+3]} with N the most images of any prompt (a prompt with fewer gets black images that none of its placeholders
+reads); an AnyRes model (LLaVA-NeXT, one expert) gets each image's tiles (`astrea.anyres.anyres_tiles`) and as many
+placeholders as its size gives it tokens (`anyres.num_anyres_tokens`), packed by a gather
+(`anyres.packed_token_index`) so that images of every size share one compiled function. Generation: greedy, at most
+`max_new_tokens` tokens, stopping at the template's end marker; the text is cut there (`prompting.answer_text`).
+
+Every prompt is answered exactly once, on any mesh and any number of processes. The prompt list is padded to a
+multiple of the global batch B by repeating its last prompt (the repeats are marked and dropped, never returned);
+global batch k holds the padded positions [kB, (k + 1)B), of which process p feeds the contiguous B/P positions
+[kB + pB/P, kB + (p + 1)B/P) (`process_positions`), reading and preprocessing only those rows' images. The rows go
+on the mesh sharded over the batch axes (what `config.logical_axis_rules` gives `activation_batch`: data x fsdp by
+default) together with their positions; after generation the positions and the tokens are gathered to every process
+alike, so each position's text is found wherever the devices held its row. Every process returns every text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, PartitionSpec
+
+from astrea_jax.astrea import anyres
+from astrea_jax.astrea.model import Astrea, AstreaConfig
+from astrea_jax.core import multihost
+from astrea_jax.data import images as images_lib
+from astrea_jax.data import pipeline, templates
+from astrea_jax.data.conversation import IMAGE_PLACEHOLDER
+from astrea_jax.eval import encoders as encoders_lib
+from astrea_jax.eval import generate
+from astrea_jax.eval.prompting import answer_text, left_pad_prompts, prompt_tokens
+from astrea_jax.parallel import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRows:
+  """Tokenized, left-padded prompts: ids, mask, image_mask, instruction_mask [M, P] (`prompting.left_pad_prompts`),
+  and each prompt's images (objects whose `load()` gives an RGB PIL image), in placeholder order."""
+  ids: np.ndarray
+  mask: np.ndarray
+  image_mask: np.ndarray
+  instruction_mask: np.ndarray
+  images: tuple[tuple[Any, ...], ...]
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  @property
+  def length(self) -> int:
+    """P, the padded prompt length."""
+    return self.ids.shape[1]
+
+  @property
+  def image_slots(self) -> int:
+    """N: the image slots of every row, the most images of any prompt (at least 1)."""
+    return max([1] + [len(i) for i in self.images])
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalModel:
+  """What answering prompts needs: the model at `stage` (config, unboxed params on `mesh`, jitted `encoders`), the
+  tokenizer, the generation template and each expert's image preprocessing."""
+  cfg: AstreaConfig
+  params: Any
+  stage: str
+  tok: pipeline.TokenizerInfo
+  template: templates.ChatTemplate
+  experts: tuple[images_lib.ExpertImage, ...]
+  square_mode: str
+  mesh: Mesh
+  rules: Any
+  encoders: encoders_lib.Encoders
+
+  @classmethod
+  def create(cls, cfg: AstreaConfig, params: Any, stage: str, tokenizer_dir: str, *, template: str, mesh: Mesh,
+             rules: Any, square_mode: str = 'pad', encoders: encoders_lib.Encoders | None = None) -> EvalModel:
+    """Checks that the tokenizer, template and stage fit the model; `encoders` (default: made for `stage`) lets a
+    caller that evaluates the same stage again reuse the compiled ones."""
+    tok = pipeline.load_tokenizer(tokenizer_dir)
+    chat = templates.get_template(template)
+    templates.check_special_tokens(tok.backend, chat, tokenizer_dir)
+    if tok.size > cfg.llm.vocab_size:
+      raise ValueError(f'tokenizer {tokenizer_dir} has {tok.size} tokens, more than the model vocabulary '
+                       f'{cfg.llm.vocab_size}')
+    if cfg.fusion(stage) == 'routed' and not cfg.routed:  # (fusion raises naming the valid stages)
+      raise ValueError(f'stage {stage!r} routes between experts, but the model has one expert {cfg.slots}')
+    encoders = encoders or encoders_lib.make_encoders(Astrea(cfg), stage)
+    return cls(cfg, nn.unbox(params), stage, tok, chat, images_lib.experts_from_model(cfg.experts), square_mode,
+               mesh, rules, encoders)
+
+  @classmethod
+  def from_config(cls, config: Any, cfg: AstreaConfig, params: Any, stage: str, tokenizer_dir: str, mesh: Mesh,
+                  encoders: encoders_lib.Encoders | None = None) -> EvalModel:
+    """`create` with a run config's chat template (config.data.template), image squaring (config.data.image_square)
+    and sharding rules (config.logical_axis_rules)."""
+    return cls.create(cfg, params, stage, tokenizer_dir, template=config.data.template, mesh=mesh,
+                      rules=config.logical_axis_rules, square_mode=config.data.image_square, encoders=encoders)
+
+  @property
+  def anyres(self) -> bool:
+    """Whether images go in as AnyRes tiles (LLaVA-NeXT), each with its own token count."""
+    return bool(self.cfg.anyres_pinpoints)
+
+  @property
+  def end_marker(self) -> str:
+    return self.template.answer_suffix
+
+  @property
+  def eos_id(self) -> int:
+    """The id decoding stops at: the end marker's (first) token."""
+    return self.tok.backend.encode(self.end_marker, add_special_tokens=False).ids[0]
+
+  def prompt_rows(self, texts: Sequence[str], images: Sequence[Sequence[Any]], min_length: int = 0) -> PromptRows:
+    """Each text with "<image>\\n" per image before it, as a generation prompt, left-padded together to the longest
+    (or to `min_length` if longer)."""
+    if len(texts) != len(images):
+      raise ValueError(f'{len(texts)} prompts and {len(images)} image lists; expected one list per prompt')
+    if not texts:
+      raise ValueError('no prompts to evaluate; expected at least one')
+    tokens = [prompt_tokens(self.tok, self.template, f'{IMAGE_PLACEHOLDER}\n' * len(i) + t, self._token_counts(i))
+              for t, i in zip(texts, images)]
+    ids, mask, image_mask, instruction = left_pad_prompts(tokens, self.tok.pad_id)
+    extra = ((0, 0), (max(0, min_length - ids.shape[1]), 0))
+    ids, mask, image_mask, instruction = (np.pad(x, extra, constant_values=pad) for x, pad in
+                                          ((ids, self.tok.pad_id), (mask, False), (image_mask, False),
+                                           (instruction, False)))
+    return PromptRows(ids, mask, image_mask, instruction, tuple(tuple(i) for i in images))
+
+  def _token_counts(self, images: Sequence[Any]) -> list[int]:
+    """The visual tokens of each image: the model's count, or an AnyRes image's own (its size decides)."""
+    if not self.anyres:
+      return [self.cfg.num_visual_tokens] * len(images)
+    return [anyres.num_anyres_tokens(np.asarray(i.load()).shape[:2], self.cfg.anyres_pinpoints,
+                                     self.cfg.anyres_tile, math.isqrt(self.cfg.num_visual_tokens)) for i in images]
+
+  def batch_inputs(self, rows: PromptRows, index: np.ndarray) -> dict[str, Any]:
+    """The host inputs of prompts `index` [b]: ids, mask, image_mask, instruction_mask [b, P], and images {slot: [b,
+    N, S, S, 3]} in [0, 1] (AnyRes: tiles and index, `_anyres_inputs`). Images are read here, a batch at a time, so
+    host memory stays bounded."""
+    pixels = [[np.asarray(image.load(), np.uint8) for image in rows.images[r]] for r in index]
+    inputs = {'ids': rows.ids[index], 'mask': rows.mask[index], 'image_mask': rows.image_mask[index],
+              'instruction_mask': rows.instruction_mask[index]}
+    if self.anyres:
+      return dict(inputs, **self._anyres_inputs(pixels, rows.image_slots, int(rows.image_mask.sum(axis=1).max())))
+    flat = images_lib.expert_inputs([p for row in pixels for p in row], self.experts, self.square_mode)
+    images = {}
+    for slot, x in flat.items():  # x: [images, S, S, 3]
+      grid = np.zeros((len(index), rows.image_slots, *x.shape[1:]), x.dtype)
+      k = 0
+      for b, row in enumerate(pixels):
+        grid[b, :len(row)] = x[k:k + len(row)]
+        k += len(row)
+      images[slot] = grid
+    return dict(inputs, images=images)
+
+  def _anyres_inputs(self, pixels: Sequence[Sequence[np.ndarray]], slots: int, placeholders: int) -> dict[str, Any]:
+    """tiles [b, N, M, S, S, 3] (each image's `anyres.anyres_tiles`, padded to M, the most any grid needs) and
+    index [b, K] (`encoders.Encoders.anyres_inputs`), K the most placeholders of any prompt."""
+    cfg, t2 = self.cfg, self.cfg.num_visual_tokens
+    tile, pinpoints = cfg.anyres_tile, cfg.anyres_pinpoints
+    most = 1 + max((h // tile) * (w // tile) for h, w in pinpoints)
+    tiles = np.zeros((len(pixels), slots, most, tile, tile, 3), np.float32)
+    index = np.zeros((len(pixels), placeholders), np.int32)
+    for b, row in enumerate(pixels):
+      parts = []
+      for j, image in enumerate(row):
+        image_tiles = anyres.anyres_tiles(image, pinpoints, tile)
+        tiles[b, j, :len(image_tiles)] = image_tiles
+        packed = anyres.packed_token_index(image.shape[:2], pinpoints, tile, math.isqrt(t2))
+        parts.append(np.where(packed == anyres.NEWLINE, slots * most * t2, packed + j * most * t2))
+      flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+      index[b, :len(flat)] = flat
+    return {'tiles': tiles, 'index': index}
+
+  def prompt_inputs(self, batch: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(LLM input embeddings [B, P, D], router probabilities [B, n]) of a (global) batch of `batch_inputs`."""
+    fields = (batch['ids'], batch['image_mask'], batch['instruction_mask'])
+    if self.anyres:
+      return self.encoders.anyres_inputs(self.params, *fields, batch['tiles'], batch['index'])
+    return self.encoders.prompt_inputs(self.params, *fields, batch['images'])
+
+
+def default_stage(cfg: AstreaConfig) -> str:
+  """The stage a finished model answers at: 'main' (routed) with several experts, else its last alignment stage
+  (a single-expert, LLaVA-style model)."""
+  return 'main' if cfg.routed else cfg.stages[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+  """texts: one answer per prompt, in order (on every process); probs: the router's mean probabilities per prompt
+  [M, n] when asked for (`encoders.prompt_inputs`), else None; fed: the prompts whose rows this process fed."""
+  texts: list[str]
+  probs: np.ndarray | None
+  fed: list[int]
+
+
+def batch_shards(mesh: Mesh, rules: Any) -> int:
+  """How many ways the rules split a batch over the mesh (the size of the axes of 'activation_batch')."""
+  spec = sharding.logical_to_sharding(PartitionSpec('activation_batch'), mesh, rules).spec
+  axes = spec[0] if spec else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def check_batch_size(batch_size: int, shards: int, num_processes: int) -> None:
+  """The global batch splits evenly over the batch shards and the processes; ValueError naming both if not."""
+  step = math.lcm(shards, num_processes)
+  if batch_size < 1 or batch_size % step:
+    raise ValueError(f'evaluation batch size {batch_size} (config.eval.batch_size / --batch_size): expected a '
+                     f'positive multiple of {step}, the {shards} batch shards of the mesh and the {num_processes} '
+                     'processes')
+
+
+def process_positions(num_rows: int, batch_size: int, num_processes: int, process: int) -> list[np.ndarray]:
+  """Per global batch, the padded positions process `process` feeds (module doc): the batch's positions [kB, (k+1)B)
+  cut in `num_processes` contiguous pieces. Positions >= num_rows are padding (`row_of`)."""
+  local = pipeline.local_batch_size(batch_size, num_processes)
+  num_batches = -(-num_rows // batch_size)
+  return [np.arange(k * batch_size + process * local, k * batch_size + (process + 1) * local)
+          for k in range(num_batches)]
+
+
+def row_of(positions: np.ndarray, num_rows: int) -> np.ndarray:
+  """The prompt of each padded position: itself, or the last prompt for the padding."""
+  return np.minimum(positions, num_rows - 1)
+
+
+def predict(model: EvalModel, rows: PromptRows, *, batch_size: int, max_new_tokens: int, with_probs: bool = False,
+            name: str = 'eval') -> Predictions:
+  """Every prompt's answer (module doc); every process calls it with the same rows. `name` labels the log lines."""
+  check_batch_size(batch_size, batch_shards(model.mesh, model.rules), jax.process_count())
+  plan = process_positions(len(rows), batch_size, jax.process_count(), jax.process_index())
+  texts: dict[int, str] = {}
+  probs: dict[int, np.ndarray] = {}
+  fed: list[int] = []
+  for k, positions in enumerate(plan):
+    local = dict(model.batch_inputs(rows, row_of(positions, len(rows))), position=positions)
+    batch = pipeline.to_global_batch(local, model.mesh, model.rules)
+    with sharding.logical_context(model.mesh, model.rules):
+      embeds, batch_probs = model.prompt_inputs(batch)
+      out = generate.generate_from_inputs(model.cfg.llm, model.params['llm'], embeds, batch['mask'], max_new_tokens,
+                                          eos_id=model.eos_id, pad_id=model.tok.pad_id)
+    everywhere = multihost.host_array(batch['position'])
+    batch_probs = multihost.host_array(batch_probs) if with_probs else None
+    for i, (position, tokens) in enumerate(zip(everywhere.tolist(), out)):
+      if position < len(rows):
+        texts[position] = answer_text(model.tok.backend.decode(tokens, skip_special_tokens=False), model.end_marker)
+        if with_probs:
+          probs[position] = batch_probs[i]
+    fed += [int(p) for p in positions if p < len(rows)]
+    logging.info('%s: batch %d/%d', name, k + 1, len(plan))
+  if sorted(texts) != list(range(len(rows))):
+    raise RuntimeError(f'{name}: answers for {len(texts)} of {len(rows)} prompts; expected every prompt once')
+  return Predictions([texts[i] for i in range(len(rows))],
+                     np.stack([probs[i] for i in range(len(rows))]) if with_probs else None, fed)
