@@ -14,7 +14,7 @@ from transformers.generation import logits_process
 
 from astrea_jax.convert import loaders
 from astrea_jax import config
-from astrea_jax.convert import checkpoint, hf
+from astrea_jax.convert import hf
 from astrea_jax.eval import generate
 from astrea_jax.models import llama
 from astrea_jax.parallel import mesh as mesh_lib

@@ -8,7 +8,7 @@ import transformers
 
 from astrea_jax.convert import loaders
 from astrea_jax import config as config_lib
-from astrea_jax.convert import checkpoint, hf
+from astrea_jax.convert import hf
 from astrea_jax.models import llama
 from astrea_jax.parallel import mesh as mesh_lib
 import hf_fixtures  # tests/

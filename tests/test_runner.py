@@ -178,7 +178,6 @@ def test_a_converted_expert_checkpoint_is_loaded_into_its_slot(data_dir, tmp_pat
   cfg, _ = runner.check_run(c, 1)
   mesh = mesh_lib.create_mesh(c.mesh)
   params = initial.initial_params(c, cfg, mesh, c.logical_axis_rules, str(tmp_path / 'run'))
-  from astrea_jax.models import expert
   _, want = clip.load_vit_expert(ckpt, 'caption', mesh, c.logical_axis_rules)
   assert 'head' in want['backbone']  # SigLIP's pooling head is not part of the expert
   del want['backbone']['head']

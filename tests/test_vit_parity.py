@@ -19,7 +19,7 @@ import transformers
 from astrea_jax.convert import clip
 from astrea_jax import config as config_lib
 from astrea_jax.convert import hf, safetensors_io, table
-from astrea_jax.models import expert, vit
+from astrea_jax.models import vit
 from astrea_jax.parallel import mesh as mesh_lib
 import hf_fixtures  # tests/
 
