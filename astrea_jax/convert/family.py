@@ -6,8 +6,9 @@ its tensor table (`rules`, `astrea_jax.convert.table`), which drives both direct
 defaults: tensors that are known and dropped (`ignore_patterns`), keys that may be present without being needed
 (`optional_keys`), a prefix the tensors sit under that depends on the checkpoint kind (`key_prefix` finds it at
 import; `export_key_prefix` says which prefix export writes back; `keyed_rules` places it when only one part of a
-composite carries it), the layer count its '{layer}' rules repeat (`num_layers`), and for vision-expert families the loader of a converted checkpoint into an expert slot
-(`load_expert`).
+composite carries it), the layer count its '{layer}' rules repeat (`num_layers`), for vision-expert families the
+loader of a converted checkpoint into an expert slot (`load_expert`), and for a custom architecture the folder of
+the PyTorch modelling code that export copies next to the weights (`code_dir`, loaded with `trust_remote_code`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class ConvertFamily:
   load_expert: Callable[..., tuple[Any, dict]] | None = None  # (ckpt_dir, slot, mesh, rules, model_overrides)
   num_layers: Callable[[Any], int] = _no_layers              # the count '{layer}' rules repeat (composites set
   #                                                            it per rule: `TensorRule.layers`)
+  code_dir: str | None = None                                # its *.py files are copied into every export
 
   def keyed_rules(self, cfg: Any, prefix: str) -> list[table.TensorRule]:
     """The table with the checkpoint's key prefix applied."""
