@@ -54,13 +54,12 @@ from astrea_jax.core import files
 from astrea_jax import config as config_lib
 from astrea_jax.data import images as images_lib
 from astrea_jax.data import pipeline, shapes_tfds, stage_targets, templates
-from astrea_jax.data.conversation import IMAGE_PLACEHOLDER
 from astrea_jax.eval import encoders as encoders_lib
 from astrea_jax.eval import generate, probes, registry
 from astrea_jax.eval.evaluator import Example
 from astrea_jax.eval.prompting import Prompt, answer_text, batch_indices, left_pad_prompts, prompt_tokens
 
-CAPTION_PROMPT = f'{IMAGE_PLACEHOLDER}\n{stage_targets.CAPTION_REQUEST}'
+CAPTION_PROMPT = templates.image_prompt(stage_targets.CAPTION_REQUEST, 1)
 EVAL_FILE, ROUTER_FILE = 'eval.json', 'router.png'
 
 
@@ -102,7 +101,7 @@ def build_prompts(tok: pipeline.TokenizerInfo, template: templates.ChatTemplate,
   scene."""
   prompts = []
   for e in examples:
-    tokens = prompt_tokens(tok, template, f'{IMAGE_PLACEHOLDER}\n{e.prompt}', visual_tokens)
+    tokens = prompt_tokens(tok, template, templates.image_prompt(e.prompt, 1), visual_tokens)
     prompts.append(Prompt(e.meta['scene'], e.meta['type'], tokens.ids, tokens.image_mask, tokens.instruction_mask))
   if with_captions:
     caption = prompt_tokens(tok, template, CAPTION_PROMPT, visual_tokens)
@@ -121,7 +120,7 @@ def evaluate(config: ml_collections.ConfigDict, cfg: AstreaConfig, params: Any, 
   _check_inputs(config, cfg, stage, tok, tokenizer_dir)
   params = encoders_lib.readable_params(params)
   end_marker = template.answer_suffix
-  eos_id = tok.backend.encode(end_marker, add_special_tokens=False).ids[0]
+  eos_id = templates.end_marker_id(tok.backend, template)
   visual_tokens, batch_size = config.data.visual_tokens, config.eval.batch_size
   routed_stage = cfg.fusion(stage) == 'routed'
 
