@@ -205,3 +205,25 @@ def test_a_pytorch_fine_tune_saved_with_save_pretrained_converts_back(model, tmp
   for path, value in traverse_util.flatten_dict(params).items():
     want = np.asarray(value) + np.float32(1.0) if path == tuned_path else value
     np.testing.assert_array_equal(loaded[path], want, err_msg='/'.join(path))
+
+
+@pytest.mark.parametrize('change,message', [
+    (lambda c: c.update(model_type='llama'), r"config.json: model_type='llama'; expected 'astrea'"),
+    (lambda c: c.pop('align_groups'), r"config.json: missing field\(s\) \['align_groups'\]"),
+    (lambda c: c['vision_experts'][1].pop('config'), r"config.json: vision_experts\[1\] has no field\(s\) \['config'\]"),
+    (lambda c: c['vision_experts'][0].update(family='sam2'), r"expert slot 'caption' has family 'sam2'"),
+])
+def test_a_bad_config_json_is_named_and_nothing_is_written(model, tmp_path, change, message):
+  _, _, _, out, _ = model
+  bad = tmp_path / 'bad'
+  bad.mkdir()
+  for name in os.listdir(out):
+    os.symlink(os.path.join(out, name), bad / name)
+  with open(os.path.join(out, 'config.json')) as f:
+    config = json.load(f)
+  change(config)
+  os.remove(bad / 'config.json')
+  (bad / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(table.ConversionError, match=message):
+    hf.import_hf(str(bad), str(tmp_path / 'ckpt'), 'astrea', show_progress=False)
+  assert not os.path.exists(tmp_path / 'ckpt')

@@ -8,6 +8,7 @@ One run and one set of exports per module (a run takes most of this file's time)
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from flax import traverse_util
 
 from astrea_jax import config as config_lib
 from astrea_jax.convert import checkpoint
-from astrea_jax.data import templates
+from astrea_jax.data import pipeline, templates
 from astrea_jax.data import tokenizer as tokenizer_lib
 from astrea_jax.eval.prompting import generation_template
 from astrea_jax.parallel import mesh as mesh_lib
@@ -184,12 +185,17 @@ def test_convert_hf_to_orbax_reads_every_parameter_back_bit_for_bit_and_a_run_st
     assert got[path].dtype == value.dtype
     np.testing.assert_array_equal(got[path], value, err_msg='/'.join(path))
 
-  c = saved.config
+  c = saved_run.open_run(workdir, steps['main']).config
   c.unlock()
   c.init_checkpoint = ckpt
   cfg = config_lib.model_config(c)
   assert initial.init_is_whole_model(c)
-  assert tokenizer_lib.resolve(c) == checkpoint.tokenizer_dir(ckpt)
+  assert tokenizer_lib.resolve(c) == checkpoint.tokenizer_dir(ckpt)  # the run's tokenizer, through the export
+  exported, original = (pipeline.load_tokenizer(d) for d in (checkpoint.tokenizer_dir(ckpt),
+                                                             tokenizer_lib.resolve(saved.config)))
+  assert exported.backend.to_str() == original.backend.to_str()
+  assert (exported.bos_id, exported.pad_id, exported.image_token_id) == (original.bos_id, original.pad_id,
+                                                                         original.image_token_id)
   first = initial.initial_params(c, cfg, mesh_lib.create_mesh(c.mesh), c.logical_axis_rules, str(tmp_path / 'next'))
   flat = traverse_util.flatten_dict(first)
   assert set(flat) == set(want)
@@ -215,3 +221,13 @@ def test_launch_generate_run_answers_what_the_export_answers(run, exports):
     out = model.generate(**inputs, max_new_tokens=NEW_TOKENS)[0, inputs['input_ids'].shape[1]:].tolist()
   assert ids == out
   assert lines[1] == 'text: ' + processor.decode(out, skip_special_tokens=True)
+
+
+def test_a_folder_that_is_no_run_or_a_missing_step_is_named_and_nothing_is_written(run, tmp_path):
+  workdir, steps, _ = run
+  with pytest.raises(FileNotFoundError, match=re.escape(f'{tmp_path}: not a training run')):
+    export.export_run(str(tmp_path), str(tmp_path / 'out'))
+  with pytest.raises(ValueError, match=re.escape(f'no checkpoint of step 99; the run has steps '
+                                                 f'{sorted(steps.values())}')):
+    export.export_run(workdir, str(tmp_path / 'out'), step=99)
+  assert not os.path.exists(tmp_path / 'out')

@@ -99,7 +99,10 @@ def config_from_hf(hf: dict[str, Any], where: str = 'config.json') -> AstreaConf
     raise ConversionError(f'{where}: missing field(s) {missing} required by family {NAME!r}')
   experts = []
   for i, entry in enumerate(hf['vision_experts']):
-    slot, family = entry.get('slot'), entry.get('family')
+    absent = [k for k in ('slot', 'family', 'config') if k not in entry]
+    if absent:
+      raise ConversionError(f'{where}: vision_experts[{i}] has no field(s) {absent}')
+    slot, family = entry['slot'], entry['family']
     model = expert_converter(slot, family).config_from_hf(entry['config'], f'{where}: vision_experts[{i}].config')
     fields = {k: v for k, v in entry.items() if k not in ('slot', 'family', 'config')}
     try:
