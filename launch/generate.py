@@ -143,6 +143,8 @@ def main(argv):
   logs.quiet_library_logs(flags.FLAGS.verbosity)
   if (_RUN.value is None) == (_CKPT.value is None):
     raise SystemExit('generate: error: pass exactly one of --run (a training run) or --ckpt (a converted checkpoint)')
+  if _STEP.value is not None and _RUN.value is None:
+    raise SystemExit('generate: error: --step selects a checkpoint of --run')
   if (_PROMPT_IDS.value is None) == (_PROMPT.value is None):
     given = 'both' if _PROMPT_IDS.value is not None else 'neither'
     raise SystemExit(f'generate: error: pass exactly one of --prompt_ids (token ids, e.g. 1,5,9) or --prompt (text); '
@@ -155,8 +157,8 @@ def main(argv):
     config.validate(run_config)
     if _RUN.value is not None or checkpoint.read_metadata(_CKPT.value)['family'] == ASTREA_FAMILY:
       new_ids, text = answer_with_images(run_config, decoding)
-    elif _IMAGE.value or _STEP.value is not None:
-      raise ValueError(f'--image and --step need an Astrea model: --run, or --ckpt of family {ASTREA_FAMILY!r}; '
+    elif _IMAGE.value:
+      raise ValueError(f'--image needs an Astrea model: --run, or --ckpt of family {ASTREA_FAMILY!r}; '
                        f'{_CKPT.value} is a language model')
     else:
       new_ids, text = continue_text(run_config, decoding)
