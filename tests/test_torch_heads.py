@@ -1,6 +1,6 @@
-"""JAX head parameters exported to safetensors load into the PyTorch mirrors, which compute the same outputs."""
-
-import os
+"""The PyTorch side of Astrea's parts (astrea_jax/convert/hf_astrea) computes what the JAX modules compute, with the
+JAX parameters converted by the export's own tensor table (convert/astrea.py); the resampling to the token grid
+matches models/expert.py; the torch code's tables agree with the JAX registries."""
 
 import flax.linen as nn
 import jax
@@ -8,10 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from flax import traverse_util
 
 from astrea_jax.astrea import moco, projector, residual, router
-from astrea_jax.convert import torch_heads as th
+from astrea_jax.convert import astrea as astrea_family
+from astrea_jax.convert import table
+from astrea_jax.convert.hf_astrea import configuration_astrea, experts_astrea
+from astrea_jax.convert.hf_astrea import heads_astrea as th
+from astrea_jax.models import expert, families, vit
 
 B, T, D, N_EXPERTS = 2, 6, 16, 4
 
@@ -32,29 +36,33 @@ def to_torch(x):
   return torch.from_numpy(np.asarray(x).copy())
 
 
-def export_and_load(params, torch_module, tmp_path, name='heads.safetensors'):
-  path = os.path.join(tmp_path, name)
-  th.export_heads(params, path)
-  return th.load_heads(torch_module, path).eval()
+def load(torch_module, params, rules):
+  """`torch_module` with the JAX `params` converted by `rules` (every tensor of the module, none extra)."""
+  flat = traverse_util.flatten_dict(params)
+  state = {key: to_torch(value) for r in rules for key, value in table.hf_tensors(r, 0, np.asarray(flat[r.param_path]))}
+  assert set(state) == set(torch_module.state_dict())
+  torch_module.load_state_dict(state, strict=True)
+  return torch_module.eval()
 
 
 def assert_close(torch_out, jax_out):
   np.testing.assert_allclose(torch_out.detach().numpy(), np.asarray(jax_out), rtol=0, atol=1e-5)
 
 
-def test_projector(tmp_path):
+def test_projector():
   x = normal(0, (B, T, 12))
   params = init_params(projector.Projector(D), 1, x)
-  mirror = export_and_load(params, th.Projector(12, D), tmp_path)
+  mirror = load(th.Projector(12, D), params, astrea_family.projector_rules('', '', 12, D))
   assert_close(mirror(to_torch(x)), projector.Projector(D).apply({'params': params}, x))
 
 
 @pytest.mark.parametrize('residual_add', [False, True])
-def test_residual_attention_eval(tmp_path, residual_add):
+def test_residual_attention_eval_and_gates(residual_add):
   f, prev = normal(2, (B, T, D)), normal(3, (3, B, T, D))
   model = residual.ResidualAttention(heads=4, gamma=0.7, residual_add=residual_add)
   params = init_params(model, 4, f, prev, deterministic=True)
-  mirror = export_and_load(params, th.ResidualAttention(D, 4, gamma=0.7, residual_add=residual_add), tmp_path)
+  mirror = load(th.ResidualAttention(D, 4, gamma=0.7, residual_add=residual_add), params,
+                astrea_family.residual_rules('', '', D))
   assert_close(mirror(to_torch(f), to_torch(prev)), model.apply({'params': params}, f, prev, deterministic=True))
   gates = jnp.array([[0.0, 1.0], [0.0, 0.0], [0.0, 1.0]])  # sample 0 passes through
   out = mirror(to_torch(f), list(to_torch(prev)), gates=to_torch(gates))
@@ -63,13 +71,14 @@ def test_residual_attention_eval(tmp_path, residual_add):
 
 
 @pytest.mark.parametrize('context', ['visual', 'visual+text'])
-def test_routed_mixture(tmp_path, context):
+def test_routed_mixture(context):
   tokens = normal(5, (N_EXPERTS, B, T, D))
   instruction = normal(6, (B, 10)) if context == 'visual+text' else None
   model = router.RoutedMixture(top_k=2, router_context=context)
   params = init_params(model, 7, tokens, instruction)
-  mirror = th.RoutedMixture(N_EXPERTS, D, top_k=2, text_width=10 if instruction is not None else 0)
-  mirror = export_and_load(params, mirror, tmp_path)
+  text_width = 10 if instruction is not None else 0
+  mirror = load(th.RoutedMixture(N_EXPERTS, D, top_k=2, text_width=text_width), params,
+                astrea_family.routing_rules('', '', N_EXPERTS, D, text_width))
   fused, aux = model.apply({'params': params}, tokens, instruction)
   t_fused, t_aux = mirror(to_torch(tokens), None if instruction is None else to_torch(instruction))
   assert_close(t_fused, fused)
@@ -83,54 +92,35 @@ def test_topk_softmax_ties_agree():
     assert_close(th.topk_softmax(to_torch(logits), k), router.topk_softmax(logits, k))
 
 
-def test_contrastive_head(tmp_path):
+def test_contrastive_head():
   tokens = normal(8, (B, T, D))
   mask = jnp.arange(T)[None, :] < jnp.array([[T], [2]])
   model = moco.ContrastiveHead(embed_dim=8)
   params = init_params(model, 9, tokens, mask)
-  mirror = export_and_load(params, th.ContrastiveHead(D, 8), tmp_path)
+  mirror = load(th.ContrastiveHead(D, 8), params, astrea_family.head_rules('', '', D, 8))
   assert_close(mirror(to_torch(tokens), to_torch(mask)), model.apply({'params': params}, tokens, mask))
   assert_close(mirror(to_torch(tokens)), model.apply({'params': params}, tokens))
 
 
-def test_all_heads_in_one_file_with_torch_names(tmp_path):
-  x, tokens = normal(10, (B, T, 12)), normal(11, (N_EXPERTS, B, T, D))
-  params = {'projector': init_params(projector.Projector(D), 12, x),
-            'mixture': init_params(router.RoutedMixture(top_k=3), 13, tokens),
-            'image_head': init_params(moco.ContrastiveHead(8), 14, tokens[0])}
-  path = os.path.join(tmp_path, 'heads.safetensors')
-  names = th.export_heads(params, path)
-  assert os.listdir(tmp_path) == ['heads.safetensors']  # the temporary file was renamed
-  stored = load_file(path)
-  assert sorted(stored) == names
-  assert stored['projector.linear_1.weight'].shape == (D, 12)
-  assert stored['mixture.adapters.linear_2.weight'].shape == (N_EXPERTS, D, D)
-  assert stored['mixture.router.linear.weight'].shape == (N_EXPERTS, N_EXPERTS * D)
-  assert stored['image_head.proj.bias'].shape == (8,)
-  mirror = torch.nn.ModuleDict({'projector': th.Projector(12, D), 'mixture': th.RoutedMixture(N_EXPERTS, D, 3),
-                                'image_head': th.ContrastiveHead(D, 8)})
-  mirror = th.load_heads(mirror, path)
-  fused, _ = router.RoutedMixture(top_k=3).apply({'params': params['mixture']}, tokens)
-  assert_close(mirror['mixture'](to_torch(tokens))[0], fused)
+@pytest.mark.parametrize('in_size,out_size', [(27, 24), (10, 4), (4, 10), (7, 3), (48, 24), (5, 5)])
+def test_linear_resize_weights_are_jax_image_resize(in_size, out_size):
+  x = np.random.default_rng(0).normal(size=(3, in_size)).astype(np.float32)
+  want = jax.image.resize(jnp.asarray(x), (3, out_size), method='linear', antialias=True)
+  np.testing.assert_allclose(x @ experts_astrea.linear_resize_weights(in_size, out_size), want, rtol=0, atol=1e-6)
 
 
-def test_bfloat16_export(tmp_path):
-  x = normal(0, (B, T, 12))
-  params = init_params(projector.Projector(D), 1, x)
-  path = os.path.join(tmp_path, 'heads.safetensors')
-  th.export_heads(params, path, dtype='bfloat16')
-  stored = load_file(path)
-  assert stored['linear_1.weight'].dtype == torch.bfloat16
-  np.testing.assert_allclose(stored['linear_1.weight'].float().numpy(), np.asarray(params['linear_1']['kernel']).T,
-                             rtol=1e-2)
+@pytest.mark.parametrize('side', [4, 8, 3])  # block mean of 8 x 8, identity, antialiased bilinear
+def test_resample_grid_matches_the_expert_contract(side):
+  grid = np.random.default_rng(1).normal(size=(2, 8, 8, 5)).astype(np.float32)
+  got = experts_astrea.resample_grid(to_torch(grid), side)
+  assert_close(got, expert.resample_grid(jnp.asarray(grid), side))
 
 
-def test_mismatches_are_named(tmp_path):
-  params = init_params(projector.Projector(D), 1, normal(0, (B, T, 12)))
-  with pytest.raises(ValueError, match='(?s)heads.safetensors.*Projector.*size mismatch for linear_1.weight'):
-    export_and_load(params, th.Projector(10, D), tmp_path)
-  with pytest.raises(ValueError, match='Missing key'):
-    th.load_heads(th.RoutedMixture(N_EXPERTS, D, 2), os.path.join(tmp_path, 'heads.safetensors'))
-  with pytest.raises(ValueError, match='norm/scale'):
-    th.export_heads({'norm': {'scale': jnp.ones(4)}}, os.path.join(tmp_path, 'bad.safetensors'))
-  assert sorted(os.listdir(tmp_path)) == ['heads.safetensors']
+def test_torch_tables_agree_with_the_jax_registries():
+  assert configuration_astrea.SLOTS == expert.SLOTS
+  assert set(configuration_astrea.EXPERT_FAMILIES) == set(astrea_family.EXPERT_CONVERTERS)
+  for name, family in configuration_astrea.EXPERT_FAMILIES.items():
+    assert families.get(name).converter == name
+    cfg = vit.ViTConfig(family=name, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, image_size=8,
+                        patch_size=4)
+    assert family.class_token == cfg.class_token

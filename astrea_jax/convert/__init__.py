@@ -1,12 +1,12 @@
 """Hugging Face <-> Orbax conversion, one module (config mapping + tensor table + its `FAMILY`, a `ConvertFamily`)
 per model family."""
 
-from astrea_jax.convert import (bert, clip, dinov2, grounding_dino, llama, llava_next, ram_plus, sam2, siglip,
+from astrea_jax.convert import (astrea, bert, clip, dinov2, grounding_dino, llama, llava_next, ram_plus, sam2, siglip,
                                 swin)
 from astrea_jax.convert.family import ConvertFamily
 
 FAMILIES: dict[str, ConvertFamily] = {m.FAMILY.name: m.FAMILY for m in (llama, siglip, clip, dinov2, llava_next, swin,
-                                                                        sam2, ram_plus, bert, grounding_dino)}
+                                                                        sam2, ram_plus, bert, grounding_dino, astrea)}
 
 
 def get_family(name: str) -> ConvertFamily:

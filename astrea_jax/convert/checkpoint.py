@@ -2,7 +2,7 @@
 
   DIR/params/                 Orbax pytree of the parameters ({'embed': {...}, 'layers': {...}, ...})
   DIR/astrea_checkpoint.json  family, model config, the source HF config.json (and generation_config.json)
-  DIR/tokenizer/              the HF tokenizer files, when the source folder had them
+  DIR/tokenizer/              the HF tokenizer files (and processor config), when the source folder had them
 
 The model config is always read from here, never from defaults (a lesson MaxText's converters learned).
 """
@@ -25,8 +25,10 @@ METADATA_FILE = 'astrea_checkpoint.json'
 PARAMS_DIR = 'params'
 TOKENIZER_DIR = 'tokenizer'
 FORMAT_VERSION = 1
+# The tokenizer's files, and a processor's config (an exported Astrea model's image settings travel with its tokenizer).
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
-                   'added_tokens.json', 'vocab.json', 'merges.txt', 'chat_template.jinja', 'chat_template.json')
+                   'added_tokens.json', 'vocab.json', 'merges.txt', 'chat_template.jinja', 'chat_template.json',
+                   'processor_config.json')
 
 
 class CheckpointError(ValueError):

@@ -6,8 +6,9 @@ its tensor table (`rules`, `astrea_jax.convert.table`), which drives both direct
 defaults: tensors that are known and dropped (`ignore_patterns`), keys that may be present without being needed
 (`optional_keys`), a prefix the tensors sit under that depends on the checkpoint kind (`key_prefix` finds it at
 import; `export_key_prefix` says which prefix export writes back; `keyed_rules` places it when only one part of a
-composite carries it), the layer count its '{layer}' rules repeat (`num_layers`), and for vision-expert families the
-loader of a converted checkpoint into an expert slot (`load_expert`).
+composite carries it), the layer count its '{layer}' rules repeat (`num_layers`), for vision-expert families the
+loader of a converted checkpoint into an expert slot (`load_expert`), and for a custom architecture the folder of
+the PyTorch modelling code that export copies next to the weights (`code_dir`, loaded with `trust_remote_code`).
 
 A family whose checkpoints do not come as a Hugging Face folder (RAM++: a recognize-anything `.pth`, imported by
 its own module's `import_checkpoint`) has no config translation (`config_from_hf = config_to_hf = None`,
@@ -65,6 +66,7 @@ class ConvertFamily:
   #                                                             **expert fields) -> (expert config, params)
   num_layers: Callable[[Any], int] = _no_layers              # the count '{layer}' rules repeat (composites set
   #                                                            it per rule: `TensorRule.layers`)
+  code_dir: str | None = None                                # its *.py files are copied into every export
 
   @property
   def hf_folder(self) -> bool:

@@ -17,10 +17,12 @@ Sam2VisionModel, which has no prefix).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import sys
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import tqdm
@@ -28,6 +30,7 @@ import tqdm
 import astrea_jax.convert as convert  # the family registry; imported as a package: a family module imports this one
 from astrea_jax.core import files
 from astrea_jax.convert import checkpoint, safetensors_io, table
+from astrea_jax.convert.family import ConvertFamily
 from astrea_jax.core.fields import to_dtype
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -117,38 +120,40 @@ def import_hf(hf_dir: str, out_dir: str, family: str, param_dtype: str = 'float3
   return metadata
 
 
-def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-              show_progress: bool = True) -> list[str]:
-  """Converted Orbax checkpoint -> HF folder (config.json, safetensors shards + index, tokenizer files).
+@dataclasses.dataclass(frozen=True)
+class StoredParams:
+  """Parameters read on demand (a converted checkpoint, a training run's checkpoint): `shapes` {path: (shape,
+  dtype)} from metadata alone, and `load` ({path: (shape, dtype)} -> {path: numpy array}) reading only those."""
+  shapes: Mapping[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]
+  load: Callable[[dict], dict]
 
-  dtype defaults to the dtype of the HF checkpoint the weights came from (float32 when trained from scratch).
-  Returns the safetensors file names written.
-  """
-  meta = checkpoint.read_metadata(ckpt_dir)
-  fam = hf_family(meta['family'], ckpt_dir)
-  cfg = fam.config.from_dict(meta['model_config'])
-  dtype = dtype or meta.get('source_dtype') or 'float32'
-  out_np = np.dtype(to_dtype(dtype))
-  prefix = meta.get('hf_key_prefix', '')
-  rules = fam.keyed_rules(cfg, fam.export_key_prefix(prefix))
-  stored = checkpoint.param_shapes(ckpt_dir)
-  table.check_params(fam.name, rules, fam.num_layers(cfg), {p: s for p, (s, _) in stored.items()})
 
+def checkpoint_params(ckpt_dir: str) -> StoredParams:
+  """The parameters of a converted checkpoint."""
+  return StoredParams(checkpoint.param_shapes(ckpt_dir), lambda leaves: checkpoint.load_param_leaves(ckpt_dir, leaves))
+
+
+def write_tensors(folder: str, fam_name: str, rules: list[table.TensorRule], num_layers: int, stored: StoredParams,
+                  out_np: np.dtype, max_shard_bytes: int, show_progress: bool) -> list[str]:
+  """The HF tensors of `stored` by the table `rules`, in size-limited safetensors shards (+ index) in `folder`.
+
+  Every parameter must have a rule and every rule a parameter (`table.check_params` names the others). Parameters
+  are restored in table order, in batches of about SAVE_BATCH_BYTES (one read each; a batch is dropped when the
+  next one is read): tensors of one parameter are consecutive in the specs. Returns the file names written."""
+  table.check_params(fam_name, rules, num_layers, {p: s for p, (s, _) in stored.shapes.items()})
   by_key = {}
   specs = []
   for r in rules:
-    for key in r.hf_keys(fam.num_layers(cfg)):
+    for key in r.hf_keys(num_layers):
       by_key[key] = r
       specs.append(safetensors_io.TensorSpec(key, r.hf_shape, out_np))
 
-  # Parameters are restored in table order, in batches of about SAVE_BATCH_BYTES (one Orbax read each; a batch is
-  # dropped when the next one is read): tensors of one parameter are consecutive in the specs.
   batches, size = [[]], 0
   for r in rules:
     if r.param_path in batches[-1]:
       continue
-    nbytes = int(np.prod(stored[r.param_path][0])) * stored[r.param_path][1].itemsize
+    shape, dtype = stored.shapes[r.param_path]
+    nbytes = int(np.prod(shape)) * dtype.itemsize
     if batches[-1] and size + nbytes > SAVE_BATCH_BYTES:
       batches.append([])
       size = 0
@@ -162,26 +167,62 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
     if cache['batch'] != batch_of[r.param_path]:
       batch = batches[batch_of[r.param_path]]
       cache.update(batch=None, values={})
-      cache.update(batch=batch_of[r.param_path],
-                   values=checkpoint.load_param_leaves(ckpt_dir, {p: stored[p] for p in batch}))
+      cache.update(batch=batch_of[r.param_path], values=stored.load({p: stored.shapes[p] for p in batch}))
     value = cache['values'][r.param_path]
     if r.per_layer:
-      layer = r.hf_keys(fam.num_layers(cfg)).index(spec.name)
+      layer = r.hf_keys(num_layers).index(spec.name)
       return np.asarray(r.to_hf(value[layer]), dtype=out_np)
     return np.asarray(r.to_hf(value), dtype=out_np)
 
+  with progress(len(specs), f'{fam_name}: Orbax -> HF', show_progress) as bar:
+    return safetensors_io.write_folder(folder, specs, produce, max_shard_bytes, on_tensor=lambda _: bar.update(1))
+
+
+def write_model(folder: str, fam: ConvertFamily, cfg: Any, stored: StoredParams, dtype: str,
+                original: dict[str, Any] | None, generation_config: dict[str, Any] | None = None,
+                key_prefix: str = '', max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                show_progress: bool = True) -> list[str]:
+  """config.json (the family's, over `original`), generation_config.json (when given), the weights and the family's
+  PyTorch code (a custom architecture's) into `folder`; returns the safetensors file names."""
+  hf_config = fam.config_to_hf(cfg, original, dtype)
+  with open(os.path.join(folder, 'config.json'), 'w') as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+  if generation_config:
+    with open(os.path.join(folder, 'generation_config.json'), 'w') as f:
+      json.dump(generation_config, f, indent=2, sort_keys=True)
+  rules = fam.keyed_rules(cfg, fam.export_key_prefix(key_prefix))
+  written = write_tensors(folder, fam.name, rules, fam.num_layers(cfg), stored, np.dtype(to_dtype(dtype)),
+                          max_shard_bytes, show_progress)
+  if fam.code_dir:
+    copy_code(fam.code_dir, folder)
+  return written
+
+
+def copy_code(code_dir: str, folder: str) -> None:
+  """The Python files of a custom architecture's package (not `__init__.py`) into `folder`, where `transformers`
+  finds them with `trust_remote_code=True`."""
+  for name in sorted(os.listdir(code_dir)):
+    if name.endswith('.py') and not name.startswith('_'):
+      shutil.copy2(os.path.join(code_dir, name), os.path.join(folder, name))
+
+
+def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+              show_progress: bool = True) -> list[str]:
+  """Converted Orbax checkpoint -> HF folder (config.json, safetensors shards + index, tokenizer files).
+
+  dtype defaults to the dtype of the HF checkpoint the weights came from (float32 when trained from scratch).
+  Returns the safetensors file names written.
+  """
+  meta = checkpoint.read_metadata(ckpt_dir)
+  fam = hf_family(meta['family'], ckpt_dir)
+  cfg = fam.config.from_dict(meta['model_config'])
+  dtype = dtype or meta.get('source_dtype') or 'float32'
+  stored = checkpoint_params(ckpt_dir)
   with files.atomic_directory(out_dir, overwrite) as tmp:
-    hf_config = fam.config_to_hf(cfg, meta.get('hf_config'), dtype)
-    with open(os.path.join(tmp, 'config.json'), 'w') as f:
-      json.dump(hf_config, f, indent=2, sort_keys=True)
-    if meta.get('hf_generation_config'):
-      with open(os.path.join(tmp, 'generation_config.json'), 'w') as f:
-        json.dump(meta['hf_generation_config'], f, indent=2, sort_keys=True)
-    with progress(len(specs), f'{fam.name}: Orbax -> HF', show_progress) as bar:
-      written = safetensors_io.write_folder(tmp, specs, produce, max_shard_bytes,
-                                            on_tensor=lambda _: bar.update(1))
+    written = write_model(tmp, fam, cfg, stored, dtype, meta.get('hf_config'), meta.get('hf_generation_config'),
+                          meta.get('hf_key_prefix', ''), max_shard_bytes, show_progress)
     tok = checkpoint.tokenizer_dir(ckpt_dir)
     if tok:
       checkpoint.copy_tokenizer_files(tok, tmp)
   return written
-

@@ -67,6 +67,11 @@ def linear_split_in(heads: int, head_dim: int) -> tuple[Transform, Transform]:
           (lambda k: k.reshape(heads * head_dim, k.shape[-1]).T))
 
 
+def stacked_linear() -> tuple[Transform, Transform]:
+  """n stacked torch Linear weights [n, out, in] <-> vmapped Dense kernels [n, in, out]."""
+  return (lambda w: np.swapaxes(w, -1, -2)), (lambda k: np.swapaxes(k, -1, -2))
+
+
 def rule(hf_key: str, param_path: str, hf_shape: Sequence[int], transforms: tuple[Transform, Transform]):
   return TensorRule(hf_key, tuple(param_path.split('/')), tuple(hf_shape), *transforms)
 
@@ -91,6 +96,13 @@ def dense(hf_module: str, param_module: str, in_features: int, out_features: int
   """torch Linear with bias <-> Flax Dense kernel [in, out] and bias [out]."""
   return [rule(f'{hf_module}.weight', f'{param_module}/kernel', (out_features, in_features), linear()),
           rule(f'{hf_module}.bias', f'{param_module}/bias', (out_features,), identity())]
+
+
+def stacked_dense(hf_module: str, param_module: str, n: int, in_features: int, out_features: int
+                  ) -> list[TensorRule]:
+  """n stacked torch Linears (weight [n, out, in], bias [n, out]) <-> a vmapped Dense (kernel [n, in, out])."""
+  return [rule(f'{hf_module}.weight', f'{param_module}/kernel', (n, out_features, in_features), stacked_linear()),
+          rule(f'{hf_module}.bias', f'{param_module}/bias', (n, out_features), identity())]
 
 
 def heads_in(hf_module: str, param_module: str, width: int, heads: int, head_dim: int) -> list[TensorRule]:

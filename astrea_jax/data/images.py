@@ -5,7 +5,9 @@ family's, `config.model.experts.<slot>.family`: SigLIP 0.5 / 0.5, CLIP's statist
 SAM2 and Grounding DINO). An image is made square (padded with the expert's
 mean colour as in LLaVA-1.5, or stretched), resized with bicubic filtering and scaled to [0, 1]. The normalisation
 `(x - mean) / std` is the expert's own (`astrea_jax.models.expert.preprocess`), so that the model is the same
-function of an image in training, evaluation and export; here the mean only sets the padding colour.
+function of an image in training, evaluation and export; here the mean only sets the padding colour. Squaring and
+resizing are the exported processor's own function (`astrea_jax.convert.hf_astrea.inputs_astrea.square_image`),
+so that a PyTorch user's inputs are the training data's.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from astrea_jax.convert.hf_astrea.inputs_astrea import square_image
 from astrea_jax.data.conversation import BadRecordError
 from astrea_jax.models.families import normalization
-
-SQUARE_MODES = ('pad', 'resize')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,29 +78,9 @@ def load_image(path: str) -> np.ndarray:
     raise BadRecordError(f'image file {path} cannot be decoded ({type(e).__name__}: {e})') from None
 
 
-def square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
-  """[H, W, 3] -> [S, S, 3] with S = max(H, W), the image centred on a `fill` background."""
-  h, w, _ = image.shape
-  if h == w:
-    return image
-  side = max(h, w)
-  out = np.empty((side, side, 3), image.dtype)
-  out[...] = np.asarray(fill, image.dtype)
-  top, left = (side - h) // 2, (side - w) // 2
-  out[top:top + h, left:left + w] = image
-  return out
-
-
 def expert_input(image: np.ndarray, expert: ExpertImage, square_mode: str = 'pad') -> np.ndarray:
   """RGB uint8 [H, W, 3] -> float32 [S, S, 3] in [0, 1] for one expert (S = expert.image_size)."""
-  if square_mode == 'pad':
-    image = square(image, tuple(int(round(m * 255)) for m in expert.mean))
-  elif square_mode != 'resize':
-    raise ValueError(f'square_mode={square_mode!r}: expected one of {SQUARE_MODES}')
-  size = expert.image_size
-  if image.shape[:2] != (size, size):
-    image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), np.uint8)
-  return image.astype(np.float32) / 255.0
+  return square_image(image, expert.image_size, expert.mean, square_mode).astype(np.float32) / 255.0
 
 
 def expert_inputs(images: Sequence[np.ndarray], experts: Sequence[ExpertImage],

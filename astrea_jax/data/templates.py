@@ -19,10 +19,12 @@ end marker, in training and in the retrieval evaluation alike."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Sequence
 
 import numpy as np
 
+from astrea_jax.convert.hf_astrea.inputs_astrea import overlap_mask, piece_spans
 from astrea_jax.data.conversation import GPT, IMAGE_PLACEHOLDER, Turn
 
 
@@ -73,14 +75,7 @@ def get_template(name: str) -> ChatTemplate:
 def text_spans(text: str, start: int) -> list[tuple[int, int]]:
   """The [start, end) character spans of `text` (placed at `start`) between its `<image>` placeholders, each with its
   surrounding whitespace trimmed; empty pieces give no span."""
-  spans, offset = [], start
-  for piece in text.split(IMAGE_PLACEHOLDER):
-    stripped = piece.strip()
-    if stripped:
-      first = offset + piece.index(stripped)
-      spans.append((first, first + len(stripped)))
-    offset += len(piece) + len(IMAGE_PLACEHOLDER)
-  return spans
+  return piece_spans(text, start, IMAGE_PLACEHOLDER)
 
 
 def render(template: ChatTemplate,
@@ -102,6 +97,46 @@ def render(template: ChatTemplate,
   return ''.join(parts), spans, instruction
 
 
+def image_prompt(text: str, num_images: int) -> str:
+  """A user message with its images first: one "<image>\\n" per image, then the text (as the evaluation and the
+  exported chat template write it)."""
+  return f'{IMAGE_PLACEHOLDER}\n' * num_images + text
+
+
+def _literal(text: str) -> str:
+  """A Jinja expression printing `text` exactly."""
+  return '{{- ' + json.dumps(text) + ' -}}'
+
+
+def jinja_template(template: ChatTemplate) -> str:
+  """The template as a Hugging Face chat template (Jinja) rendering what `render` renders: messages {'role': 'user' |
+  'assistant', 'content': text or [{'type': 'image'} | {'type': 'text', 'text': ...}]}, each image item written as
+  `image_prompt` writes it; with `add_generation_prompt` the last user turn ends with the bare assistant header
+  (`generation_template`). BOS comes first where the template has it; the system prompt is the template's own."""
+  def content(message: str) -> str:
+    return ('{%- if ' + message + "['content'] is string -%}{{- " + message + "['content'] -}}{%- else -%}"
+            '{%- for item in ' + message + "['content'] -%}{%- if item['type'] == 'image' -%}"
+            + _literal(image_prompt('', 1)) + "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}"
+            '{%- endif -%}{%- endfor -%}{%- endif -%}')
+  generation_suffix = template.user_suffix.rstrip(' ')
+  return ''.join([
+      '{{- bos_token -}}' if template.add_bos else '', _literal(template.system),
+      '{%- for message in messages -%}',
+      "{%- if message['role'] == 'user' -%}", _literal(template.user_prefix), content('message'),
+      '{%- if loop.last and add_generation_prompt -%}', _literal(generation_suffix), '{%- else -%}',
+      _literal(template.user_suffix), '{%- endif -%}',
+      "{%- elif message['role'] == 'assistant' -%}", content('message'),
+      _literal(template.answer_suffix + template.turn_separator),
+      "{%- else -%}{{- raise_exception('the " + template.name + " template has user and assistant messages only, "
+      "got role ' + message['role']) -}}{%- endif -%}",
+      '{%- endfor -%}'])
+
+
+def end_marker_id(tokenizer, template: ChatTemplate) -> int:
+  """The id of the template's end-of-answer marker (what decoding stops at); `tokenizer` a `tokenizers.Tokenizer`."""
+  return tokenizer.encode(template.answer_suffix, add_special_tokens=False).ids[0]
+
+
 def check_special_tokens(tokenizer, template: ChatTemplate, where: str) -> None:
   """Raises ValueError unless each of the template's markers is one token of the (`tokenizers`) tokenizer."""
   for marker in template.special_tokens:
@@ -109,17 +144,6 @@ def check_special_tokens(tokenizer, template: ChatTemplate, where: str) -> None:
     if len(ids) != 1:
       raise ValueError(f'tokenizer {where}: the {template.name} template needs {marker!r} as one token, but it '
                        f'encodes to {len(ids)} tokens {ids}; add it as a special token')
-
-
-def _mark_targets(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
-  """A mask over tokens [T] bool: a token is marked if its characters overlap one of the spans (Eq. 1's answers, or
-  the instruction)."""
-  if not spans:
-    return np.zeros(len(offsets), bool)
-  o = np.asarray(offsets, np.int64).reshape(-1, 2)
-  s = np.asarray(spans, np.int64).reshape(1, -1, 2)
-  starts, ends = o[:, :1], np.maximum(o[:, 1:], o[:, :1] + 1)
-  return ((starts < s[..., 1]) & (s[..., 0] < ends)).any(axis=1)
 
 
 def tokenize_conversation(tokenizer, template: ChatTemplate, turns: Sequence[Turn], *,
@@ -147,8 +171,8 @@ def tokenize_conversation(tokenizer, template: ChatTemplate, turns: Sequence[Tur
       encoding = tokenizer.encode(piece, add_special_tokens=False)
       offsets = [(start + a, start + b) for a, b in encoding.offsets]
       ids.extend(encoding.ids)
-      target.extend(_mark_targets(offsets, spans))
-      instruction.extend(_mark_targets(offsets, instruction_spans))
+      target.extend(overlap_mask(offsets, spans))
+      instruction.extend(overlap_mask(offsets, instruction_spans))
       image.extend([False] * len(encoding.ids))
     start += len(piece)
     if k < len(pieces) - 1:

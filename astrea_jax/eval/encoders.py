@@ -37,17 +37,25 @@ class Encoders:
   anyres_inputs: Any = None
 
 
+def row_visual_tokens(model: Astrea, params: Any, stage: str, ids: jax.Array, instruction_mask: jax.Array,
+                      rows: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The stage's visual tokens [B, N, T, D] (and the router's aux) of prompts ids [B, P] with N images each, rows
+  {slot: [B, N, S, S, 3]}; in routed stages with router_context='visual+text' every image of a row is routed with
+  the mean embedding of the row's instruction tokens (instruction_mask [B, P]), as the train step routes them."""
+  variables = {'params': params}
+  instruction = None
+  if model.cfg.fusion(stage) == 'routed' and model.cfg.router_context == 'visual+text':
+    n = next(iter(rows.values())).shape[1]
+    mask = jnp.broadcast_to(instruction_mask[:, None, :], (ids.shape[0], n, ids.shape[1]))
+    instruction = model.apply(variables, ids, mask, method=Astrea.pooled_instruction)
+  return model.apply(variables, stage, rows, instruction=instruction, method=Astrea.visual_tokens)
+
+
 def make_encoders(model: Astrea, stage: str) -> Encoders:
   """The `Encoders` of a model evaluated at `stage`; the router context follows the train step."""
 
   def visual(params, stage, ids, instruction_mask, images):
-    variables = {'params': params}
-    instruction = None
-    if model.cfg.fusion(stage) == 'routed' and model.cfg.router_context == 'visual+text':
-      num_images = next(iter(images.values())).shape[1]  # every image of a prompt sees the prompt's instruction
-      masks = jnp.repeat(instruction_mask[:, None, :], num_images, axis=1)  # [B, N, P]
-      instruction = model.apply(variables, ids, masks, method=Astrea.pooled_instruction)
-    tokens, aux = model.apply(variables, stage, images, instruction=instruction, method=Astrea.visual_tokens)
+    tokens, aux = row_visual_tokens(model, params, stage, ids, instruction_mask, images)  # images {slot: [B, N, ...]}
     probs = aux['probs'].mean(axis=(1, 2)) if 'probs' in aux else jnp.zeros((ids.shape[0], 0), jnp.float32)
     return tokens, probs
 

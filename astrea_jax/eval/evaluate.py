@@ -54,14 +54,13 @@ from jax.sharding import Mesh
 from astrea_jax.astrea.model import AstreaConfig
 from astrea_jax.core import files
 from astrea_jax.data import stage_targets, templates
-from astrea_jax.data.conversation import IMAGE_PLACEHOLDER
 from astrea_jax.eval import encoders as encoders_lib
 from astrea_jax.eval import loop, probes
 from astrea_jax.eval.prompting import batch_indices
 from astrea_jax.eval.shapes import SceneImage, Shapes
 from astrea_jax.parallel import mesh as mesh_lib
 
-CAPTION_PROMPT = f'{IMAGE_PLACEHOLDER}\n{stage_targets.CAPTION_REQUEST}'
+CAPTION_PROMPT = templates.image_prompt(stage_targets.CAPTION_REQUEST, 1)
 EVAL_FILE, ROUTER_FILE = 'eval.json', 'router.png'
 
 

@@ -40,7 +40,6 @@ from astrea_jax.astrea.model import Astrea, AstreaConfig
 from astrea_jax.core import multihost
 from astrea_jax.data import images as images_lib
 from astrea_jax.data import pipeline, templates
-from astrea_jax.data.conversation import IMAGE_PLACEHOLDER
 from astrea_jax.eval import encoders as encoders_lib
 from astrea_jax.eval import generate
 from astrea_jax.eval.prompting import answer_text, left_pad_prompts, prompt_tokens
@@ -123,7 +122,7 @@ class EvalModel:
   @property
   def eos_id(self) -> int:
     """The id decoding stops at: the end marker's (first) token."""
-    return self.tok.backend.encode(self.end_marker, add_special_tokens=False).ids[0]
+    return templates.end_marker_id(self.tok.backend, self.template)
 
   def prompt_rows(self, texts: Sequence[str], images: Sequence[Sequence[Any]], min_length: int = 0) -> PromptRows:
     """Each text with "<image>\\n" per image before it, as a generation prompt, left-padded together to the longest
@@ -132,7 +131,7 @@ class EvalModel:
       raise ValueError(f'{len(texts)} prompts and {len(images)} image lists; expected one list per prompt')
     if not texts:
       raise ValueError('no prompts to evaluate; expected at least one')
-    tokens = [prompt_tokens(self.tok, self.template, f'{IMAGE_PLACEHOLDER}\n' * len(i) + t, self._token_counts(i))
+    tokens = [prompt_tokens(self.tok, self.template, templates.image_prompt(t, len(i)), self._token_counts(i))
               for t, i in zip(texts, images)]
     ids, mask, image_mask, instruction = left_pad_prompts(tokens, self.tok.pad_id)
     extra = ((0, 0), (max(0, min_length - ids.shape[1]), 0))

@@ -41,6 +41,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 
+CHECKPOINTS_DIR = 'checkpoints'
+STATE_ITEM, DATA_ITEM, STAGE_ITEM, CONFIG_ITEM = 'state', 'data', 'stage', 'config'
+
+
 class CheckpointError(RuntimeError):
   """No checkpoint of the run can be used; the message names them."""
 
@@ -77,7 +81,7 @@ def config_changes(saved: Any, current: Any, prefix: str = '') -> list[str]:
 
 def checkpoint_directory(workdir: str) -> epath.Path:
   """<workdir>/checkpoints (absolute; a URL such as gs://... as it is)."""
-  return epath.Path(workdir if '://' in workdir else os.path.abspath(workdir)) / 'checkpoints'
+  return epath.Path(workdir if '://' in workdir else os.path.abspath(workdir)) / CHECKPOINTS_DIR
 
 
 class Checkpointer:
@@ -95,8 +99,8 @@ class Checkpointer:
                                            cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={'state': ocp.StandardCheckpointHandler(), 'data': grain.checkpoint.CheckpointHandler(),
-                       'stage': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()})
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: grain.checkpoint.CheckpointHandler(),
+                       STAGE_ITEM: ocp.JsonCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler()})
 
   def latest(self) -> Saved | None:
     """(step, stage) of the newest complete checkpoint, or None when there is none."""

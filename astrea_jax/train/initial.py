@@ -1,19 +1,23 @@
 """A run's first parameters: fresh ones from train.seed (created in place on the mesh), with the LLM from a converted
-checkpoint (`config.init_checkpoint`), each expert from its converted checkpoint (`config.model.expert_checkpoints`)
-or from stage 0 (the tiny default's specialist experts). A checkpoint that does not fit the config is a ConfigError
-naming the fields."""
+checkpoint (`config.init_checkpoint`; a converted Astrea model, `--family=astrea`, gives every part: experts,
+projectors, residual modules, router, adapters, heads and LLM), each expert from its converted checkpoint
+(`config.model.expert_checkpoints`) or from stage 0 (the tiny default's specialist experts). A checkpoint that does
+not fit the config is a ConfigError naming the fields."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Mapping
 
+import flax
 import jax
 import ml_collections
 import numpy as np
 
 from astrea_jax import config as config_lib
 from astrea_jax.astrea.model import AstreaConfig
+from astrea_jax.convert import astrea as astrea_family
 from astrea_jax.convert import checkpoint, loaders
 from astrea_jax.core import trees
 from astrea_jax.core.errors import ConfigError
@@ -39,10 +43,14 @@ def put_global(value: Any, sharding_: jax.sharding.Sharding) -> Array:
 
 def initial_params(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules, workdir: str) -> Any:
   """The run's first parameters (module docstring), placed on the mesh."""
-  params, shardings = sharding.init_sharded(params_init_fn(config, cfg), mesh, rules)
-  params = dict(params)
-  if config.init_checkpoint:
-    params['llm'] = load_llm(config, cfg, mesh, rules)
+  if init_is_whole_model(config):
+    params = dict(load_model(config, cfg, mesh, rules))
+    _, shardings = sharding.abstract_and_shardings(params_init_fn(config, cfg), mesh, rules)
+  else:
+    params, shardings = sharding.init_sharded(params_init_fn(config, cfg), mesh, rules)
+    params = dict(params)
+    if config.init_checkpoint:
+      params['llm'] = load_llm(config, cfg, mesh, rules)
   experts = dict(params['experts'])
   for slot, path in config.model.expert_checkpoints.items():
     if path:
@@ -52,6 +60,28 @@ def initial_params(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, r
       experts[slot] = jax.tree.map(put_global, tree, shardings['experts'][slot])
   params['experts'] = experts
   return params
+
+
+def init_is_whole_model(config: ml_collections.ConfigDict) -> bool:
+  """Whether config.init_checkpoint is a converted Astrea model (every part), not a language model alone."""
+  path = config.init_checkpoint
+  if not path or not os.path.isfile(os.path.join(path, checkpoint.METADATA_FILE)):
+    return False
+  return checkpoint.read_metadata(path)['family'] == astrea_family.NAME
+
+
+def load_model(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules) -> Any:
+  """Every parameter of the converted Astrea model config.init_checkpoint, in the run's numerics and shardings; its
+  parameter shapes must equal those config.model / config.llm give."""
+  init = params_init_fn(config, cfg)
+  stored = flax.traverse_util.unflatten_dict({path: jax.ShapeDtypeStruct(shape, dtype) for path, (shape, dtype)
+                                              in checkpoint.param_shapes(config.init_checkpoint).items()})
+  count, first = trees.shape_differences(stored, sharding.abstract_and_shardings(init, mesh, rules)[0])
+  if count:
+    raise ConfigError(f'config.init_checkpoint={config.init_checkpoint}: its model differs from config.model / '
+                      f'config.llm / config.data.experts (first of {count} differences, checkpoint vs config: '
+                      f'{first})')
+  return checkpoint.restore(config.init_checkpoint, init, mesh, rules)
 
 
 def load_llm(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules) -> Any:

@@ -69,13 +69,15 @@ def check_initialisation(config: ml_collections.ConfigDict, cfg: AstreaConfig, p
                          abstract: Any) -> None:
   """A part that starts from random weights and is frozen in a stage before any stage trains it is a ConfigError
   naming where its weights should come from: the LLM (`init_checkpoint`), each expert (`model.expert_checkpoints.
-  <slot>`, or stage 0 'experts' of the tiny default). `allow_random_init=True` allows it."""
+  <slot>`, stage 0 'experts' of the tiny default, or an `init_checkpoint` holding the whole model).
+  `allow_random_init=True` allows it."""
   if config.allow_random_init:
     return
   run = config_lib.run_stages(config)
   parts = {'llm': ('config.init_checkpoint', bool(config.init_checkpoint))}
+  whole = initial.init_is_whole_model(config)
   for slot in cfg.slots:
-    loaded = bool(config.model.expert_checkpoints[slot]) or config_lib.EXPERTS_STAGE in run
+    loaded = bool(config.model.expert_checkpoints[slot]) or config_lib.EXPERTS_STAGE in run or whole
     parts[f'experts/{slot}'] = (f'config.model.expert_checkpoints.{slot}', loaded)
   flat = flax.traverse_util.flatten_dict(abstract, sep='/')
   for part, (field, loaded) in parts.items():

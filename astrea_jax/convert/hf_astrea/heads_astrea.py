@@ -1,8 +1,7 @@
-"""The PyTorch side of the Astrea heads: modules that compute what the JAX ones compute, and safetensors I/O.
+"""The PyTorch side of Astrea's own parts: modules that compute what the JAX ones (`astrea_jax.astrea`) compute, in
+eval mode (the residual gates p_i are 1 unless given).
 
-This is the only module of the package that imports PyTorch, and nothing else in the package imports it: import it
-where PyTorch is wanted (export checks, PyTorch inference). The mirrors are eval-mode: `ResidualAttention` uses
-p_i = 1 unless gates are given.
+This file is copied into every exported folder; it imports only torch.
 
 | JAX (astrea_jax.astrea)        | PyTorch (here)        |
 |--------------------------------|-----------------------|
@@ -13,29 +12,19 @@ p_i = 1 unless gates are given.
 | router.RoutedMixture           | RoutedMixture         |
 | moco.ContrastiveHead           | ContrastiveHead       |
 
-Names: the JAX parameter path joined by '.', with `kernel [..., in, out]` -> `weight [..., out, in]` and `bias` kept
-(`projector.linear_1.weight`, `router.linear.bias`, ...). Every kernel of these heads is an `nn.Dense` kernel; a
-leading axis (the adapters' [experts]) stays leading, and the PyTorch `Adapters` hold such stacked weights.
-`export_heads(params, path)` writes the tensors of any sub-tree of the heads' parameters to one safetensors file,
-atomically; `load_heads(module, path)` loads them strictly (every name present, none extra, shapes equal).
+Parameter names are the JAX parameter paths joined by '.', with `kernel [..., in, out]` -> `weight [..., out, in]`
+(`linear_1.weight`, `router.linear.bias`, `adapters.linear_2.weight` [experts, out, in], ...); the export's tensor
+table (`astrea_jax.convert.astrea`) maps one to the other.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
-import flax.linen as nn
-import numpy as np
 import torch
 import torch.nn.functional as F
-from flax import traverse_util
-from safetensors.torch import load_file
 from torch import Tensor
-
-from astrea_jax.convert import safetensors_io
-from astrea_jax.core import files
-from astrea_jax.core.fields import to_dtype
 
 
 class Projector(torch.nn.Module):
@@ -64,7 +53,7 @@ class ResidualAttention(torch.nn.Module):
     if len(prev) == 0:
       return f
     prev = torch.stack(list(prev)) if isinstance(prev, (list, tuple)) else prev
-    gates = torch.ones(prev.shape[:2], dtype=f.dtype) if gates is None else gates.to(f.dtype)
+    gates = torch.ones(prev.shape[:2], dtype=f.dtype, device=f.device) if gates is None else gates.to(f.dtype)
     b, t, d = f.shape
 
     def split(x):
@@ -116,7 +105,7 @@ class Router(torch.nn.Module):
     n, b, t, d = expert_tokens.shape
     x = expert_tokens.permute(1, 2, 0, 3).reshape(b, t, n * d)
     if instruction is not None:
-      x = torch.cat([x, instruction[:, None, :].expand(b, t, instruction.shape[1])], dim=-1)
+      x = torch.cat([x, instruction[:, None, :].expand(b, t, instruction.shape[1]).to(x.dtype)], dim=-1)
     return self.linear(x)
 
 
@@ -138,59 +127,23 @@ class RoutedMixture(torch.nn.Module):
 
   def forward(self, expert_tokens: Tensor, instruction: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     logits = self.router(expert_tokens, instruction)
-    probs = topk_softmax(logits, self.top_k)
-    fused = torch.einsum('n...d,...n->...d', self.adapters(expert_tokens), probs)
+    probs = topk_softmax(logits.float(), self.top_k)
+    fused = torch.einsum('n...d,...n->...d', self.adapters(expert_tokens), probs.to(expert_tokens.dtype))
     return fused, {'logits': logits, 'probs': probs}
 
 
 class ContrastiveHead(torch.nn.Module):
-  """Masked mean over tokens, linear, L2 normalisation: tokens [B, L, D] (+ mask [B, L]) -> [B, embed_dim]."""
+  """Masked mean over tokens, linear, L2 normalisation, in fp32: tokens [B, L, D] (+ mask [B, L]) -> [B, embed_dim]."""
 
   def __init__(self, in_features: int, embed_dim: int):
     super().__init__()
     self.proj = torch.nn.Linear(in_features, embed_dim)
 
   def forward(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+    tokens = tokens.float()
     if mask is None:
       pooled = tokens.mean(dim=1)
     else:
       weights = mask.to(tokens.dtype)[..., None]
       pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-    return F.normalize(self.proj(pooled), dim=-1)
-
-
-def torch_state(params: Any) -> dict[str, np.ndarray]:
-  """JAX head parameters (any sub-tree, boxed or not) -> {torch name: array}, following the names above."""
-  flat = traverse_util.flatten_dict(nn.unbox(params))
-  state = {}
-  for path, leaf in flat.items():
-    leaf = np.asarray(leaf)
-    if path[-1] == 'kernel' and leaf.ndim >= 2:
-      state['.'.join((*path[:-1], 'weight'))] = np.ascontiguousarray(np.swapaxes(leaf, -1, -2))
-    elif path[-1] == 'bias':
-      state['.'.join(path)] = leaf
-    else:
-      raise ValueError(f'parameter {"/".join(path)} of shape {leaf.shape} is not a Dense kernel [..., in, out] or '
-                       'bias; expected only the heads of astrea_jax.astrea')
-  return state
-
-
-def export_heads(params: Any, path: str, dtype: str | None = None) -> list[str]:
-  """Writes the heads' parameters to one safetensors file at `path`, atomically (a temporary file renamed); `dtype`
-  ('float32' | 'bfloat16' | 'float16', default: as stored) converts them. Returns the tensor names."""
-  state = torch_state(params)
-  if dtype is not None:
-    state = {k: v.astype(to_dtype(dtype)) for k, v in state.items()}
-  specs = [safetensors_io.TensorSpec(name, arr.shape, arr.dtype) for name, arr in sorted(state.items())]
-  with files.atomic_file(path) as tmp:
-    safetensors_io.write_file(tmp, specs, lambda spec: state[spec.name], metadata={'format': 'pt'})
-  return [spec.name for spec in specs]
-
-
-def load_heads(module: torch.nn.Module, path: str) -> torch.nn.Module:
-  """Loads a file written by `export_heads` into `module` strictly; errors name the file and the tensors."""
-  try:
-    module.load_state_dict(load_file(path), strict=True)
-  except RuntimeError as e:
-    raise ValueError(f'{path}: the heads do not match {type(module).__name__}: {e}') from e
-  return module
+    return F.normalize(F.linear(pooled, self.proj.weight.float(), self.proj.bias.float()), dim=-1)

@@ -1,0 +1,89 @@
+"""Astrea's vision experts in PyTorch: each slot's `transformers` vision model (by family) and the features it hands
+its projector, resampled to the common token grid exactly as `astrea_jax.models.expert` does.
+
+This file is copied into every exported folder; it imports only torch, transformers and numpy.
+
+An expert takes `pixel_values` [M, 3, S, S] (the processor's output: square, resized, normalised) and returns
+[M, T, C]: its features (`last_hidden_state`, or `hidden_states[feature_layer]`), the class token dropped
+(CLIP, DINOv2) and the patches laid out as their h x w grid ('default'), or every token ('full', a square count),
+then resampled to the g x g grid (T = g * g): identity; the mean of each block for integer factors; otherwise
+bilinear with half-pixel centres, antialiased when shrinking (the weights of `jax.image.resize(method='linear',
+antialias=True)`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import transformers
+from torch import Tensor
+
+from .configuration_astrea import EXPERT_FAMILIES
+
+
+def build_expert(entry: Mapping[str, Any]) -> transformers.PreTrainedModel:
+  """The `transformers` vision model of one `AstreaConfig.vision_experts` entry (random weights until loaded)."""
+  family = EXPERT_FAMILIES[entry['family']]
+  config = getattr(transformers, family.config_class).from_dict(dict(entry['config']))
+  return getattr(transformers, family.model_class)(config)
+
+
+def grid_side(num_tokens: int) -> int:
+  """g with g * g == num_tokens; anything else is an error."""
+  g = math.isqrt(num_tokens)
+  if num_tokens <= 0 or g * g != num_tokens:
+    raise ValueError(f'num_visual_tokens={num_tokens}: expected a square number of tokens (e.g. 576 = 24 x 24)')
+  return g
+
+
+def linear_resize_weights(in_size: int, out_size: int) -> np.ndarray:
+  """[in_size, out_size] float32 weights of `jax.image.resize(method='linear', antialias=True)` along one axis:
+  a triangle kernel at half-pixel centres, widened by in/out when shrinking, normalised per output sample."""
+  inv_scale = np.float32(in_size / out_size)
+  kernel_scale = max(inv_scale, np.float32(1.0))
+  sample = (np.arange(out_size, dtype=np.float32) + 0.5) * inv_scale - 0.5
+  x = np.abs(sample[None, :] - np.arange(in_size, dtype=np.float32)[:, None]) / kernel_scale
+  weights = np.maximum(0.0, 1.0 - x).astype(np.float32)
+  total = weights.sum(axis=0, keepdims=True)
+  weights = np.where(np.abs(total) > 1000.0 * np.finfo(np.float32).eps, weights / np.where(total != 0, total, 1), 0)
+  inside = (sample >= -0.5) & (sample <= in_size - 0.5)
+  return np.where(inside[None, :], weights, 0).astype(np.float32)
+
+
+def resample_grid(x: Tensor, side: int) -> Tensor:
+  """[B, H, W, C] -> [B, side * side, C] (module docstring), computed in fp32, returned in x's dtype."""
+  b, h, w, c = x.shape
+  if (h, w) == (side, side):
+    return x.reshape(b, side * side, c)
+  x32 = x.float()
+  if h % side == 0 and w % side == 0:
+    out = x32.reshape(b, side, h // side, side, w // side, c).mean(dim=(2, 4))
+  else:
+    wh = torch.from_numpy(linear_resize_weights(h, side)).to(x.device)
+    ww = torch.from_numpy(linear_resize_weights(w, side)).to(x.device)
+    out = torch.einsum('ih,jw,bijc->bhwc', wh, ww, x32)
+  return out.reshape(b, side * side, c).to(x.dtype)
+
+
+def expert_tokens(model: torch.nn.Module, entry: Mapping[str, Any], pixel_values: Tensor) -> Tensor:
+  """One expert's resampled features: pixel_values [M, 3, S, S] -> [M, T, C] (module docstring)."""
+  family, layer, size = entry['family'], entry['feature_layer'], entry['image_size']
+  kwargs = {}
+  if family != 'dinov2' and size != entry['config']['image_size']:
+    kwargs['interpolate_pos_encoding'] = True  # DINOv2 always interpolates its position embeddings
+  out = model(pixel_values=pixel_values, output_hidden_states=layer is not None, **kwargs)
+  tokens = out.last_hidden_state if layer is None else out.hidden_states[layer]
+  side = grid_side(entry['num_visual_tokens'])
+  if entry['feature_select'] == 'full':
+    n = math.isqrt(tokens.shape[1])
+    if n * n != tokens.shape[1]:
+      raise ValueError(f'expert {entry["slot"]!r}: {tokens.shape[1]} tokens do not form a square grid; use '
+                       'feature_select="default"')
+    return resample_grid(tokens.reshape(tokens.shape[0], n, n, tokens.shape[-1]), side)
+  if EXPERT_FAMILIES[family].class_token:
+    tokens = tokens[:, 1:]
+  patches = size // entry['config']['patch_size']
+  return resample_grid(tokens.reshape(tokens.shape[0], patches, patches, tokens.shape[-1]), side)

@@ -1,0 +1,169 @@
+"""An exported Astrea model in PyTorch (`AutoModelForImageTextToText` with `trust_remote_code=True`): the vision
+experts (`transformers` SigLIP / CLIP / DINOv2 models), one projector per expert, and the fusion of the stage the
+model was exported at, in front of a `LlamaForCausalLM`; it computes what `astrea_jax.astrea.model.Astrea` computes.
+
+This file is copied into every exported folder; it imports only torch, transformers and numpy.
+
+Fusion (`AstreaConfig.fusion`):
+  residual  the tokens of alignment group `fusion_group` (the mean over its slots when it aligned several at once),
+            each slot's projected tokens attending to the projected tokens of every earlier group (Eq. 2-4, all
+            gates on); the first group passes its tokens through
+  routed    every expert's projected tokens through the top-k router and the MLP adapters (Eq. 9-10); with
+            `router_context='visual+text'` the router also sees the mean input embedding of the instruction
+            tokens (`instruction_mask`, which the processor marks)
+
+Inputs (what `AstreaProcessor` returns): `input_ids` with `num_visual_tokens` `<image>` ids per image,
+`attention_mask`, `instruction_mask`, and `pixel_values_<slot>` [num_images, 3, S, S] per expert slot, the images
+of all rows in order. The visual tokens replace the `<image>` ids in order: image 0's, then image 1's, ...
+
+Parameters: language_model.* (LlamaForCausalLM), vision_experts.<slot>.* (the family's), projectors.<slot>.*,
+residual.<slot>.* (every pre-alignment slot after the first group's first), routing.{router,adapters}.* and
+heads.{image,text}.* (models with more than one expert).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+from transformers import GenerationMixin, LlamaForCausalLM, PreTrainedModel
+
+from .configuration_astrea import SLOTS, AstreaConfig
+from .experts_astrea import build_expert, expert_tokens
+from .heads_astrea import ContrastiveHead, Projector, ResidualAttention, RoutedMixture
+
+IMAGE_INPUTS = tuple(f'pixel_values_{slot}' for slot in SLOTS)
+PREFILL_ONLY_INPUTS = IMAGE_INPUTS + ('instruction_mask',)
+
+
+class AstreaPreTrainedModel(PreTrainedModel):
+  config_class = AstreaConfig
+  base_model_prefix = 'astrea'
+  main_input_name = 'input_ids'
+  supports_gradient_checkpointing = True
+  _supports_sdpa = True
+  _no_split_modules = ['LlamaDecoderLayer']
+
+
+class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
+  """Vision experts -> projectors -> the stage's fusion -> visual tokens at `<image>` -> LlamaForCausalLM."""
+
+  def __init__(self, config: AstreaConfig):
+    super().__init__(config)
+    width = config.text_config.hidden_size
+    self.language_model = LlamaForCausalLM(config.text_config)
+    self.vision_experts = torch.nn.ModuleDict({e['slot']: build_expert(e) for e in config.vision_experts})
+    self.projectors = torch.nn.ModuleDict({e['slot']: Projector(e['config']['hidden_size'], width)
+                                           for e in config.vision_experts})
+    self.residual = torch.nn.ModuleDict({
+        slot: ResidualAttention(width, config.residual_heads, config.residual_gamma, config.residual_add)
+        for slot in config.stage_slots[1:]})
+    if config.routed:
+      text_width = width if config.router_context == 'visual+text' else 0
+      self.routing = RoutedMixture(len(config.vision_experts), width, config.router_top_k, text_width)
+      self.heads = torch.nn.ModuleDict({name: ContrastiveHead(width, config.contrastive_dim)
+                                        for name in ('image', 'text')})
+    self.post_init()
+
+  def get_input_embeddings(self) -> torch.nn.Module:
+    return self.language_model.get_input_embeddings()
+
+  def set_input_embeddings(self, value: torch.nn.Module) -> None:
+    self.language_model.set_input_embeddings(value)
+
+  def get_output_embeddings(self) -> torch.nn.Module:
+    return self.language_model.get_output_embeddings()
+
+  # --- visual tokens of M images: images {slot: [M, 3, S, S]} (processor output) ---
+
+  def project(self, slot: str, images: Mapping[str, Tensor]) -> Tensor:
+    """One expert's projected tokens [M, T, D]."""
+    entry = next(e for e in self.config.vision_experts if e['slot'] == slot)
+    return self.projectors[slot](expert_tokens(self.vision_experts[slot], entry, images[slot]))
+
+  def residual_tokens(self, group: int, images: Mapping[str, Tensor]) -> Tensor:
+    """Alignment group `group`'s visual tokens [M, T, D], attending to every earlier group's (Eq. 2-4)."""
+    groups = self.config.align_groups
+    earlier = [self.project(slot, images) for g in groups[:group] for slot in g]
+    tokens = []
+    for slot in groups[group]:
+      f = self.project(slot, images)
+      tokens.append(self.residual[slot](f, torch.stack(earlier)) if earlier else f)
+    return tokens[0] if len(tokens) == 1 else torch.stack(tokens).mean(dim=0)
+
+  def routed_tokens(self, images: Mapping[str, Tensor], instruction: Tensor | None = None) -> tuple[Tensor, dict]:
+    """Visual tokens [M, T, D] through the router and adapters (Eq. 9-10), and the router's {'logits', 'probs'}."""
+    stacked = torch.stack([self.project(slot, images) for slot in self.config.slots])
+    return self.routing(stacked, instruction)
+
+  def image_tokens(self, images: Mapping[str, Tensor], instruction: Tensor | None = None) -> Tensor:
+    """The exported stage's visual tokens [M, T, D]; instruction [M, D] for router_context='visual+text'."""
+    if self.config.fusion == 'routed':
+      return self.routed_tokens(images, instruction)[0]
+    return self.residual_tokens(self.config.fusion_group % len(self.config.align_groups), images)
+
+  # --- the momentum-contrast heads (Eq. 5-8) ---
+
+  def image_embedding(self, visual: Tensor) -> Tensor:
+    """Pooled, L2-normalised embedding of visual tokens [M, T, D] -> [M, contrastive_dim]."""
+    return self.heads['image'](visual)
+
+  def text_embedding(self, input_ids: Tensor, mask: Tensor) -> Tensor:
+    """Pooled, L2-normalised embedding of text tokens [B, L] where mask [B, L] -> [B, contrastive_dim]."""
+    return self.heads['text'](self.get_input_embeddings()(input_ids), mask)
+
+  # --- sequences ---
+
+  def pooled_instruction(self, embeds: Tensor, instruction_mask: Tensor) -> Tensor:
+    """The router's text context: the mean input embedding [B, D] (fp32) of the instruction tokens [B, L]."""
+    weights = instruction_mask.float()
+    pooled = torch.einsum('bl,bld->bd', weights, embeds.float())
+    return pooled / weights.sum(dim=-1).clamp(min=1.0)[:, None]
+
+  def splice(self, input_ids: Tensor, embeds: Tensor, images: Mapping[str, Tensor],
+             instruction_mask: Tensor | None) -> Tensor:
+    """The input embeddings [B, L, D] with each row's `<image>` positions holding its images' visual tokens."""
+    placeholders = input_ids == self.config.image_token_id  # [B, L]
+    per_row = placeholders.sum(dim=-1) // self.config.num_visual_tokens  # images per row
+    count = next(iter(images.values())).shape[0]
+    if int(placeholders.sum()) != count * self.config.num_visual_tokens:
+      raise ValueError(f'the prompts hold {int(placeholders.sum())} <image> tokens but {count} image(s) of '
+                       f'{self.config.num_visual_tokens} visual tokens were given')
+    instruction = None
+    if self.config.fusion == 'routed' and self.config.router_context == 'visual+text':
+      if instruction_mask is None:
+        raise ValueError('router_context="visual+text" needs the instruction_mask the processor returns')
+      instruction = self.pooled_instruction(embeds, instruction_mask).repeat_interleave(per_row, dim=0)
+    visual = self.image_tokens(images, instruction)
+    return embeds.masked_scatter(placeholders[..., None], visual.reshape(-1, visual.shape[-1]).to(embeds.dtype))
+
+  def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+              position_ids: Tensor | None = None, past_key_values=None, inputs_embeds: Tensor | None = None,
+              labels: Tensor | None = None, use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
+              instruction_mask: Tensor | None = None, pixel_values_caption: Tensor | None = None,
+              pixel_values_classification: Tensor | None = None, pixel_values_detection: Tensor | None = None,
+              pixel_values_segmentation: Tensor | None = None, **kwargs):
+    """LlamaForCausalLM's outputs for the prompts with their images' visual tokens spliced in."""
+    given = dict(zip(SLOTS, (pixel_values_caption, pixel_values_classification, pixel_values_detection,
+                             pixel_values_segmentation)))
+    images = {slot: given[slot] for slot in self.config.slots if given[slot] is not None}
+    if inputs_embeds is None:
+      inputs_embeds = self.get_input_embeddings()(input_ids)
+      if images:
+        missing = [slot for slot in self.config.slots if slot not in images]
+        if missing:
+          raise ValueError(f'pixel values of expert(s) {missing} are missing; the processor gives pixel_values_<slot> '
+                           f'for every slot {list(self.config.slots)}')
+        inputs_embeds = self.splice(input_ids, inputs_embeds, images, instruction_mask)
+    return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                               position_ids=position_ids, past_key_values=past_key_values, labels=labels,
+                               use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+
+  def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+    """The images and the instruction mask go into the prefill only; decoding steps read the KV cache."""
+    inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+    if not is_first_iteration and kwargs.get('use_cache', True):
+      for name in PREFILL_ONLY_INPUTS:
+        inputs.pop(name, None)
+    return inputs
