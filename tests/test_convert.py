@@ -6,11 +6,14 @@ import subprocess
 import sys
 
 import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
 import pytest
 import torch
 import transformers
 
+import astrea_jax.convert as convert
 from astrea_jax.convert import checkpoint, hf, safetensors_io, table
+from astrea_jax.core.fields import to_dtype
 import hf_fixtures  # tests/
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,3 +199,37 @@ def test_clis_round_trip_and_report_errors(tmp_path, tiny_hf):
   bad = _cli('launch.export_to_hf', f'--ckpt={tmp_path}/ckpt', f'--out={tmp_path}/y', '--max_shard_size=lots')
   assert bad.returncode != 0 and "--max_shard_size='lots'" in bad.stderr
   assert not os.path.exists(tmp_path / 'x') and not os.path.exists(tmp_path / 'y')
+
+
+@pytest.mark.parametrize('param_dtype', ['float32', 'bfloat16'])
+def test_import_writes_layers_into_their_chunks_bit_identical_to_assembled_parameters(tmp_path, tiny_hf, param_dtype):
+  meta = hf.import_hf(tiny_hf, str(tmp_path / 'ckpt'), 'llama', param_dtype=param_dtype, show_progress=False)
+  fam = convert.get_family('llama')
+  cfg = fam.config.from_dict(meta['model_config'])
+  rules, num_layers = fam.keyed_rules(cfg, ''), fam.num_layers(cfg)
+  reader, dtype = safetensors_io.SafetensorsReader(tiny_hf), np.dtype(to_dtype(param_dtype))
+  stored = checkpoint.param_shapes(str(tmp_path / 'ckpt'))
+  assert stored == {r.param_path: (r.param_shape(num_layers), dtype) for r in rules}
+  got = checkpoint.load_param_leaves(str(tmp_path / 'ckpt'), stored)
+  for r in rules:
+    want = table.assemble(r, num_layers, reader.get, dtype)
+    assert np.array_equal(_bits(got[r.param_path]), _bits(np.ascontiguousarray(want))), r.param_path
+  chunks = ocp.pytree_metadata(str(tmp_path / 'ckpt' / checkpoint.PARAMS_DIR)).metadata['layers']['mlp']['up']
+  assert chunks['kernel'].storage_metadata.chunk_shape == (1, 64, 128)
+
+
+def test_write_layers_refuses_a_missing_layer_a_wrong_shape_and_an_unreserved_parameter(tmp_path):
+  params = str(tmp_path / checkpoint.PARAMS_DIR)
+  checkpoint.reserve_layered_params(params, {('layers', 'w'): ((2, 3), np.float32)})
+  checkpoint.save_params_batch(params, {('b',): np.ones(3, np.float32)})
+  checkpoint.finalize_params(params)
+  with pytest.raises(checkpoint.CheckpointError, match=r'layers/w has 2 layers; 1 were written'):
+    checkpoint.write_layers(params, ('layers', 'w'), [np.ones(3, np.float32)])
+  with pytest.raises(checkpoint.CheckpointError, match=r'layer 0 given as \[4\] float32, expected \[3\] float32'):
+    checkpoint.write_layers(params, ('layers', 'w'), [np.ones(4, np.float32)])
+  with pytest.raises(checkpoint.CheckpointError, match=r'no stored array for parameter layers/v'):
+    checkpoint.write_layers(params, ('layers', 'v'), [np.ones(3, np.float32)])
+  # a layer of zeros (the fill value) is stored too: Orbax's reads refuse a missing chunk
+  checkpoint.write_layers(params, ('layers', 'w'), [np.full(3, i, np.float32) for i in range(2)])
+  np.testing.assert_array_equal(checkpoint.load_param_leaf(str(tmp_path), ('layers', 'w'), (2, 3), np.float32),
+                                [[0, 0, 0], [1, 1, 1]])

@@ -5,6 +5,12 @@
   DIR/tokenizer/              the HF tokenizer files (and processor config), when the source folder had them
 
 The model config is always read from here, never from defaults (a lesson MaxText's converters learned).
+
+Writing goes in two steps so that host memory stays bounded by one layer's tensors, not by a layer-stacked parameter:
+`save_params_batch` appends whole parameters, `reserve_layered_params` appends stacked ones as empty arrays stored one
+chunk per layer, `finalize_params` closes the Orbax checkpoint, and `write_layers` then fills a reserved parameter one
+layer at a time with indexed tensorstore writes into the checkpoint's own zarr array. The result is an ordinary
+Orbax checkpoint: every reader below sees no difference but the chunk shape.
 """
 
 from __future__ import annotations
@@ -13,17 +19,21 @@ import json
 import os
 import shutil
 import warnings
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
+import tensorstore as ts
 
 from astrea_jax.parallel import sharding
 
 METADATA_FILE = 'astrea_checkpoint.json'
 PARAMS_DIR = 'params'
 TOKENIZER_DIR = 'tokenizer'
+# Where `ocp.partial.save` puts the pytree inside PARAMS_DIR (Orbax v1's layout): one OCDBT database holding a zarr3
+# array per parameter, keyed by the '.'-joined parameter path. `write_layers` opens the arrays there.
+PYTREE_DIR = 'state'
 FORMAT_VERSION = 1
 # The tokenizer's files, and a processor's config (an exported Astrea model's image settings travel with its tokenizer).
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
@@ -93,15 +103,75 @@ def save_params_batch(params_dir: str, leaves: dict[tuple[str, ...], np.ndarray]
 
   Each save costs time in proportion to the leaves already written, so many small parameters go in batches.
   """
+  _save(params_dir, leaves, layered=())
+
+
+def reserve_layered_params(params_dir: str, shapes: dict[tuple[str, ...], tuple[tuple[int, ...], Any]]) -> None:
+  """Adds parameters {path: (shape, dtype)} stacked on a leading layers axis to a partially written Orbax checkpoint,
+  without their values: each is stored one chunk per layer, holding zeros (from a zero-strided placeholder, never
+  materialised; a chunk of zeros compresses to a few bytes). Fill each with `write_layers` after `finalize_params`."""
+  _save(params_dir, {path: np.broadcast_to(np.zeros((), dtype), shape) for path, (shape, dtype) in shapes.items()},
+        layered=set(shapes))
+
+
+def _save(params_dir: str, leaves: dict[tuple[str, ...], np.ndarray], layered) -> None:
+  """One `ocp.partial.save` of {path: array}; the arrays at paths in `layered` are chunked one layer per chunk.
+
+  The save is synchronous, so Orbax need not copy the arrays first (its default, which doubles host memory and would
+  materialise a placeholder)."""
   tree: dict = {}
   for path, leaf in leaves.items():
     node = tree
     for key in path[:-1]:
       node = node.setdefault(key, {})
     node[path[-1]] = leaf
-  with warnings.catch_warnings():
+
+  def storage(keypath, value):
+    del value
+    if tuple(k.key for k in keypath) in layered:
+      return ocp.options.ArrayOptions.Saving.StorageOptions(shard_axes=(0,))  # chunk shape [1, ...]
+    return None
+
+  ctx = ocp.Context()
+  ctx.array.saving.use_ocdbt = True  # the layout `write_layers` opens
+  ctx.array.saving.use_zarr3 = True
+  ctx.array.saving.scoped_storage_options_creator = storage
+  ctx.memory.deepcopy_host_arrays = False
+  with ctx, warnings.catch_warnings():
     warnings.simplefilter('ignore')
     ocp.partial.save(params_dir, tree)
+
+
+def write_layers(params_dir: str, path: tuple[str, ...], layers: Iterable[np.ndarray]) -> None:
+  """Fills a parameter reserved by `reserve_layered_params` in the finalized checkpoint at params_dir: layer i of its
+  leading axis from the i-th array of `layers` (one [*shape[1:]] array at a time, of the parameter's dtype), each
+  an indexed tensorstore write of one chunk. Every layer must be given."""
+  name = '/'.join(path)
+  array = _open_array(params_dir, path)
+  shape, dtype = tuple(array.shape), array.dtype.numpy_dtype
+  count = 0
+  for i, layer in enumerate(layers):
+    if i >= shape[0] or tuple(layer.shape) != shape[1:] or layer.dtype != dtype:
+      raise CheckpointError(f'{params_dir}: parameter {name} is {list(shape)} {dtype}; layer {i} given as '
+                            f'{list(layer.shape)} {layer.dtype}, expected {list(shape[1:])} {dtype}')
+    array[i].write(layer, can_reference_source_data_indefinitely=True).result()
+    count = i + 1
+  if count != shape[0]:
+    raise CheckpointError(f'{params_dir}: parameter {name} has {shape[0]} layers; {count} were written')
+
+
+def _open_array(params_dir: str, path: tuple[str, ...]) -> ts.TensorStore:
+  """The stored zarr array of one parameter of a finalized Orbax checkpoint, open for writing."""
+  base = os.path.join(os.path.abspath(params_dir), PYTREE_DIR)
+  spec = {'driver': 'zarr3', 'kvstore': {'driver': 'ocdbt', 'base': f'file://{base}/', 'path': '.'.join(path) + '/'},
+          # As Orbax writes: a chunk equal to the fill value (a layer of zeros) is stored, not dropped; Orbax's
+          # reads treat a missing chunk as an error.
+          'store_data_equal_to_fill_value': True}
+  try:
+    return ts.open(spec, open=True, read=True, write=True).result()
+  except ValueError as e:  # tensorstore reports a missing database or array as ValueError (NOT_FOUND)
+    raise CheckpointError(f'{params_dir}: no stored array for parameter {"/".join(path)} in {base} (expected one '
+                          f'reserved by reserve_layered_params, then finalize_params): {e}') from e
 
 
 def finalize_params(params_dir: str) -> None:

@@ -1,10 +1,11 @@
 """Both directions between a Hugging Face folder (config.json + safetensors) and a converted Orbax checkpoint.
 
 `import_hf` checks the whole checkpoint against the family's table from the safetensors headers before reading any
-tensor data, then builds one parameter at a time (reading its HF tensors one by one) and appends the parameters to
-the Orbax checkpoint in batches of SAVE_BATCH_BYTES: host memory is bounded by the largest (layer-stacked)
-parameter plus one batch, not the model. `export_hf` restores the parameters in batches of the same size and
-streams the HF tensors into size-limited shards. Both write to a temporary folder renamed
+tensor data, then appends the parameters without a layers axis to the Orbax checkpoint in batches of
+SAVE_BATCH_BYTES, and writes each layer-stacked parameter one layer at a time (one HF tensor read, transformed and
+written into its slice of the stored array; see `checkpoint.write_layers`): host memory is bounded by the largest
+HF tensor and one batch, not by a stacked parameter or the model. `export_hf` restores the parameters in batches of
+the same size and streams the HF tensors into size-limited shards. Both write to a temporary folder renamed
 at the end, so a failure leaves nothing at `out_dir`.
 
 A family whose tensors sit under a prefix that depends on the checkpoint kind (e.g. `vision_model.` in a two-tower
@@ -95,16 +96,21 @@ def import_hf(hf_dir: str, out_dir: str, family: str, param_dtype: str = 'float3
       'source_dtype': source_dtype(reader), 'param_dtype': param_dtype, 'ignored_hf_tensors': plan.ignored,
       'hf_key_prefix': prefix,
   }
+  num_layers = fam.num_layers(cfg)
+  layered = [r for r in plan.rules if r.per_layer]
   with files.atomic_directory(out_dir, overwrite) as tmp:
     params_dir = os.path.join(tmp, checkpoint.PARAMS_DIR)
-    total = sum(len(r.hf_keys(fam.num_layers(cfg))) for r in plan.rules)
+    total = sum(len(r.hf_keys(num_layers)) for r in plan.rules)
     with progress(total, f'{fam.name}: HF -> Orbax', show_progress) as bar:
       def read(key):
         bar.update(1)
         return reader.get(key)
+      if layered:
+        checkpoint.reserve_layered_params(params_dir, {r.param_path: (r.param_shape(num_layers), dtype)
+                                                       for r in layered})
       pending, pending_bytes = {}, 0
-      for r in plan.rules:
-        leaf = table.assemble(r, fam.num_layers(cfg), read, dtype)
+      for r in (r for r in plan.rules if not r.per_layer):
+        leaf = table.assemble(r, num_layers, read, dtype)
         pending[r.param_path] = leaf
         pending_bytes += leaf.nbytes
         if pending_bytes >= SAVE_BATCH_BYTES:
@@ -113,7 +119,10 @@ def import_hf(hf_dir: str, out_dir: str, family: str, param_dtype: str = 'float3
         del leaf
       if pending:
         checkpoint.save_params_batch(params_dir, pending)
-    checkpoint.finalize_params(params_dir)
+      del pending  # the last batch, before the layers are read
+      checkpoint.finalize_params(params_dir)
+      for r in layered:
+        checkpoint.write_layers(params_dir, r.param_path, table.layer_values(r, num_layers, read, dtype))
     metadata['tokenizer_files'] = checkpoint.copy_tokenizer_files(
         hf_dir, os.path.join(tmp, checkpoint.TOKENIZER_DIR))
     checkpoint.write_metadata(tmp, metadata)

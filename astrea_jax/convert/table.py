@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -189,9 +189,17 @@ def assemble(r: TensorRule, num_layers: int, read: Callable[[str], np.ndarray], 
   if not r.per_layer:
     return np.asarray(r.to_param(read(r.hf_key)), dtype=dtype)
   out = np.empty(r.param_shape(num_layers), dtype=dtype)
-  for i, key in enumerate(r.hf_keys(num_layers)):
-    out[i] = r.to_param(read(key))
+  for i, layer in enumerate(layer_values(r, num_layers, read, dtype)):
+    out[i] = layer
   return out
+
+
+def layer_values(r: TensorRule, num_layers: int, read: Callable[[str], np.ndarray],
+                 dtype: np.dtype) -> Iterator[np.ndarray]:
+  """The layers of a per-layer rule's parameter in order, each of `dtype` and built from one HF tensor read when it
+  is asked for: the stacked parameter is never held."""
+  for key in r.hf_keys(num_layers):
+    yield np.asarray(r.to_param(read(key)), dtype=dtype)
 
 
 def check_params(family: str, rules: list[TensorRule], num_layers: int,
