@@ -25,7 +25,9 @@ def get_config():
   for name in config_lib.ALIGN_STAGES:
     c.stages[name].num_steps = 100
     c.stages[name].learning_rate = 2e-3
-  c.stages.instruct.update(num_steps=1800, learning_rate=2e-3, fusion='routed')
+  # Instruct fusion: the better held-out VQA of the two (issue 10; one seed each, the same run up to instruct):
+  # residual 0.364, routed 0.357 (majority baseline 0.324); residual is also the paper's reading (Fig. 1).
+  c.stages.instruct.update(num_steps=1800, learning_rate=2e-3, fusion='residual')
   c.stages.main.update(num_steps=300, learning_rate=1e-3)
   c.checkpoint.every_steps = 500
   c.logging.every_steps = 50

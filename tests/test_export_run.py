@@ -138,7 +138,7 @@ def test_pytorch_logits_within_1e4_and_16_greedy_tokens_equal_jax(run, exports, 
   model = transformers.AutoModelForImageTextToText.from_pretrained(exports[stage], trust_remote_code=True).eval()
   processor = transformers.AutoProcessor.from_pretrained(exports[stage], trust_remote_code=True)
   assert model.config.stage == stage
-  assert model.config.fusion == ('residual' if stage == GROUPED else 'routed')  # the tiny default's instruct: routed
+  assert model.config.fusion == ('routed' if stage == 'main' else 'residual')  # the tiny default's instruct: residual
   ids, instruction, logits, new = export_fixtures.torch_outputs(
       model, processor, [export_fixtures.load_rgb(image_path)], max_new_tokens=NEW_TOKENS)
   want_ids, want_instruction, want_logits, want_new = jax_side[stage]
