@@ -18,11 +18,12 @@ written by `astrea_jax.data.hf_processor` and travel with the tokenizer through 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 from astrea_jax.astrea.model import AstreaConfig
-from astrea_jax.convert import clip, dinov2, llama, siglip, table
+from astrea_jax.convert import clip, dinov2, grounding_dino, llama, sam2, siglip, table
 from astrea_jax.convert.family import ConvertFamily
 from astrea_jax.convert.table import ConversionError
 from astrea_jax.core import stages
@@ -37,7 +38,7 @@ AUTO_MAP = {'AutoConfig': 'configuration_astrea.AstreaConfig',
 ARCHITECTURE = 'AstreaForConditionalGeneration'
 # The converters of the expert families the PyTorch code builds (`configuration_astrea.EXPERT_FAMILIES`, which
 # imports transformers and so is read only when a config is written).
-EXPERT_CONVERTERS = {m.FAMILY.name: m.FAMILY for m in (siglip, clip, dinov2)}
+EXPERT_CONVERTERS = {m.FAMILY.name: m.FAMILY for m in (siglip, clip, dinov2, sam2, grounding_dino)}
 # AstreaConfig field -> config.json field (`top_k` is a generation setting of every transformers config).
 SETTINGS = {name: name for name in ('num_visual_tokens', 'residual_heads', 'residual_gamma', 'residual_prob',
                                     'residual_add', 'router_context', 'instruct_fusion', 'contrastive_dim',
@@ -104,6 +105,8 @@ def config_from_hf(hf: dict[str, Any], where: str = 'config.json') -> AstreaConf
       raise ConversionError(f'{where}: vision_experts[{i}] has no field(s) {absent}')
     slot, family = entry['slot'], entry['family']
     model = expert_converter(slot, family).config_from_hf(entry['config'], f'{where}: vision_experts[{i}].config')
+    if family == grounding_dino.NAME and 'image_size' in entry:  # its HF config has no input side: the slot's
+      model = dataclasses.replace(model, image_size=entry['image_size'])
     fields = {k: v for k, v in entry.items() if k not in ('slot', 'family', 'config')}
     try:
       experts.append(families.expert_config_from_dict(dict(fields, name=slot, family=family, model=model.to_dict())))
@@ -162,8 +165,11 @@ def rules(cfg: AstreaConfig) -> list[table.TensorRule]:
 
 
 def optional_keys(cfg: AstreaConfig) -> tuple[str, ...]:
-  """A tied LLM may still carry its `lm_head.weight`."""
-  return tuple('language_model.' + k for k in llama.optional_keys(cfg.llm))
+  """A tied LLM may still carry its `lm_head.weight`; an expert the tensors its family may carry unneeded (a
+  PyTorch `save_pretrained` of Grounding DINO writes its Swin's unused final norm)."""
+  return (tuple('language_model.' + k for k in llama.optional_keys(cfg.llm))
+          + tuple(f'vision_experts.{e.name}.{k}' for e in cfg.experts
+                  for k in expert_converter(e.name, e.family).optional_keys(e.model)))
 
 
 FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, optional_keys=optional_keys,
