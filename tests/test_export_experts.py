@@ -1,8 +1,9 @@
 """Export of an Astrea model whose segmentation slot is SAM2 (Hiera + FPN, 'multiscale' at 96 px: FPN levels of 24^2,
-12^2 and 6^2 resampled to the 4 x 4 grid by block means and antialiased bilinear) and whose detection slot is
-Grounding DINO (25 decoder queries, the best-scoring 16 kept; its prompt's word-hash ids in the config), with random
-parameters: the folder holds transformers' Sam2VisionModel and GroundingDinoForObjectDetection tensor names and
-loads with no missing or unexpected key; each expert's PyTorch features and the model's logits equal JAX's; the
+12^2 and 6^2 resampled to the 4 x 4 grid by block means and antialiased bilinear), whose detection slot is Grounding
+DINO (25 decoder queries, the best-scoring 16 kept; its prompt's word-hash ids in the config) and whose
+classification slot is RAM++ 'grid' (its Swin's 8 x 8 tokens), with random parameters: the folder holds
+transformers' Sam2VisionModel, GroundingDinoForObjectDetection and SwinModel tensor names and loads with no missing
+or unexpected key; each expert's PyTorch features and the model's logits equal JAX's; the
 config and every parameter read back bit for bit (also from a PyTorch `save_pretrained`)."""
 
 import dataclasses
@@ -21,7 +22,7 @@ from flax import traverse_util
 from astrea_jax import config as config_lib
 from astrea_jax.astrea.model import init_params
 from astrea_jax.convert import astrea as astrea_family
-from astrea_jax.convert import checkpoint, hf, safetensors_io
+from astrea_jax.convert import checkpoint, hf, safetensors_io, table
 from astrea_jax.data import pipeline, templates
 from astrea_jax.eval import multimodal
 from astrea_jax.models import families, llama
@@ -31,7 +32,7 @@ import export_fixtures  # tests/
 import hf_fixtures  # tests/
 import runner_worker  # tests/
 from test_grounding_dino_expert import TINY_FIELDS as GD_FIELDS  # tests/: 25 queries, 128 px
-from test_sam2_ram_experts import sam2_fields  # tests/
+from test_sam2_ram_experts import ram_fields, sam2_fields  # tests/
 
 ATOL = 1e-4
 
@@ -53,6 +54,8 @@ def model(tmp_path_factory):
   c.data.experts.segmentation.image_size = 96
   c.model.experts.detection = dict(GD_FIELDS)
   c.data.experts.detection.image_size = 128
+  c.model.experts.classification = ram_fields()
+  c.data.experts.classification.image_size = 64
   cfg = config_lib.model_config(c)
   sizes = {e.name: e.image_size for e in cfg.experts}
   params = numpy_random_params(nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), sizes))))
@@ -84,6 +87,8 @@ def test_the_folder_holds_transformers_names_and_loads_every_tensor(model, torch
           'query.weight',
           'vision_experts.detection.model.text_backbone.encoder.layer.0.attention.self.query.weight',
           'vision_experts.detection.bbox_embed.0.layers.2.bias',
+          'vision_experts.classification.encoder.layers.1.blocks.0.attention.self.query.weight',  # SwinModel's
+          'vision_experts.classification.layernorm.weight',
           'projectors.segmentation.linear_1.weight', 'projectors.detection.linear_1.weight'} <= keys
   assert not any('bbox_embed.1.' in k or 'decoder.bbox_embed' in k for k in keys)
   _, _, info = torch_model
@@ -91,6 +96,7 @@ def test_the_folder_holds_transformers_names_and_loads_every_tensor(model, torch
   loaded = torch_model[0]
   assert isinstance(loaded.vision_experts['segmentation'], transformers.Sam2VisionModel)
   assert isinstance(loaded.vision_experts['detection'], transformers.GroundingDinoForObjectDetection)
+  assert isinstance(loaded.vision_experts['classification'], transformers.SwinModel)
   head = loaded.vision_experts['detection']
   assert head.model.decoder.bbox_embed[1].layers[0].weight is head.bbox_embed[0].layers[0].weight  # tied
   with open(os.path.join(out, 'config.json')) as f:
@@ -99,6 +105,18 @@ def test_the_folder_holds_transformers_names_and_loads_every_tensor(model, torch
   assert entries['segmentation']['config']['model_type'] == 'sam2_vision_model'
   assert entries['detection']['config']['model_type'] == 'grounding-dino'
   assert entries['detection']['input_ids'][0] == 101 and entries['detection']['input_ids'][-1] == 102
+  assert entries['classification']['config']['model_type'] == 'swin'
+  assert entries['classification']['config'][astrea_family.RAM_HEADS]['num_tags'] == 5  # the tag heads, not run
+
+
+def test_ram_plus_tags_features_are_refused_naming_the_slot(model, tmp_path):
+  cfg, params, tokenizer_dir, _, _ = model
+  experts = tuple(dataclasses.replace(e, features='tags') if e.family == 'ram_plus' else e for e in cfg.experts)
+  with pytest.raises(table.ConversionError, match=r"expert slot 'classification' has family 'ram_plus' with "
+                                                  r"features='tags', which the PyTorch export does not support"):
+    export.export_model(str(tmp_path / 'out'), dataclasses.replace(cfg, experts=experts),
+                        export_fixtures.in_memory(params), 'main', tokenizer_dir, 'chatml', 'pad', show_progress=False)
+  assert not os.path.exists(tmp_path / 'out')
 
 
 def jax_expert_tokens(cfg, params, slot, images, **changes):
@@ -111,6 +129,7 @@ def jax_expert_tokens(cfg, params, slot, images, **changes):
     ('segmentation', {}),                       # 'multiscale': three FPN levels on channels
     ('segmentation', {'features': 'grid'}),     # the stride-16 level alone (6 x 6 -> 4 x 4, bilinear)
     ('detection', {}),                          # the 16 best of 25 queries
+    ('classification', {}),                     # RAM++ 'grid': its Swin's 8 x 8 tokens -> 4 x 4 block means
 ])
 def test_each_experts_pytorch_features_equal_jax(model, torch_model, slot, changes):
   cfg, params, tokenizer_dir, _, image = model

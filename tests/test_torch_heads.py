@@ -121,7 +121,8 @@ def test_torch_tables_agree_with_the_jax_registries():
   assert set(configuration_astrea.EXPERT_FAMILIES) == set(astrea_family.EXPERT_CONVERTERS)
   for name, family in configuration_astrea.EXPERT_FAMILIES.items():
     assert families.get(name).converter == name
-    assert families.get(name).feature_kind == {'vit': 'grid', 'fpn': 'grid', 'queries': 'queries'}[family.kind]
+    kinds = {'vit': 'grid', 'fpn': 'grid', 'queries': 'queries', 'swin': 'grid'}
+    assert families.get(name).feature_kind == kinds[family.kind]
     if family.kind == 'vit':
       cfg = vit.ViTConfig(family=name, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, image_size=8,
                           patch_size=4)

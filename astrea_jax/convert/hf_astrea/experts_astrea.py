@@ -14,7 +14,8 @@ An expert takes `pixel_values` [M, 3, S, S] (the processor's output: square, res
   Grounding DINO (`GroundingDinoForObjectDetection`)  run with the slot's fixed prompt ids (attention mask all ones,
                      token types zero); the decoder's final query states (`last_hidden_state`), each scored by its
                      best text logit: the T best-scoring queries kept in query order, zero vectors after them when
-                     there are fewer than T.
+                     there are fewer than T;
+  RAM++ 'grid' (`SwinModel`)  the Swin's final-normed last-stage tokens (a square grid), resampled to the grid.
 Grid resampling: identity; the mean of each block for integer factors; otherwise bilinear with half-pixel centres,
 antialiased when shrinking (the weights of `jax.image.resize(method='linear', antialias=True)`).
 """
@@ -85,6 +86,8 @@ def feature_width(entry: Mapping[str, Any]) -> int:
     return levels * config['fpn_hidden_size']
   if kind == 'queries':
     return config['d_model']
+  if kind == 'swin':
+    return config['embed_dim'] * 2 ** (len(config['depths']) - 1)
   return config['hidden_size']
 
 
@@ -98,7 +101,8 @@ def fpn_tokens(model: torch.nn.Module, entry: Mapping[str, Any], pixel_values: T
 
 
 def top_queries(queries: Tensor, scores: Tensor, num_tokens: int) -> Tensor:
-  """[M, Q, C] scored [M, Q] -> [M, T, C]: the top-T by score in query order, zero-padded (`expert.resample_queries`)."""
+  """[M, Q, C] scored [M, Q] -> [M, T, C]: the top-T by score in query order, zero-padded (as
+  `expert.resample_queries`)."""
   keep = min(queries.shape[1], num_tokens)
   index = torch.topk(scores.float(), keep, dim=-1).indices.sort(dim=-1).values
   kept = torch.gather(queries, 1, index[..., None].expand(-1, -1, queries.shape[-1]))
@@ -114,6 +118,15 @@ def query_tokens(model: torch.nn.Module, entry: Mapping[str, Any], pixel_values:
   return top_queries(out.last_hidden_state, out.logits.max(dim=-1).values, entry['num_visual_tokens'])
 
 
+def swin_tokens(model: torch.nn.Module, entry: Mapping[str, Any], pixel_values: Tensor) -> Tensor:
+  """RAM++ 'grid': the Swin's final-normed last-stage tokens, a square grid -> [M, T, C] (module docstring)."""
+  if entry.get('features', 'grid') != 'grid':
+    raise ValueError(f'expert {entry["slot"]!r}: RAM++ features={entry.get("features")!r}; only "grid" is exported')
+  tokens = model(pixel_values=pixel_values).last_hidden_state  # [M, h * w, C]
+  n = math.isqrt(tokens.shape[1])
+  return resample_grid(tokens.reshape(tokens.shape[0], n, n, tokens.shape[-1]), grid_side(entry['num_visual_tokens']))
+
+
 def expert_tokens(model: torch.nn.Module, entry: Mapping[str, Any], pixel_values: Tensor) -> Tensor:
   """One expert's resampled features: pixel_values [M, 3, S, S] -> [M, T, C] (module docstring)."""
   kind = EXPERT_FAMILIES[entry['family']].kind
@@ -121,6 +134,8 @@ def expert_tokens(model: torch.nn.Module, entry: Mapping[str, Any], pixel_values
     return fpn_tokens(model, entry, pixel_values)
   if kind == 'queries':
     return query_tokens(model, entry, pixel_values)
+  if kind == 'swin':
+    return swin_tokens(model, entry, pixel_values)
   family, layer, size = entry['family'], entry['feature_layer'], entry['image_size']
   kwargs = {}
   if family != 'dinov2' and size != entry['config']['image_size']:

@@ -1,6 +1,6 @@
 """An exported Astrea model in PyTorch (`AutoModelForImageTextToText` with `trust_remote_code=True`): the vision
-experts (`transformers` SigLIP / CLIP / DINOv2 / SAM2 / Grounding DINO models), one projector per expert, and the
-fusion of the stage the model was exported at, in front of a `LlamaForCausalLM`; it computes what
+experts (`transformers` SigLIP / CLIP / DINOv2 / SAM2 / Grounding DINO / Swin (RAM++) models), one projector per
+expert, and the fusion of the stage the model was exported at, in front of a `LlamaForCausalLM`; it computes what
 `astrea_jax.astrea.model.Astrea` computes.
 
 This file is copied into every exported folder; it imports only torch, transformers and numpy.
