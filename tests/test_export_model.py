@@ -173,10 +173,14 @@ def test_a_parameter_without_a_rule_is_named_and_nothing_is_written(model, tmp_p
 
 
 def test_an_expert_family_without_a_pytorch_model_is_named_with_the_supported_ones():
-  with pytest.raises(table.ConversionError, match=r"expert slot 'detection' has family 'grounding_dino', which the "
+  with pytest.raises(table.ConversionError, match=r"expert slot 'classification' has family 'ram', which the "
                                                   r"PyTorch export does not support; supported families: "
-                                                  r"\['clip', 'dinov2', 'siglip'\]"):
-    astrea_family.expert_converter('detection', 'grounding_dino')
+                                                  r"\['clip', 'dinov2', 'grounding_dino', 'ram_plus', 'sam2', "
+                                                  r"'siglip'\]"):
+    astrea_family.expert_converter('classification', 'ram')
+  with pytest.raises(table.ConversionError, match=r"expert slot 'classification' has family 'ram_plus' with "
+                                                  r"features='tags', which the PyTorch export does not support"):
+    astrea_family.expert_converter('classification', 'ram_plus', 'tags')
 
 
 def test_torch_model_without_jax_image_inputs_is_a_text_model(torch_model):
@@ -211,7 +215,8 @@ def test_a_pytorch_fine_tune_saved_with_save_pretrained_converts_back(model, tmp
     (lambda c: c.update(model_type='llama'), r"config.json: model_type='llama'; expected 'astrea'"),
     (lambda c: c.pop('align_groups'), r"config.json: missing field\(s\) \['align_groups'\]"),
     (lambda c: c['vision_experts'][1].pop('config'), r"config.json: vision_experts\[1\] has no field\(s\) \['config'\]"),
-    (lambda c: c['vision_experts'][0].update(family='sam2'), r"expert slot 'caption' has family 'sam2'"),
+    (lambda c: c['vision_experts'][0].update(family='ram_plus', features='tags'),
+     r"expert slot 'caption' has family 'ram_plus' with features='tags'"),
 ])
 def test_a_bad_config_json_is_named_and_nothing_is_written(model, tmp_path, change, message):
   _, _, _, out, _ = model

@@ -121,6 +121,18 @@ def test_torch_tables_agree_with_the_jax_registries():
   assert set(configuration_astrea.EXPERT_FAMILIES) == set(astrea_family.EXPERT_CONVERTERS)
   for name, family in configuration_astrea.EXPERT_FAMILIES.items():
     assert families.get(name).converter == name
-    cfg = vit.ViTConfig(family=name, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, image_size=8,
-                        patch_size=4)
-    assert family.class_token == cfg.class_token
+    kinds = {'vit': 'grid', 'fpn': 'grid', 'queries': 'queries', 'swin': 'grid'}
+    assert families.get(name).feature_kind == kinds[family.kind]
+    if family.kind == 'vit':
+      cfg = vit.ViTConfig(family=name, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, image_size=8,
+                          patch_size=4)
+      assert family.class_token == cfg.class_token
+
+
+@pytest.mark.parametrize('num_queries', [10, 4, 3])  # more queries than tokens, as many, fewer (zero-padded)
+def test_top_queries_match_the_expert_contract(num_queries):
+  rng = np.random.default_rng(2)
+  queries = rng.normal(size=(2, num_queries, 5)).astype(np.float32)
+  scores = rng.normal(size=(2, num_queries)).astype(np.float32)
+  got = experts_astrea.top_queries(to_torch(queries), to_torch(scores), 4)
+  assert_close(got, expert.resample_queries(jnp.asarray(queries), jnp.asarray(scores), 4))

@@ -4,7 +4,8 @@ loaded with `trust_remote_code=True`), and back.
 The table is the families' own tables nested under their prefixes, plus Astrea's parts (torch names: the JAX paths
 joined by '.', Dense kernels as `weight` [out, in]):
   language_model.model.*, language_model.lm_head.*   <-> llm/*                        (Llama table)
-  vision_experts.<slot>.*                            <-> experts/<slot>/backbone/*    (the slot's family table)
+  vision_experts.<slot>.*                            <-> experts/<slot>/backbone/*    (the slot's family table;
+                                                         RAM++ 'grid': its Swin's, swin.py; 'tags' is refused)
   projectors.<slot>.linear_{1,2}.*                   <-> projectors/<slot>/linear_{1,2}/*
   residual.<slot>.{q,k,v,o}_proj.*                   <-> residual/<slot>/*           (pre-alignment slots but the first)
   routing.router.linear.*, routing.adapters.linear_{1,2}.* [experts, ...]  <-> routing/...   (more than one expert)
@@ -18,15 +19,17 @@ written by `astrea_jax.data.hf_processor` and travel with the tokenizer through 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 from astrea_jax.astrea.model import AstreaConfig
-from astrea_jax.convert import clip, dinov2, llama, siglip, table
+from astrea_jax.convert import clip, dinov2, grounding_dino, llama, ram_plus, sam2, siglip, swin, table
 from astrea_jax.convert.family import ConvertFamily
 from astrea_jax.convert.table import ConversionError
 from astrea_jax.core import stages
 from astrea_jax.models import families
+from astrea_jax.models.ram import RamPlusConfig
 
 NAME = 'astrea'
 CONFIG = AstreaConfig
@@ -37,19 +40,48 @@ AUTO_MAP = {'AutoConfig': 'configuration_astrea.AstreaConfig',
 ARCHITECTURE = 'AstreaForConditionalGeneration'
 # The converters of the expert families the PyTorch code builds (`configuration_astrea.EXPERT_FAMILIES`, which
 # imports transformers and so is read only when a config is written).
-EXPERT_CONVERTERS = {m.FAMILY.name: m.FAMILY for m in (siglip, clip, dinov2)}
+RAM_HEADS = 'ram_plus_heads'  # the RAM++ fields beyond its Swin, kept in the slot's SwinConfig dict
+
+
+def ram_grid_config_to_hf(model: RamPlusConfig, original: dict[str, Any] | None, dtype: str) -> dict[str, Any]:
+  """A RAM++ 'grid' slot's config: its Swin's `SwinModel` config, the tag heads' fields under RAM_HEADS (not run by
+  the PyTorch model; kept so the config reads back whole)."""
+  hf = swin.config_to_hf(model.swin, original, dtype)
+  return dict(hf, **{RAM_HEADS: {k: v for k, v in model.to_dict().items() if k != 'swin'}})
+
+
+def ram_grid_config_from_hf(hf: dict[str, Any], where: str = 'config.json') -> RamPlusConfig:
+  """The RamPlusConfig of `ram_grid_config_to_hf`'s dict."""
+  if not isinstance(hf.get(RAM_HEADS), dict):
+    raise ConversionError(f'{where}: a ram_plus slot\'s SwinConfig needs its tag heads\' fields under {RAM_HEADS!r}')
+  model = swin.config_from_hf(hf, where, backbone=False)
+  return RamPlusConfig.from_dict(dict(hf[RAM_HEADS], swin=model.to_dict()))
+
+
+# RAM++ as an exported expert: only its 'grid' features (the Swin's tokens: transformers' SwinModel, swin.py's keys).
+RAM_GRID = ConvertFamily(ram_plus.NAME, RamPlusConfig, ram_grid_config_from_hf, ram_grid_config_to_hf,
+                         lambda model: swin.rules(model.swin),
+                         optional_keys=lambda model: swin.optional_keys(model.swin))
+EXPERT_CONVERTERS = {m.FAMILY.name: m.FAMILY for m in (siglip, clip, dinov2, sam2, grounding_dino)} | {
+    ram_plus.NAME: RAM_GRID}
+# family -> features the PyTorch export has no model for.
+UNSUPPORTED_FEATURES = {ram_plus.NAME: ('tags',)}
 # AstreaConfig field -> config.json field (`top_k` is a generation setting of every transformers config).
 SETTINGS = {name: name for name in ('num_visual_tokens', 'residual_heads', 'residual_gamma', 'residual_prob',
                                     'residual_add', 'router_context', 'instruct_fusion', 'contrastive_dim',
                                     'train_experts')} | {'top_k': 'router_top_k'}
 
 
-def expert_converter(slot: str, family: str) -> ConvertFamily:
-  """The converter of an expert's family; a family the PyTorch export has no model for is an error naming both."""
+def expert_converter(slot: str, family: str, features: str | None = None) -> ConvertFamily:
+  """The converter of an expert's family; a family (or a family's `features`) the PyTorch export has no model for is
+  an error naming them and the slot."""
   converter = families.get(family).converter if family in families.FAMILIES else family
   if converter not in EXPERT_CONVERTERS:
     raise ConversionError(f'expert slot {slot!r} has family {family!r}, which the PyTorch export does not support; '
                           f'supported families: {sorted(EXPERT_CONVERTERS)}')
+  if features in UNSUPPORTED_FEATURES.get(converter, ()):
+    raise ConversionError(f'expert slot {slot!r} has family {family!r} with features={features!r}, which the '
+                          f'PyTorch export does not support; export it with other features')
   return EXPERT_CONVERTERS[converter]
 
 
@@ -76,7 +108,8 @@ def config_to_hf(cfg: AstreaConfig, original: dict[str, Any] | None, dtype: str)
   experts = []
   for e in cfg.experts:
     fields = {k: v for k, v in e.to_dict().items() if k not in ('name', 'family', 'model')}
-    own = expert_converter(e.name, e.family).config_to_hf(e.model, previous.get(e.name, {}).get('config'), dtype)
+    converter = expert_converter(e.name, e.family, getattr(e, 'features', None))
+    own = converter.config_to_hf(e.model, previous.get(e.name, {}).get('config'), dtype)
     experts.append(dict(fields, slot=e.name, family=e.family, config=own))
   hf.update({hf_name: getattr(cfg, name) for name, hf_name in SETTINGS.items()})
   hf.update(text_config=llama.config_to_hf(cfg.llm, hf.get('text_config'), dtype), vision_experts=experts,
@@ -103,7 +136,10 @@ def config_from_hf(hf: dict[str, Any], where: str = 'config.json') -> AstreaConf
     if absent:
       raise ConversionError(f'{where}: vision_experts[{i}] has no field(s) {absent}')
     slot, family = entry['slot'], entry['family']
-    model = expert_converter(slot, family).config_from_hf(entry['config'], f'{where}: vision_experts[{i}].config')
+    model = expert_converter(slot, family, entry.get('features')).config_from_hf(
+        entry['config'], f'{where}: vision_experts[{i}].config')
+    if family == grounding_dino.NAME and 'image_size' in entry:  # its HF config has no input side: the slot's
+      model = dataclasses.replace(model, image_size=entry['image_size'])
     fields = {k: v for k, v in entry.items() if k not in ('slot', 'family', 'config')}
     try:
       experts.append(families.expert_config_from_dict(dict(fields, name=slot, family=family, model=model.to_dict())))
@@ -148,7 +184,7 @@ def rules(cfg: AstreaConfig) -> list[table.TensorRule]:
   d = cfg.llm.hidden_size
   out = table.nest(llama.rules(cfg.llm), 'language_model.', 'llm', cfg.llm.num_layers)
   for e in cfg.experts:
-    converter = expert_converter(e.name, e.family)
+    converter = expert_converter(e.name, e.family, getattr(e, 'features', None))
     out += table.nest(converter.rules(e.model), f'vision_experts.{e.name}.', f'experts/{e.name}/backbone',
                       converter.num_layers(e.model))
     out += projector_rules(f'projectors.{e.name}.', f'projectors/{e.name}/', e.feature_width, d)
@@ -162,8 +198,11 @@ def rules(cfg: AstreaConfig) -> list[table.TensorRule]:
 
 
 def optional_keys(cfg: AstreaConfig) -> tuple[str, ...]:
-  """A tied LLM may still carry its `lm_head.weight`."""
-  return tuple('language_model.' + k for k in llama.optional_keys(cfg.llm))
+  """A tied LLM may still carry its `lm_head.weight`; an expert the tensors its family may carry unneeded (a
+  PyTorch `save_pretrained` of Grounding DINO writes its Swin's unused final norm)."""
+  experts = tuple(f'vision_experts.{e.name}.{k}' for e in cfg.experts
+                  for k in expert_converter(e.name, e.family, getattr(e, 'features', None)).optional_keys(e.model))
+  return tuple('language_model.' + k for k in llama.optional_keys(cfg.llm)) + experts
 
 
 FAMILY = ConvertFamily(NAME, CONFIG, config_from_hf, config_to_hf, rules, optional_keys=optional_keys,

@@ -82,6 +82,9 @@ def config_to_hf(cfg: GroundingDinoConfig, original: dict[str, Any] | None, dtyp
   for key in ('torch_dtype', 'transformers_version'):
     hf.pop(key, None)
   hf.update({k: getattr(cfg, k) for k in FIELDS}, **REQUIRED)
+  temperature = hf['positional_embedding_temperature']  # transformers types it int; ours is a float (20.0)
+  if float(temperature).is_integer():
+    hf['positional_embedding_temperature'] = int(temperature)
   hf['backbone_config'] = swin.config_to_hf(cfg.backbone, hf.get('backbone_config'), dtype)
   hf['backbone_config']['architectures'] = None
   hf['text_config'] = bert.config_to_hf(cfg.text, hf.get('text_config'), dtype)

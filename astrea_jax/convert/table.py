@@ -138,9 +138,10 @@ def with_key_prefix(rules: list[TensorRule], prefix: str) -> list[TensorRule]:
 def nest(rules: list[TensorRule], hf_prefix: str, param_prefix: str, layers: int | None) -> list[TensorRule]:
   """A family's table inside a composite model: HF keys under `hf_prefix`, parameters under `param_prefix`
   ('a/b'), per-layer rules counting `layers` layers (a composite's parts have different depths; None for a
-  table without per-layer rules)."""
+  table without per-layer rules). A rule that already counts its own layers (a composite nested again) keeps them."""
   path = tuple(param_prefix.split('/'))
-  return [dataclasses.replace(r, hf_key=hf_prefix + r.hf_key, param_path=path + r.param_path, layers=layers)
+  return [dataclasses.replace(r, hf_key=hf_prefix + r.hf_key, param_path=path + r.param_path,
+                              layers=layers if r.layers is None else r.layers)
           for r in rules]
 
 

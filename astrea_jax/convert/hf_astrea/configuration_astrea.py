@@ -4,11 +4,15 @@
 This file is copied into every exported folder; it imports only `transformers` (never jax or astrea_jax).
 
 Fields beyond the LLM's (`text_config`, a `LlamaConfig`):
-  vision_experts    one entry per expert slot, in the model's slot order: {'slot', 'family' (siglip | clip | dinov2),
-                    'config' (the family's Hugging Face vision config), 'image_size', 'image_mean', 'image_std'
-                    (the expert's square input side and normalisation), 'feature_layer' (None: last_hidden_state;
-                    k: hidden_states[k]), 'feature_select' ('default': patch grid | 'full': every token),
-                    'num_visual_tokens'}
+  vision_experts    one entry per expert slot, in the model's slot order: {'slot', 'family' (siglip | clip |
+                    dinov2 | sam2 | grounding_dino | ram_plus), 'config' (the family's Hugging Face config),
+                    'image_size', 'image_mean', 'image_std' (the expert's square input side and normalisation),
+                    'num_visual_tokens', and the family's feature choices: ViTs 'feature_layer' (None:
+                    last_hidden_state; k: hidden_states[k]) and 'feature_select' ('default': patch grid | 'full':
+                    every token); SAM2 'features' ('grid': the coarsest returned FPN level | 'multiscale': every
+                    returned level); Grounding DINO 'input_ids' (its fixed text prompt, [CLS] ... [SEP]; 'prompt'
+                    and 'tokenizer' say where they came from); RAM++ 'features' ('grid' only: its Swin's tokens, a
+                    `SwinModel` whose config also holds the unused tag heads' fields)}
   num_visual_tokens T, the visual tokens of one image (a square grid)
   align_groups      the pre-alignment stages in order, each the slots it aligned (one slot, or several at once)
   stage             the training stage whose state was exported; `fusion` and `fusion_group` say what it runs:
@@ -28,17 +32,23 @@ from transformers import LlamaConfig, PretrainedConfig
 
 
 class ExpertFamily(NamedTuple):
-  """A vision-expert family in `transformers`: its config and model class names, and whether its tokens start with
-  a class token."""
+  """A vision-expert family in `transformers`: its config and model class names, the kind of features it hands its
+  projector ('vit': patch tokens; 'fpn': SAM2's FPN levels; 'queries': Grounding DINO's decoder queries; 'swin':
+  RAM++'s Swin tokens) and, for a ViT, whether its tokens start with a class token."""
   config_class: str
   model_class: str
   class_token: bool
+  kind: str = 'vit'
 
 
 # The vision-expert families an export supports.
 EXPERT_FAMILIES = {'siglip': ExpertFamily('SiglipVisionConfig', 'SiglipVisionModel', False),
                    'clip': ExpertFamily('CLIPVisionConfig', 'CLIPVisionModel', True),
-                   'dinov2': ExpertFamily('Dinov2Config', 'Dinov2Model', True)}
+                   'dinov2': ExpertFamily('Dinov2Config', 'Dinov2Model', True),
+                   'sam2': ExpertFamily('Sam2VisionConfig', 'Sam2VisionModel', False, 'fpn'),
+                   'grounding_dino': ExpertFamily('GroundingDinoConfig', 'GroundingDinoForObjectDetection', False,
+                                                  'queries'),
+                   'ram_plus': ExpertFamily('SwinConfig', 'SwinModel', False, 'swin')}
 SLOTS = ('caption', 'classification', 'detection', 'segmentation')
 FUSIONS = ('residual', 'routed')
 

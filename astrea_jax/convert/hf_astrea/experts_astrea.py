@@ -1,14 +1,23 @@
-"""Astrea's vision experts in PyTorch: each slot's `transformers` vision model (by family) and the features it hands
-its projector, resampled to the common token grid exactly as `astrea_jax.models.expert` does.
+"""Astrea's vision experts in PyTorch: each slot's `transformers` model (by family) and the features it hands its
+projector, resampled to the common token grid exactly as `astrea_jax.models.expert` does.
 
 This file is copied into every exported folder; it imports only torch, transformers and numpy.
 
 An expert takes `pixel_values` [M, 3, S, S] (the processor's output: square, resized, normalised) and returns
-[M, T, C]: its features (`last_hidden_state`, or `hidden_states[feature_layer]`), the class token dropped
-(CLIP, DINOv2) and the patches laid out as their h x w grid ('default'), or every token ('full', a square count),
-then resampled to the g x g grid (T = g * g): identity; the mean of each block for integer factors; otherwise
-bilinear with half-pixel centres, antialiased when shrinking (the weights of `jax.image.resize(method='linear',
-antialias=True)`).
+[M, T, C] (T = g * g, `num_visual_tokens`):
+  ViTs (SigLIP, CLIP, DINOv2)  their features (`last_hidden_state`, or `hidden_states[feature_layer]`), the class
+                     token dropped (CLIP, DINOv2) and the patches laid out as their h x w grid ('default'), or every
+                     token ('full', a square count), resampled to the g x g grid;
+  SAM2 (`Sam2VisionModel`)  'grid': the coarsest returned FPN level (stride 16: SAM2's image embedding), resampled
+                     to the grid; 'multiscale': every returned level resampled, concatenated on channels (finest
+                     first);
+  Grounding DINO (`GroundingDinoForObjectDetection`)  run with the slot's fixed prompt ids (attention mask all ones,
+                     token types zero); the decoder's final query states (`last_hidden_state`), each scored by its
+                     best text logit: the T best-scoring queries kept in query order, zero vectors after them when
+                     there are fewer than T;
+  RAM++ 'grid' (`SwinModel`)  the Swin's final-normed last-stage tokens (a square grid), resampled to the grid.
+Grid resampling: identity; the mean of each block for integer factors; otherwise bilinear with half-pixel centres,
+antialiased when shrinking (the weights of `jax.image.resize(method='linear', antialias=True)`).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import Tensor
 
@@ -68,8 +78,64 @@ def resample_grid(x: Tensor, side: int) -> Tensor:
   return out.reshape(b, side * side, c).to(x.dtype)
 
 
+def feature_width(entry: Mapping[str, Any]) -> int:
+  """C, the width of one expert's resampled features (what its projector takes)."""
+  config, kind = entry['config'], EXPERT_FAMILIES[entry['family']].kind
+  if kind == 'fpn':
+    levels = 1 if entry.get('features', 'grid') == 'grid' else config['num_feature_levels']
+    return levels * config['fpn_hidden_size']
+  if kind == 'queries':
+    return config['d_model']
+  if kind == 'swin':
+    return config['embed_dim'] * 2 ** (len(config['depths']) - 1)
+  return config['hidden_size']
+
+
+def fpn_tokens(model: torch.nn.Module, entry: Mapping[str, Any], pixel_values: Tensor) -> Tensor:
+  """SAM2: the coarsest FPN level ('grid') or every level ('multiscale') -> [M, T, C] (module docstring)."""
+  levels = model(pixel_values=pixel_values).fpn_hidden_states  # finest first, channels-first [M, F, H_i, W_i]
+  if entry.get('features', 'grid') == 'grid':
+    levels = levels[-1:]
+  side = grid_side(entry['num_visual_tokens'])
+  return torch.cat([resample_grid(level.permute(0, 2, 3, 1), side) for level in levels], dim=-1)
+
+
+def top_queries(queries: Tensor, scores: Tensor, num_tokens: int) -> Tensor:
+  """[M, Q, C] scored [M, Q] -> [M, T, C]: the top-T by score in query order, zero-padded (as
+  `expert.resample_queries`)."""
+  keep = min(queries.shape[1], num_tokens)
+  index = torch.topk(scores.float(), keep, dim=-1).indices.sort(dim=-1).values
+  kept = torch.gather(queries, 1, index[..., None].expand(-1, -1, queries.shape[-1]))
+  return F.pad(kept, (0, 0, 0, num_tokens - keep))
+
+
+def query_tokens(model: torch.nn.Module, entry: Mapping[str, Any], pixel_values: Tensor) -> Tensor:
+  """Grounding DINO: the decoder's final queries with the best text logits -> [M, T, C] (module docstring)."""
+  ids = torch.tensor(entry['input_ids'], dtype=torch.long, device=pixel_values.device)
+  ids = ids[None].expand(pixel_values.shape[0], -1)
+  out = model(pixel_values=pixel_values, input_ids=ids, attention_mask=torch.ones_like(ids),
+              token_type_ids=torch.zeros_like(ids))
+  return top_queries(out.last_hidden_state, out.logits.max(dim=-1).values, entry['num_visual_tokens'])
+
+
+def swin_tokens(model: torch.nn.Module, entry: Mapping[str, Any], pixel_values: Tensor) -> Tensor:
+  """RAM++ 'grid': the Swin's final-normed last-stage tokens, a square grid -> [M, T, C] (module docstring)."""
+  if entry.get('features', 'grid') != 'grid':
+    raise ValueError(f'expert {entry["slot"]!r}: RAM++ features={entry.get("features")!r}; only "grid" is exported')
+  tokens = model(pixel_values=pixel_values).last_hidden_state  # [M, h * w, C]
+  n = math.isqrt(tokens.shape[1])
+  return resample_grid(tokens.reshape(tokens.shape[0], n, n, tokens.shape[-1]), grid_side(entry['num_visual_tokens']))
+
+
 def expert_tokens(model: torch.nn.Module, entry: Mapping[str, Any], pixel_values: Tensor) -> Tensor:
   """One expert's resampled features: pixel_values [M, 3, S, S] -> [M, T, C] (module docstring)."""
+  kind = EXPERT_FAMILIES[entry['family']].kind
+  if kind == 'fpn':
+    return fpn_tokens(model, entry, pixel_values)
+  if kind == 'queries':
+    return query_tokens(model, entry, pixel_values)
+  if kind == 'swin':
+    return swin_tokens(model, entry, pixel_values)
   family, layer, size = entry['family'], entry['feature_layer'], entry['image_size']
   kwargs = {}
   if family != 'dinov2' and size != entry['config']['image_size']:

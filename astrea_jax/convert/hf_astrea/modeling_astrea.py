@@ -1,6 +1,7 @@
 """An exported Astrea model in PyTorch (`AutoModelForImageTextToText` with `trust_remote_code=True`): the vision
-experts (`transformers` SigLIP / CLIP / DINOv2 models), one projector per expert, and the fusion of the stage the
-model was exported at, in front of a `LlamaForCausalLM`; it computes what `astrea_jax.astrea.model.Astrea` computes.
+experts (`transformers` SigLIP / CLIP / DINOv2 / SAM2 / Grounding DINO / Swin (RAM++) models), one projector per
+expert, and the fusion of the stage the model was exported at, in front of a `LlamaForCausalLM`; it computes what
+`astrea_jax.astrea.model.Astrea` computes.
 
 This file is copied into every exported folder; it imports only torch, transformers and numpy.
 
@@ -30,7 +31,7 @@ from torch import Tensor
 from transformers import GenerationMixin, LlamaForCausalLM, PreTrainedModel
 
 from .configuration_astrea import SLOTS, AstreaConfig
-from .experts_astrea import build_expert, expert_tokens
+from .experts_astrea import build_expert, expert_tokens, feature_width
 from .heads_astrea import ContrastiveHead, Projector, ResidualAttention, RoutedMixture
 
 IMAGE_INPUTS = tuple(f'pixel_values_{slot}' for slot in SLOTS)
@@ -54,7 +55,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
     width = config.text_config.hidden_size
     self.language_model = LlamaForCausalLM(config.text_config)
     self.vision_experts = torch.nn.ModuleDict({e['slot']: build_expert(e) for e in config.vision_experts})
-    self.projectors = torch.nn.ModuleDict({e['slot']: Projector(e['config']['hidden_size'], width)
+    self.projectors = torch.nn.ModuleDict({e['slot']: Projector(feature_width(e), width)
                                            for e in config.vision_experts})
     self.residual = torch.nn.ModuleDict({
         slot: ResidualAttention(width, config.residual_heads, config.residual_gamma, config.residual_add)
@@ -65,6 +66,17 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
       self.heads = torch.nn.ModuleDict({name: ContrastiveHead(width, config.contrastive_dim)
                                         for name in ('image', 'text')})
     self.post_init()
+    self.adopt_expert_keys()
+
+  def adopt_expert_keys(self) -> None:
+    """The experts' tied weights (Grounding DINO's shared box head) and the keys their loaders ignore, made the
+    model's own: `post_init` collects them only from direct children, and the experts sit in a ModuleDict."""
+    for slot, expert in self.vision_experts.items():
+      tied = getattr(expert, 'all_tied_weights_keys', None) or {}
+      self.all_tied_weights_keys.update({f'vision_experts.{slot}.{k}': f'vision_experts.{slot}.{v}'
+                                         for k, v in tied.items()})
+      for name in ('_keys_to_ignore_on_load_missing', '_keys_to_ignore_on_load_unexpected'):
+        getattr(self, name).update(getattr(expert, name, None) or ())
 
   def get_input_embeddings(self) -> torch.nn.Module:
     return self.language_model.get_input_embeddings()
