@@ -271,6 +271,8 @@ def load_expert(ckpt_dir: str, slot: str, mesh: jax.sharding.Mesh, rules: shardi
     model_overrides['image_size'] = expert_overrides['image_size']
   cfg, params = load(ckpt_dir, mesh, rules, **model_overrides)
   prompt = expert_overrides.pop('prompt', grounding_dino_expert.DEFAULT_PROMPT)
+  for derived in ('input_ids', 'tokenizer'):  # what the prompt gives with the checkpoint's tokenizer, made here
+    expert_overrides.pop(derived, None)
   ids = grounding_dino_expert.prompt_ids(prompt, checkpoint.load_tokenizer(ckpt_dir))
   return grounding_dino_expert.expert_config(slot, cfg, prompt, ids, **expert_overrides), {'backbone': params}
 
