@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = Sequence[tuple[str, Any]]
@@ -62,7 +63,14 @@ def abstract_and_shardings(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules)
   boxed = jax.eval_shape(init_fn)
   abstract = nn.unbox(boxed)
   shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
-  return abstract, jax.tree.map(lambda a, s: fit_to_shape(s, a.shape), abstract, shardings)
+  fitted = jax.tree.map(lambda a, s: fit_to_shape(s, a.shape), abstract, shardings)
+  kept_whole = [f'{jax.tree_util.keystr(path)} {tuple(a.shape)}' for (path, a), s, f in
+                zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(shardings), jax.tree.leaves(fitted))
+                if s != f]
+  if kept_whole:
+    logging.info('sharding: %d parameter(s) keep a dimension whole that their mesh axes do not divide: %s%s',
+                 len(kept_whole), ', '.join(kept_whole[:6]), ', ...' if len(kept_whole) > 6 else '')
+  return abstract, fitted
 
 
 def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
