@@ -84,6 +84,19 @@ def checkpoint_directory(workdir: str) -> epath.Path:
   return epath.Path(workdir if '://' in workdir else os.path.abspath(workdir)) / CHECKPOINTS_DIR
 
 
+def async_saves(requested: bool) -> bool:
+  """Whether saves run in Orbax's background thread: as config.checkpoint.async_save asks, except in a multi-process
+  job on CPU. There XLA's cross-process collectives (gloo) must be issued in the same order by every process, and the
+  background save's own small collectives can interleave with the train step's. CI saw a two-process run abort with
+  gloo's "Received data size doesn't match expected size" in the step after a save. Those saves are synchronous
+  (logged); GPU and TPU jobs keep async saves."""
+  if requested and jax.process_count() > 1 and jax.default_backend() == 'cpu':
+    logging.info('checkpoint: synchronous saves (a %d-process CPU job; see checkpointing.async_saves)',
+                 jax.process_count())
+    return False
+  return requested
+
+
 class Checkpointer:
   """The run's checkpoints in `<workdir>/checkpoints`; every process makes one and calls each method in step."""
 
@@ -95,7 +108,7 @@ class Checkpointer:
         ocp.checkpoint_managers.FixedIntervalPolicy(c.every_steps),
         ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
     options = ocp.CheckpointManagerOptions(save_decision_policy=policy, max_to_keep=c.max_to_keep or None,
-                                           enable_async_checkpointing=c.async_save, create=True,
+                                           enable_async_checkpointing=async_saves(c.async_save), create=True,
                                            cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
