@@ -13,7 +13,18 @@ if ROOT not in sys.path:
 
 
 def pytest_configure(config):
-  config.addinivalue_line('markers', 'slow: a long end-to-end case (deselect with -m "not slow")')
+  config.addinivalue_line('markers', 'slow: a long end-to-end case, not run by default (run them with -m slow)')
+
+
+def pytest_collection_modifyitems(config, items):
+  """Without -m, the default suite: every test but the `slow` end-to-end ones (never a parity or resume test); any
+  -m expression decides for itself (-m slow: only those; -m 'slow or not slow': all)."""
+  if config.getoption('markexpr'):
+    return
+  slow = [item for item in items if item.get_closest_marker('slow')]
+  if slow:
+    config.hook.pytest_deselected(items=slow)
+    items[:] = [item for item in items if not item.get_closest_marker('slow')]
 
 
 @pytest.fixture(scope='session')

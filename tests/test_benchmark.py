@@ -136,6 +136,7 @@ def test_mfu():
     bench_flops.mfu(1e12, 0.0, 1e12)
 
 
+@pytest.mark.slow
 def test_train_and_generate_cli(results):
   train = results['train']
   for key in ('jax_tokens_per_s', 'torch_tokens_per_s', 'ratio', 'first_loss_max_abs_diff', 'flops_per_token'):
@@ -146,6 +147,7 @@ def test_train_and_generate_cli(results):
   assert gen['outputs_equal'] and gen['jax_tokens_per_s'] > 0 and gen['torch_tokens_per_s'] > 0 and 'ratio' in gen
 
 
+@pytest.mark.slow
 def test_data_flops_convert_mfu_cli(results):
   assert set(results['data']['pipeline_examples_per_s']) == {'0'} and results['data']['step_examples_per_s'] > 0
   flops = results['flops']
@@ -157,6 +159,7 @@ def test_data_flops_convert_mfu_cli(results):
   assert 1 <= mfu['layers'] < 6 and mfu['step_bytes'] <= 0.9 * 0.005 * 2**30 and mfu['mfu'] > 0
 
 
+@pytest.mark.slow
 def test_deformable_cli(results):
   deformable = results['deformable']
   assert deformable['max_abs_error'] <= 1e-4 and deformable['jax_forward_ms'] > 0 and 'backward_ratio' in deformable

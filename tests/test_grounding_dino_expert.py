@@ -78,6 +78,7 @@ def test_the_prompt_ids_are_the_checkpoint_tokenizers(converted, data_dir):
   assert families.expert_config_from_dict(json.loads(json.dumps(e.to_dict()))) == e
 
 
+@pytest.mark.slow
 def test_a_converted_grounding_dino_trains_in_its_alignment_stage(converted, data_dir, tmp_path):
   """The runner loads the checkpoint into the detection slot (config.model.expert_checkpoints.detection), trains the
   slot's projector for 2 steps, and the expert stays the checkpoint's (frozen)."""

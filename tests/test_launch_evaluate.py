@@ -21,6 +21,7 @@ import lm_loop_worker  # tests/: tensorboard_scalars
 import runner_worker  # tests/: small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # each test evaluates a trained short run (launch.evaluate end to end)
 SCENES = 3
 STAGES = 'align_caption,main'
 
@@ -99,7 +100,6 @@ def test_launch_evaluate_mme_on_a_run(run, tmp_path):
     assert '| MME-C | mme | points / 800 |' in f.read()
 
 
-@pytest.mark.slow
 def test_launch_evaluate_all_the_configs_benchmarks(run, tmp_path):
   """--benchmark=all with config.eval.benchmarks from the command line (POPE, VQAv2) and a batch of 4."""
   workdir, data, _ = run

@@ -221,6 +221,7 @@ def standalone_features(ckpts, images):
   return {'segmentation': seg, 'classification': cls}
 
 
+@pytest.mark.slow
 def test_converted_sam2_and_ram_plus_train_in_their_slots_with_the_standalone_features(data_dir, converted,
                                                                                          tmp_path):
   """Two steps of the segmentation alignment stage, aligned second after classification (the residual attention
