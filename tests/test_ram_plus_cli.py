@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from PIL import Image
 
 from astrea_jax import config as config_lib
@@ -31,6 +32,7 @@ def _printed(stdout: str) -> list[tuple[str, float]]:
   return [(line.split('\t')[0], float(line.split('\t')[1])) for line in stdout.splitlines()]
 
 
+@pytest.mark.slow
 def test_clis_convert_export_and_tag_an_image(tmp_path):
   from launch import tag_image
   state = ram_fixtures.TorchRamPlus(**ram_fixtures.TINY_HEADS).ram_state_dict()

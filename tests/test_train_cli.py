@@ -46,6 +46,7 @@ def train(root, converted, workdir, *overrides):
                          *flags, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
 
+@pytest.mark.slow
 def test_launch_train_from_converted_checkpoints_runs_every_stage_and_evaluates(converted, tmp_path):
   root, ckpts = converted
   proc = train(root, ckpts, tmp_path / 'run')
