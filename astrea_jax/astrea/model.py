@@ -28,6 +28,7 @@ routing/{router,adapters}/... and heads/{image,text}/... (models with more than 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -69,6 +70,8 @@ class AstreaConfig:
   contrastive_dim: int = 32                  # width of the MoCo embeddings (Eq. 5-8)
   anyres_pinpoints: tuple[tuple[int, int], ...] = ()  # AnyRes grid resolutions (h, w); () = off
   anyres_tile: int = 0                       # AnyRes tile size in pixels
+  video_pool: int = 1                        # a video frame's T tokens are average-pooled p x p over their square
+  #                                            grid to T / p^2 (`pool_frame_tokens`); 1 = frames keep T tokens
 
   def __post_init__(self):
     slots = [e.name for e in self.experts]
@@ -86,6 +89,10 @@ class AstreaConfig:
       problems.append(f'top_k={self.top_k} must be between 1 and the number of experts {len(slots)}')
     if self.instruct_fusion not in stages.FUSIONS:
       problems.append(f'instruct_fusion={self.instruct_fusion!r} must be one of {stages.FUSIONS}')
+    side = math.isqrt(self.num_visual_tokens)
+    if self.video_pool < 1 or side * side != self.num_visual_tokens or side % self.video_pool:
+      problems.append(f'video_pool={self.video_pool} must be >= 1 and divide the side of the square token grid '
+                      f'(num_visual_tokens={self.num_visual_tokens})')
     if self.anyres_pinpoints and (len(slots) != 1 or self.anyres_tile <= 0):
       problems.append('AnyRes needs exactly one expert and a positive anyres_tile')
     if problems:
@@ -155,15 +162,57 @@ class AstreaConfig:
     return spec.fusions[0] if len(spec.fusions) == 1 else self.instruct_fusion
 
 
-def splice_visual_tokens(text_embeds: Array, visual: Array, image_mask: Array) -> Array:
+def splice_visual_tokens(text_embeds: Array, visual: Array, image_mask: Array,
+                         slot_tokens: Array | None = None) -> Array:
   """Replaces the `<image>` placeholders by the visual tokens, in order.
 
-  text_embeds [B, L, D], visual [B, N, D], image_mask [B, L] (True at placeholders; each row holds at most N of them,
-  which the data pipeline guarantees) -> [B, L, D].
+  text_embeds [B, L, D], image_mask [B, L] (True at placeholders). visual [B, N, T, D]: slot 0's tokens fill the
+  first placeholders, then slot 1's, ...; slot_tokens [B, N] how many of its T tokens each slot gives (a video
+  frame's pooled count, 0 for an empty slot; None: T each, `slot_token_index`). Each row holds at most as many
+  placeholders as its slots give tokens, which the data pipeline guarantees. -> [B, L, D].
   """
-  index = jnp.clip(jnp.cumsum(image_mask, axis=-1) - 1, 0, visual.shape[1] - 1)  # [B, L]
-  gathered = jnp.take_along_axis(visual, index[..., None], axis=1)
+  b, n, t, d = visual.shape
+  if slot_tokens is None:
+    index = jnp.clip(jnp.cumsum(image_mask, axis=-1) - 1, 0, n * t - 1)  # [B, L]
+  else:
+    index = slot_token_index(image_mask, slot_tokens, t)
+  gathered = jnp.take_along_axis(visual.reshape(b, n * t, d), index[..., None], axis=1)
   return jnp.where(image_mask[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+def slot_token_index(image_mask: Array, slot_tokens: Array, stride: int) -> Array:
+  """Where each placeholder takes its token from in the slots' tokens flattened [N * stride]: the k-th placeholder of
+  a row is token k - start(s) of the slot s whose span [start(s), start(s) + slot_tokens[s]) holds k, the slots'
+  spans laid end to end. image_mask [B, L], slot_tokens [B, N] -> int32 [B, L] (0 off the placeholders)."""
+  k = jnp.cumsum(image_mask, axis=-1) - 1  # [B, L] placeholder ordinal
+  ends = jnp.cumsum(slot_tokens, axis=-1)  # [B, N]
+  slot = jnp.sum(k[..., None] >= ends[:, None, :], axis=-1)  # [B, L]
+  slot = jnp.clip(slot, 0, slot_tokens.shape[-1] - 1)
+  start = jnp.take_along_axis(ends - slot_tokens, slot, axis=-1)
+  return jnp.where(image_mask, slot * stride + jnp.clip(k - start, 0, stride - 1), 0).astype(jnp.int32)
+
+
+def pool_frame_tokens(tokens: Array, pool: int) -> Array:
+  """A video frame's tokens, average-pooled spatially: [..., T, D] on a square sqrt(T) grid (row-major) -> [...,
+  T / pool^2, D], each output token the mean of a pool x pool block (VideoLLaVA / LLaVA-NeXT-Video's spatial pooling,
+  so that F frames fit the token budget; the paper does not say how Astrea reduces frames)."""
+  side = math.isqrt(tokens.shape[-2])
+  grid = tokens.reshape(*tokens.shape[:-2], side // pool, pool, side // pool, pool, tokens.shape[-1])
+  pooled = grid.mean(axis=(-4, -2), dtype=jnp.float32).astype(tokens.dtype)
+  return pooled.reshape(*tokens.shape[:-2], (side // pool) ** 2, tokens.shape[-1])
+
+
+def frame_tokens_in_slots(visual: Array, slot_tokens: Array, pool: int) -> Array:
+  """visual [B, N, T, D] with each video frame's slot (slot_tokens == T / pool^2 < T) holding its pooled tokens
+  first (`pool_frame_tokens`), the rest of its T as they were (never read: `splice_visual_tokens` takes only
+  slot_tokens of them). Image slots are unchanged."""
+  t = visual.shape[2]
+  if pool == 1:
+    return visual
+  pooled = pool_frame_tokens(visual, pool)  # [B, N, T', D]
+  padded = jnp.concatenate([pooled, visual[:, :, pooled.shape[2]:]], axis=2)
+  frame = (slot_tokens == t // pool**2)[..., None, None]
+  return jnp.where(frame, padded, visual)
 
 
 class BySlot(nn.Module):
@@ -303,21 +352,27 @@ class Astrea(nn.Module):
   def embed_tokens(self, tokens: Array) -> Array:
     return self.llm.embed(tokens)
 
-  def prompt_embeddings(self, tokens: Array, visual: Array, image_mask: Array) -> Array:
+  def prompt_embeddings(self, tokens: Array, visual: Array, image_mask: Array,
+                        slot_tokens: Array | None = None) -> Array:
     """Token ids [B, L] with `<image>` placeholders (image_mask) -> LLM input embeddings [B, L, D]; visual
-    [B, N, T, D] (or [B, N*T, D]) fills the placeholders in order: image 0's T tokens, then image 1's, ..."""
-    return splice_visual_tokens(self.embed_tokens(tokens), visual.reshape(visual.shape[0], -1, visual.shape[-1]),
-                                image_mask)
+    [B, N, T, D] fills the placeholders in order: slot 0's tokens, then slot 1's, ... (slot_tokens [B, N]: how many
+    each slot gives, a video frame its T / video_pool^2 pooled tokens, `frame_tokens_in_slots`; None: T each)."""
+    if visual.ndim == 3:
+      visual = visual[:, :, None]  # [B, N*T, D] -> N*T slots of one token
+    if slot_tokens is not None:
+      visual = frame_tokens_in_slots(visual, slot_tokens, self.cfg.video_pool)
+    return splice_visual_tokens(self.embed_tokens(tokens), visual, image_mask, slot_tokens)
 
   def __call__(self, tokens: Array, images: Mapping[str, Array], image_mask: Array, *, stage: str,
                attention_mask: Array | None = None, segment_ids: Array | None = None,
                positions: Array | None = None, cached: Array | None = None, instruction: Array | None = None,
-               deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+               slot_tokens: Array | None = None, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
     """(logits [B, L, V] fp32, aux) for a batch: tokens [B, L] with placeholders, images {slot: [B, N, H, W, 3]};
-    packed rows pass segment_ids (and positions) [B, L] instead of attention_mask. aux['visual']: [B, N, T, D]."""
+    packed rows pass segment_ids (and positions) [B, L] instead of attention_mask; slot_tokens [B, N] the
+    placeholders each image slot fills (`prompt_embeddings`). aux['visual']: [B, N, T, D]."""
     visual, aux = self.visual_tokens(stage, images, cached=cached, instruction=instruction,
                                      deterministic=deterministic)
-    logits, _ = self.llm(inputs_embeds=self.prompt_embeddings(tokens, visual, image_mask),
+    logits, _ = self.llm(inputs_embeds=self.prompt_embeddings(tokens, visual, image_mask, slot_tokens),
                          attention_mask=attention_mask, segment_ids=segment_ids, positions=positions)
     return logits, dict(aux, visual=visual)
 

@@ -36,7 +36,7 @@ def abstract_batch(config: ml_collections.ConfigDict, cfg: AstreaConfig, stage: 
   b, l, n = config.train.global_batch_size, config.data.seq_len, config.data.max_images
   batch = {name: jax.ShapeDtypeStruct((b, l), jnp.int32) for name in ('inputs', 'targets', 'loss_mask', 'image_mask',
                                                                       'instruction_mask', 'segment_ids', 'positions')}
-  batch['image_ids'] = batch['image_segment_ids'] = jax.ShapeDtypeStruct((b, n), jnp.int32)
+  batch['image_ids'] = batch['image_segment_ids'] = batch['image_tokens'] = jax.ShapeDtypeStruct((b, n), jnp.int32)
   batch['images'] = {e.name: jax.ShapeDtypeStruct((b, n, e.image_size, e.image_size, 3), jnp.float32)
                      for e in cfg.experts}
   if stage_table.spec(stage).moco:

@@ -63,6 +63,6 @@ def model_config(config: ml_collections.ConfigDict) -> AstreaConfig:
                         residual_heads=a.residual_heads, residual_gamma=a.residual_gamma,
                         residual_prob=a.residual_prob, residual_add=a.residual_add, top_k=a.top_k,
                         router_context=a.router_context, instruct_fusion=config.stages.instruct.fusion,
-                        contrastive_dim=config.moco.embed_dim)
+                        contrastive_dim=config.moco.embed_dim, video_pool=config.data.video.pool)
   except ValueError as e:
     raise ConfigError(f'config.model / config.astrea: {e}') from e

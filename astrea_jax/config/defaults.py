@@ -196,6 +196,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 256               # tokens per training row, visual tokens included (the one sequence length)
   c.data.visual_tokens = 16          # positions one <image> fills (the model's visual token count)
   c.data.max_images = 1              # image slots per row; a record with more images is a bad record
+  c.data.video = ml_collections.ConfigDict()  # video records ("video": path, one <video>): astrea_jax.data.video
+  c.data.video.num_frames = 8        # frames sampled uniformly from each video, each one image slot (<= max_images)
+  c.data.video.pool = 2              # a frame's visual_tokens are average-pooled pool x pool (LLaVA-NeXT-Video: 2)
   c.data.packing = False             # first-fit pack several examples per row (segment_ids) instead of padding
   c.data.on_bad_record = 'error'     # error: raise naming the file and record | skip: drop, count and log it
   c.data.max_consecutive_drops = 1000  # this many records dropped in a row (bad, or no answer within seq_len) stop

@@ -3,6 +3,7 @@ fault; `lock` validates and locks a config (no new keys from here on)."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -135,6 +136,10 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.data.seq_len={d.seq_len}: expected more than visual_tokens * max_images = '
                       f'{d.visual_tokens * d.max_images} and at most llm.max_position_embeddings='
                       f'{config.llm.max_position_embeddings}')
+  side = math.isqrt(d.visual_tokens)
+  if d.video.num_frames < 0 or d.video.pool < 1 or side * side != d.visual_tokens or side % d.video.pool:
+    raise ConfigError(f'config.data.video={d.video.to_dict()}: expected num_frames >= 0 (0: no video) and a pool that '
+                      f'divides the side of the square visual token grid (visual_tokens={d.visual_tokens})')
   aligned = sorted(member[len('align_'):] for member in order)
   if aligned != sorted(config.model.experts.keys()):
     raise ConfigError(f'config.data.align_order={tuple(d.align_order)}: expected every expert slot of '

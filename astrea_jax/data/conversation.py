@@ -1,7 +1,9 @@
 """Conversation records in the LLaVA format, and the sample a record becomes.
 
 A record is `{"id", "image": path | "images": [paths], "conversations": [{"from": "human"|"gpt", "value": ...}]}`;
-each `<image>` in a value stands for one image, in order. A valid conversation alternates human and gpt turns,
+each `<image>` in a value stands for one image, in order. A video record has `"video": path` (a video file or a
+folder of frames) instead, and one `<video>` in a human turn, which stands for its sampled frames: the decoder replaces
+it by one `<image>` per frame, so that from there on a frame is an image (`Sample.frames` says which are frames). A valid conversation alternates human and gpt turns,
 starting with human and ending with gpt (the answer the loss is taken on).
 """
 
@@ -14,6 +16,7 @@ import numpy as np
 
 HUMAN, GPT = 'human', 'gpt'
 IMAGE_PLACEHOLDER = '<image>'
+VIDEO_PLACEHOLDER = '<video>'
 Turn = tuple[str, str]  # (role, text)
 
 
@@ -43,6 +46,7 @@ class Sample:
   images: tuple[np.ndarray, ...]
   image_ids: tuple[int, ...]
   captions: tuple[str, ...] = ()
+  frames: tuple[bool, ...] = ()  # per image: a video's frame (pooled by the model) or an image; () = all images
 
 
 def check_turns(turns: Sequence[Turn]) -> None:
@@ -89,12 +93,39 @@ def llava_image_paths(record: dict) -> tuple[str, ...]:
   return tuple(paths)
 
 
-def count_images(record: Any) -> int:
-  """Images a parsed record refers to, 0 for anything malformed (the checks report that when it is read)."""
+def llava_video_path(record: dict) -> str | None:
+  """The record's video path ("video": path), None for a record without one; a record with images too is bad."""
+  if 'video' not in record:
+    return None
+  if 'image' in record or 'images' in record:
+    raise BadRecordError('has both "video" and "image(s)"; expected a video or images')
+  if not isinstance(record['video'], str):
+    raise BadRecordError(f'"video" is {record["video"]!r:.80}; expected a path string')
+  return record['video']
+
+
+def count_images(record: Any, frames_per_video: int = 1) -> int:
+  """Images a parsed record refers to (a video counts its `frames_per_video` frames), 0 for anything malformed (the
+  checks report that when it is read)."""
   try:
-    return len(llava_image_paths(record)) if isinstance(record, dict) else 0
+    if not isinstance(record, dict):
+      return 0
+    return frames_per_video if llava_video_path(record) is not None else len(llava_image_paths(record))
   except BadRecordError:
     return 0
+
+
+def video_turns(turns: Sequence[Turn], num_frames: int) -> tuple[Turn, ...]:
+  """The turns of a video record with its one `<video>` (in a human turn) replaced by `num_frames` `<image>`s, which
+  the frames fill in temporal order. BadRecordError for no `<video>`, several, one in an answer, or an `<image>`."""
+  found = [(i, role) for i, (role, text) in enumerate(turns) for _ in range(text.count(VIDEO_PLACEHOLDER))]
+  if len(found) != 1 or found[0][1] == GPT:
+    raise BadRecordError(f'{len(found)} {VIDEO_PLACEHOLDER} placeholders (turns {[i for i, _ in found]}); a video '
+                         f'record needs exactly one, in a human turn')
+  if any(IMAGE_PLACEHOLDER in text for _, text in turns):
+    raise BadRecordError(f'a video record holds an {IMAGE_PLACEHOLDER} placeholder; expected only its '
+                         f'{VIDEO_PLACEHOLDER}')
+  return tuple((role, text.replace(VIDEO_PLACEHOLDER, IMAGE_PLACEHOLDER * num_frames)) for role, text in turns)
 
 
 def check_placeholders(turns: Sequence[Turn], num_images: int) -> None:

@@ -99,6 +99,7 @@ class ExampleEncoder:
   square_mode: str
   skip_bad: bool
   caption_len: int = 0  # > 0: each image's caption as tokens ('captions', 'caption_mask'), MoCo's text side
+  frame_tokens: int = 0  # positions a video frame fills (its pooled tokens: visual_tokens / config.data.video.pool^2)
 
   def __call__(self, indexed: tuple[int, Any]) -> dict[str, Any] | Dropped:
     index, raw = indexed
@@ -114,11 +115,13 @@ class ExampleEncoder:
   def encode(self, index: int, raw: Any) -> dict[str, Any] | Dropped:
     sample = self.decoder(self.source, index, raw)
     if len(sample.images) > self.max_images:
-      raise BadRecordError(f'{len(sample.images)} images; config.data.max_images={self.max_images}')
+      what = f'a video of {len(sample.images)} frames' if any(sample.frames) else f'{len(sample.images)} images'
+      raise BadRecordError(f'{what}; config.data.max_images={self.max_images} image slots per row')
+    counts = np.asarray([self.frame_tokens if frame else self.visual_tokens
+                         for frame in (sample.frames or (False,) * len(sample.images))], np.int32)
     tok = load_tokenizer(self.tokenizer_dir)
-    tokens = templates.tokenize_conversation(tok.backend, self.template, sample.turns,
-                                             visual_tokens=self.visual_tokens, image_token_id=tok.image_token_id,
-                                             bos_id=tok.bos_id)
+    tokens = templates.tokenize_conversation(tok.backend, self.template, sample.turns, visual_tokens=counts,
+                                             image_token_id=tok.image_token_id, bos_id=tok.bos_id)
     full_length = len(tokens.ids)
     tokens, truncated = sequence.truncate(tokens, self.seq_len)
     if not tokens.target_mask[1:].any():
@@ -127,8 +130,9 @@ class ExampleEncoder:
       logging.log_first_n(logging.WARNING, 'data: dropping a sequence: %s', 20, reason)
       return Dropped('num_too_long', reason)
     example: dict[str, Any] = sequence.next_token_fields(tokens)
-    kept = len(sequence.image_block_starts(example['image_mask']))
+    kept = sequence.images_kept(counts, example['image_mask'])
     example['image_ids'] = np.asarray(sample.image_ids[:kept], np.int32)
+    example['image_tokens'] = counts[:kept]
     for name, pixels in images.expert_inputs(sample.images[:kept], self.experts, self.square_mode).items():
       example[sequence.IMAGE_PREFIX + name] = pixels
     if self.caption_len:
@@ -331,6 +335,7 @@ def make_dataset(config, stage: str, split: str = 'train', *, tokenizer_dir: str
     raise ValueError(f'{name}: no records')
   encoder = ExampleEncoder(source=name, decoder=decoder, tokenizer_dir=tokenizer_dir, template=template,
                            seq_len=data.seq_len, visual_tokens=data.visual_tokens, max_images=data.max_images,
+                           frame_tokens=data.visual_tokens // data.video.pool**2,
                            experts=images.experts_from_config(
                                data.experts, {slot: e.family for slot, e in config.model.experts.items()}, experts),
                            square_mode=data.image_square,
@@ -344,7 +349,7 @@ def make_dataset(config, stage: str, split: str = 'train', *, tokenizer_dir: str
                                                      prefetch_buffer_size=2 * batch_size)),
                 _DropIterator, name, data.max_consecutive_drops)
   if data.packing:
-    slot_fields = ('image_ids', 'captions', 'caption_mask') if caption_len else ('image_ids',)
+    slot_fields = sequence.SLOT_FIELDS if caption_len else ('image_ids', 'image_tokens')
     it = _pack(it, [e.name for e in encoder.experts], data.seq_len, data.max_images, tok.pad_id, batch_size, seed,
                slot_fields)
   else:

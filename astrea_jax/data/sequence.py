@@ -9,6 +9,7 @@ A row holds (all [L] unless noted):
   image_mask        1 at the positions the visual tokens fill (`visual_tokens` per image, in image order)
   instruction_mask  1 at the tokens of each example's (first) user message: the router's text context
   image_ids         [N] the id of the image in each of the N image slots, -1 for an empty slot
+  image_tokens      [N] the placeholders each slot fills (visual_tokens; a video frame its pooled count), 0 if empty
   image_segment_ids [N] the segment (example) each image slot belongs to, 0 for an empty slot
   images            {expert: [N, S, S, 3] float32} each expert's input for each slot (zeros when empty)
   captions, caption_mask  [N, Lc] (main stage) the caption of each image as tokens: MoCo's text side (Eq. 5-7)
@@ -24,13 +25,20 @@ from astrea_jax.data.templates import TokenizedConversation
 
 TOKEN_FIELDS = ('inputs', 'targets', 'loss_mask', 'image_mask', 'instruction_mask')
 IMAGE_PREFIX = 'images/'  # flat key prefix of the per-expert image arrays inside the pipeline
-SLOT_FIELDS = ('image_ids', 'captions', 'caption_mask')  # per image slot (besides the images), when present
+SLOT_FIELDS = ('image_ids', 'image_tokens', 'captions', 'caption_mask')  # per image slot (besides the images), when
+#                                                                        present
 
 
 def image_block_starts(image_mask: np.ndarray) -> np.ndarray:
   """Indices where a run of image positions begins."""
   mask = image_mask.astype(bool)
   return np.nonzero(mask & ~np.concatenate([[False], mask[:-1]]))[0]
+
+
+def images_kept(counts: np.ndarray, image_mask: np.ndarray) -> int:
+  """How many images, filling `counts` [n] placeholders each in order, a (truncated) sequence's image_mask still
+  holds whole (`truncate` never cuts through one)."""
+  return int(np.searchsorted(np.cumsum(counts), int(np.sum(image_mask)), side='right'))
 
 
 def truncate(tokens: TokenizedConversation, seq_len: int) -> tuple[TokenizedConversation, bool]:

@@ -46,7 +46,7 @@ def _json_error(path: str, text: str, pos: int, problem: str) -> ValueError:
   return ValueError(f'{path}: not a valid JSON array of records at line {line} column {column}: {problem}')
 
 
-def _index_json_array(path: str, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _index_json_array(path: str, text: str, frames_per_video: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   decoder = json.JSONDecoder()
   pos = _WHITESPACE.match(text, 0).end() + 1  # past '['
   starts, ends, counts, exchanges = [], [], [], []
@@ -60,7 +60,7 @@ def _index_json_array(path: str, text: str) -> tuple[np.ndarray, np.ndarray, np.
       raise _json_error(path, text, e.pos, e.msg) from None
     starts.append(pos)
     ends.append(end)
-    counts.append(conversation.count_images(record))
+    counts.append(conversation.count_images(record, frames_per_video))
     exchanges.append(conversation.count_exchanges(record))
     pos = _WHITESPACE.match(text, end).end()
     if text.startswith(']', pos):
@@ -72,7 +72,7 @@ def _index_json_array(path: str, text: str) -> tuple[np.ndarray, np.ndarray, np.
   return starts_b, ends_b - starts_b, np.asarray(counts, np.int64), np.asarray(exchanges, np.int64)
 
 
-def _index_jsonl(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _index_jsonl(data: bytes, frames_per_video: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   starts, lengths, counts, exchanges = [], [], [], []
   pos = 0
   for line in data.split(b'\n'):
@@ -83,15 +83,15 @@ def _index_jsonl(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
         record = json.loads(line)
       except ValueError:
         record = None  # reported as a bad record when read
-      counts.append(conversation.count_images(record))
+      counts.append(conversation.count_images(record, frames_per_video))
       exchanges.append(conversation.count_exchanges(record))
     pos += len(line) + 1
   return tuple(np.asarray(x, np.int64) for x in (starts, lengths, counts, exchanges))
 
 
-def index_json(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """(byte offset, byte length, number of images, number of exchanges) of every record of a JSON array or JSONL (one
-  record a line; blank lines ignored) file. A JSON array must parse as a whole; a bad JSONL line is left to the
+def index_json(path: str, frames_per_video: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(byte offset, byte length, number of images (a video: frames_per_video), number of exchanges) of each record
+  of a JSON array or JSONL (one record a line; blank lines ignored) file. A JSON array must parse as a whole; a bad JSONL line is left to the
   reader."""
   with open(path, 'rb') as f:
     data = f.read()
@@ -100,18 +100,18 @@ def index_json(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
   except UnicodeDecodeError as e:
     raise ValueError(f'{path}: not UTF-8 text ({e})') from None
   if text.lstrip().startswith('['):
-    return _index_json_array(path, text)
-  return _index_jsonl(data)
+    return _index_json_array(path, text, frames_per_video)
+  return _index_jsonl(data, frames_per_video)
 
 
 class JsonRecords:
   """A grain random-access source over a LLaVA JSON/JSONL file: record i -> its raw JSON bytes."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, frames_per_video: int = 1):
     if not os.path.isfile(path):
       raise FileNotFoundError(f'conversation file {path} does not exist')
     self.path = path
-    self.offsets, self.lengths, self.image_counts, self.exchange_counts = index_json(path)
+    self.offsets, self.lengths, self.image_counts, self.exchange_counts = index_json(path, frames_per_video)
 
   def __len__(self) -> int:
     return len(self.offsets)
@@ -125,15 +125,18 @@ class JsonRecords:
     return f'JsonRecords({self.path!r}, {len(self)} records)'
 
   def first_image_ids(self) -> np.ndarray:
-    """[num_records] the id of each record's first image: images are numbered in file order from 0."""
+    """[num_records] the id of each record's first image: images (a video's sampled frames) are numbered in file
+    order from 0."""
     return np.cumsum(self.image_counts) - self.image_counts
 
 
 @dataclasses.dataclass(frozen=True)
 class LlavaDecoder:
-  """Raw JSON bytes of a LLaVA record -> Sample, its images read from under `image_root`."""
+  """Raw JSON bytes of a LLaVA record -> Sample, its images (or its video's `num_frames` frames, sampled uniformly:
+  `astrea_jax.data.video`) read from under `image_root`."""
   image_root: str
   first_image_ids: np.ndarray
+  num_frames: int = 0  # frames sampled from a video record; 0 = video records are bad records
 
   def __call__(self, source: str, index: int, raw: bytes) -> Sample:
     try:
@@ -141,13 +144,28 @@ class LlavaDecoder:
     except ValueError as e:
       raise BadRecordError(f'not valid JSON ({e})') from None
     turns = conversation.llava_turns(record)
+    first = int(self.first_image_ids[index])
+    video_path = conversation.llava_video_path(record)
+    if video_path is not None:
+      return self._video_sample(source, index, record, turns, video_path, first)
     paths = conversation.llava_image_paths(record)
     conversation.check_placeholders(turns, len(paths))
     pixels = tuple(images.load_image(images.resolve_image_path(self.image_root, p)) for p in paths)
-    first = int(self.first_image_ids[index])
     return Sample(source=source, index=index, id=str(record.get('id', index)), turns=turns, images=pixels,
                   image_ids=tuple(range(first, first + len(paths))),
                   captions=conversation.record_captions(record, turns, len(paths)))
+
+  def _video_sample(self, source: str, index: int, record: dict, turns: tuple, path: str, first: int) -> Sample:
+    from astrea_jax.data import video
+    if self.num_frames < 1:
+      raise BadRecordError(f'a video record ({path}), but config.data.video.num_frames={self.num_frames}; expected '
+                           '>= 1 to read videos')
+    turns = conversation.video_turns(turns, self.num_frames)
+    frames = video.read_video(video.resolve_video_path(self.image_root, path), self.num_frames)  # [F, H, W, 3]
+    return Sample(source=source, index=index, id=str(record.get('id', index)), turns=turns, images=tuple(frames),
+                  image_ids=tuple(range(first, first + self.num_frames)),
+                  captions=conversation.record_captions(record, turns, self.num_frames),
+                  frames=(True,) * self.num_frames)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,9 +248,10 @@ def open_source(data_config: Mapping[str, Any], stage: str, split: str, *,
     raise ValueError(f'config.data.files.{stage} is empty; set it to the LLaVA JSON/JSONL file of that stage '
                      "('{split}' in it is replaced by the split name)")
   path = pattern.replace('{split}', split)
-  records = JsonRecords(path)
+  num_frames = data_config['video']['num_frames']
+  records = JsonRecords(path, num_frames)
   image_root = data_config['image_root'] or os.path.dirname(os.path.abspath(path))
-  decoder = LlavaDecoder(image_root, records.first_image_ids())
+  decoder = LlavaDecoder(image_root, records.first_image_ids(), num_frames)
   if single_turn:
     return SingleTurnSource(records, records.exchange_counts), SingleTurnDecoder(decoder), path
   return records, decoder, path

@@ -3,8 +3,8 @@ the prompt, the next-token loss on the answers (Eq. 1), and where the stage has 
 total Eq. 11) and the router's optional losses and statistics.
 
 Batches are what `astrea_jax.data.pipeline` yields: inputs, targets, loss_mask, image_mask, segment_ids, positions,
-instruction_mask [B, L]; image_ids, image_segment_ids [B, N] (-1 / 0 for an empty image slot) and images
-{slot: [B, N, S, S, 3]}; in the MoCo stage captions, caption_mask [B, N, Lc] (the text side of the contrast, one
+instruction_mask [B, L]; image_ids, image_segment_ids, image_tokens [B, N] (-1 / 0 / 0 for an empty image slot) and
+images {slot: [B, N, S, S, 3]}; in the MoCo stage captions, caption_mask [B, N, Lc] (the text side of the contrast, one
 caption per image); optional `cached`: [k, B, N, T, D] projected tokens of the earlier alignment stages from the
 feature cache.
 """
@@ -60,7 +60,8 @@ def astrea_loss_fn(model: Astrea, stage: str, run: ml_collections.ConfigDict, ac
     instruction = router_instruction(model, variables, batch) if text_context else None
     logits, aux = model.apply(variables, batch['inputs'], batch['images'], batch['image_mask'].astype(bool),
                               stage=stage, segment_ids=batch['segment_ids'], positions=batch['positions'],
-                              cached=batch.get('cached'), instruction=instruction, deterministic=False,
+                              cached=batch.get('cached'), instruction=instruction,
+                              slot_tokens=batch.get('image_tokens'), deterministic=False,
                               rngs={'residual': rng})
     reg_sum, tokens = losses.next_token_nll_sum(logits, batch['targets'], batch['loss_mask'])
     reg = reg_sum / jnp.maximum(num_tokens, 1.0)
