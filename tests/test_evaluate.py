@@ -359,9 +359,9 @@ def test_per_type_accuracy_with_a_decoder_right_on_some_answers_pairs_each_quest
   def spying(model, stage):
     encoders = real(model, stage)
 
-    def prompt_inputs(params, ids, image_mask, instruction_mask, images):
+    def prompt_inputs(params, ids, image_mask, instruction_mask, images, image_tokens=None):
       seen.append((np.asarray(ids), np.asarray(images['caption'])))
-      return encoders.prompt_inputs(params, ids, image_mask, instruction_mask, images)
+      return encoders.prompt_inputs(params, ids, image_mask, instruction_mask, images, image_tokens)
     return dataclasses.replace(encoders, prompt_inputs=prompt_inputs)
 
   def decoder(llm_cfg, llm_params, inputs, mask, max_new_tokens, *, eos_id, pad_id):

@@ -189,6 +189,7 @@ def base_config() -> ml_collections.ConfigDict:
   # --- data (astrea_jax.data): sources, chat template, one image input per expert, rows, batching ---
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'shapes'          # 'shapes': the synthetic set the project builds (data.shapes) | 'llava': files
+  #                                    | 'shapes_video': shapes images, then moving-shapes clips (data.shapes_video)
   c.data.files = ml_collections.ConfigDict({s: '' for s in STAGES})  # per stage: LLaVA JSON/JSONL; {split} -> split
   c.data.image_root = ''             # folder the records' image paths are relative to; '' = the JSON file's folder
   c.data.template = 'chatml'         # chat template: vicuna_v1 (13B) | chatml (34B; and tiny: its prompt is short)
@@ -220,4 +221,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shapes.num_test = 128       # scenes in the test split
   c.data.shapes.seed = 0             # generation seed (the data order comes from train.seed)
   c.data.shapes.data_dir = ''        # TFDS data dir it is prepared in; '' = TFDS's default (~/tensorflow_datasets)
+  # dataset 'shapes_video': the moving-shapes clips (astrea_jax.data.shapes_video) answer the questions of the
+  # instruct and main stages; stage 0 and pre-alignment train on the shapes images (their targets are per image).
+  c.data.shapes_video = ml_collections.ConfigDict()
+  c.data.shapes_video.image_size = 64   # frame side in pixels, >= 32
+  c.data.shapes_video.num_frames = 8    # frames per clip (the pipeline samples config.data.video.num_frames of them)
+  c.data.shapes_video.num_train = 2400  # clips per split (three questions each); a multiple of 12 is balanced
+  c.data.shapes_video.num_test = 240
+  c.data.shapes_video.seed = 0
+  c.data.shapes_video.data_dir = ''     # folder it is prepared in; '' = TFDS's default (~/tensorflow_datasets)
   return c

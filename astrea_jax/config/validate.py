@@ -120,7 +120,7 @@ def _validate_astrea(config: ml_collections.ConfigDict) -> None:
 
 def _validate_data(config: ml_collections.ConfigDict) -> None:
   d = config.data
-  for field, allowed in (('dataset', ('shapes', 'llava')), ('template', tuple(templates.TEMPLATES)),
+  for field, allowed in (('dataset', ('shapes', 'shapes_video', 'llava')), ('template', tuple(templates.TEMPLATES)),
                          ('on_bad_record', ('error', 'skip')), ('image_square', ('pad', 'resize'))):
     if d[field] not in allowed:
       raise ConfigError(f'config.data.{field}={d[field]!r}: expected one of {allowed}')

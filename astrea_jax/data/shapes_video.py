@@ -36,13 +36,14 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from astrea_jax.core import files
+from astrea_jax.core import files, multihost
 from astrea_jax.data import video
+from astrea_jax.data.conversation import VIDEO_PLACEHOLDER
 from astrea_jax.data.shapes import COLORS, SHAPES, SIZES, shape_vertices
 
 VERSION = 1  # part of the folder name: bump it when clips or questions change
@@ -52,7 +53,7 @@ DIRECTIONS = {'left': (-1.0, 0.0), 'right': (1.0, 0.0), 'up': (0.0, -1.0), 'down
 ANSWERS = {'direction': tuple(DIRECTIONS), 'count_enter': ('1', '2', '3'), 'last_appears': SHAPES}
 QUESTIONS = {'direction': 'Which way does the {name} move?', 'count_enter': 'How many shapes enter the scene?',
              'last_appears': 'Which shape appears last?'}
-VIDEO_TOKEN = '<video>'
+VIDEO_TOKEN = VIDEO_PLACEHOLDER
 BALANCE_BLOCK = 12  # clips per block in which every answer set is exactly balanced (a multiple of 4, 3 and 6)
 SHAPE_SIZES = ('small', 'medium')  # of shapes.SIZES: large ones leave no room to move at 64 px
 TRAVEL = (0.3, 0.45)  # a mover's path, first to last frame, as a fraction of the image side
@@ -254,6 +255,20 @@ def _meta(cfg: ShapesVideoConfig, records: Mapping[str, list[dict]]) -> dict:
   return {'version': VERSION, 'settings': dataclasses.asdict(cfg), 'question_types': list(QUESTION_TYPES),
           'answers': {q: list(a) for q, a in ANSWERS.items()}, 'counts': counts,
           'majority_baseline': majority_baseline(records['test'], records['train']) if records['test'] else {}}
+
+
+def settings(video_config: Mapping[str, Any]) -> tuple[ShapesVideoConfig, str]:
+  """(generation settings, root folder) of `config.data.shapes_video`; an empty data_dir is TFDS's default data dir,
+  where the shapes image set goes too."""
+  fields = {k: v for k, v in dict(video_config).items() if k != 'data_dir'}
+  return ShapesVideoConfig(**fields), video_config['data_dir'] or os.path.expanduser('~/tensorflow_datasets')
+
+
+def prepare_shared(video_config: Mapping[str, Any]) -> str:
+  """`prepare` of `config.data.shapes_video` on process 0 first, then on every other process (which finds the
+  folder): hosts that share a filesystem do not race to build it."""
+  cfg, root = settings(video_config)
+  return multihost.first_then_all('shapes_video_prepared', lambda: prepare(cfg, root))
 
 
 def prepare(cfg: ShapesVideoConfig, root: str) -> str:

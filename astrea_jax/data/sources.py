@@ -22,10 +22,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from astrea_jax.data import conversation, images, stage_targets
+from astrea_jax.data import conversation, images, stage_targets, video
 from astrea_jax.data.conversation import BadRecordError, Sample
 
 _WHITESPACE = re.compile(r'\s*')
+VIDEO_STAGES = ('instruct', 'main')  # the stages that read clips under dataset 'shapes_video'
 
 
 def _byte_offsets(text: str, char_offsets: list[int]) -> np.ndarray:
@@ -156,7 +157,6 @@ class LlavaDecoder:
                   captions=conversation.record_captions(record, turns, len(paths)))
 
   def _video_sample(self, source: str, index: int, record: dict, turns: tuple, path: str, first: int) -> Sample:
-    from astrea_jax.data import video
     if self.num_frames < 1:
       raise BadRecordError(f'a video record ({path}), but config.data.video.num_frames={self.num_frames}; expected '
                            '>= 1 to read videos')
@@ -231,8 +231,17 @@ def shapes_exchange_counts(dataset_dir: str, split: str, stage: str) -> np.ndarr
 def open_source(data_config: Mapping[str, Any], stage: str, split: str, *,
                 single_turn: bool = False) -> tuple[Any, Any, str]:
   """(grain random-access source, its decoder, the source's name for messages) for a stage's split; single_turn:
-  one item per question-answer exchange (`SingleTurnSource`)."""
-  if data_config['dataset'] == 'shapes':
+  one item per question-answer exchange (`SingleTurnSource`). Dataset 'shapes_video' reads the moving-shapes clips
+  in the stages that answer questions (`VIDEO_STAGES`) and the shapes images in the others."""
+  dataset = data_config['dataset']
+  if dataset == 'shapes_video' and stage in VIDEO_STAGES:
+    from astrea_jax.data import shapes_video
+    folder = shapes_video.prepare_shared(data_config['shapes_video'])
+    if split not in shapes_video.SPLITS:
+      raise ValueError(f'the shapes_video set has splits {shapes_video.SPLITS}; stage {stage!r} asked for {split!r}')
+    return _llava_source(os.path.join(folder, f'{split}.json'), folder, data_config['video']['num_frames'],
+                         single_turn)
+  if dataset in ('shapes', 'shapes_video'):
     from astrea_jax.data import shapes_tfds
     dataset_dir = shapes_tfds.prepare(data_config['shapes'])
     source = shapes_tfds.data_source(dataset_dir, split, with_segmentation=False)
@@ -241,17 +250,20 @@ def open_source(data_config: Mapping[str, Any], stage: str, split: str, *,
       return (SingleTurnSource(source, shapes_exchange_counts(dataset_dir, split, stage)), SingleTurnDecoder(decoder),
               name)
     return source, decoder, name
-  if data_config['dataset'] != 'llava':
-    raise ValueError(f"config.data.dataset={data_config['dataset']!r}: expected 'shapes' or 'llava'")
+  if dataset != 'llava':
+    raise ValueError(f"config.data.dataset={dataset!r}: expected 'shapes', 'shapes_video' or 'llava'")
   pattern = data_config['files'][stage]
   if not pattern:
     raise ValueError(f'config.data.files.{stage} is empty; set it to the LLaVA JSON/JSONL file of that stage '
                      "('{split}' in it is replaced by the split name)")
   path = pattern.replace('{split}', split)
-  num_frames = data_config['video']['num_frames']
+  return _llava_source(path, data_config['image_root'], data_config['video']['num_frames'], single_turn)
+
+
+def _llava_source(path: str, image_root: str, num_frames: int, single_turn: bool) -> tuple[Any, Any, str]:
+  """`open_source` of a LLaVA JSON/JSONL file whose image and video paths are under image_root ('' = its folder)."""
   records = JsonRecords(path, num_frames)
-  image_root = data_config['image_root'] or os.path.dirname(os.path.abspath(path))
-  decoder = LlavaDecoder(image_root, records.first_image_ids(), num_frames)
+  decoder = LlavaDecoder(image_root or os.path.dirname(os.path.abspath(path)), records.first_image_ids(), num_frames)
   if single_turn:
     return SingleTurnSource(records, records.exchange_counts), SingleTurnDecoder(decoder), path
   return records, decoder, path

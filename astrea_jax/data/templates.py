@@ -97,6 +97,12 @@ def render(template: ChatTemplate,
   return ''.join(parts), spans, instruction
 
 
+def video_prompt(text: str, num_frames: int) -> str:
+  """A user message with a video first: "<video>\\n" then the text, its <video> as the pipeline expands it
+  (`conversation.video_turns`: one `<image>` per sampled frame)."""
+  return f'{IMAGE_PLACEHOLDER * num_frames}\n' + text
+
+
 def image_prompt(text: str, num_images: int) -> str:
   """A user message with its images first: one "<image>\\n" per image, then the text (as the evaluation and the
   exported chat template write it)."""

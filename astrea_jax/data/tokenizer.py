@@ -5,6 +5,7 @@ every tool sees the tokenisation training sees. `build_chat_tokenizer` makes suc
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -16,7 +17,7 @@ from astrea_jax.convert import checkpoint
 from astrea_jax.core import files, multihost
 from astrea_jax.core.errors import ConfigError
 from astrea_jax.core.stages import ALIGN_STAGES
-from astrea_jax.data import shapes_tfds, stage_targets
+from astrea_jax.data import shapes_tfds, shapes_video, stage_targets
 
 SPECIAL_TOKENS = ('<unk>', '<s>', '</s>')           # ids 0, 1, 2; BOS prepended
 CHAT_TOKENS = ('<image>', '<|im_start|>', '<|im_end|>', '<pad>')  # the last ids; <pad> is the pad token
@@ -53,13 +54,23 @@ def shapes_corpus(dataset_dir: str) -> list[str]:
   return corpus
 
 
-def synthetic_tokenizer(shapes_config, vocab_size: int) -> str:
+def video_corpus(folder: str) -> list[str]:
+  """The turns of the first `CORPUS_SCENES` clips' questions of a prepared shapes_video set's train split."""
+  with open(os.path.join(folder, 'train.json')) as f:
+    records = json.load(f)[:CORPUS_SCENES * len(shapes_video.QUESTION_TYPES)]
+  return [turn['value'] for record in records for turn in record['conversations']]
+
+
+def synthetic_tokenizer(shapes_config, vocab_size: int, video_config=None) -> str:
   """The folder of the synthetic set's tokenizer of `vocab_size` entries, beside the prepared dataset (built by
-  process 0 when absent, written atomically; every process then finds it)."""
+  process 0 when absent, written atomically; every process then finds it). With `video_config`
+  (config.data.shapes_video) it also learns the clips' questions and sits beside the clips."""
   dataset_dir = shapes_tfds.prepare_shared(shapes_config)
-  out = os.path.join(dataset_dir, f'tokenizer_{vocab_size}')
+  video_dir = shapes_video.prepare_shared(video_config) if video_config is not None else None
+  out = os.path.join(video_dir or dataset_dir, f'tokenizer_{vocab_size}')
   if multihost.is_primary() and not os.path.isfile(os.path.join(out, 'tokenizer.json')):
-    tok = build_chat_tokenizer(vocab_size, shapes_corpus(dataset_dir))
+    corpus = shapes_corpus(dataset_dir) + (video_corpus(video_dir) if video_dir else [])
+    tok = build_chat_tokenizer(vocab_size, corpus)
     with files.atomic_directory(out, overwrite=True) as tmp:
       tok.save_pretrained(tmp)
   multihost.barrier(f'synthetic_tokenizer_{vocab_size}')
@@ -76,5 +87,7 @@ def resolve(config) -> str:
       return found
   if config.data.dataset == 'shapes':
     return synthetic_tokenizer(config.data.shapes, config.llm.vocab_size)
+  if config.data.dataset == 'shapes_video':
+    return synthetic_tokenizer(config.data.shapes, config.llm.vocab_size, config.data.shapes_video)
   raise ConfigError('config.tokenizer_dir and config.init_checkpoint (with a tokenizer) are empty; a run on LLaVA '
                     'files needs a tokenizer (set config.tokenizer_dir)')

@@ -19,8 +19,9 @@ from astrea_jax.core import multihost, stages
 class Encoders:
   """Jitted functions of (params, ...) for one model and stage.
 
-  prompt_inputs(params, ids, image_mask, instruction_mask, images) -> (LLM input embeddings [B, P, D], router P per
-    prompt averaged over the visual tokens [B, n] ([B, 0] outside the routed stages));
+  prompt_inputs(params, ids, image_mask, instruction_mask, images, image_tokens) -> (LLM input embeddings [B, P, D],
+    router P per prompt averaged over the visual tokens [B, n] ([B, 0] outside the routed stages)); image_tokens
+    [B, N] the placeholders each image slot fills (a video frame its pooled count, `Astrea.prompt_embeddings`);
   caption_outputs(params, ids, image_mask, instruction_mask, images) -> (image embeddings [B, d] of the routed visual
     tokens, router P per prompt [B, n]);
   text_embeddings(params, ids, mask) -> [B, d] (caption tokens, `templates.caption_tokens`);
@@ -60,9 +61,9 @@ def make_encoders(model: Astrea, stage: str) -> Encoders:
     return tokens, probs
 
   @jax.jit
-  def prompt_inputs(params, ids, image_mask, instruction_mask, images):
+  def prompt_inputs(params, ids, image_mask, instruction_mask, images, image_tokens=None):
     tokens, probs = visual(params, stage, ids, instruction_mask, images)
-    embeds = model.apply({'params': params}, ids, tokens, image_mask, method=Astrea.prompt_embeddings)
+    embeds = model.apply({'params': params}, ids, tokens, image_mask, image_tokens, method=Astrea.prompt_embeddings)
     return embeds, probs
 
   @jax.jit

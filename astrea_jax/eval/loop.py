@@ -4,7 +4,8 @@ r"""The evaluation loop: prompts with images -> the model's answers, batched and
   rows = model.prompt_rows([e.prompt for e in examples], [e.images for e in examples])
   out = predict(model, rows, batch_size=32, max_new_tokens=16)   # out.texts: one per example, on every process
 
-Prompts: "<image>\n" once per image, then the example's prompt, as the user turn of a single-turn conversation in
+Prompts: "<image>\n" once per image (a video: its sampled frames' placeholders back to back, `templates.video_prompt`,
+each frame filling visual_tokens / video_pool^2 of them, as training does), then the example's prompt, as the user turn of a single-turn conversation in
 the chat template ending with the assistant header (`prompting.prompt_tokens`: exactly the tokens training puts
 before an answer), all left-padded to the longest so that the encoders, the prefill and the decode loop each
 compile once. Images: each expert's input as training makes it (`data.images.expert_inputs`), {slot: [B, N, S, S,
@@ -47,14 +48,33 @@ from astrea_jax.parallel import sharding
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoClip:
+  """A prompt's video as its images: `num_frames` frames sampled uniformly (`video.load(num_frames)` -> uint8 [F, H, W,
+  3]), decoded when its batch is read."""
+  video: Any
+  num_frames: int
+
+  def __len__(self) -> int:
+    return self.num_frames
+
+  def load(self) -> np.ndarray:
+    frames = np.asarray(self.video.load(self.num_frames), np.uint8)
+    if frames.shape[0] != self.num_frames:
+      raise ValueError(f'{self.video}: {frames.shape[0]} frames read; expected {self.num_frames}')
+    return frames
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptRows:
   """Tokenized, left-padded prompts: ids, mask, image_mask, instruction_mask [M, P] (`prompting.left_pad_prompts`),
-  and each prompt's images (objects whose `load()` gives an RGB PIL image), in placeholder order."""
+  and each prompt's images (objects whose `load()` gives an RGB PIL image), in placeholder order, or its video
+  (`VideoClip`), and each prompt's image_tokens [M, N] (placeholders per image slot, 0 past its images)."""
   ids: np.ndarray
   mask: np.ndarray
   image_mask: np.ndarray
   instruction_mask: np.ndarray
-  images: tuple[tuple[Any, ...], ...]
+  images: tuple[Any, ...]
+  image_tokens: np.ndarray
 
   def __len__(self) -> int:
     return len(self.images)
@@ -84,10 +104,12 @@ class EvalModel:
   mesh: Mesh
   rules: Any
   encoders: encoders_lib.Encoders
+  num_frames: int = 8  # frames sampled from a video prompt (config.data.video.num_frames)
 
   @classmethod
   def create(cls, cfg: AstreaConfig, params: Any, stage: str, tokenizer_dir: str, *, template: str, mesh: Mesh,
-             rules: Any, square_mode: str = 'pad', encoders: encoders_lib.Encoders | None = None) -> EvalModel:
+             rules: Any, square_mode: str = 'pad', encoders: encoders_lib.Encoders | None = None,
+             num_frames: int = 8) -> EvalModel:
     """Checks that the tokenizer, template and stage fit the model; `encoders` (default: made for `stage`) lets a
     caller that evaluates the same stage again reuse the compiled ones."""
     tok = pipeline.load_tokenizer(tokenizer_dir)
@@ -100,7 +122,7 @@ class EvalModel:
       raise ValueError(f'stage {stage!r} routes between experts, but the model has one expert {cfg.slots}')
     encoders = encoders or encoders_lib.make_encoders(Astrea(cfg), stage)
     return cls(cfg, nn.unbox(params), stage, tok, chat, images_lib.experts_from_model(cfg.experts), square_mode,
-               mesh, rules, encoders)
+               mesh, rules, encoders, num_frames)
 
   @classmethod
   def from_config(cls, config: Any, cfg: AstreaConfig, params: Any, stage: str, tokenizer_dir: str, mesh: Mesh,
@@ -108,7 +130,8 @@ class EvalModel:
     """`create` with a run config's chat template (config.data.template), image squaring (config.data.image_square)
     and sharding rules (config.logical_axis_rules)."""
     return cls.create(cfg, params, stage, tokenizer_dir, template=config.data.template, mesh=mesh,
-                      rules=config.logical_axis_rules, square_mode=config.data.image_square, encoders=encoders)
+                      rules=config.logical_axis_rules, square_mode=config.data.image_square, encoders=encoders,
+                      num_frames=config.data.video.num_frames)
 
   @property
   def anyres(self) -> bool:
@@ -124,24 +147,43 @@ class EvalModel:
     """The id decoding stops at: the end marker's (first) token."""
     return templates.end_marker_id(self.tok.backend, self.template)
 
-  def prompt_rows(self, texts: Sequence[str], images: Sequence[Sequence[Any]], min_length: int = 0) -> PromptRows:
+  def prompt_rows(self, texts: Sequence[str], images: Sequence[Sequence[Any]], min_length: int = 0,
+                  videos: Sequence[Any] | None = None) -> PromptRows:
     """Each text with "<image>\\n" per image before it, as a generation prompt, left-padded together to the longest
-    (or to `min_length` if longer)."""
-    if len(texts) != len(images):
-      raise ValueError(f'{len(texts)} prompts and {len(images)} image lists; expected one list per prompt')
+    (or to `min_length` if longer). videos: per prompt None or a video (`load(num_frames)` -> uint8 [F, H, W, 3],
+    e.g. `eval.readers.VideoRef`), whose `num_frames` sampled frames go first instead of images."""
+    if len(texts) != len(images) or (videos is not None and len(videos) != len(texts)):
+      raise ValueError(f'{len(texts)} prompts, {len(images)} image lists and {len(videos or ())} videos; expected '
+                       'one list (and one video or None) per prompt')
     if not texts:
       raise ValueError('no prompts to evaluate; expected at least one')
-    tokens = [prompt_tokens(self.tok, self.template, templates.image_prompt(t, len(i)), self._token_counts(i))
-              for t, i in zip(texts, images)]
+    visuals = [i if v is None else VideoClip(v, self.num_frames)
+               for i, v in zip(images, videos if videos is not None else [None] * len(texts))]
+    for i, v in zip(images, visuals):
+      if isinstance(v, VideoClip) and len(i):
+        raise ValueError('a prompt with both a video and images; expected one or the other')
+    counts = [self._token_counts(v) for v in visuals]
+    tokens = [prompt_tokens(self.tok, self.template, templates.video_prompt(t, len(v)) if isinstance(v, VideoClip)
+                            else templates.image_prompt(t, len(v)), c) for t, v, c in zip(texts, visuals, counts)]
     ids, mask, image_mask, instruction = left_pad_prompts(tokens, self.tok.pad_id)
     extra = ((0, 0), (max(0, min_length - ids.shape[1]), 0))
     ids, mask, image_mask, instruction = (np.pad(x, extra, constant_values=pad) for x, pad in
                                           ((ids, self.tok.pad_id), (mask, False), (image_mask, False),
                                            (instruction, False)))
-    return PromptRows(ids, mask, image_mask, instruction, tuple(tuple(i) for i in images))
+    slots = max([1] + [len(v) for v in visuals])
+    image_tokens = np.zeros((len(texts), slots), np.int32)
+    for r, c in enumerate(counts):
+      image_tokens[r, :len(c)] = c
+    return PromptRows(ids, mask, image_mask, instruction,
+                      tuple(v if isinstance(v, VideoClip) else tuple(v) for v in visuals), image_tokens)
 
   def _token_counts(self, images: Sequence[Any]) -> list[int]:
-    """The visual tokens of each image: the model's count, or an AnyRes image's own (its size decides)."""
+    """The visual tokens of each image: the model's count, a video frame's pooled count, or an AnyRes image's
+    own (its size decides)."""
+    if isinstance(images, VideoClip):
+      if self.anyres:
+        raise ValueError('video prompts on an AnyRes model: frames go in as single images; not supported')
+      return [self.cfg.num_visual_tokens // self.cfg.video_pool**2] * len(images)
     if not self.anyres:
       return [self.cfg.num_visual_tokens] * len(images)
     return [anyres.num_anyres_tokens(np.asarray(i.load()).shape[:2], self.cfg.anyres_pinpoints,
@@ -151,9 +193,10 @@ class EvalModel:
     """The host inputs of prompts `index` [b]: ids, mask, image_mask, instruction_mask [b, P], and images {slot: [b,
     N, S, S, 3]} in [0, 1] (AnyRes: tiles and index, `_anyres_inputs`). Images are read here, a batch at a time, so
     host memory stays bounded."""
-    pixels = [[np.asarray(image.load(), np.uint8) for image in rows.images[r]] for r in index]
+    pixels = [list(rows.images[r].load()) if isinstance(rows.images[r], VideoClip) else
+              [np.asarray(image.load(), np.uint8) for image in rows.images[r]] for r in index]
     inputs = {'ids': rows.ids[index], 'mask': rows.mask[index], 'image_mask': rows.image_mask[index],
-              'instruction_mask': rows.instruction_mask[index]}
+              'instruction_mask': rows.instruction_mask[index], 'image_tokens': rows.image_tokens[index]}
     if self.anyres:
       return dict(inputs, **self._anyres_inputs(pixels, rows.image_slots, int(rows.image_mask.sum(axis=1).max())))
     flat = images_lib.expert_inputs([p for row in pixels for p in row], self.experts, self.square_mode)
@@ -191,7 +234,7 @@ class EvalModel:
     fields = (batch['ids'], batch['image_mask'], batch['instruction_mask'])
     if self.anyres:
       return self.encoders.anyres_inputs(self.params, *fields, batch['tiles'], batch['index'])
-    return self.encoders.prompt_inputs(self.params, *fields, batch['images'])
+    return self.encoders.prompt_inputs(self.params, *fields, batch['images'], batch['image_tokens'])
 
 
 def default_stage(cfg: AstreaConfig) -> str:

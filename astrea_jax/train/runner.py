@@ -164,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = mesh_lib.create_mesh(config.mesh)
   rules = config.logical_axis_rules
   os.makedirs(workdir, exist_ok=True)
-  if config.data.dataset == 'shapes':
+  if config.data.dataset in ('shapes', 'shapes_video'):
     shapes_tfds.prepare_shared(config.data.shapes)
   tokenizer_dir = tokenizer.resolve(config)
   total = plans[-1].end if plans else 0
