@@ -12,8 +12,10 @@ overrides it (not the model's shapes). --ckpt loads a converted composite checkp
 with the base config and the overrides (chat template, mesh, rules, tokenizer_dir). --data is a folder of lmms-lab
 parquet shards as downloaded from the Hub, or a LLaVA question .jsonl whose images are under --image_root (answers
 inline or in --answers); for --benchmark=shapes an empty --data is the run's own synthetic set. A video benchmark's
-clips are under --video_root (default: the folder its dataset unpacks them into, next to --data); the evaluation
-loop does not feed clips yet, so video benchmarks are refused for now (eval.benchmarks). Prints the summary table. Multi-host: the same command on every host (--config.distributed.* as for launch.train); each example is
+clips are under --video_root (default: the folder its dataset unpacks them into, next to --data), and open-ended
+video QA (msvd_qa, activitynet_qa) is scored by the GPT judge --config.eval.judge=module:callable names; the
+evaluation loop does not feed clips yet, so video benchmarks are refused for now (eval.benchmarks). Prints the summary
+table. Multi-host: the same command on every host (--config.distributed.* as for launch.train); each example is
 answered once, process 0 writes the files.
 """
 

@@ -1,21 +1,33 @@
 """Video benchmark evaluators (paper Table 2) on small folders in their datasets' layouts
 (tests/video_benchmark_files.py, empty placeholder clips: nothing is decoded): loading (ids, prompts exactly as
 lmms-eval builds them, where each clip is), the letter each scorer reads from realistic predictions, the scores of
-hand-made predictions computed by hand."""
+hand-made predictions computed by hand, and the GPT-judged open-ended benchmarks with a stand-in judge."""
 
 import os
 import random
 import sys
 import types
 
+import ml_collections
 import pytest
 
 import video_benchmark_files as files
 from astrea_jax import config as config_lib
-from astrea_jax.eval import benchmarks, egoschema, mvbench, perceptiontest, registry, videomme
+from astrea_jax.eval import benchmarks, egoschema, judge, mvbench, open_video_qa, perceptiontest, registry, videomme
 from astrea_jax.eval.readers import VideoRef
 
 LETTER_ANSWER = "\nAnswer with the option's letter from the given choices directly."
+
+
+def keyword_judge(question, answer, prediction):
+  """A deterministic stand-in for the GPT judge: yes when the answer occurs in the prediction (any case); score 5
+  for an exact match, 3 for a containing one, 0 otherwise."""
+  if prediction.lower() == answer.lower():
+    return True, 5
+  return (True, 3) if answer.lower() in prediction.lower() else (False, 0)
+
+
+NOT_A_JUDGE = 42
 
 
 # --- VideoRef: where a clip lives ---
@@ -323,3 +335,94 @@ def test_the_evaluation_loop_refuses_video_benchmarks_rather_than_answer_blind(t
   with pytest.raises(config_lib.ConfigError, match='a video benchmark'):
     benchmarks.check_benchmarks(config)
 
+
+# --- open-ended video QA: the GPT judge ---
+
+def activitynet_rows():
+  return [{'question_id': 'v_1QIUV7WYKXg_3', 'video_name': '1QIUV7WYKXg', 'question': 'what is the person doing',
+           'answer': 'dancing', 'type': 0},
+          {'question_id': 'v_1QIUV7WYKXg_4', 'video_name': '1QIUV7WYKXg', 'question': 'is the Man happy',
+           'answer': 'yes', 'type': 3},
+          {'question_id': 'v_Zz_1', 'video_name': 'Zz', 'question': 'what color is the car', 'answer': 'red',
+           'type': 4}]
+
+
+def test_activitynet_qa_loads_lmms_eval_prompts_and_clips(tmp_path):
+  folder = files.write_activitynet_qa(str(tmp_path / 'ActivityNetQA'), activitynet_rows())
+  evaluator = registry.get_evaluator('activitynet_qa')
+  examples = evaluator.load(folder)
+  assert [e.question_id for e in examples] == ['v_1QIUV7WYKXg_3', 'v_1QIUV7WYKXg_4', 'v_Zz_1']
+  assert examples[0].prompt == 'What is the person doing? Answer the question using a single word or phrase.'
+  assert examples[1].prompt.startswith('Is the man happy?')  # str.capitalize lower-cases the rest
+  assert examples[0].video.path == os.path.join(folder, 'all_test', 'v_1QIUV7WYKXg.mp4')
+  assert evaluator.max_new_tokens == 64
+  webm = files.write_activitynet_qa(str(tmp_path / 'webm'), activitynet_rows(), extension='.webm')
+  assert evaluator.load(webm)[0].video.path == os.path.join(webm, 'all_test', 'v_1QIUV7WYKXg.webm')
+
+
+def test_open_ended_benchmarks_refuse_to_score_without_a_judge(tmp_path):
+  folder = files.write_activitynet_qa(str(tmp_path / 'ActivityNetQA'), activitynet_rows())
+  examples = registry.get_evaluator('activitynet_qa').load(folder)
+  with pytest.raises(ValueError, match='activitynet_qa is scored by a GPT judge .* '
+                                       '--config.eval.judge=my_module:my_judge'):
+    registry.get_evaluator('activitynet_qa').score(examples, ['dancing'] * 3)
+
+
+def test_the_judge_gives_accuracy_and_mean_score(tmp_path):
+  folder = files.write_activitynet_qa(str(tmp_path / 'ActivityNetQA'), activitynet_rows())
+  evaluator = registry.get_evaluator('activitynet_qa', judge=keyword_judge)
+  examples = evaluator.load(folder)
+  # dancing / yes / red: exact (yes, 5), containing (yes, 3), wrong (no, 0).
+  scores, per_example = evaluator.score(examples, ['Dancing', 'Yes, he is.', 'blue'])
+  assert scores == {'accuracy': pytest.approx(2 / 3), 'score': pytest.approx(8 / 3), 'num_questions': 3}
+  assert per_example[1] == {'score': 1.0, 'judge_yes': True, 'judge_score': 3.0}
+  with pytest.raises(ValueError, match=r'question v_Zz_1: the judge scored 7; expected a number in \(0.0, 5.0\)'):
+    registry.get_evaluator('activitynet_qa', judge=lambda q, a, p: (True, 7)).score(examples[2:], ['x'])
+
+
+def test_the_judge_comes_from_the_config_as_module_callable(tmp_path):
+  config = ml_collections.ConfigDict({'eval': {'judge': f'{__name__}:keyword_judge'}})
+  assert registry.evaluator_for_run('msvd_qa', config).judge is keyword_judge
+  assert registry.evaluator_for_run('msvd_qa', ml_collections.ConfigDict({'eval': {'judge': ''}})).judge is None
+  assert config_lib.base_config().eval.judge == ''
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('keyword_judge', 'expected "module:callable"'),
+    ('no_such_module_xyz:judge', "cannot import module 'no_such_module_xyz'"),
+    (f'{__name__}:missing', f"module '{__name__}' has no attribute 'missing'"),
+    (f'{__name__}:NOT_A_JUDGE', "'NOT_A_JUDGE' is a int, not a callable"),
+])
+def test_load_judge_names_the_spec_it_cannot_use(spec, message):
+  with pytest.raises(ValueError, match=f'judge {spec!r}: {message}'):
+    judge.load_judge(spec)
+
+
+def test_msvd_qa_pairs_questions_and_answers_by_position(tmp_path):
+  rows = [{'video_name': '-4wsuPCjDBc_5_15', 'question_id': 0, 'question': 'what is a man doing?', 'answer': 'play'},
+          {'video_name': 'zzz_1_2', 'question_id': 1, 'question': 'who runs?', 'answer': 'dog'}]
+  folder = files.write_msvd_qa(str(tmp_path / 'MSVD_Zero_Shot_QA'), rows)
+  evaluator = registry.get_evaluator('msvd_qa', judge=keyword_judge)
+  examples = evaluator.load(folder)
+  assert [(e.question_id, e.prompt, e.answer) for e in examples] == [('0', 'what is a man doing?', 'play'),
+                                                                     ('1', 'who runs?', 'dog')]
+  assert examples[0].video.path == os.path.join(folder, 'videos', '-4wsuPCjDBc_5_15.avi')
+  scores, _ = evaluator.score(examples, ['playing guitar', 'a cat'])
+  assert scores == {'accuracy': 0.5, 'score': 1.5, 'num_questions': 2}
+  with open(os.path.join(folder, 'test_a.json'), 'w') as f:
+    f.write('[{"answer": "dog", "question_id": 1}, {"answer": "play", "question_id": 0}]')
+  with pytest.raises(ValueError, match='item 0: question_id 0, but answer 0 of .* is for 1'):
+    evaluator.load(folder)
+
+
+def test_open_ended_predictions_are_judged_stripped_against_the_raw_question(tmp_path):
+  seen = []
+
+  def recording_judge(question, answer, prediction):
+    seen.append((question, answer, prediction))
+    return True, 4
+
+  folder = files.write_activitynet_qa(str(tmp_path / 'ActivityNetQA'), activitynet_rows()[:1])
+  evaluator = open_video_qa.ActivityNetQA(judge=recording_judge)
+  evaluator.score(evaluator.load(folder), ['  dancing \n'])
+  assert seen == [('what is the person doing', 'dancing', 'dancing')]

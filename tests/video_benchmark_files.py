@@ -9,6 +9,8 @@ dataset unpacks it (the evaluator's default video_root).
   clips videos/<video_idx>.mp4.
 - Perception Test (lmms-lab/PerceptionTest_Val): parquet, mc_question_val/validation-00000-of-00001.parquet; clips
   videos/<video_name>.mp4.
+- ActivityNet-QA (lmms-lab/ActivityNetQA): parquet, data/test-00000-of-00001.parquet; clips all_test/v_<video_name>.mp4.
+- MSVD-QA (Video-LLaVA's MSVD_Zero_Shot_QA): JSON, test_q.json and test_a.json; clips videos/<video_name>.avi.
 
 Each writer returns the folder to pass to `load`.
 """
@@ -87,3 +89,26 @@ def write_perceptiontest(folder: str, rows: Sequence[Mapping[str, Any]]) -> str:
     touch_clip(os.path.join(folder, 'videos', f'{r["video_name"]}.mp4'))
   return os.path.join(folder, 'mc_question_val')
 
+
+def write_activitynet_qa(folder: str, rows: Sequence[Mapping[str, Any]], extension: str = '.mp4') -> str:
+  """data/test-00000-of-00001.parquet: question_id, video_name, question, answer, type; all_test/v_<video_name> +
+  `extension`."""
+  table = [{'video_name': r['video_name'], 'question_id': r['question_id'], 'question': r['question'],
+            'answer': r['answer'], 'type': r.get('type', 0)} for r in rows]
+  write_parquet(shard_path(folder, 'test'), table, image_columns=())
+  for r in rows:
+    touch_clip(os.path.join(folder, 'all_test', f'v_{r["video_name"]}{extension}'))
+  return folder
+
+
+def write_msvd_qa(folder: str, rows: Sequence[Mapping[str, Any]]) -> str:
+  """test_q.json [{video_name, question_id, question}], test_a.json [{answer, question_id}] in the same order,
+  videos/<video_name>.avi."""
+  _write_json(os.path.join(folder, 'test_q.json'),
+              [{'video_name': r['video_name'], 'question_id': r['question_id'], 'question': r['question']}
+               for r in rows])
+  _write_json(os.path.join(folder, 'test_a.json'),
+              [{'answer': r['answer'], 'question_id': r['question_id']} for r in rows])
+  for r in rows:
+    touch_clip(os.path.join(folder, 'videos', f'{r["video_name"]}.avi'))
+  return folder
