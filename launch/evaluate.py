@@ -11,7 +11,10 @@ prediction, answer and score) and OUT/summary.md (a row per benchmark in the uni
 overrides it (not the model's shapes). --ckpt loads a converted composite checkpoint (`convert.loaders.load_astrea`)
 with the base config and the overrides (chat template, mesh, rules, tokenizer_dir). --data is a folder of lmms-lab
 parquet shards as downloaded from the Hub, or a LLaVA question .jsonl whose images are under --image_root (answers
-inline or in --answers); for --benchmark=shapes an empty --data is the run's own synthetic set. Prints the summary
+inline or in --answers); for --benchmark=shapes an empty --data is the run's own synthetic set. A video benchmark's
+clips are under --video_root (default: the folder its dataset unpacks them into, next to --data), and open-ended
+video QA (msvd_qa, activitynet_qa) is scored by the GPT judge --config.eval.judge=module:callable names; the
+evaluation loop does not feed clips yet, so video benchmarks are refused for now (eval.benchmarks). Prints the summary
 table. Multi-host: the same command on every host (--config.distributed.* as for launch.train); each example is
 answered once, process 0 writes the files.
 """
@@ -41,7 +44,10 @@ _LIMIT = flags.DEFINE_integer('limit', None, 'Evaluate the first N examples (who
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Prompts decoded at once over all hosts; default '
                                    'config.eval.batch_size.')
 _IMAGE_ROOT = flags.DEFINE_string('image_root', None, 'Folder the image paths of a LLaVA question file are under.')
-_ANSWERS = flags.DEFINE_string('answers', None, 'Answer file for a LLaVA question file without inline answers.')
+_VIDEO_ROOT = flags.DEFINE_string('video_root', None, 'Folder a video benchmark\'s clips are under; default the '
+                                  'folder its dataset unpacks them into, next to --data.')
+_ANSWERS = flags.DEFINE_string('answers', None, 'Answer file for a LLaVA question file without inline answers '
+                               '(or for EgoSchema\'s full set).')
 _STEP = flags.DEFINE_integer('step', None, 'With --run: the checkpoint step; default the newest.')
 _STAGE = flags.DEFINE_string('stage', None, 'The stage the model answers at; default the checkpoint\'s (--run), or '
                              'main (several experts) / the last alignment stage (one expert) for --ckpt.')
@@ -103,7 +109,7 @@ def main(argv):
     data = benchmark_data(_BENCHMARK.value, _DATA.value, config)
     results = benchmarks.evaluate_benchmarks(model, config, data, _OUT.value, batch_size=_BATCH_SIZE.value,
                                              limit=_LIMIT.value, image_root=_IMAGE_ROOT.value,
-                                             answers=_ANSWERS.value, settings=settings)
+                                             video_root=_VIDEO_ROOT.value, answers=_ANSWERS.value, settings=settings)
   except (ValueError, OSError, config_lib.ConfigError, checkpointing.CheckpointError) as e:
     raise SystemExit(f'evaluate: error: {e}') from None
   if jax.process_index() == 0:

@@ -343,8 +343,9 @@ def test_docvqa_anls_mean():
 # --- the interface: registry, prediction checks, result JSON, summary ---
 
 def test_registry():
-  assert sorted(registry.REGISTRY) == ['chartqa', 'docvqa', 'gqa', 'mmbench', 'mme', 'mmmu', 'pope', 'scienceqa_img',
-                                       'seedbench', 'shapes', 'textvqa', 'vqav2']
+  assert sorted(registry.REGISTRY) == ['activitynet_qa', 'chartqa', 'docvqa', 'egoschema', 'gqa', 'mmbench', 'mme',
+                                       'mmmu', 'msvd_qa', 'mvbench', 'perceptiontest', 'pope', 'scienceqa_img',
+                                       'seedbench', 'shapes', 'textvqa', 'videomme', 'vqav2']
   for name, cls in registry.REGISTRY.items():
     evaluator = registry.get_evaluator(name)
     assert evaluator.name == name and evaluator.max_new_tokens > 0 and evaluator.split == cls.default_split

@@ -156,6 +156,8 @@ def base_config() -> ml_collections.ConfigDict:
   # '/data/MME', 'shapes': ''}"). launch.evaluate --benchmark=all evaluates them all.
   c.eval.benchmarks = ml_collections.ConfigDict()
   c.eval.every_steps = 0             # also evaluate `benchmarks` every this many steps; 0 = at stage ends only
+  c.eval.judge = ''                  # 'module:callable', the GPT judge of open-ended video QA (msvd_qa,
+  #                                    activitynet_qa; astrea_jax.eval.judge); '' = none, and they refuse to score
 
   # --- checkpoints (astrea_jax.train.checkpointing): one Orbax manager in <workdir>/checkpoints, steps count on
   # over the whole run and each checkpoint names its stage; running the same command again resumes the latest ---

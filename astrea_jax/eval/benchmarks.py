@@ -8,6 +8,9 @@ loop and scored (`run_benchmark` -> the result JSON of `evaluator.result_json`),
 
 A run config names its benchmarks in `config.eval.benchmarks` (name -> data); `check_benchmarks` refuses an unknown
 name or a missing path before anything runs. `TrainingEvaluation` (in `training.py`) evaluates them during training.
+
+Video benchmarks (those with a `video_folder`) load and score, but the evaluation loop feeds images only: until it
+samples a clip's frames, `prompt_rows` and `check_benchmarks` refuse them rather than answer the questions blind.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from astrea_jax.eval import loop, registry, summary
 from astrea_jax.eval.evaluator import Evaluator, Example, result_json
 
 SUMMARY_FILE = 'summary.md'
+_NO_VIDEO_IN_LOOP = ('a video benchmark, and the evaluation loop feeds images only (it does not sample a clip\'s '
+                     'frames yet); score predictions made elsewhere with its evaluator (registry.get_evaluator)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,22 +59,28 @@ def check_benchmarks(config: ml_collections.ConfigDict) -> None:
                                    'a LLaVA question .jsonl)')
     if path and not os.path.exists(path):
       raise config_lib.ConfigError(f'{field}: no such file or folder')
+    if registry.REGISTRY[name].video_folder is not None:
+      raise config_lib.ConfigError(f'{field}: {_NO_VIDEO_IN_LOOP}')
 
 
 def load_benchmark(name: str, path: str, config: ml_collections.ConfigDict, *, limit: int | None = None,
-                   image_root: str | None = None, answers: str | None = None) -> Benchmark:
+                   image_root: str | None = None, video_root: str | None = None,
+                   answers: str | None = None) -> Benchmark:
   """The examples of benchmark `name` from `path` as the run config asks for them (`Evaluator.from_config`); limit
-  (None: the config's, e.g. config.eval.num_scenes for the shapes set; else every example), image_root and answers
-  as `Evaluator.load` takes them."""
+  (None: the config's, e.g. config.eval.num_scenes for the shapes set; else every example), image_root, video_root
+  and answers as `Evaluator.load` takes them."""
   evaluator = registry.evaluator_for_run(name, config)
   data = evaluator.data_path(path)
   limit = evaluator.default_limit if limit is None else limit
-  examples = evaluator.load(data, image_root=image_root, answers=answers, limit=limit)
+  examples = evaluator.load(data, image_root=image_root, video_root=video_root, answers=answers, limit=limit)
   return Benchmark(evaluator, examples, data, limit)
 
 
 def prompt_rows(model: loop.EvalModel, benchmark: Benchmark) -> loop.PromptRows:
-  """The benchmark's prompts for `model` (each example's prompt after its images)."""
+  """The benchmark's prompts for `model` (each example's prompt after its images); a video benchmark is refused
+  (module doc)."""
+  if any(e.video is not None for e in benchmark.examples):
+    raise ValueError(f'benchmark {benchmark.name}: {_NO_VIDEO_IN_LOOP}')
   return model.prompt_rows([e.prompt for e in benchmark.examples], [e.images for e in benchmark.examples])
 
 
@@ -92,14 +103,15 @@ def run_benchmark(model: loop.EvalModel, benchmark: Benchmark, *, batch_size: in
 
 def evaluate_benchmarks(model: loop.EvalModel, config: ml_collections.ConfigDict, data: Mapping[str, str],
                         out_dir: str, *, batch_size: int | None = None, limit: int | None = None,
-                        image_root: str | None = None, answers: str | None = None,
+                        image_root: str | None = None, video_root: str | None = None, answers: str | None = None,
                         settings: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
   """Evaluates each benchmark of `data` (name -> path, as `config.eval.benchmarks`) with `model` and writes
   OUT/<benchmark>.json and OUT/summary.md (`write_results`); returns the results. batch_size: default
-  config.eval.batch_size; limit, image_root, answers: `load_benchmark`'s."""
+  config.eval.batch_size; limit, image_root, video_root, answers: `load_benchmark`'s."""
   results = []
   for name, path in data.items():
-    benchmark = load_benchmark(name, path, config, limit=limit, image_root=image_root, answers=answers)
+    benchmark = load_benchmark(name, path, config, limit=limit, image_root=image_root, video_root=video_root,
+                               answers=answers)
     logging.info('eval %s: %d examples from %s', name, len(benchmark.examples), benchmark.data)
     results.append(run_benchmark(model, benchmark, batch_size=batch_size or config.eval.batch_size,
                                  settings=settings))

@@ -5,12 +5,14 @@ An evaluation is four steps, the model's part in the middle:
   evaluator = registry.get_evaluator('mme')
   examples = evaluator.load(path, image_root=..., answers=..., limit=...)    # list[Example], images not decoded
   predictions = [generate(e.prompt, [ref.load() for ref in e.images]) for e in examples]   # the caller's model
+  (a video benchmark: load(path, video_root=...), and each example's clip is `e.video.load(num_frames)`)
   scores, per_example = evaluator.score(examples, predictions)
   result = result_json(evaluator.name, settings, scores, examples, predictions, per_example)   # -> <name>.json
 
 `Example.prompt` is the user text of one single-turn conversation exactly as lmms-eval's `doc_to_text` builds it for
 the benchmark (its default `lmms_eval_specific_kwargs`), without any chat template and without an image
-placeholder: the caller puts the image(s) first ("<image>\\n" + prompt, as LLaVA does) and applies the template.
+placeholder: the caller puts the image(s) (or the clip's frames) first ("<image>\\n" + prompt, as LLaVA does) and
+applies the template.
 Generation is greedy, at most `evaluator.max_new_tokens` new tokens (the benchmark's lmms-eval `generation_kwargs`;
 1024, lmms-eval's LLaVA default, where the task sets none). `score` takes the decoded texts cut at the template's end
 marker; like lmms-eval (`ConfigurableTask.process_results`) every scorer strips them first.
@@ -23,13 +25,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import os
 from typing import Any, ClassVar, Mapping, Sequence
 
 from astrea_jax.eval import readers
-from astrea_jax.eval.readers import ImageRef
+from astrea_jax.eval.readers import ImageRef, VideoRef
 
-__all__ = ['Evaluator', 'Example', 'ImageRef', 'LETTER_ANSWER', 'SHORT_ANSWER', 'mean', 'means_by', 'result_json',
-           'unique_ids']
+__all__ = ['Evaluator', 'Example', 'ImageRef', 'LETTER_ANSWER', 'SHORT_ANSWER', 'VideoRef', 'mean', 'means_by',
+           'result_json', 'unique_ids']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,18 +41,20 @@ class Example:
 
   question_id: unique within the loaded benchmark (the dataset's id; '#k' appended to the k-th repeat of an id the
     dataset gives several questions, e.g. MME's two questions per image; the row number where it has none).
-  images: the question's images in order, decoded by `ImageRef.load()` (one for every benchmark here but MMMU
-    (up to 7) and SEED-Bench video questions (frames); none for a text-only question).
+  images: the question's images in order, decoded by `ImageRef.load()` (one for every image benchmark here but MMMU
+    (up to 7) and SEED-Bench video questions (frames); none for a text-only question or a video question).
   prompt: the user text (module doc).
   answer: the ground truth in the dataset's own form (a string, MMBench/SEED a letter, ScienceQA the letter of its
     answer index, VQAv2 the list of answer dicts, TextVQA/DocVQA a list of strings).
   meta: what the scorer needs besides the answer (category, options, index, ...).
+  video: a video question's clip, decoded by `VideoRef.load(num_frames)` (None for an image question).
   """
   question_id: str
   images: tuple[ImageRef, ...]
   prompt: str
   answer: Any
   meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  video: VideoRef | None = None
 
   def load_images(self) -> list[Any]:
     """The decoded RGB PIL images."""
@@ -71,7 +76,9 @@ class Evaluator(abc.ABC):
     `read_rows` when reading is more than that: GQA's join, SEED-Bench's filter); benchmarks that can be read from a
     LLaVA question .jsonl set `reads_llava_questions` and, when the scorer needs more than the answer, `llava_meta`;
   - scoring: `score_example`, one stripped prediction -> its per-example entry, and `aggregate`, the entries -> the
-    benchmark's scores (by default the mean example score as `headline`, and `num_questions`).
+    benchmark's scores (by default the mean example score as `headline`, and `num_questions`);
+  - a video benchmark: `video_folder`, the folder its dataset keeps the clips in (the default video_root), and
+    `from_row` gives each example a `VideoRef` by name; `load` puts the names under the video_root.
   """
   reads_llava_questions: ClassVar[bool] = False
   has_default_data: ClassVar[bool] = False  # whether `data_path('')` finds data by itself (the shapes set)
@@ -83,6 +90,7 @@ class Evaluator(abc.ABC):
   image_columns: ClassVar[tuple[str, ...]] = ('image',)
   optional_columns: ClassVar[tuple[str, ...]] = ()
   id_column: ClassVar[str | None] = 'question_id'
+  video_folder: ClassVar[str | None] = None  # a video benchmark's clip folder next to its data (`video_root`)
 
   def __init__(self, split: str | None = None):
     self.split = split or self.default_split
@@ -102,11 +110,12 @@ class Evaluator(abc.ABC):
                        'a LLaVA question file (.jsonl)')
     return path
 
-  def load(self, path: str, *, image_root: str | None = None, answers: str | None = None,
-           limit: int | None = None) -> list[Example]:
+  def load(self, path: str, *, image_root: str | None = None, video_root: str | None = None,
+           answers: str | None = None, limit: int | None = None) -> list[Example]:
     """The benchmark's examples from `path`: a folder of lmms-lab parquet shards (or one shard) of `self.split`, or
     a LLaVA question file (.jsonl) whose images are under `image_root`, with answers inline or in `answers`. `limit`
-    keeps the first examples (benchmarks that score groups keep whole groups)."""
+    keeps the first examples (benchmarks that score groups keep whole groups). A video benchmark's clips are under
+    `video_root` (default: `default_video_root(path)`); every kept example's clip must exist (`find_videos`)."""
     if limit is not None and limit < 1:
       raise ValueError(f'limit={limit}: expected a positive number of examples, or None for all')
     if path.endswith('.jsonl'):
@@ -120,7 +129,31 @@ class Evaluator(abc.ABC):
       examples = self.read_parquet(self.shards(path), image_root)
     if not examples:
       raise ValueError(f'{path}: no {self.name} questions in it (split {self.split!r})')
-    return self.take(examples, limit)
+    return self.find_videos(self.take(examples, limit), path, video_root)
+
+  def find_videos(self, examples: list[Example], path: str, video_root: str | None) -> list[Example]:
+    """The examples with their clips found under `video_root` (default: `default_video_root(path)`) by
+    `VideoRef.under`: a missing clip is an error naming the question and the path, before anything is generated."""
+    if all(e.video is None for e in examples):
+      return examples
+    root = video_root or self.default_video_root(path)
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f'{self.name}: video_root {root} is not a folder; expected the folder of the clips')
+    return [dataclasses.replace(e, video=e.video.under(root)) for e in examples]
+
+  def default_video_root(self, path: str) -> str:
+    """The benchmark's `video_folder` where its dataset keeps it: in the data folder `path` (the folder of a data
+    file) or next to it. FileNotFoundError when there is none."""
+    if self.video_folder is None:
+      raise ValueError(f'{self.name}: no video_root given, and the benchmark has no default (video_folder)')
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    candidates = [os.path.join(f, self.video_folder) for f in (folder, os.path.dirname(folder))]
+    for candidate in candidates:
+      if os.path.isdir(candidate):
+        return candidate
+    raise FileNotFoundError(f'{self.name}: no video_root given and no {self.video_folder!r} folder of clips at '
+                            f'{" or ".join(candidates)}; pass video_root (launch.evaluate --video_root), the folder '
+                            'the clips were unpacked into')
 
   def shards(self, path: str) -> list[str]:
     """The parquet shards of `self.split` under `path` (readers.parquet_shards)."""

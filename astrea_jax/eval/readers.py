@@ -1,5 +1,6 @@
 """Reading benchmark files: Hugging Face parquet shards (the lmms-lab datasets as downloaded from the Hub) with lazily
-decoded images, LLaVA question files (.jsonl) and the answer files kept next to them.
+decoded images, LLaVA question files (.jsonl) and the answer files kept next to them; where a video question's clip
+lives (`VideoRef`).
 
 Parquet: a dataset folder holds its shards as `<split>-XXXXX-of-XXXXX[-hash].parquet`, either in the folder itself
 (a config folder such as `MMBench/en`, `ScienceQA/ScienceQA-IMG`) or in its `data/` subfolder (`MME/data`). An image
@@ -8,6 +9,10 @@ column is the `datasets` Image feature: a struct `{bytes: binary, path: string}`
 `load()` is called, so that thousands of images never sit decoded in memory. `load()` reads the image column of the
 image's row group once and keeps the last few row groups (`_CACHED_ROW_GROUPS`), so reading examples in file order
 reads each row group once.
+
+Video benchmarks ship their clips apart from the questions (zips of .mp4 files; a clip may also be a folder of
+frames): a question names its clip relative to a folder, the `video_root`. A `VideoRef` is that name, found under
+the video_root by `under` (when the evaluator loads the questions) and decoded only by `load(num_frames)`.
 
 LLaVA (`llava/eval/model_vqa_loader.py`): a question file has one JSON object a line with `question_id`, `image`
 (relative to an image folder) and `text` (the user text, the benchmark's answer instruction included, no `<image>`),
@@ -25,6 +30,7 @@ import json
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -61,6 +67,37 @@ class ImageRef:
       return self.path
     item = '' if self.item is None else f' item {self.item}'
     return f'{self.path} row {self.row} column {self.column!r}{item}'
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoRef:
+  """Where one question's clip lives: `name` (a video file or a folder of frames) under the folder `root`, the
+  video_root ('' until `under` puts it there). `alternatives`: the names tried next when `name` is absent, as
+  lmms-eval's doc_to_visual tries them ('<id>.MP4', '<id>.mkv'). `question_id` names the question in errors."""
+  name: str
+  question_id: str
+  root: str = ''
+  alternatives: tuple[str, ...] = ()
+
+  @property
+  def path(self) -> str:
+    return os.path.join(self.root, self.name)
+
+  def under(self, root: str) -> VideoRef:
+    """The clip as found under the folder `root`: the first of name, alternatives... that exists there; a
+    FileNotFoundError naming the question and every path tried when none does."""
+    for name in (self.name, *self.alternatives):
+      if os.path.exists(os.path.join(root, name)):
+        return VideoRef(name, self.question_id, root)
+    tried = ' or '.join(os.path.join(root, name) for name in (self.name, *self.alternatives))
+    raise FileNotFoundError(f'question {self.question_id}: its clip is missing: no file or frame folder {tried}')
+
+  def load(self, num_frames: int) -> np.ndarray:
+    """`num_frames` frames of the clip, uint8 [F, H, W, 3] (`astrea_jax.data.video.read_video`)."""
+    if not os.path.exists(self.path):
+      raise FileNotFoundError(f'question {self.question_id}: its clip {self.path} is missing')
+    from astrea_jax.data import video  # the decoder is needed only when a clip is decoded
+    return video.read_video(self.path, num_frames)
 
 
 def decode_image_cell(cell: Mapping[str, Any] | None, parquet_path: str, where: str) -> Image.Image:

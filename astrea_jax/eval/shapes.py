@@ -186,11 +186,12 @@ class Shapes(Evaluator):
                        "config's data.shapes (Shapes.from_config)")
     return shapes_tfds.prepare_shared(self.shapes_config)
 
-  def load(self, path: str, *, image_root: str | None = None, answers: str | None = None,
-           limit: int | None = None) -> list[Example]:
+  def load(self, path: str, *, image_root: str | None = None, video_root: str | None = None,
+           answers: str | None = None, limit: int | None = None) -> list[Example]:
     """One example per VQA pair of the first `limit` scenes of `path` (a prepared shapes TFDS folder)."""
-    if image_root is not None or answers is not None:
-      raise ValueError(f'{path}: the shapes evaluator reads its TFDS folder only (no image_root / answers file)')
+    if image_root is not None or video_root is not None or answers is not None:
+      raise ValueError(f'{path}: the shapes evaluator reads its TFDS folder only (no image_root / video_root / '
+                       'answers file)')
     self.annotations, self.scene_images = read_scenes(path, self.split, limit)
     self.majority, self.num_train = train_majority(path)
     rows = [{'scene': s, 'pair': pair} for s, ann in enumerate(self.annotations) for pair in ann.vqa]
