@@ -325,14 +325,40 @@ def test_video_root_is_passed_or_found_next_to_the_data(tmp_path):
     registry.get_evaluator('videomme').load(folder, video_root=str(tmp_path / 'nowhere'))
 
 
-def test_the_evaluation_loop_refuses_video_benchmarks_rather_than_answer_blind(tmp_path):
+def test_the_evaluation_loop_feeds_each_questions_clip_as_its_sampled_frames(tmp_path, tokenizer_dir):
+  """A Video-MME question's prompt holds num_frames frames' pooled placeholders back to back before the question, as
+  training writes a video record; the batch's image slots hold the clip's frames in temporal order."""
+  import numpy as np
+  from astrea_jax.data import images as images_lib
+  from astrea_jax.data import video
+  import test_eval_loop  # tests/
   folder = files.write_videomme(str(tmp_path / 'Video-MME'), videomme_rows())
-  benchmark = benchmarks.load_benchmark('videomme', folder, config_lib.base_config())
-  with pytest.raises(ValueError, match='benchmark videomme: a video benchmark, and the evaluation loop feeds images'):
-    benchmarks.prompt_rows(None, benchmark)
   config = config_lib.base_config()
   config.eval.benchmarks = {'videomme': folder}
-  with pytest.raises(config_lib.ConfigError, match='a video benchmark'):
+  benchmarks.check_benchmarks(config)
+  benchmark = benchmarks.load_benchmark('videomme', folder, config)
+  clips = {}
+  for k, path in enumerate(sorted({e.video.path for e in benchmark.examples})):  # questions share clips
+    frames = np.zeros((10, 24, 32, 3), np.uint8)
+    frames[..., 0] = (20 * np.arange(10))[:, None, None]
+    frames[..., 1] = 60 * k
+    video.write_video(path, frames)
+    clips[path] = video.read_video(path, 8)
+  model = test_eval_loop.unit_model(tokenizer_dir)
+  rows = benchmarks.prompt_rows(model, benchmark)
+  per_frame = model.cfg.num_visual_tokens // model.cfg.video_pool**2
+  assert rows.image_slots == model.num_frames == 8
+  np.testing.assert_array_equal(rows.image_tokens, np.full((len(rows), 8), per_frame))
+  text = model.tok.backend.decode(rows.ids[0][rows.mask[0]].tolist(), skip_special_tokens=False)
+  assert '<image>' * (8 * per_frame) + '\n' + benchmark.examples[0].prompt in text
+  inputs = model.batch_inputs(rows, np.arange(len(rows)))
+  for slot, x in inputs['images'].items():
+    expert = next(e for e in model.experts if e.name == slot)
+    for r, e in enumerate(benchmark.examples):
+      for k in range(8):
+        np.testing.assert_allclose(x[r, k], images_lib.expert_input(clips[e.video.path][k], expert), atol=1e-6)
+  config.data.video.num_frames = 0
+  with pytest.raises(config_lib.ConfigError, match='a video benchmark, but config.data.video.num_frames=0'):
     benchmarks.check_benchmarks(config)
 
 

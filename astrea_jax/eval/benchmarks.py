@@ -9,8 +9,8 @@ loop and scored (`run_benchmark` -> the result JSON of `evaluator.result_json`),
 A run config names its benchmarks in `config.eval.benchmarks` (name -> data); `check_benchmarks` refuses an unknown
 name or a missing path before anything runs. `TrainingEvaluation` (in `training.py`) evaluates them during training.
 
-Video benchmarks (those with a `video_folder`) load and score, but the evaluation loop feeds images only: until it
-samples a clip's frames, `prompt_rows` and `check_benchmarks` refuse them rather than answer the questions blind.
+Video benchmarks (those with a `video_folder`): each question's clip is sampled to config.data.video.num_frames
+frames in the prompt's place of images (`loop.EvalModel.prompt_rows`' videos, as training feeds video records).
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from astrea_jax.eval import loop, registry, summary
 from astrea_jax.eval.evaluator import Evaluator, Example, result_json
 
 SUMMARY_FILE = 'summary.md'
-_NO_VIDEO_IN_LOOP = ('a video benchmark, and the evaluation loop feeds images only (it does not sample a clip\'s '
-                     'frames yet); score predictions made elsewhere with its evaluator (registry.get_evaluator)')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +57,9 @@ def check_benchmarks(config: ml_collections.ConfigDict) -> None:
                                    'a LLaVA question .jsonl)')
     if path and not os.path.exists(path):
       raise config_lib.ConfigError(f'{field}: no such file or folder')
-    if registry.REGISTRY[name].video_folder is not None:
-      raise config_lib.ConfigError(f'{field}: {_NO_VIDEO_IN_LOOP}')
+    if registry.REGISTRY[name].video_folder is not None and config.data.video.num_frames < 1:
+      raise config_lib.ConfigError(f'{field}: a video benchmark, but config.data.video.num_frames='
+                                   f'{config.data.video.num_frames}; expected >= 1 frames to sample from each clip')
 
 
 def load_benchmark(name: str, path: str, config: ml_collections.ConfigDict, *, limit: int | None = None,
@@ -77,11 +76,10 @@ def load_benchmark(name: str, path: str, config: ml_collections.ConfigDict, *, l
 
 
 def prompt_rows(model: loop.EvalModel, benchmark: Benchmark) -> loop.PromptRows:
-  """The benchmark's prompts for `model` (each example's prompt after its images); a video benchmark is refused
-  (module doc)."""
-  if any(e.video is not None for e in benchmark.examples):
-    raise ValueError(f'benchmark {benchmark.name}: {_NO_VIDEO_IN_LOOP}')
-  return model.prompt_rows([e.prompt for e in benchmark.examples], [e.images for e in benchmark.examples])
+  """The benchmark's prompts for `model`: each example's prompt after its images, or after its clip's frames."""
+  examples = benchmark.examples
+  videos = [e.video for e in examples] if any(e.video is not None for e in examples) else None
+  return model.prompt_rows([e.prompt for e in examples], [e.images for e in examples], videos=videos)
 
 
 def run_benchmark(model: loop.EvalModel, benchmark: Benchmark, *, batch_size: int,
