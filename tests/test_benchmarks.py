@@ -345,7 +345,7 @@ def test_docvqa_anls_mean():
 def test_registry():
   assert sorted(registry.REGISTRY) == ['activitynet_qa', 'chartqa', 'docvqa', 'egoschema', 'gqa', 'mmbench', 'mme',
                                        'mmmu', 'msvd_qa', 'mvbench', 'perceptiontest', 'pope', 'scienceqa_img',
-                                       'seedbench', 'shapes', 'textvqa', 'videomme', 'vqav2']
+                                       'seedbench', 'shapes', 'shapes_video', 'textvqa', 'videomme', 'vqav2']
   for name, cls in registry.REGISTRY.items():
     evaluator = registry.get_evaluator(name)
     assert evaluator.name == name and evaluator.max_new_tokens > 0 and evaluator.split == cls.default_split

@@ -55,9 +55,10 @@ from astrea_jax.astrea.model import AstreaConfig
 from astrea_jax.core import files
 from astrea_jax.data import stage_targets, templates
 from astrea_jax.eval import encoders as encoders_lib
-from astrea_jax.eval import loop, probes
+from astrea_jax.eval import benchmarks, loop, probes
 from astrea_jax.eval.prompting import batch_indices
 from astrea_jax.eval.shapes import SceneImage, Shapes
+from astrea_jax.eval.shapes_video import ShapesVideo
 from astrea_jax.parallel import mesh as mesh_lib
 
 CAPTION_PROMPT = templates.image_prompt(stage_targets.CAPTION_REQUEST, 1)
@@ -132,6 +133,30 @@ def evaluate(config: ml_collections.ConfigDict, cfg: AstreaConfig, params: Any, 
     if 'router' in result:
       files.write_atomic(os.path.join(workdir, ROUTER_FILE),
                          probes.router_plot_bytes(result['router'], stage, config.eval.split))
+  return result
+
+
+def evaluate_video(config: ml_collections.ConfigDict, cfg: AstreaConfig, params: Any, tokenizer_dir: str,
+                   workdir: str, *, stage: str, mesh: Mesh | None = None) -> dict[str, Any]:
+  """Evaluates the model at `stage` on the held-out moving-shapes clips (the registry's `shapes_video`: each
+  question after its clip's config.data.video.num_frames frames, greedy answers scored like the shapes set's, next to
+  the train split's majority answers); returns and (process 0) writes <workdir>/eval.json:
+  {"stage", "split", "num_clips", "num_frames", "template", "max_new_tokens", "vqa": the 'vqa' section of `evaluate`}."""
+  mesh = mesh if mesh is not None else mesh_lib.create_mesh(config.mesh)
+  model = loop.EvalModel.from_config(config, cfg, params, stage, tokenizer_dir, mesh)
+  benchmark = benchmarks.load_benchmark(ShapesVideo.name, '', config)
+  rows = benchmarks.prompt_rows(model, benchmark)
+  logging.info('eval: %d questions on held-out clips (%s split), %d prompt tokens, stage %s', len(rows),
+               config.eval.split, rows.length, stage)
+  predictions = loop.predict(model, rows, batch_size=config.eval.batch_size,
+                             max_new_tokens=benchmark.evaluator.max_new_tokens, name='eval video VQA')
+  vqa, _ = benchmark.evaluator.score(benchmark.examples, predictions.texts)
+  result = {'stage': stage, 'split': config.eval.split,
+            'num_clips': len({e.video.name for e in benchmark.examples}), 'num_frames': model.num_frames,
+            'template': model.template.name, 'max_new_tokens': benchmark.evaluator.max_new_tokens, 'vqa': vqa}
+  _log_summary(result)
+  if jax.process_index() == 0:
+    files.write_atomic(os.path.join(workdir, EVAL_FILE), json.dumps(result, indent=1).encode('utf-8'))
   return result
 
 

@@ -20,6 +20,7 @@
 | perceptiontest | perceptiontest_val_mc              | accuracy                                      |
 | activitynet_qa | activitynetqa (GPT judge)          | accuracy (judge's yes-rate); also score (0-5) |
 | msvd_qa        | (Video-LLaVA's MSVD-QA, GPT judge) | accuracy (judge's yes-rate); also score (0-5) |
+| shapes_video   | (the moving-shapes clips' VQA)     | mean_accuracy (over types)                    |
 
 The video benchmarks (paper Table 2) give each example a clip (`Example.video`) instead of images; the open-ended
 ones (activitynet_qa, msvd_qa) score only with a judge (`judge.load_judge`, config.eval.judge).
@@ -33,13 +34,15 @@ from __future__ import annotations
 from typing import Any
 
 from astrea_jax.eval import (chartqa, docvqa, egoschema, gqa, mmbench, mme, mmmu, mvbench, open_video_qa,
-                             perceptiontest, pope, scienceqa, seed_bench, shapes, textvqa, videomme, vqav2)
+                             perceptiontest, pope, scienceqa, seed_bench, shapes, shapes_video, textvqa, videomme,
+                             vqav2)
 from astrea_jax.eval.evaluator import Evaluator
 
 REGISTRY: dict[str, type[Evaluator]] = {cls.name: cls for cls in (
     mme.MME, pope.POPE, vqav2.VQAv2, textvqa.TextVQA, gqa.GQA, scienceqa.ScienceQAImg, seed_bench.SEEDBench,
     mmmu.MMMU, mmbench.MMBench, chartqa.ChartQA, docvqa.DocVQA, shapes.Shapes, mvbench.MVBench, videomme.VideoMME,
-    egoschema.EgoSchema, perceptiontest.PerceptionTest, open_video_qa.ActivityNetQA, open_video_qa.MSVDQA)}
+    egoschema.EgoSchema, perceptiontest.PerceptionTest, open_video_qa.ActivityNetQA, open_video_qa.MSVDQA,
+    shapes_video.ShapesVideo)}
 
 
 def evaluator_class(name: str) -> type[Evaluator]:

@@ -79,24 +79,25 @@ def grounding_correct(prediction: str, answer: str, threshold: float = IOU_THRES
   return predicted is not None and boxes.box_iou(predicted, expected) > threshold
 
 
-def is_correct(question_type: str, prediction: str, answer: str) -> bool:
-  """Grounding by IoU > 0.5, every other type by exact match."""
-  if question_type not in VQA_TYPES:
-    raise ValueError(f'unknown question type {question_type!r}; expected one of {VQA_TYPES}')
+def is_correct(question_type: str, prediction: str, answer: str, types: Sequence[str] = VQA_TYPES) -> bool:
+  """Grounding by IoU > 0.5, every other type of `types` by exact match."""
+  if question_type not in types:
+    raise ValueError(f'unknown question type {question_type!r}; expected one of {tuple(types)}')
   if question_type == GROUNDING:
     return grounding_correct(prediction, answer)
   return exact_match(prediction, answer)
 
 
-def accuracy_by_type(types: Sequence[str], predictions: Sequence[str], answers: Sequence[str]) -> dict[str, float]:
-  """{type: fraction right} over the types present, in `VQA_TYPES` order."""
+def accuracy_by_type(types: Sequence[str], predictions: Sequence[str], answers: Sequence[str],
+                     order: Sequence[str] = VQA_TYPES) -> dict[str, float]:
+  """{type: fraction right} over the types present, in `order` (the shapes set's `VQA_TYPES`)."""
   if not len(types) == len(predictions) == len(answers):
     raise ValueError(f'{len(types)} types, {len(predictions)} predictions and {len(answers)} answers; expected as '
                      'many of each')
   right, total = collections.Counter(), collections.Counter(types)
   for t, prediction, answer in zip(types, predictions, answers):
-    right[t] += is_correct(t, prediction, answer)
-  return {t: right[t] / total[t] for t in VQA_TYPES if total[t]}
+    right[t] += is_correct(t, prediction, answer, order)
+  return {t: right[t] / total[t] for t in order if total[t]}
 
 
 def mean_over_types(scores: Mapping[str, float]) -> float:
@@ -112,12 +113,13 @@ def majority_answers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
   return {t: min(c.items(), key=lambda item: (-item[1], item[0]))[0] for t, c in counts.items()}
 
 
-def majority_baseline(majority: Mapping[str, str], pairs: Sequence[tuple[str, str]]) -> dict[str, float]:
+def majority_baseline(majority: Mapping[str, str], pairs: Sequence[tuple[str, str]],
+                      order: Sequence[str] = VQA_TYPES) -> dict[str, float]:
   """{type: accuracy} of answering each (type, answer) pair with majority[type] (grounding by IoU > 0.5)."""
   missing = sorted({t for t, _ in pairs} - set(majority))
   if missing:
     raise ValueError(f'no majority answer for question types {missing}; the train split has none of them')
-  return accuracy_by_type([t for t, _ in pairs], [majority[t] for t, _ in pairs], [a for _, a in pairs])
+  return accuracy_by_type([t for t, _ in pairs], [majority[t] for t, _ in pairs], [a for _, a in pairs], order)
 
 
 # --- reading ---

@@ -19,6 +19,13 @@ from astrea_jax.astrea.model import AstreaConfig
 from astrea_jax.eval import benchmarks as benchmarks_lib
 from astrea_jax.eval import loop
 from astrea_jax.eval.shapes import Shapes
+from astrea_jax.eval.shapes_video import ShapesVideo
+
+
+def held_out_benchmark(config: ml_collections.ConfigDict) -> str:
+  """The benchmark the run's held-out evaluation (eval.json) scores: the clips' under dataset 'shapes_video', else
+  the shapes set's."""
+  return ShapesVideo.name if config.data.dataset == 'shapes_video' else Shapes.name
 
 
 class TrainingEvaluation:
@@ -45,15 +52,16 @@ class TrainingEvaluation:
   def after_step(self, step: int, stage: str, stage_end: int, params: Any) -> None:
     """Evaluates the benchmarks with `params` at `stage` when `due`, and writes their scalars at `step`."""
     if self.due(step, stage_end):
-      skip = (Shapes.name,) if step == self._final_step else ()
+      skip = (held_out_benchmark(self._config),) if step == self._final_step else ()
       for result in self.evaluate(params, stage, skip):
         self.write(step, result)
 
   def record_final(self, step: int, held_out: Mapping[str, Any]) -> None:
-    """The held-out evaluation's VQA scores (eval.json's 'vqa', the shapes evaluator's own) as the shapes
-    benchmark's at `step`, when it is one of the benchmarks."""
-    if Shapes.name in self._config.eval.benchmarks:
-      self.write(step, {'benchmark': Shapes.name, 'scores': held_out['vqa']})
+    """The held-out evaluation's VQA scores (eval.json's 'vqa', its evaluator's own) as that benchmark's
+    (`held_out_benchmark`) at `step`, when it is one of the benchmarks."""
+    name = held_out_benchmark(self._config)
+    if name in self._config.eval.benchmarks:
+      self.write(step, {'benchmark': name, 'scores': held_out['vqa']})
 
   def evaluate(self, params: Any, stage: str, skip: Collection[str] = ()) -> list[dict[str, Any]]:
     """The result JSON of every benchmark but those in `skip`, with `params` at `stage`."""

@@ -170,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total = plans[-1].end if plans else 0
   result: dict[str, Any] = {'stage': None, 'step': 0, 'eval': None, 'finished': False}
 
-  final_shapes = evaluate and bool(plans) and config.data.dataset == 'shapes'
+  final_shapes = evaluate and bool(plans) and config.data.dataset in ('shapes', 'shapes_video')
   with (contextlib.closing(metrics.create_writer(workdir)) as writer,
         checkpointing.Checkpointer(workdir, config) as ckpt, checkpointing.Preemption() as preemption):
     hooks = [*metrics.periodic_hooks(config.logging, workdir, total, writer), *extra_hooks]
@@ -194,8 +194,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       return result
 
     if final_shapes:
-      result['eval'] = evaluate_lib.evaluate(config, cfg, result['params'], tokenizer_dir, workdir,
-                                             stage=plans[-1].name, mesh=mesh)
+      held_out = evaluate_lib.evaluate_video if config.data.dataset == 'shapes_video' else evaluate_lib.evaluate
+      result['eval'] = held_out(config, cfg, result['params'], tokenizer_dir, workdir, stage=plans[-1].name,
+                                mesh=mesh)
       evaluation.record_final(total, result['eval'])
   return result
 
