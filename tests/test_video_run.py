@@ -1,6 +1,7 @@
-"""configs/tiny_video.py end to end, shrunk to seconds: stage 0 and the alignment stages on shapes images, instruction
-tuning on moving-shapes clips (each row a clip's frames and one question), the held-out clips evaluated into
-eval.json per question type next to the majority baseline; and the shapes_video evaluator's scoring."""
+"""configs/tiny_video.py end to end, shrunk to seconds: instruction tuning on moving-shapes clips (each row a clip's
+frames and one question; stage 0 and the alignment stages on shapes images are the tiny default's, which
+tests/test_runner.py runs), the held-out clips evaluated into eval.json per question type next to the majority
+baseline; and the shapes_video evaluator's scoring."""
 
 import json
 import os
@@ -23,6 +24,7 @@ def small_video_config(data_dir, instruct_steps=3):
   for name in config_lib.ALIGN_STAGES:
     c.stages[name].num_steps = 1
   c.stages.instruct.num_steps = instruct_steps
+  c.train.stages = ('instruct',)
   c.experts_pretrain.update(num_steps=2, batch_size=8)
   c.eval.update(num_scenes=4, batch_size=8)
   c.logging.every_steps = 1
