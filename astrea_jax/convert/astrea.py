@@ -69,7 +69,7 @@ UNSUPPORTED_FEATURES = {ram_plus.NAME: ('tags',)}
 # AstreaConfig field -> config.json field (`top_k` is a generation setting of every transformers config).
 SETTINGS = {name: name for name in ('num_visual_tokens', 'residual_heads', 'residual_gamma', 'residual_prob',
                                     'residual_add', 'router_context', 'instruct_fusion', 'contrastive_dim',
-                                    'train_experts')} | {'top_k': 'router_top_k'}
+                                    'train_experts', 'video_pool')} | {'top_k': 'router_top_k'}
 
 
 def expert_converter(slot: str, family: str, features: str | None = None) -> ConvertFamily:

@@ -62,7 +62,7 @@ class AstreaConfig(PretrainedConfig):
                fusion='routed', fusion_group=-1, residual_heads=4, residual_gamma=1.0, residual_prob=0.5,
                residual_add=False, router_top_k=3, router_context='visual', instruct_fusion='routed',
                contrastive_dim=32, train_experts=False, image_token_id=None, chat_template_name='chatml',
-               image_square='pad', **kwargs):
+               image_square='pad', video_pool=1, **kwargs):
     if isinstance(text_config, dict):
       text_config = LlamaConfig(**{k: v for k, v in text_config.items() if k != 'model_type'})
     self.text_config = text_config if text_config is not None else LlamaConfig()
@@ -76,6 +76,8 @@ class AstreaConfig(PretrainedConfig):
     self.contrastive_dim, self.train_experts = contrastive_dim, train_experts
     self.image_token_id = image_token_id
     self.chat_template_name, self.image_square = chat_template_name, image_square
+    self.video_pool = video_pool  # the JAX model's pooling of a video frame's tokens (kept for the round trip; the
+    #                               exported model and processor take images)
     kwargs.setdefault('tie_word_embeddings', self.text_config.tie_word_embeddings)
     super().__init__(**kwargs)
     problems = self.problems()
