@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from astrea_jax import config as config_lib
-from astrea_jax.data import images, pipeline, video
+from astrea_jax.data import images, video
 from astrea_jax.data.conversation import BadRecordError
 import hf_fixtures  # tests/
+from test_data_bad_input import rows  # tests/: every row of one unshuffled pass, and the counts
 
 FRAMES, VISUAL, POOL, SIZE = 4, 16, 2, 32
 
@@ -53,15 +54,6 @@ def make_config(root, records, policy='error', max_images=FRAMES):
   c.data.files.instruct = str(path)
   config_lib.validate(c)
   return c
-
-
-def rows(root, config):
-  it = iter(pipeline.make_dataset(config, 'instruct', tokenizer_dir=str(root / 'tokenizer'), shuffle=False,
-                                  num_epochs=1, batch_size=1))
-  try:
-    return list(it), it.counts
-  finally:
-    it.close()
 
 
 def test_a_video_fills_its_frames_slots_with_pooled_token_counts_in_temporal_order(root):
