@@ -10,11 +10,19 @@ are prepended: `pack_anyres_features`, a gather by `packed_token_index` (which a
 uses as data, each image's index computed on the host). `num_anyres_tokens` gives the resulting length, which is
 how many `<image>` placeholder tokens the prompt needs.
 
+Several experts (`AnyresGrid`): the grid of an image is chosen once, in units of one reference tile (the pinpoints
+are multiples of it, as LLaVA-NeXT's are of its vision tower's input), and every expert gets the same grid of the
+same regions at its own input side (`grid_tiles`). All experts give T tokens per tile, so the packed layout (which
+token of which tile goes where, `AnyresGrid.slot_index`) is one for all of them: their tokens can be fused per tile
+and packed once. A row's image slot holds M = `AnyresGrid.max_tiles` tiles (base first, then the grid, zeros after)
+and gives `AnyresGrid.num_tokens` tokens, at most `AnyresGrid.max_tokens`.
+
 Sizes are (height, width) throughout; grid pinpoints are (height, width) resolutions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -91,17 +99,31 @@ def anyres_tiles(image: np.ndarray, pinpoints: Sequence[Size], tile_size: int, m
                  std: Sequence[float] | None = None) -> np.ndarray:
   """uint8 image [H, W, 3] -> tiles [1 + rows*cols, tile, tile, 3] float32 in [0, 1], base tile first; normalised
   by mean/std when given (experts normalise their own inputs, so the model path passes none)."""
+  _check_image(image)
+  return grid_tiles(image, grid_shape(image.shape[:2], pinpoints, tile_size), tile_size, mean, std)
+
+
+def _check_image(image: np.ndarray) -> None:
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'anyres_tiles: expected a uint8 RGB image [H, W, 3], got {image.dtype}{list(image.shape)}')
-  target = select_best_resolution(image.shape[:2], pinpoints)
-  fitted = _resize_bicubic(image, resized_size(image.shape[:2], target))
-  pad_y, pad_x = target[0] - fitted.shape[0], target[1] - fitted.shape[1]
-  padded = np.pad(fitted, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)))
-  rows, cols = target[0] // tile_size, target[1] // tile_size
-  tiles = padded.reshape(rows, tile_size, cols, tile_size, 3).transpose(0, 2, 1, 3, 4).reshape(-1, tile_size,
-                                                                                              tile_size, 3)
+
+
+def grid_tiles(image: np.ndarray, grid: Size | None, tile_size: int, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None) -> np.ndarray:
+  """uint8 image [H, W, 3] -> [1 + rows*cols, tile, tile, 3] float32 in [0, 1]: the base tile (a plain resize of the
+  whole image), then the image fitted into rows*tile x cols*tile keeping its aspect ratio (bicubic), padded centred
+  with zeros and cut row-major. grid None: the base tile alone (a video frame). Normalised by mean/std when given."""
+  _check_image(image)
   base = _resize_bicubic(image, (tile_size, tile_size))[None]
-  pixels = np.concatenate([base, tiles]).astype(np.float64) * (1 / 255)
+  parts = [base]
+  if grid is not None:
+    target = (grid[0] * tile_size, grid[1] * tile_size)
+    fitted = _resize_bicubic(image, resized_size(image.shape[:2], target))
+    pad_y, pad_x = target[0] - fitted.shape[0], target[1] - fitted.shape[1]
+    padded = np.pad(fitted, ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)))
+    parts.append(padded.reshape(grid[0], tile_size, grid[1], tile_size, 3).transpose(0, 2, 1, 3, 4)
+                 .reshape(-1, tile_size, tile_size, 3))
+  pixels = np.concatenate(parts).astype(np.float64) * (1 / 255)
   pixels = pixels.astype(np.float32)
   if mean is None:
     return pixels
@@ -149,3 +171,62 @@ def pack_anyres_features(features: jax.Array, image_size: Size, pinpoints: Seque
     flat = jnp.concatenate([flat, image_newline[None].astype(flat.dtype)])
     index = np.where(index == NEWLINE, n * tokens, index)
   return flat[index]
+
+
+def check_pinpoints(pinpoints: Sequence[Sequence[int]], tile: int) -> tuple[Size, ...]:
+  """The pinpoints as (h, w) tuples; ValueError unless there is at least one and each is a pair of positive
+  multiples of `tile` (the grid's rows and columns are whole tiles)."""
+  out = tuple(tuple(int(x) for x in p) for p in pinpoints)
+  bad = [p for p in out if len(p) != 2 or min(p) <= 0 or p[0] % tile or p[1] % tile] if tile > 0 else out
+  if not out or bad:
+    raise ValueError(f'grid pinpoints {[list(p) for p in out]} with tile {tile}: expected (height, width) pairs of '
+                     f'positive multiples of the tile size {tile}' + (f'; {[list(p) for p in bad]} are not' if bad
+                                                                      else ''))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyresGrid:
+  """A model's AnyRes geometry (module docstring): the grid pinpoints (h, w), the reference tile side in pixels they
+  are multiples of, and t, the side of each tile's square token grid (T = t * t)."""
+  pinpoints: tuple[Size, ...]
+  tile: int
+  tokens_per_side: int
+
+  def __post_init__(self):
+    object.__setattr__(self, 'pinpoints', check_pinpoints(self.pinpoints, self.tile))
+    if self.tokens_per_side < 1:
+      raise ValueError(f'AnyresGrid: tokens_per_side={self.tokens_per_side}; expected >= 1')
+
+  @property
+  def max_tiles(self) -> int:
+    """M: the base tile plus the most grid tiles any pinpoint gives."""
+    return 1 + max((h // self.tile) * (w // self.tile) for h, w in self.pinpoints)
+
+  @property
+  def max_tokens(self) -> int:
+    """K: the most packed tokens an image can give (the largest grid uncropped, a newline per row)."""
+    t = self.tokens_per_side
+    return t * t + max((h // self.tile) * t * ((w // self.tile) * t + 1) for h, w in self.pinpoints)
+
+  def grid(self, image_size: Size) -> Size:
+    """(rows, cols) of the image's tiles, chosen in units of the reference tile."""
+    return grid_shape(image_size, self.pinpoints, self.tile)
+
+  def num_tokens(self, image_size: Size) -> int:
+    """The image's packed tokens: how many `<image>` placeholders it fills (`num_anyres_tokens`)."""
+    return num_anyres_tokens(image_size, self.pinpoints, self.tile, self.tokens_per_side)
+
+  def slot_index(self, image_size: Size | None) -> np.ndarray:
+    """int32 [K]: for each packed token of the image, its row in the slot's tile tokens flattened [M * T], or M * T
+    (the newline embedding, appended after them) where a row's newline goes; zeros after `num_tokens`. image_size
+    None: a video frame, the base tile's T tokens alone."""
+    t2 = self.tokens_per_side ** 2
+    if image_size is None:
+      packed = np.arange(t2)
+    else:
+      packed = packed_token_index(image_size, self.pinpoints, self.tile, self.tokens_per_side)
+      packed = np.where(packed == NEWLINE, self.max_tiles * t2, packed)
+    index = np.zeros(self.max_tokens, np.int32)
+    index[:len(packed)] = packed
+    return index
