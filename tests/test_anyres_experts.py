@@ -294,3 +294,59 @@ def test_a_tiny_four_expert_anyres_model_trains_in_every_stage_kind(setup, stage
     assert np.isfinite(float(metrics['moco_loss']))
     assert float(np.sum(metrics['router/token_share'])) == pytest.approx(1.0, abs=1e-5)
 
+# --- evaluation and generation ---
+
+def test_the_evaluation_loop_and_generation_pack_each_image_as_the_model_packs_it_alone(setup, tokenizer_dir):
+  """Prompts whose images differ in size (so in grids and token counts), one with two images and one with none, at
+  the main stage (routed with the instruction): each row's embeddings are those of each image alone through every
+  expert, fused per tile, packed as LLaVA-NeXT packs one image; generation embeds a prompt the same way; the caption
+  prompt's image embedding (retrieval) reads the base tiles."""
+  import benchmark_files  # tests/
+  from astrea_jax.eval import loop, multimodal
+  from astrea_jax.parallel import mesh as mesh_lib
+  cfg, params, _ = setup
+  mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  model = loop.EvalModel.create(cfg, params, 'main', tokenizer_dir, template='chatml', mesh=mesh,
+                                rules=config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  assert model.anyres
+  texts = ['what is it?', 'compare them', 'no image here']
+  per_row = [[smooth_image((40, 90), 0)], [smooth_image((77, 51), 1), smooth_image((120, 33), 2)], []]
+  rows = model.prompt_rows(texts, [[benchmark_files.ArrayImage(i) for i in r] for r in per_row])
+  assert rows.image_mask.sum(axis=1).tolist() == [sum(GRID.num_tokens(i.shape[:2]) for i in r) for r in per_row]
+  embeds, probs = model.prompt_inputs(model.batch_inputs(rows, np.arange(3)))
+  assert probs.shape == (3, 4) and np.allclose(np.asarray(probs[:2]).sum(-1), 1.0, atol=1e-5)
+
+  def alone(m, ids, image_mask, instruction_mask, row):
+    packed = []
+    instruction = m.pooled_instruction(ids, instruction_mask[:, None])  # [1, 1, D]: the router's text context
+    for image in row:
+      size = image.shape[:2]
+      tiles = {e.name: jnp.asarray(anyres.grid_tiles(image, GRID.grid(size), e.image_size))[None, None]
+               for e in expert_specs()}
+      tokens, _ = m.visual_tokens('main', tiles, instruction=instruction)  # [1, 1, 1 + rows * cols, T, D]
+      packed.append(anyres.pack_anyres_features(tokens[0, 0], size, PINPOINTS, TILE, m.image_newline))
+    visual = jnp.concatenate(packed)[None] if packed else jnp.zeros((1, 1, cfg.llm.hidden_size))
+    return m.prompt_embeddings(ids, visual, image_mask)
+
+  tok = pipeline.load_tokenizer(tokenizer_dir)
+  for r, row in enumerate(per_row):
+    real = rows.mask[r]
+    want = nn.apply(alone, model_lib.Astrea(cfg))({'params': params}, *(jnp.asarray(x[r][real][None]) for x in (
+        rows.ids, rows.image_mask, rows.instruction_mask)), row)
+    np.testing.assert_allclose(np.asarray(embeds[r][real]), np.asarray(want[0]), atol=1e-5)
+    prompt = multimodal.image_prompt(cfg, tok, model.template, texts[r], row, 'pad')
+    np.testing.assert_array_equal(prompt.ids[0], rows.ids[r][real])
+    np.testing.assert_allclose(np.asarray(multimodal.prompt_embeddings(cfg, params, 'main', prompt))[0],
+                               np.asarray(want[0]), atol=1e-5)
+    if row:
+      assert len(multimodal.generate_answer(cfg, params, 'main', prompt, 2, eos_id=None)) == 2
+
+  caption = model.prompt_rows(['describe'], [[benchmark_files.ArrayImage(per_row[0][0])]])
+  inputs = model.batch_inputs(caption, np.arange(1))
+  emb, _ = model.encoders.caption_outputs(model.params, inputs['ids'], inputs['image_mask'],
+                                          inputs['instruction_mask'], inputs['images'])
+  base = {slot: x[:, :, 0] for slot, x in inputs['images'].items()}
+  want = model.encoders.caption_outputs(model.params, inputs['ids'], inputs['image_mask'],
+                                        inputs['instruction_mask'], base)[0]
+  np.testing.assert_allclose(np.asarray(emb), np.asarray(want), atol=1e-6)
+
