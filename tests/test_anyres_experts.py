@@ -196,11 +196,6 @@ def test_bad_anyres_settings_are_config_errors_naming_the_field(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r'seq_len=170: expected more than the most AnyRes tokens of an '
                                                    r'image \* max_images = 176'):
     config_lib.validate(c)
-  c.data.seq_len = SEQ_LEN
-  c.train.feature_cache = 'disk'
-  with pytest.raises(config_lib.ConfigError, match=r"config.data.anyres with config.train.feature_cache='disk' is "
-                                                   'not supported yet'):
-    config_lib.validate(c)
 
 
 # --- the model ---
@@ -293,6 +288,47 @@ def test_a_tiny_four_expert_anyres_model_trains_in_every_stage_kind(setup, stage
   if stage == 'main':
     assert np.isfinite(float(metrics['moco_loss']))
     assert float(np.sum(metrics['router/token_share'])) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_disk_feature_cache_holds_each_tile_as_the_pipeline_cuts_it(setup, tmp_path, tokenizer_dir):
+  """The writer stores every image's M tiles (rows image_id * M + tile); a batch's `cached` [k, B, N, M, T, D] is
+  the earlier experts' projected tiles of that batch, and the alignment stage's tokens from it are the recomputed
+  ones."""
+  from astrea_jax.data import feature_cache, sources
+  from astrea_jax.parallel import mesh as mesh_lib
+  from astrea_jax.train import feature_writer, runner
+  cfg, params, _ = setup
+  c, image_sizes = llava_config(str(tmp_path), packing=False)
+  earlier = cfg.earlier_slots('align_detection')
+  assert earlier == ('caption', 'classification')
+  source, decoder, name = sources.open_source(c.data, 'align_caption', 'train')
+  store = feature_cache.FeatureStore(str(tmp_path / 'cache'))
+  mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  model = model_lib.Astrea(cfg)
+  feature_writer.write_features(c, model, params, earlier, source, decoder, name, store, mesh,
+                                config_lib.DEFAULT_LOGICAL_AXIS_RULES, dict.fromkeys(earlier, 'test'))
+  assert store.shape('caption') == (len(image_sizes) * GRID.max_tiles, T, cfg.llm.hidden_size)
+  it = iter(pipeline.make_dataset(c, 'align_caption', 'train', tokenizer_dir=tokenizer_dir, shuffle=False,
+                                  num_epochs=1, batch_size=3))
+  batch = runner.StageData(it, store, earlier, GRID.max_tiles).next()
+  assert batch['cached'].shape == (2, 3, MAX_IMAGES, GRID.max_tiles, T, cfg.llm.hidden_size)
+
+  def recomputed(m, batch):
+    project = lambda slot: m.project(slot, batch['images'][slot].reshape(-1, *batch['images'][slot].shape[-3:]))
+    with_cache = m.visual_tokens('align_detection', batch['images'], cached=batch['cached'])[0]
+    return (jnp.stack([project(slot) for slot in earlier]), with_cache,
+            m.visual_tokens('align_detection', batch['images'])[0])
+
+  images = {slot: jnp.asarray(x) for slot, x in batch['images'].items()}
+  projected, with_cache, without = nn.apply(recomputed, model)({'params': params},
+                                                               {'images': images, 'cached': batch['cached']})
+  valid = np.repeat(batch['image_ids'].reshape(-1) >= 0, GRID.max_tiles)
+  cached = batch['cached'].reshape(2, -1, T, cfg.llm.hidden_size)
+  np.testing.assert_allclose(cached[:, valid], np.asarray(projected)[:, valid], atol=1e-5)
+  assert not cached[:, ~valid].any()  # empty slots read as zeros
+  real = batch['image_ids'] >= 0  # (an empty slot's tokens, never read, attend to zeros instead)
+  np.testing.assert_allclose(np.asarray(with_cache)[real], np.asarray(without)[real], atol=1e-5)
+
 
 # --- evaluation and generation ---
 

@@ -57,9 +57,6 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
                       f'train.global_batch_size={t.global_batch_size}')
   if t.feature_cache not in ('disk', 'recompute'):
     raise ConfigError(f"config.train.feature_cache={t.feature_cache!r}: expected 'disk' or 'recompute'")
-  if t.feature_cache == 'disk' and config.data.anyres.pinpoints:
-    raise ConfigError("config.data.anyres with config.train.feature_cache='disk' is not supported yet (the cache "
-                      "holds one row per image, not per tile); use feature_cache='recompute'")
   if t.feature_cache_reuse not in ('rebuild', 'error'):
     raise ConfigError(f"config.train.feature_cache_reuse={t.feature_cache_reuse!r}: expected 'rebuild' or 'error'")
   unknown = sorted(set(config.stages.keys()) - set(STAGES))
