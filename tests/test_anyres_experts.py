@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from astrea_jax import config as config_lib
-from astrea_jax.astrea import anyres
+from astrea_jax.astrea import anyres as packing
 from astrea_jax.astrea import model as model_lib
+from astrea_jax.convert.hf_astrea import anyres_astrea as anyres
 from astrea_jax.core import stages as stage_table
 from astrea_jax.data import images, pipeline, sequence, templates
 from astrea_jax.data.conversation import Sample
@@ -64,13 +65,13 @@ def test_every_expert_cuts_one_grid_so_that_the_packed_token_layouts_agree(size)
   np.testing.assert_array_equal(tiles['caption'][0, :real], anyres.anyres_tiles(image, PINPOINTS, TILE))
   index = GRID.slot_index(size)
   count = GRID.num_tokens(size)
-  newline = index[:count] == GRID.max_tiles * T
+  newline = index[:count] == anyres.NEWLINE
   (top, bottom), _ = anyres.unpadded_shape(size, (rows, cols), 4)
   assert newline.sum() == bottom - top  # one per row of the cropped grid
 
   def pack(x):
-    colours = np.concatenate([token_colours(x).reshape(-1, 3), np.full((1, 3), -1.0)])
-    return colours[index[:count]]
+    colours = token_colours(x).reshape(-1, 3)
+    return np.where(newline[:, None], -1.0, colours[np.maximum(index[:count], 0)])
 
   packed = {}
   for slot, x in tiles.items():
@@ -220,7 +221,7 @@ def setup(tokenizer_dir):
   rows = [sequence.nest_images(sequence.pad_row(enc.encode(i, None), SEQ_LEN, MAX_IMAGES, 0)) for i in range(2)]
   batch = {k: v for k, v in jax.tree.map(lambda *x: np.stack(x), *rows).items() if k not in pipeline.COUNTERS}
   cfg = tiny_config()
-  assert cfg.anyres == GRID
+  assert images.model_anyres_grid(cfg) == GRID
   sides = {s: e[0] for s, e in EXPERTS.items()}
   params = nn.unbox(jax.jit(lambda key: model_lib.init_params(cfg, key, sides))(jax.random.key(0)))
   return cfg, params, batch
@@ -247,7 +248,8 @@ def test_each_slots_packed_tiles_fill_its_placeholders(setup, stage):
   assert tiles.shape == (2, MAX_IMAGES, GRID.max_tiles, T, cfg.llm.hidden_size)
   for r, row_sizes in enumerate(sizes):
     mask = batch['image_mask'][r].astype(bool)
-    want = [anyres.pack_anyres_features(tiles[r, s, :1 + np.prod(GRID.grid(size))], size, PINPOINTS, TILE, newline)
+    want = [packing.pack_anyres_features(tiles[r, s, :1 + np.prod(GRID.grid(size))],
+                                         anyres.packed_token_index(size, PINPOINTS, TILE, 4), newline)
             for s, size in enumerate(row_sizes)]
     np.testing.assert_allclose(np.asarray(embeds[r][mask]), np.concatenate(want), atol=1e-6)
     np.testing.assert_array_equal(np.asarray(embeds[r][~mask]), np.asarray(text[r][~mask]))
@@ -255,12 +257,12 @@ def test_each_slots_packed_tiles_fill_its_placeholders(setup, stage):
 
 def test_the_router_statistics_count_the_tile_tokens_the_packing_reads(setup):
   _, _, batch = setup
-  mask = np.asarray(model_lib.tile_token_mask(jnp.asarray(batch['anyres_index']), jnp.asarray(batch['image_tokens']),
-                                              GRID.max_tiles, T))
+  mask = np.asarray(packing.tile_token_mask(jnp.asarray(batch['anyres_index']), jnp.asarray(batch['image_tokens']),
+                                            GRID.max_tiles, T))
   for r, s, size in ((0, 0, (40, 90)), (1, 0, (77, 51)), (1, 1, (120, 33))):
     rows, cols = GRID.grid(size)
     index = GRID.slot_index(size)[:GRID.num_tokens(size)]
-    assert mask[r, s].sum() == len(set(index.tolist()) - {GRID.max_tiles * T})
+    assert mask[r, s].sum() == len(set(index.tolist()) - {anyres.NEWLINE})
     assert mask[r, s, 0].all() and not mask[r, s, 1 + rows * cols:].any()
   assert not mask[0, 1].any()  # the empty slot
 
@@ -360,7 +362,8 @@ def test_the_evaluation_loop_and_generation_pack_each_image_as_the_model_packs_i
       tiles = {e.name: jnp.asarray(anyres.grid_tiles(image, GRID.grid(size), e.image_size))[None, None]
                for e in expert_specs()}
       tokens, _ = m.visual_tokens('main', tiles, instruction=instruction)  # [1, 1, 1 + rows * cols, T, D]
-      packed.append(anyres.pack_anyres_features(tokens[0, 0], size, PINPOINTS, TILE, m.image_newline))
+      packed.append(packing.pack_anyres_features(tokens[0, 0], anyres.packed_token_index(size, PINPOINTS, TILE, 4),
+                                                 m.image_newline))
     visual = jnp.concatenate(packed)[None] if packed else jnp.zeros((1, 1, cfg.llm.hidden_size))
     return m.prompt_embeddings(ids, visual, image_mask)
 

@@ -62,7 +62,8 @@ def test_the_folder_is_a_custom_architecture_with_family_tensor_names(model):
   assert config['auto_map'] == astrea_family.AUTO_MAP
   code = [name for name in os.listdir(out) if name.endswith('.py')]
   assert {name.split('.')[0] + '.py' for name in config['auto_map'].values()} <= set(code)
-  assert imported_packages(out, code) <= {'torch', 'transformers', 'numpy', 'PIL', '__future__', 'math', 'typing'}
+  assert imported_packages(out, code) <= {'torch', 'transformers', 'numpy', 'PIL', '__future__', 'math', 'typing',
+                                          'dataclasses'}
   assert (config['stage'], config['fusion'], config['router_top_k']) == ('main', 'routed', cfg.top_k)
   with open(os.path.join(out, 'tokenizer_config.json')) as f:
     assert f.read().count('<|im_start|>assistant') >= 1  # the chat template is in the tokenizer config

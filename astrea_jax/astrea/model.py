@@ -16,17 +16,18 @@ over all B * N images and gives [B, N, T, D]. Sequence assembly: the prompt hold
 image, images in order; `splice_visual_tokens` replaces the placeholders by image 0's tokens, then image 1's, ...,
 and the LLM runs on the resulting input embeddings (block-diagonal per example for packed rows: `segment_ids`).
 
-AnyRes (LLaVA-NeXT, `anyres_pinpoints`; `astrea_jax.astrea.anyres`): an image slot holds M tiles, the base tile
-then the grid tiles of its best-fit resolution (one grid for every expert, each expert's tiles at its own input
-side), images {slot: [B, N, M, H, W, 3]}. Tiles are images to the fusion: every expert encodes every tile, and the
+AnyRes (LLaVA-NeXT, `anyres_pinpoints`; the host's tiling and packing indices are
+`astrea_jax.convert.hf_astrea.anyres_astrea`'s, the gathers `astrea_jax.astrea.anyres`'s): an image slot holds M tiles,
+the base tile then the grid tiles of its best-fit resolution (one grid for every expert, each expert's tiles at its own
+input side), images {slot: [B, N, M, H, W, 3]}. Tiles are images to the fusion: every expert encodes every tile, and the
 stage's fusion (residual attention over the earlier stages' tokens of the same tile, or the router and adapters per
-token) gives [B, N, M, T, D]. Each slot's tiles are then packed by its host-computed gather index (`anyres_index`
-[B, N, K]: crop of the stitched grid, the learned `image_newline` after each row, base tile first;
-`pack_tile_tokens`) to [B, N, K, D], of which the slot's `image_tokens` fill its placeholders. The momentum contrast
-embeds an image by its base tile's tokens (the whole image at the experts' input side, what the caption describes;
-the key encoder runs on base tiles alone); the router's losses and statistics count the tile tokens the packing
-reads (`tile_token_mask`: not the crop's padding, nor padded tiles). A single-expert model is LLaVA-NeXT
-(`anyres_tokens` packs one image, `convert.llava_next`).
+token) gives [B, N, M, T, D]. Each slot's tiles are then packed by its host-computed gather index (`anyres_index` [B, N,
+K]: crop of the stitched grid, the learned `image_newline` after each row, base tile first; `anyres.pack_tile_tokens`)
+to [B, N, K, D], of which the slot's `image_tokens` fill its placeholders. The momentum contrast embeds an image by its
+base tile's tokens (the whole image at the experts' input side, what the caption describes; the key encoder runs on base
+tiles alone); the router's losses and statistics count the tile tokens the packing reads (`anyres.tile_token_mask`: not
+the crop's padding, nor padded tiles). A single-expert model is LLaVA-NeXT (`anyres_tokens` packs one image,
+`convert.llava_next`).
 
 Parameters: experts/<slot>/..., projectors/<slot>/..., residual/<slot>/... (every alignment stage but the first),
 routing/{router,adapters}/... and heads/{image,text}/... (models with more than one expert), image_newline [D]
@@ -78,7 +79,8 @@ class AstreaConfig:
   contrastive_dim: int = 32                  # width of the MoCo embeddings (Eq. 5-8)
   anyres_pinpoints: tuple[tuple[int, int], ...] = ()  # AnyRes grid resolutions (h, w); () = off
   anyres_tile: int = 0                       # AnyRes reference tile side in pixels (the pinpoints are multiples of
-  #                                            it); each expert tiles the same grid at its own image_size
+  #                                            it, checked where the geometry is built: data.images.model_anyres_grid);
+  #                                            each expert tiles the same grid at its own image_size
   video_pool: int = 1                        # a video frame's T tokens are average-pooled p x p over their square
   #                                            grid to T / p^2 (`pool_frame_tokens`); 1 = frames keep T tokens
 
@@ -102,11 +104,6 @@ class AstreaConfig:
     if self.video_pool < 1 or side * side != self.num_visual_tokens or side % self.video_pool:
       problems.append(f'video_pool={self.video_pool} must be >= 1 and divide the side of the square token grid '
                       f'(num_visual_tokens={self.num_visual_tokens})')
-    if self.anyres_pinpoints:
-      try:
-        anyres.check_pinpoints(self.anyres_pinpoints, self.anyres_tile)
-      except ValueError as e:
-        problems.append(f'anyres_pinpoints / anyres_tile: {e}')
     if problems:
       raise ValueError('invalid AstreaConfig: ' + '; '.join(problems))
 
@@ -128,13 +125,6 @@ class AstreaConfig:
   @property
   def slots(self) -> tuple[str, ...]:
     return tuple(e.name for e in self.experts)
-
-  @property
-  def anyres(self) -> anyres.AnyresGrid | None:
-    """The AnyRes geometry (grid pinpoints, reference tile, tokens per tile side), None when AnyRes is off."""
-    if not self.anyres_pinpoints:
-      return None
-    return anyres.AnyresGrid(self.anyres_pinpoints, self.anyres_tile, math.isqrt(self.num_visual_tokens))
 
   @property
   def routed(self) -> bool:
@@ -233,30 +223,6 @@ def frame_tokens_in_slots(visual: Array, slot_tokens: Array, pool: int, frame_to
   padded = jnp.concatenate([pooled, visual[:, :, pooled.shape[2]:]], axis=2)
   frame = (slot_tokens == t // pool**2)[..., None, None]
   return jnp.where(frame, padded, visual)
-
-
-def pack_tile_tokens(tokens: Array, index: Array, newline: Array) -> Array:
-  """Packs each AnyRes slot's tile tokens by its gather index (`anyres.AnyresGrid.slot_index`).
-
-  tokens [B, N, M, T, D] (each slot's M tiles, base first), index int [B, N, K] into the slot's tiles' tokens
-  flattened [M * T] followed by the newline embedding (index M * T), newline [D] -> [B, N, K, D]."""
-  b, n, m, t, d = tokens.shape
-  flat = tokens.reshape(b, n, m * t, d)
-  flat = jnp.concatenate([flat, jnp.broadcast_to(newline.astype(flat.dtype), (b, n, 1, d))], axis=2)
-  return jnp.take_along_axis(flat, index[..., None].astype(jnp.int32), axis=2)
-
-
-def tile_token_mask(index: Array, slot_tokens: Array, num_tiles: int, tile_tokens: int, pool: int = 1) -> Array:
-  """Which tile tokens an AnyRes slot's packing reads: index [B, N, K] (`pack_tile_tokens`), of which the first
-  slot_tokens [B, N] are read (a video frame's slot, slot_tokens == T / pool^2 with pool > 1: its base tile's T,
-  which pooling reads) -> bool [B, N, M, T] (False for the crop's padding, padded tiles and empty slots)."""
-  b, n, k = index.shape
-  if pool > 1:
-    slot_tokens = jnp.where(slot_tokens == tile_tokens // pool**2, tile_tokens, slot_tokens)
-  read = jnp.arange(k) < slot_tokens[..., None]  # [B, N, K]
-  hits = jnp.zeros((b, n, num_tiles * tile_tokens + 1), jnp.bool_)
-  hits = hits.at[jnp.arange(b)[:, None, None], jnp.arange(n)[None, :, None], index].max(read)
-  return hits[..., :-1].reshape(b, n, num_tiles, tile_tokens)
 
 
 class BySlot(nn.Module):
@@ -372,14 +338,13 @@ class Astrea(nn.Module):
   def pack_tiles(self, tokens: Array, index: Array) -> Array:
     """AnyRes slots' tile tokens [B, N, M, T, D] packed by their index [B, N, K] -> [B, N, K, D]
     (`pack_tile_tokens` with the learned `image_newline`)."""
-    return pack_tile_tokens(tokens, index, self.image_newline)
+    return anyres.pack_tile_tokens(tokens, index, self.image_newline)
 
-  def anyres_tokens(self, tiles: Array, image_size: tuple[int, int]) -> Array:
-    """AnyRes visual tokens of one image: tiles [1 + n, tile, tile, 3] in [0, 1] (base first) -> [N, D]."""
-    slot = self.cfg.slots[0]
-    features = self.project(slot, tiles)  # [1 + n, T, D]
-    return anyres.pack_anyres_features(features, image_size, self.cfg.anyres_pinpoints, self.cfg.anyres_tile,
-                                       self.image_newline)
+  def anyres_tokens(self, tiles: Array, index: Array) -> Array:
+    """AnyRes visual tokens of one image with a one-expert model (LLaVA-NeXT): tiles [1 + n, tile, tile, 3] in
+    [0, 1] (base first), index [K] its packing (`anyres_astrea.packed_token_index`) -> [K, D]."""
+    features = self.project(self.cfg.slots[0], tiles)  # [1 + n, T, D]
+    return anyres.pack_anyres_features(features, index, self.image_newline)
 
   # --- MoCo heads (main stage) ---
 

@@ -21,6 +21,7 @@ from astrea_jax import config as config_lib
 from astrea_jax.astrea.model import AstreaConfig
 from astrea_jax.bench import timing
 from astrea_jax.core import stages as stage_table
+from astrea_jax.data import images as images_lib
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
 from astrea_jax.train import runner, stage_step, stages
@@ -38,7 +39,7 @@ def abstract_batch(config: ml_collections.ConfigDict, cfg: AstreaConfig, stage: 
   batch = {name: jax.ShapeDtypeStruct((b, l), jnp.int32) for name in ('inputs', 'targets', 'loss_mask', 'image_mask',
                                                                       'instruction_mask', 'segment_ids', 'positions')}
   batch['image_ids'] = batch['image_segment_ids'] = batch['image_tokens'] = jax.ShapeDtypeStruct((b, n), jnp.int32)
-  grid = cfg.anyres
+  grid = images_lib.model_anyres_grid(cfg)
   tiles = (n,) if grid is None else (n, grid.max_tiles)
   batch['images'] = {e.name: jax.ShapeDtypeStruct((b, *tiles, e.image_size, e.image_size, 3), jnp.float32)
                      for e in cfg.experts}

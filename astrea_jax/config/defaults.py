@@ -204,7 +204,8 @@ def base_config() -> ml_collections.ConfigDict:
   # packed (unpadded, a learned image_newline per row) to as many <image> positions as its size gives
   # (astrea_jax.astrea.anyres). pinpoints: (height, width) resolutions, LLaVA-NeXT's image_grid_pinpoints, multiples
   # of `tile`; () = off. tile: the reference tile side in pixels the grid is chosen in (each expert tiles the same
-  # grid at its own image_size); 0 = config.data.experts.<first aligned slot>.image_size.
+  # grid at its own image_size); 0 = config.data.experts.<first aligned slot>.image_size. data.image_square does not
+  # apply: the base tile is a plain resize of the image, as LLaVA-NeXT's.
   c.data.anyres = ml_collections.ConfigDict()
   c.data.anyres.pinpoints = ()
   c.data.anyres.tile = 0

@@ -9,9 +9,10 @@ from typing import Any
 
 import ml_collections
 
-from astrea_jax.astrea import anyres, router
+from astrea_jax.astrea import router
 from astrea_jax.config.build import llm_config
 from astrea_jax.config.run import run_stages
+from astrea_jax.convert.hf_astrea.anyres_astrea import AnyresGrid
 from astrea_jax.core.axes import MESH_AXES
 from astrea_jax.core.errors import ConfigError
 from astrea_jax.core.stages import ALIGN_STAGES, GROUP_SEPARATOR, STAGES, align_members, spec
@@ -162,7 +163,7 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.data.shapes.num_{split}={d.shapes[f'num_{split}']}: expected >= 1")
 
 
-def _anyres_grid(d: ml_collections.ConfigDict) -> anyres.AnyresGrid | None:
+def _anyres_grid(d: ml_collections.ConfigDict) -> AnyresGrid | None:
   """config.data.anyres as the pipeline and the model read it (`data.images.anyres_grid`), or a ConfigError."""
   if d.anyres.tile < 0:
     raise ConfigError(f'config.data.anyres.tile={d.anyres.tile}: expected a tile side in pixels, or 0 (the first '

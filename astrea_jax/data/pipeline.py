@@ -30,7 +30,7 @@ import numpy as np
 from absl import flags, logging
 from jax.sharding import Mesh, PartitionSpec
 
-from astrea_jax.astrea.anyres import AnyresGrid
+from astrea_jax.convert.hf_astrea.anyres_astrea import AnyresGrid
 from astrea_jax.data import images, sequence, sources, templates
 from astrea_jax.data.conversation import BadRecordError
 from astrea_jax.data.templates import ChatTemplate
@@ -105,7 +105,7 @@ class ExampleEncoder:
 
   def image_tokens(self, image: np.ndarray) -> int:
     """The placeholders an image [H, W, 3] fills: visual_tokens, or with AnyRes its size's count (as LLaVA-NeXT's
-    processor computes it, `anyres.AnyresGrid.num_tokens`)."""
+    processor computes it, `AnyresGrid.num_tokens`)."""
     return self.visual_tokens if self.anyres is None else self.anyres.num_tokens(image.shape[:2])
 
   def __call__(self, indexed: tuple[int, Any]) -> dict[str, Any] | Dropped:

@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from astrea_jax.astrea.model import Astrea, tile_token_mask
+from astrea_jax.astrea.anyres import tile_token_mask
+from astrea_jax.astrea.model import Astrea
 from astrea_jax.core import multihost, stages
 
 
@@ -28,7 +29,7 @@ class Encoders:
   ids, image_mask, instruction_mask [B, P] (left-padded prompts), images {slot: [B, N, S, S, 3]} in [0, 1]: N image
   slots per prompt, whose tokens fill the prompt's placeholders in order (the caption prompt has one). An AnyRes
   model's images are each slot's tiles {slot: [B, N, M, S, S, 3]}, with slot_tokens [B, N] (each image's
-  placeholders) and anyres_index [B, N, K] (its packing, `anyres.AnyresGrid.slot_index`).
+  placeholders) and anyres_index [B, N, K] (its packing, `AnyresGrid.slot_index`).
   """
   prompt_inputs: Any
   caption_outputs: Any
@@ -56,7 +57,7 @@ def prompt_embeddings(model: Astrea, params: Any, stage: str, ids: jax.Array, im
   """(LLM input embeddings [B, P, D] with the stage's visual tokens at the placeholders, the router's probabilities
   per prompt [B, n] averaged over the visual tokens the prompt reads ([B, 0] outside the routed stages)). AnyRes
   (anyres_index [B, N, K]): each slot's tiles packed (`Astrea.pack_tiles`); the mean counts the tile tokens the
-  packing reads (`model.tile_token_mask`)."""
+  packing reads (`anyres.tile_token_mask`)."""
   tokens, aux = row_visual_tokens(model, params, stage, ids, instruction_mask, images)
   probs = jnp.zeros((ids.shape[0], 0), jnp.float32)
   if anyres_index is None:

@@ -9,10 +9,10 @@ the chat template ending with the assistant header (`prompting.prompt_tokens`: e
 before an answer), all left-padded to the longest so that the encoders, the prefill and the decode loop each
 compile once. Images: each expert's input as training makes it (`data.images.expert_inputs`), {slot: [B, N, S, S,
 3]} with N the most images of any prompt (a prompt with fewer gets black images that none of its placeholders
-reads); an AnyRes model (`AstreaConfig.anyres`: LLaVA-NeXT, or Astrea with `config.data.anyres`) gets each image's
-tiles for every expert ({slot: [B, N, M, S, S, 3]}, `data.images.expert_tiles`) and as many placeholders as its size
-gives it tokens (`AnyresGrid.num_tokens`), packed by a gather per image (`AnyresGrid.slot_index`) so that images of
-every size share one compiled function. Generation: greedy, at most
+reads); an AnyRes model (`AstreaConfig.anyres_pinpoints`: LLaVA-NeXT, or Astrea with `config.data.anyres`) gets
+each image's tiles for every expert ({slot: [B, N, M, S, S, 3]}, `data.images.expert_tiles`) and as many
+placeholders as its size gives it tokens (`AnyresGrid.num_tokens`), packed by a gather per image
+(`AnyresGrid.slot_index`) so that images of every size share one compiled function. Generation: greedy, at most
 `max_new_tokens` tokens, stopping at the template's end marker; the text is cut there (`prompting.answer_text`).
 
 Every prompt is answered exactly once, on any mesh and any number of processes. The prompt list is padded to a
@@ -113,7 +113,12 @@ class EvalModel:
   @property
   def anyres(self) -> bool:
     """Whether images go in as AnyRes tiles, each with its own token count."""
-    return self.cfg.anyres is not None
+    return bool(self.cfg.anyres_pinpoints)
+
+  @property
+  def grid(self):
+    """The model's AnyRes geometry (`images_lib.model_anyres_grid`), None without AnyRes."""
+    return images_lib.model_anyres_grid(self.cfg)
 
   @property
   def end_marker(self) -> str:
@@ -144,7 +149,7 @@ class EvalModel:
     """The visual tokens of each image: the model's count, or an AnyRes image's own (its size decides)."""
     if not self.anyres:
       return [self.cfg.num_visual_tokens] * len(images)
-    return [self.cfg.anyres.num_tokens(np.asarray(i.load()).shape[:2]) for i in images]
+    return [self.grid.num_tokens(np.asarray(i.load()).shape[:2]) for i in images]
 
   def batch_inputs(self, rows: PromptRows, index: np.ndarray) -> dict[str, Any]:
     """The host inputs of prompts `index` [b]: ids, mask, image_mask, instruction_mask [b, P], and images {slot: [b,
@@ -169,7 +174,7 @@ class EvalModel:
   def _anyres_inputs(self, pixels: Sequence[Sequence[np.ndarray]], slots: int) -> dict[str, Any]:
     """Each row's images as AnyRes slots: images {slot: [b, N, M, S, S, 3]} (every expert's tiles of each image,
     `images_lib.expert_tiles`), image_tokens [b, N] (its placeholders) and anyres_index [b, N, K] (its packing)."""
-    grid = self.cfg.anyres
+    grid = self.grid
     images = {e.name: np.zeros((len(pixels), slots, grid.max_tiles, e.image_size, e.image_size, 3), np.float32)
               for e in self.experts}
     counts = np.zeros((len(pixels), slots), np.int32)

@@ -4,7 +4,7 @@ the run's chat template ending with the assistant header (`prompting.prompt_toke
 every expert as training prepares it (`images.expert_inputs`); the stage's visual tokens fill the `<image>`
 positions and greedy (or sampled) decoding runs on the LLM's KV cache until the template's end marker. An AnyRes
 model's images go in as every expert's tiles, each with its own count of placeholders and packing index, as the
-evaluation loop and training feed them (`images.expert_tiles`, `anyres.AnyresGrid`)."""
+evaluation loop and training feed them (`images.expert_tiles`, `anyres_astrea.AnyresGrid`)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class ImagePrompt:
 def image_prompt(cfg: AstreaConfig, tok: pipeline.TokenizerInfo, template: templates.ChatTemplate, text: str,
                  images: Sequence[np.ndarray], square_mode: str) -> ImagePrompt:
   """The model inputs of `text` asked about `images` (RGB uint8 [H, W, 3] each, in order)."""
-  experts, grid = images_lib.experts_from_model(cfg.experts), cfg.anyres
+  experts, grid = images_lib.experts_from_model(cfg.experts), images_lib.model_anyres_grid(cfg)
   counts = cfg.num_visual_tokens if grid is None else [grid.num_tokens(im.shape[:2]) for im in images]
   tokens = prompt_tokens(tok, template, templates.image_prompt(text, len(images)), counts)
   extra = {}

@@ -8,7 +8,7 @@ images {slot: [B, N, S, S, 3]}; in the MoCo stage captions, caption_mask [B, N, 
 caption per image); optional `cached`: [k, B, N, T, D] projected tokens of the earlier alignment stages from the
 feature cache. AnyRes rows (`config.data.anyres`) hold tiles, images {slot: [B, N, M, S, S, 3]}, and each slot's
 packing index anyres_index [B, N, K] (`Astrea.pack_tiles`): the router's losses and statistics count the tile tokens
-the packing reads (`model.tile_token_mask`), and MoCo embeds each image by its base tile's tokens (the key encoder
+the packing reads (`anyres.tile_token_mask`), and MoCo embeds each image by its base tile's tokens (the key encoder
 runs on the base tiles alone).
 """
 
@@ -22,7 +22,8 @@ import ml_collections
 
 from astrea_jax.astrea import losses as astrea_losses
 from astrea_jax.astrea import moco, router
-from astrea_jax.astrea.model import Astrea, tile_token_mask
+from astrea_jax.astrea.anyres import tile_token_mask
+from astrea_jax.astrea.model import Astrea
 from astrea_jax.core import stages as stage_table
 from astrea_jax.train import losses, stages
 

@@ -21,8 +21,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from astrea_jax import config as config_lib
-from astrea_jax.astrea import anyres
 from astrea_jax.astrea.model import Astrea, AstreaConfig
+from astrea_jax.convert.hf_astrea.anyres_astrea import AnyresGrid
 from astrea_jax.data import feature_cache, pipeline, sources
 from astrea_jax.data import images as images_lib
 from astrea_jax.data.conversation import BadRecordError
@@ -61,8 +61,8 @@ def cache_fingerprint(config: ml_collections.ConfigDict, cfg: AstreaConfig, para
            'inputs': [inputs.image_size, list(inputs.mean), list(inputs.std)], 'expert': expert.to_dict(),
            'tokens': [cfg.num_visual_tokens, cfg.llm.hidden_size], 'train_experts': cfg.train_experts,
            'params': params_checksum({'expert': params['experts'][slot], 'projector': params['projectors'][slot]})}
-  if cfg.anyres is not None:  # (absent otherwise, so that caches written before AnyRes existed stay current)
-    parts['anyres'] = [[list(p) for p in cfg.anyres.pinpoints], cfg.anyres.tile]
+  if cfg.anyres_pinpoints:  # (absent otherwise, so that caches written before AnyRes existed stay current)
+    parts['anyres'] = [[list(p) for p in cfg.anyres_pinpoints], cfg.anyres_tile]
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -103,7 +103,7 @@ def host_images(source, decoder, name: str, records: Sequence[int], counts: np.n
         yield int(image_id), None, False
 
 
-def host_rows(items, experts: Sequence[images_lib.ExpertImage], square_mode: str, grid: anyres.AnyresGrid | None):
+def host_rows(items, experts: Sequence[images_lib.ExpertImage], square_mode: str, grid: AnyresGrid | None):
   """(row, {slot: expert input [S, S, 3]}) for each image of `items` (`host_images`), as the training pipeline
   prepares it: one row per image, or with AnyRes one per tile (`feature_cache.tile_rows`); blank for None."""
   tiles = 1 if grid is None else grid.max_tiles
@@ -125,7 +125,7 @@ def write_features(config, model: Astrea, params, slots, source, decoder, name, 
   row (`host_rows`), the slot marked with its fingerprint. Host p reads the records i = p (mod process_count), every
   host runs the same number of global batches (padded with row -1), and each writes the rows of its own images."""
   experts = images_lib.experts_from_config(config.data.experts, config_lib.expert_families(config), slots)
-  grid = model.cfg.anyres
+  grid = images_lib.model_anyres_grid(model.cfg)
   tiles = 1 if grid is None else grid.max_tiles
   local = pipeline.local_batch_size(config.train.global_batch_size, jax.process_count())
   counts = image_counts(source)

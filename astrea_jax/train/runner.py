@@ -41,7 +41,7 @@ from absl import logging
 from astrea_jax import config as config_lib
 from astrea_jax.astrea.model import Astrea, AstreaConfig
 from astrea_jax.core import stages as stage_table
-from astrea_jax.data import feature_cache, pipeline, shapes_tfds, tokenizer
+from astrea_jax.data import feature_cache, images, pipeline, shapes_tfds, tokenizer
 from astrea_jax.eval import benchmarks as benchmarks_lib
 from astrea_jax.eval import evaluate as evaluate_lib
 from astrea_jax.eval import training as eval_training
@@ -258,7 +258,8 @@ def _run_stage(config, cfg, plan: StagePlan, index: int, params, mesh, rules, wo
   else:
     state = jax.jit(built.init_state, out_shardings=built.state_shardings)(params)
 
-  data = StageData(data_iter, store, cached_slots, cfg.anyres.max_tiles if cfg.anyres else 0)
+  grid = images.model_anyres_grid(cfg)
+  data = StageData(data_iter, store, cached_slots, grid.max_tiles if grid else 0)
   first = data.next()
   global_batch = pipeline.to_global_batch(_drop_counters(first), mesh, rules)
   compiled = stage_step.jit(built, mesh, rules, global_batch).lower(restore_into, global_batch).compile()
