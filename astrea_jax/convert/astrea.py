@@ -11,11 +11,12 @@ joined by '.', Dense kernels as `weight` [out, in]):
   routing.router.linear.*, routing.adapters.linear_{1,2}.* [experts, ...]  <-> routing/...   (more than one expert)
   heads.{image,text}.proj.*                          <-> heads/{image,text}/proj/*
   image_newline                                      <-> image_newline               (AnyRes)
-config.json holds the LLM's `LlamaConfig`, each expert's own HF vision config with its input and feature choices,
-the alignment order, the paper's settings, the AnyRes grid (`anyres_pinpoints`, `anyres_tile`) and the stage the
-weights were trained through (its fusion decides what the PyTorch model runs); `auto_map` names the PyTorch code of `astrea_jax/convert/hf_astrea`, which every export
-copies into the folder (`CODE_DIR`). The processor's files (tokenizer with the chat template, image settings) are
-written by `astrea_jax.data.hf_processor` and travel with the tokenizer through a converted checkpoint.
+config.json holds the LLM's `LlamaConfig`, each expert's own HF vision config with its input and feature choices, the
+alignment order, the paper's settings, the AnyRes grid (`anyres_pinpoints`, `anyres_tile`) and the stage the weights
+were trained through (its fusion decides what the PyTorch model runs); `auto_map` names the PyTorch code of
+`astrea_jax/convert/hf_astrea`, which every export copies into the folder (`CODE_DIR`). The processor's files (tokenizer
+with the chat template, image settings) are written by `astrea_jax.data.hf_processor` and travel with the tokenizer
+through a converted checkpoint.
 """
 
 from __future__ import annotations
