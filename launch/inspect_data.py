@@ -134,7 +134,9 @@ def main(argv):
       tiles.append(Image.new('RGB', (TILE, TILE), (128, 128, 128)))
       continue
     segmentation = None if segmentation_source is None else segmentation_source[image_id]['segmentation'][..., 0]
-    tiles.append(draw_tile(to_uint8(batch['images'][expert_name][row, 0]), masked, segmentation))
+    pixels = batch['images'][expert_name][row, 0]
+    pixels = pixels[0] if pixels.ndim == 4 else pixels  # AnyRes (config.data.anyres): the base tile
+    tiles.append(draw_tile(to_uint8(pixels), masked, segmentation))
   for name, count in it.counts.items():
     if count:
       print(f'{name}: {count}')

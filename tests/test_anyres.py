@@ -10,7 +10,8 @@ from transformers.image_processing_utils import select_best_resolution as hf_sel
 from transformers.models.llava_next import modeling_llava_next, processing_llava_next
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from astrea_jax.astrea import anyres
+from astrea_jax.astrea import anyres as packing
+from astrea_jax.convert.hf_astrea import anyres_astrea as anyres
 
 TILE, PATCH = 32, 8          # tiny CLIP: 32 px tiles of 4x4 = 16 tokens
 T = TILE // PATCH
@@ -55,7 +56,8 @@ def test_packing_matches_transformers(size):
   rows, cols = anyres.grid_shape(size, PINPOINTS, TILE)
   features = np.random.RandomState(0).randn(1 + rows * cols, T * T, 5).astype(np.float32)
   ref, ref_len, newline = _hf_pack(features, size)
-  ours = anyres.pack_anyres_features(jnp.asarray(features), size, PINPOINTS, TILE, jnp.asarray(newline))
+  ours = packing.pack_anyres_features(jnp.asarray(features), anyres.packed_token_index(size, PINPOINTS, TILE, T),
+                                      jnp.asarray(newline))
   assert ours.shape == ref.shape and ref_len == anyres.num_anyres_tokens(size, PINPOINTS, TILE, T)
   np.testing.assert_array_equal(np.asarray(ours), ref)
 
@@ -88,5 +90,5 @@ def test_token_count_matches_the_processor(size):
 def test_bad_inputs_are_named():
   with pytest.raises(ValueError, match=r'expected a uint8 RGB image \[H, W, 3\], got float32\[4, 4\]'):
     anyres.anyres_tiles(np.zeros((4, 4), np.float32), PINPOINTS, TILE, MEAN, STD)
-  with pytest.raises(ValueError, match=r'has a 1x2 grid, but 3 tiles were given'):
-    anyres.pack_anyres_features(jnp.zeros((4, 16, 2)), (32, 64), PINPOINTS, TILE, None)
+  with pytest.raises(ValueError, match=r'the packing reads tile 3 \(0: the base tile\), but 3 tiles were given'):
+    packing.pack_anyres_features(jnp.zeros((3, 16, 2)), anyres.packed_token_index((32, 96), PINPOINTS, TILE, T), None)

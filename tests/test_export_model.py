@@ -62,7 +62,8 @@ def test_the_folder_is_a_custom_architecture_with_family_tensor_names(model):
   assert config['auto_map'] == astrea_family.AUTO_MAP
   code = [name for name in os.listdir(out) if name.endswith('.py')]
   assert {name.split('.')[0] + '.py' for name in config['auto_map'].values()} <= set(code)
-  assert imported_packages(out, code) <= {'torch', 'transformers', 'numpy', 'PIL', '__future__', 'math', 'typing'}
+  assert imported_packages(out, code) <= {'torch', 'transformers', 'numpy', 'PIL', '__future__', 'math', 'typing',
+                                          'dataclasses'}
   assert (config['stage'], config['fusion'], config['router_top_k']) == ('main', 'routed', cfg.top_k)
   with open(os.path.join(out, 'tokenizer_config.json')) as f:
     assert f.read().count('<|im_start|>assistant') >= 1  # the chat template is in the tokenizer config
@@ -232,3 +233,69 @@ def test_a_bad_config_json_is_named_and_nothing_is_written(model, tmp_path, chan
   with pytest.raises(table.ConversionError, match=message):
     hf.import_hf(str(bad), str(tmp_path / 'ckpt'), 'astrea', show_progress=False)
   assert not os.path.exists(tmp_path / 'ckpt')
+
+
+# --- AnyRes (config.data.anyres) ---
+
+@pytest.fixture(scope='module')
+def anyres_model(tmp_path_factory):
+  """(cfg, params, tokenizer dir, export folder, image): the tiny default's model with AnyRes on a 64-pixel reference
+  tile (grids up to 2 x 2), the classification expert at 48 pixels, random parameters, exported."""
+  root = tmp_path_factory.mktemp('export_anyres')
+  c = runner_worker.small_config(str(root / 'unused'))
+  c.unlock()
+  c.data.experts.classification.image_size = 48
+  c.data.anyres.pinpoints = ((64, 128), (128, 64), (128, 128))
+  cfg = config_lib.model_config(c)
+  assert cfg.anyres_pinpoints and cfg.anyres_tile == 64
+  sizes = {e.name: e.image_size for e in cfg.experts}
+  params = jax.jit(lambda key: nn.unbox(init_params(cfg, key, sizes)))(jax.random.key(0))
+  params = export_fixtures.random_params(params)
+  tokenizer_dir = str(root / 'tokenizer')
+  hf_fixtures.make_chat_tokenizer(320).save_pretrained(tokenizer_dir)
+  out = str(root / 'hf')
+  export.export_model(out, cfg, export_fixtures.in_memory(params), 'main', tokenizer_dir, 'chatml', 'pad',
+                      show_progress=False)
+  image = export_fixtures.load_rgb(export_fixtures.shapes_image(str(root / 'shapes.png')))
+  return cfg, params, tokenizer_dir, out, image
+
+
+@pytest.mark.parametrize('stage,num_images', [('align_detection', 1), ('main', 2)])
+def test_an_anyres_export_tiles_packs_and_answers_as_jax(anyres_model, stage, num_images):
+  """The exported processor cuts every expert's tiles of each image's one grid and expands each `<image>` to the
+  image's own count; the PyTorch model fuses each tile and packs each image with the newline: logits and greedy
+  tokens equal JAX's (residual attention over two earlier stages; router and adapters over two images of different
+  aspect ratios)."""
+  cfg, params, tokenizer_dir, out, image = anyres_model
+  model = transformers.AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+  processor = transformers.AutoProcessor.from_pretrained(out, trust_remote_code=True)
+  fusion, group = astrea_family.stage_fusion(cfg, stage)
+  model.config.update(dict(stage=stage, fusion=fusion, fusion_group=group))
+  images = [image, image[::-1, :40]][:num_images]
+  ids, instruction, logits, new = export_fixtures.torch_outputs(model, processor, images, max_new_tokens=6)
+  want_ids, want_instruction, want_logits, want_new = export_fixtures.jax_outputs(
+      cfg, params, stage, tokenizer_dir, 'chatml', 'pad', images, max_new_tokens=6)
+  grid = images_lib.model_anyres_grid(cfg)
+  assert (ids == model.config.image_token_id).sum() == sum(grid.num_tokens(i.shape[:2]) for i in images)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_array_equal(instruction, want_instruction)
+  np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-4)
+  assert new == want_new and len(new) == 6
+
+
+def test_the_anyres_processor_gives_the_pipelines_tiles_and_the_import_reads_the_grid_back(anyres_model, tmp_path):
+  cfg, params, tokenizer_dir, out, image = anyres_model
+  processor = transformers.AutoProcessor.from_pretrained(out, trust_remote_code=True)
+  got = processor(images=[image, image[:, :30]], text='<image> and <image>', return_tensors='np')
+  grid = images_lib.model_anyres_grid(cfg)
+  np.testing.assert_array_equal(got['image_sizes'], [[64, 80], [64, 30]])  # (height, width)
+  tiles = images_lib.expert_tiles([image, image[:, :30]], grid, images_lib.experts_from_model(cfg.experts))
+  for e in cfg.experts:
+    want = (tiles[e.name] - np.asarray(e.image_mean, np.float32)) / np.asarray(e.image_std, np.float32)
+    np.testing.assert_allclose(got[f'pixel_values_{e.name}'], want.transpose(0, 1, 4, 2, 3), atol=1e-6)
+  meta = hf.import_hf(out, str(tmp_path / 'ckpt'), 'astrea', show_progress=False)
+  back = astrea_family.config_from_hf(meta['hf_config'])
+  assert (back.anyres_pinpoints, back.anyres_tile) == (cfg.anyres_pinpoints, cfg.anyres_tile)
+  stored = checkpoint.param_shapes(str(tmp_path / 'ckpt'))
+  loaded = checkpoint.load_param_leaves(str(tmp_path / 'ckpt'), {('image_newline',): stored[('image_newline',)]})
+  np.testing.assert_array_equal(loaded[('image_newline',)], params['image_newline'])

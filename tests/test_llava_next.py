@@ -12,7 +12,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 
 from astrea_jax.convert import loaders
 from astrea_jax import config as config_lib
-from astrea_jax.astrea import anyres
+from astrea_jax.convert.hf_astrea import anyres_astrea as anyres
 from astrea_jax.astrea import model as model_lib
 from astrea_jax.convert import hf, safetensors_io
 from astrea_jax.eval import generate, loop
@@ -70,7 +70,7 @@ def _our_embeddings(cfg, params, image, ids, size):
   tiles = jnp.asarray(anyres.anyres_tiles(image, PINPOINTS, TILE))
 
   def embed(m, tokens, tiles):
-    visual = m.anyres_tokens(tiles, size)[None]
+    visual = m.anyres_tokens(tiles, anyres.packed_token_index(size, PINPOINTS, TILE, TILE // PATCH))[None]
     return m.prompt_embeddings(tokens, visual, tokens == IMAGE_TOKEN)
 
   return nn.apply(embed, model_lib.Astrea(cfg))({'params': params}, jnp.asarray(ids), tiles)
@@ -172,7 +172,8 @@ def test_the_evaluation_loop_packs_anyres_images_of_several_sizes_as_the_model_d
   embeds, _ = model.prompt_inputs(model.batch_inputs(rows, np.arange(3)))
 
   def reference(m, ids, image_mask, row):
-    tokens = [m.anyres_tokens(jnp.asarray(anyres.anyres_tiles(i, PINPOINTS, TILE)), i.shape[:2]) for i in row]
+    tokens = [m.anyres_tokens(jnp.asarray(anyres.anyres_tiles(i, PINPOINTS, TILE)),
+                              anyres.packed_token_index(i.shape[:2], PINPOINTS, TILE, TILE // PATCH)) for i in row]
     visual = jnp.concatenate(tokens)[None] if tokens else jnp.zeros((1, 1, cfg.llm.hidden_size))
     return m.prompt_embeddings(ids, visual, image_mask)
 

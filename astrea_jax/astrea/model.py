@@ -16,9 +16,18 @@ over all B * N images and gives [B, N, T, D]. Sequence assembly: the prompt hold
 image, images in order; `splice_visual_tokens` replaces the placeholders by image 0's tokens, then image 1's, ...,
 and the LLM runs on the resulting input embeddings (block-diagonal per example for packed rows: `segment_ids`).
 
-AnyRes (LLaVA-NeXT) is available for single-expert models: the caption expert encodes the tiles of
-`astrea_jax.astrea.anyres.anyres_tiles`, the projector maps them, and `pack_anyres_features` lays them out with the
-learned `image_newline`.
+AnyRes (LLaVA-NeXT, `anyres_pinpoints`; the host's tiling and packing indices are
+`astrea_jax.convert.hf_astrea.anyres_astrea`'s, the gathers `astrea_jax.astrea.anyres`'s): an image slot holds M tiles,
+the base tile then the grid tiles of its best-fit resolution (one grid for every expert, each expert's tiles at its own
+input side), images {slot: [B, N, M, H, W, 3]}. Tiles are images to the fusion: every expert encodes every tile, and the
+stage's fusion (residual attention over the earlier stages' tokens of the same tile, or the router and adapters per
+token) gives [B, N, M, T, D]. Each slot's tiles are then packed by its host-computed gather index (`anyres_index` [B, N,
+K]: crop of the stitched grid, the learned `image_newline` after each row, base tile first; `anyres.pack_tile_tokens`)
+to [B, N, K, D], of which the slot's `image_tokens` fill its placeholders. The momentum contrast embeds an image by its
+base tile's tokens (the whole image at the experts' input side, what the caption describes; the key encoder runs on base
+tiles alone); the router's losses and statistics count the tile tokens the packing reads (`anyres.tile_token_mask`: not
+the crop's padding, nor padded tiles). A single-expert model is LLaVA-NeXT (`anyres_tokens` packs one image,
+`convert.llava_next`).
 
 Parameters: experts/<slot>/..., projectors/<slot>/..., residual/<slot>/... (every alignment stage but the first),
 routing/{router,adapters}/... and heads/{image,text}/... (models with more than one expert), image_newline [D]
@@ -69,7 +78,9 @@ class AstreaConfig:
   #                                            'routed' (Eq. 9-10); see the stage table, astrea_jax.core.stages
   contrastive_dim: int = 32                  # width of the MoCo embeddings (Eq. 5-8)
   anyres_pinpoints: tuple[tuple[int, int], ...] = ()  # AnyRes grid resolutions (h, w); () = off
-  anyres_tile: int = 0                       # AnyRes tile size in pixels
+  anyres_tile: int = 0                       # AnyRes reference tile side in pixels (the pinpoints are multiples of
+  #                                            it, checked where the geometry is built: data.images.model_anyres_grid);
+  #                                            each expert tiles the same grid at its own image_size
   video_pool: int = 1                        # a video frame's T tokens are average-pooled p x p over their square
   #                                            grid to T / p^2 (`pool_frame_tokens`); 1 = frames keep T tokens
 
@@ -93,8 +104,6 @@ class AstreaConfig:
     if self.video_pool < 1 or side * side != self.num_visual_tokens or side % self.video_pool:
       problems.append(f'video_pool={self.video_pool} must be >= 1 and divide the side of the square token grid '
                       f'(num_visual_tokens={self.num_visual_tokens})')
-    if self.anyres_pinpoints and (len(slots) != 1 or self.anyres_tile <= 0):
-      problems.append('AnyRes needs exactly one expert and a positive anyres_tile')
     if problems:
       raise ValueError('invalid AstreaConfig: ' + '; '.join(problems))
 
@@ -202,14 +211,15 @@ def pool_frame_tokens(tokens: Array, pool: int) -> Array:
   return pooled.reshape(*tokens.shape[:-2], (side // pool) ** 2, tokens.shape[-1])
 
 
-def frame_tokens_in_slots(visual: Array, slot_tokens: Array, pool: int) -> Array:
-  """visual [B, N, T, D] with each video frame's slot (slot_tokens == T / pool^2 < T) holding its pooled tokens
-  first (`pool_frame_tokens`), the rest of its T as they were (never read: `splice_visual_tokens` takes only
-  slot_tokens of them). Image slots are unchanged."""
-  t = visual.shape[2]
+def frame_tokens_in_slots(visual: Array, slot_tokens: Array, pool: int, frame_tokens: int | None = None) -> Array:
+  """visual [B, N, K, D] with each video frame's slot (slot_tokens == T / pool^2, T = frame_tokens, default K)
+  holding the pooled tokens of its first T first (`pool_frame_tokens`), the rest as they were (never read:
+  `splice_visual_tokens` takes only slot_tokens of them). Image slots are unchanged. K > T for AnyRes slots, whose
+  frames are their base tile's T tokens."""
+  t = frame_tokens or visual.shape[2]
   if pool == 1:
     return visual
-  pooled = pool_frame_tokens(visual, pool)  # [B, N, T', D]
+  pooled = pool_frame_tokens(visual[:, :, :t], pool)  # [B, N, T', D]
   padded = jnp.concatenate([pooled, visual[:, :, pooled.shape[2]:]], axis=2)
   frame = (slot_tokens == t // pool**2)[..., None, None]
   return jnp.where(frame, padded, visual)
@@ -308,24 +318,33 @@ class Astrea(nn.Module):
   def visual_tokens(self, stage: str, images: Mapping[str, Array], *, cached: Array | None = None,
                     instruction: Array | None = None, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
     """Visual tokens [B, N, T, D] of every image slot of every row, and aux ({'logits', 'probs'} [B, N, T, n] in the
-    routed stages). images {slot: [B, N, H, W, 3]}; cached [k, B, N, T, D]; instruction [B, N, D_text] (the router's
-    text context of each image). Empty slots (image id -1) are computed like the others; the caller masks them."""
-    b, n = next(iter(images.values())).shape[:2]
-    flat = {slot: x.reshape(b * n, *x.shape[2:]) for slot, x in images.items()}
+    routed stages). images {slot: [B, N, H, W, 3]}, or AnyRes tiles {slot: [B, N, M, H, W, 3]} -> [B, N, M, T, D]
+    (each tile fused as an image); cached [k, B, N, (M,) T, D]; instruction [B, N, D_text] (the router's text
+    context of each image, every tile of a slot routed with its slot's). Empty slots (image id -1) and padded tiles
+    are computed like the others; the caller masks them."""
+    first = next(iter(images.values()))
+    lead = first.shape[:-3]  # (B, N) or (B, N, M)
+    count = math.prod(lead)
+    flat = {slot: x.reshape(count, *x.shape[-3:]) for slot, x in images.items()}
     if cached is not None:
-      cached = cached.reshape(cached.shape[0], b * n, *cached.shape[3:])
-    if instruction is not None:
-      instruction = instruction.reshape(b * n, instruction.shape[-1])
+      cached = cached.reshape(cached.shape[0], count, *cached.shape[-2:])
+    if instruction is not None:  # [B, N, D] -> one per image (per tile: its slot's)
+      d, tile_axes = instruction.shape[-1], (1,) * (len(lead) - 2)
+      instruction = jnp.broadcast_to(instruction.reshape(*lead[:2], *tile_axes, d), (*lead, d)).reshape(count, d)
     tokens, aux = self.image_tokens(stage, flat, cached=cached, instruction=instruction, deterministic=deterministic)
-    unflat = lambda x: x.reshape(b, n, *x.shape[1:])
+    unflat = lambda x: x.reshape(*lead, *x.shape[1:])
     return unflat(tokens), {k: unflat(v) for k, v in aux.items()}
 
-  def anyres_tokens(self, tiles: Array, image_size: tuple[int, int]) -> Array:
-    """AnyRes visual tokens of one image: tiles [1 + n, tile, tile, 3] in [0, 1] (base first) -> [N, D]."""
-    slot = self.cfg.slots[0]
-    features = self.project(slot, tiles)  # [1 + n, T, D]
-    return anyres.pack_anyres_features(features, image_size, self.cfg.anyres_pinpoints, self.cfg.anyres_tile,
-                                       self.image_newline)
+  def pack_tiles(self, tokens: Array, index: Array) -> Array:
+    """AnyRes slots' tile tokens [B, N, M, T, D] packed by their index [B, N, K] -> [B, N, K, D]
+    (`pack_tile_tokens` with the learned `image_newline`)."""
+    return anyres.pack_tile_tokens(tokens, index, self.image_newline)
+
+  def anyres_tokens(self, tiles: Array, index: Array) -> Array:
+    """AnyRes visual tokens of one image with a one-expert model (LLaVA-NeXT): tiles [1 + n, tile, tile, 3] in
+    [0, 1] (base first), index [K] its packing (`anyres_astrea.packed_token_index`) -> [K, D]."""
+    features = self.project(self.cfg.slots[0], tiles)  # [1 + n, T, D]
+    return anyres.pack_anyres_features(features, index, self.image_newline)
 
   # --- MoCo heads (main stage) ---
 
@@ -360,19 +379,22 @@ class Astrea(nn.Module):
     if visual.ndim == 3:
       visual = visual[:, :, None]  # [B, N*T, D] -> N*T slots of one token
     if slot_tokens is not None:
-      visual = frame_tokens_in_slots(visual, slot_tokens, self.cfg.video_pool)
+      visual = frame_tokens_in_slots(visual, slot_tokens, self.cfg.video_pool, self.cfg.num_visual_tokens)
     return splice_visual_tokens(self.embed_tokens(tokens), visual, image_mask, slot_tokens)
 
   def __call__(self, tokens: Array, images: Mapping[str, Array], image_mask: Array, *, stage: str,
                attention_mask: Array | None = None, segment_ids: Array | None = None,
                positions: Array | None = None, cached: Array | None = None, instruction: Array | None = None,
-               slot_tokens: Array | None = None, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
-    """(logits [B, L, V] fp32, aux) for a batch: tokens [B, L] with placeholders, images {slot: [B, N, H, W, 3]};
-    packed rows pass segment_ids (and positions) [B, L] instead of attention_mask; slot_tokens [B, N] the
-    placeholders each image slot fills (`prompt_embeddings`). aux['visual']: [B, N, T, D]."""
+               slot_tokens: Array | None = None, anyres_index: Array | None = None,
+               deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+    """(logits [B, L, V] fp32, aux) for a batch: tokens [B, L] with placeholders, images {slot: [B, N, H, W, 3]}
+    (AnyRes: tiles [B, N, M, H, W, 3] with anyres_index [B, N, K], `pack_tiles`); packed rows pass segment_ids (and
+    positions) [B, L] instead of attention_mask; slot_tokens [B, N] the placeholders each image slot fills
+    (`prompt_embeddings`). aux['visual']: [B, N, T, D] (AnyRes: the tiles' [B, N, M, T, D], before packing)."""
     visual, aux = self.visual_tokens(stage, images, cached=cached, instruction=instruction,
                                      deterministic=deterministic)
-    logits, _ = self.llm(inputs_embeds=self.prompt_embeddings(tokens, visual, image_mask, slot_tokens),
+    packed = visual if anyres_index is None else self.pack_tiles(visual, anyres_index)
+    logits, _ = self.llm(inputs_embeds=self.prompt_embeddings(tokens, packed, image_mask, slot_tokens),
                          attention_mask=attention_mask, segment_ids=segment_ids, positions=positions)
     return logits, dict(aux, visual=visual)
 

@@ -21,6 +21,7 @@ from astrea_jax import config as config_lib
 from astrea_jax.astrea.model import AstreaConfig
 from astrea_jax.bench import timing
 from astrea_jax.core import stages as stage_table
+from astrea_jax.data import images as images_lib
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
 from astrea_jax.train import runner, stage_step, stages
@@ -31,14 +32,19 @@ GIB = 2**30
 
 def abstract_batch(config: ml_collections.ConfigDict, cfg: AstreaConfig, stage: str, mesh: jax.sharding.Mesh,
                    rules) -> dict[str, Any]:
-  """ShapeDtypeStructs of one global batch (every field the stage's step reads; one image slot per row, every expert's
-  input), with the batch axis sharded over the data axes."""
+  """ShapeDtypeStructs of one global batch (every field the stage's step reads; max_images image slots per row, every
+  expert's input: with AnyRes every slot's M tiles and its packing index), with the batch axis sharded over the data
+  axes."""
   b, l, n = config.train.global_batch_size, config.data.seq_len, config.data.max_images
   batch = {name: jax.ShapeDtypeStruct((b, l), jnp.int32) for name in ('inputs', 'targets', 'loss_mask', 'image_mask',
                                                                       'instruction_mask', 'segment_ids', 'positions')}
   batch['image_ids'] = batch['image_segment_ids'] = batch['image_tokens'] = jax.ShapeDtypeStruct((b, n), jnp.int32)
-  batch['images'] = {e.name: jax.ShapeDtypeStruct((b, n, e.image_size, e.image_size, 3), jnp.float32)
+  grid = images_lib.model_anyres_grid(cfg)
+  tiles = (n,) if grid is None else (n, grid.max_tiles)
+  batch['images'] = {e.name: jax.ShapeDtypeStruct((b, *tiles, e.image_size, e.image_size, 3), jnp.float32)
                      for e in cfg.experts}
+  if grid is not None:
+    batch['anyres_index'] = jax.ShapeDtypeStruct((b, n, grid.max_tokens), jnp.int32)
   if stage_table.spec(stage).moco:
     batch['captions'] = batch['caption_mask'] = jax.ShapeDtypeStruct((b, n, config.moco.caption_len), jnp.int32)
   return sharding.with_shardings(batch, step_lib.batch_shardings(batch, mesh, rules))

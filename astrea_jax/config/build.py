@@ -11,6 +11,7 @@ import ml_collections
 from astrea_jax.astrea.model import AstreaConfig
 from astrea_jax.convert import checkpoint
 from astrea_jax.core.errors import ConfigError
+from astrea_jax.data import images
 from astrea_jax.models import families, llama
 
 
@@ -52,9 +53,18 @@ def expert_config(config: ml_collections.ConfigDict, slot: str):
     raise ConfigError(f'config.model.experts.{slot}: {e}') from e
 
 
+def anyres_fields(config: ml_collections.ConfigDict) -> dict:
+  """AstreaConfig's anyres_pinpoints / anyres_tile of config.data.anyres (none when off); errors name the field."""
+  try:
+    grid = images.anyres_grid(config.data)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.data.anyres={config.data.anyres.to_dict()}: {e}') from None
+  return {} if grid is None else {'anyres_pinpoints': grid.pinpoints, 'anyres_tile': grid.tile}
+
+
 def model_config(config: ml_collections.ConfigDict) -> AstreaConfig:
   """The frozen `AstreaConfig` of a run: config.llm, each slot's expert (`expert_config`), config.data.visual_tokens
-  (T), config.data.align_order, config.stages.instruct.fusion and config.astrea / config.moco."""
+  (T), config.data.align_order, config.data.anyres, config.stages.instruct.fusion and config.astrea / config.moco."""
   experts = tuple(expert_config(config, slot) for slot in config.model.experts)
   a = config.astrea
   try:
@@ -63,6 +73,7 @@ def model_config(config: ml_collections.ConfigDict) -> AstreaConfig:
                         residual_heads=a.residual_heads, residual_gamma=a.residual_gamma,
                         residual_prob=a.residual_prob, residual_add=a.residual_add, top_k=a.top_k,
                         router_context=a.router_context, instruct_fusion=config.stages.instruct.fusion,
-                        contrastive_dim=config.moco.embed_dim, video_pool=config.data.video.pool)
+                        contrastive_dim=config.moco.embed_dim, video_pool=config.data.video.pool,
+                        **anyres_fields(config))
   except ValueError as e:
     raise ConfigError(f'config.model / config.astrea: {e}') from e

@@ -202,6 +202,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.video = ml_collections.ConfigDict()  # video records ("video": path, one <video>): astrea_jax.data.video
   c.data.video.num_frames = 8        # frames sampled uniformly from each video, each one image slot (<= max_images)
   c.data.video.pool = 2              # a frame's visual_tokens are average-pooled pool x pool (LLaVA-NeXT-Video: 2)
+  # LLaVA-NeXT AnyRes (the paper's "LLaVA-Next framework for multi-resolution settings", Sec. 4.1): each image is its
+  # base tile plus the tiles of its best-fit grid resolution, every tile through every expert and the stage's fusion,
+  # packed (unpadded, a learned image_newline per row) to as many <image> positions as its size gives
+  # (astrea_jax.astrea.anyres). pinpoints: (height, width) resolutions, LLaVA-NeXT's image_grid_pinpoints, multiples
+  # of `tile`; () = off. tile: the reference tile side in pixels the grid is chosen in (each expert tiles the same
+  # grid at its own image_size); 0 = config.data.experts.<first aligned slot>.image_size. data.image_square does not
+  # apply: the base tile is a plain resize of the image, as LLaVA-NeXT's.
+  c.data.anyres = ml_collections.ConfigDict()
+  c.data.anyres.pinpoints = ()
+  c.data.anyres.tile = 0
   c.data.packing = False             # first-fit pack several examples per row (segment_ids) instead of padding
   c.data.on_bad_record = 'error'     # error: raise naming the file and record | skip: drop, count and log it
   c.data.max_consecutive_drops = 1000  # this many records dropped in a row (bad, or no answer within seq_len) stop

@@ -12,10 +12,11 @@ import ml_collections
 from astrea_jax.astrea import router
 from astrea_jax.config.build import llm_config
 from astrea_jax.config.run import run_stages
+from astrea_jax.convert.hf_astrea.anyres_astrea import AnyresGrid
 from astrea_jax.core.axes import MESH_AXES
 from astrea_jax.core.errors import ConfigError
 from astrea_jax.core.stages import ALIGN_STAGES, GROUP_SEPARATOR, STAGES, align_members, spec
-from astrea_jax.data import templates
+from astrea_jax.data import images, templates
 
 
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -132,10 +133,6 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
                      ('num_workers', 0), ('worker_buffer_size', 0), ('max_consecutive_drops', 1)):
     if d[field] < low:
       raise ConfigError(f'config.data.{field}={d[field]}: expected >= {low}')
-  if not d.visual_tokens * d.max_images < d.seq_len <= config.llm.max_position_embeddings:
-    raise ConfigError(f'config.data.seq_len={d.seq_len}: expected more than visual_tokens * max_images = '
-                      f'{d.visual_tokens * d.max_images} and at most llm.max_position_embeddings='
-                      f'{config.llm.max_position_embeddings}')
   side = math.isqrt(d.visual_tokens)
   if d.video.num_frames < 0 or d.video.pool < 1 or side * side != d.visual_tokens or side % d.video.pool:
     raise ConfigError(f'config.data.video={d.video.to_dict()}: expected num_frames >= 0 (0: no video) and a pool that '
@@ -152,11 +149,29 @@ def _validate_data(config: ml_collections.ConfigDict) -> None:
     if e.image_size < 1 or len(e.mean) not in (0, 3) or len(e.std) not in (0, 3) or min(e.std, default=1) <= 0:
       raise ConfigError(f'config.data.experts.{slot}={e.to_dict()}: expected image_size >= 1 and three means and '
                         f'three positive stds (or none: the family\'s)')
+  grid = _anyres_grid(d)
+  per_image, what = (grid.max_tokens, 'the most AnyRes tokens of an image') if grid else (d.visual_tokens,
+                                                                                           'visual_tokens')
+  if not per_image * d.max_images < d.seq_len <= config.llm.max_position_embeddings:
+    raise ConfigError(f'config.data.seq_len={d.seq_len}: expected more than {what} * max_images = '
+                      f'{per_image * d.max_images} and at most llm.max_position_embeddings='
+                      f'{config.llm.max_position_embeddings}')
   if not 16 <= d.shapes.image_size <= 384:
     raise ConfigError(f'config.data.shapes.image_size={d.shapes.image_size}: expected 16 to 384 pixels')
   for split in ('train', 'validation', 'test'):
     if d.shapes[f'num_{split}'] < 1:
       raise ConfigError(f"config.data.shapes.num_{split}={d.shapes[f'num_{split}']}: expected >= 1")
+
+
+def _anyres_grid(d: ml_collections.ConfigDict) -> AnyresGrid | None:
+  """config.data.anyres as the pipeline and the model read it (`data.images.anyres_grid`), or a ConfigError."""
+  if d.anyres.tile < 0:
+    raise ConfigError(f'config.data.anyres.tile={d.anyres.tile}: expected a tile side in pixels, or 0 (the first '
+                      'aligned expert\'s config.data.experts.<slot>.image_size)')
+  try:
+    return images.anyres_grid(d)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.data.anyres={d.anyres.to_dict()}: {e}') from None
 
 
 def _validate_run_services(config: ml_collections.ConfigDict) -> None:

@@ -10,11 +10,13 @@ joined by '.', Dense kernels as `weight` [out, in]):
   residual.<slot>.{q,k,v,o}_proj.*                   <-> residual/<slot>/*           (pre-alignment slots but the first)
   routing.router.linear.*, routing.adapters.linear_{1,2}.* [experts, ...]  <-> routing/...   (more than one expert)
   heads.{image,text}.proj.*                          <-> heads/{image,text}/proj/*
-config.json holds the LLM's `LlamaConfig`, each expert's own HF vision config with its input and feature choices,
-the alignment order, the paper's settings and the stage the weights were trained through (its fusion decides what
-the PyTorch model runs); `auto_map` names the PyTorch code of `astrea_jax/convert/hf_astrea`, which every export
-copies into the folder (`CODE_DIR`). The processor's files (tokenizer with the chat template, image settings) are
-written by `astrea_jax.data.hf_processor` and travel with the tokenizer through a converted checkpoint.
+  image_newline                                      <-> image_newline               (AnyRes)
+config.json holds the LLM's `LlamaConfig`, each expert's own HF vision config with its input and feature choices, the
+alignment order, the paper's settings, the AnyRes grid (`anyres_pinpoints`, `anyres_tile`) and the stage the weights
+were trained through (its fusion decides what the PyTorch model runs); `auto_map` names the PyTorch code of
+`astrea_jax/convert/hf_astrea`, which every export copies into the folder (`CODE_DIR`). The processor's files (tokenizer
+with the chat template, image settings) are written by `astrea_jax.data.hf_processor` and travel with the tokenizer
+through a converted checkpoint.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ UNSUPPORTED_FEATURES = {ram_plus.NAME: ('tags',)}
 # AstreaConfig field -> config.json field (`top_k` is a generation setting of every transformers config).
 SETTINGS = {name: name for name in ('num_visual_tokens', 'residual_heads', 'residual_gamma', 'residual_prob',
                                     'residual_add', 'router_context', 'instruct_fusion', 'contrastive_dim',
-                                    'train_experts', 'video_pool')} | {'top_k': 'router_top_k'}
+                                    'train_experts', 'video_pool', 'anyres_tile')} | {'top_k': 'router_top_k'}
 
 
 def expert_converter(slot: str, family: str, features: str | None = None) -> ConvertFamily:
@@ -97,8 +99,6 @@ def stage_fusion(cfg: AstreaConfig, stage: str) -> tuple[str, int]:
 def config_to_hf(cfg: AstreaConfig, original: dict[str, Any] | None, dtype: str) -> dict[str, Any]:
   """The config.json dict: `original`'s fields kept (the stage, token ids, template; a stored config.json), our
   shapes and settings written over. The stage defaults to 'main' (a routed model) or the last alignment stage."""
-  if cfg.anyres_pinpoints:
-    raise ConversionError(f'family {NAME!r}: AnyRes models export as family llava_next, not {NAME!r}')
   hf = dict(original or {})
   for key in ('transformers_version', 'torch_dtype', 'auto_map', 'architectures', 'model_type'):
     hf.pop(key, None)
@@ -114,7 +114,7 @@ def config_to_hf(cfg: AstreaConfig, original: dict[str, Any] | None, dtype: str)
   hf.update({hf_name: getattr(cfg, name) for name, hf_name in SETTINGS.items()})
   hf.update(text_config=llama.config_to_hf(cfg.llm, hf.get('text_config'), dtype), vision_experts=experts,
             align_groups=[list(stages.spec(s).slots) for s in cfg.stages], stage=stage, fusion=fusion,
-            fusion_group=group, dtype=dtype)
+            fusion_group=group, dtype=dtype, anyres_pinpoints=[list(p) for p in cfg.anyres_pinpoints])
   from astrea_jax.convert.hf_astrea import configuration_astrea  # transformers (and torch) only when writing
   try:
     out = configuration_astrea.AstreaConfig(**hf).to_dict()
@@ -149,6 +149,7 @@ def config_from_hf(hf: dict[str, Any], where: str = 'config.json') -> AstreaConf
                        for group in hf['align_groups'])
   return AstreaConfig(llm=llama.config_from_hf(hf['text_config'], f'{where}: text_config'), experts=tuple(experts),
                       align_stages=align_stages,
+                      anyres_pinpoints=tuple(tuple(p) for p in hf.get('anyres_pinpoints') or ()),
                       **{name: hf[hf_name] for name, hf_name in SETTINGS.items() if hf_name in hf})
 
 
@@ -194,6 +195,8 @@ def rules(cfg: AstreaConfig) -> list[table.TensorRule]:
     out += routing_rules('routing.', 'routing/', len(cfg.experts), d, d if cfg.router_context == 'visual+text' else 0)
     for name in ('image', 'text'):
       out += head_rules(f'heads.{name}.', f'heads/{name}/', d, cfg.contrastive_dim)
+  if cfg.anyres_pinpoints:
+    out.append(table.rule('image_newline', 'image_newline', (d,), table.identity()))
   return out
 
 

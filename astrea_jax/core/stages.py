@@ -15,6 +15,8 @@ stage aligning several experts at once ("caption then all at once"): its spec jo
 has no spec.
 
 Trainable sets are regexes over '/'-joined parameter paths, per fusion; '{slot}' stands for each aligned slot.
+Every stage trains the AnyRes `image_newline` where the model has one (LLaVA-NeXT trains it with the projector): it
+sits in the LLM's input among the stage's visual tokens, which each stage makes its own way.
 """
 
 from __future__ import annotations
@@ -53,15 +55,16 @@ class StageSpec:
     return tuple(patterns) + (('experts/.*',) if train_experts and self.kind != 'align' else ())
 
 
-_ALIGN_TRAINABLE = {'residual': ('projectors/{slot}/.*', 'residual/{slot}/.*')}
+NEWLINE = 'image_newline'  # the AnyRes row-end embedding (absent without AnyRes: the pattern then matches nothing)
+_ALIGN_TRAINABLE = {'residual': ('projectors/{slot}/.*', 'residual/{slot}/.*', NEWLINE)}
 TABLE = (
     StageSpec('align_caption', 'align', _ALIGN_TRAINABLE, ('caption',), ('caption',)),
     StageSpec('align_classification', 'align', _ALIGN_TRAINABLE, ('classification',), ('recognition',)),
     StageSpec('align_detection', 'align', _ALIGN_TRAINABLE, ('detection',), ('detection',)),
     StageSpec('align_segmentation', 'align', _ALIGN_TRAINABLE, ('segmentation',), ('segmentation',)),
-    StageSpec('instruct', 'instruct', {'residual': ('projectors/.*', 'residual/.*', 'llm/.*'),
-                                       'routed': ('routing/.*', 'llm/.*')}),
-    StageSpec('main', 'main', {'routed': ('routing/.*', 'heads/.*', 'llm/.*')}, moco=True),
+    StageSpec('instruct', 'instruct', {'residual': ('projectors/.*', 'residual/.*', NEWLINE, 'llm/.*'),
+                                       'routed': ('routing/.*', NEWLINE, 'llm/.*')}),
+    StageSpec('main', 'main', {'routed': ('routing/.*', 'heads/.*', NEWLINE, 'llm/.*')}, moco=True),
 )
 BY_NAME = {s.name: s for s in TABLE}
 STAGES = tuple(BY_NAME)

@@ -15,6 +15,9 @@ Layout (one tensorstore key-value store rooted at `directory`: a local path, or 
   <directory>/<slot>/astrea_complete.json    completion marker: num_images, shape, dtype, rows written, ...
 
 Image ids are dense integers in [0, num_images): the shapes dataset's record index, a LLaVA file's image number.
+With AnyRes (config.data.anyres) a row holds one tile: an image's M tiles (base first, then its grid, padded tiles
+too) are rows image_id * M + tile (`tile_rows`), so num_images counts tiles and `lookup` of the rows gives the
+`cached` field [k, B, N, M, T, D].
 A size to plan for: 558k images x 576 tokens x D 5120 in bfloat16 is 3.3 TB per slot (5.9 MB per chunk file).
 
 Fingerprints. Each slot's marker stores the fingerprint its writer gave (what produced the tokens: the producing
@@ -72,6 +75,13 @@ class FeatureCacheError(ValueError):
 
 
 # --- pure helpers ---
+
+
+def tile_rows(image_ids, num_tiles: int) -> np.ndarray:
+  """The rows of AnyRes images' tiles: image ids [...] -> [..., num_tiles] (image_id * num_tiles + tile; -1 stays -1,
+  an empty image slot)."""
+  ids = np.asarray(image_ids, np.int64)[..., None]
+  return np.where(ids == EMPTY_ID, EMPTY_ID, ids * num_tiles + np.arange(num_tiles))
 
 
 def kvstore_spec(directory: str) -> dict | str:

@@ -13,13 +13,16 @@ so that a PyTorch user's inputs are the training data's.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
+from astrea_jax.convert.hf_astrea import anyres_astrea as anyres
 from astrea_jax.convert.hf_astrea.inputs_astrea import square_image
+from astrea_jax.core.stages import align_slot_order
 from astrea_jax.data.conversation import BadRecordError
 from astrea_jax.models.families import normalization
 
@@ -88,3 +91,32 @@ def expert_inputs(images: Sequence[np.ndarray], experts: Sequence[ExpertImage],
   """Each expert's inputs for a list of images: {name: float32 [len(images), S, S, 3]}."""
   return {e.name: np.stack([expert_input(im, e, square_mode) for im in images]) if images else
           np.zeros((0, e.image_size, e.image_size, 3), np.float32) for e in experts}
+
+
+def anyres_grid(data: Mapping) -> anyres.AnyresGrid | None:
+  """The AnyRes geometry of `config.data` (its `anyres`, `visual_tokens`, and the first aligned slot's image size
+  when `anyres.tile` is 0); None when AnyRes is off. ValueError when the pinpoints are not multiples of the tile."""
+  settings = data['anyres']
+  if not settings['pinpoints']:
+    return None
+  tile = settings['tile'] or int(data['experts'][align_slot_order(data['align_order'])[0]]['image_size'])
+  return anyres.AnyresGrid(tuple(tuple(p) for p in settings['pinpoints']), tile, math.isqrt(data['visual_tokens']))
+
+
+def model_anyres_grid(cfg) -> anyres.AnyresGrid | None:
+  """The AnyRes geometry of a model (`AstreaConfig`: its anyres_pinpoints, anyres_tile and num_visual_tokens), None
+  when AnyRes is off; what a converted checkpoint, which has no run config, is fed by."""
+  if not cfg.anyres_pinpoints:
+    return None
+  return anyres.AnyresGrid(cfg.anyres_pinpoints, cfg.anyres_tile, math.isqrt(cfg.num_visual_tokens))
+
+
+def expert_tiles(images: Sequence[np.ndarray], grid: anyres.AnyresGrid, experts: Sequence[ExpertImage],
+                 frames: Sequence[bool] = ()) -> dict[str, np.ndarray]:
+  """Each expert's AnyRes tiles of each image: {name: float32 [len(images), M, S, S, 3]} in [0, 1], M =
+  grid.max_tiles. An image's grid is chosen once in units of the reference tile (`grid.grid`) and every expert cuts
+  the same grid at its own side S (`AnyresGrid.tiles`): base tile, then the grid row-major, zeros after. A video
+  frame (`frames`) is its base tile alone, as LLaVA-NeXT-Video feeds frames."""
+  frames = tuple(frames) or (False,) * len(images)
+  return {e.name: np.stack([grid.tiles(image, e.image_size, frame) for image, frame in zip(images, frames)])
+          if images else np.zeros((0, grid.max_tiles, e.image_size, e.image_size, 3), np.float32) for e in experts}

@@ -30,6 +30,7 @@ import numpy as np
 from absl import flags, logging
 from jax.sharding import Mesh, PartitionSpec
 
+from astrea_jax.convert.hf_astrea.anyres_astrea import AnyresGrid
 from astrea_jax.data import images, sequence, sources, templates
 from astrea_jax.data.conversation import BadRecordError
 from astrea_jax.data.templates import ChatTemplate
@@ -100,6 +101,12 @@ class ExampleEncoder:
   skip_bad: bool
   caption_len: int = 0  # > 0: each image's caption as tokens ('captions', 'caption_mask'), MoCo's text side
   frame_tokens: int = 0  # positions a video frame fills (its pooled tokens: visual_tokens / config.data.video.pool^2)
+  anyres: AnyresGrid | None = None  # AnyRes (config.data.anyres): tiles, per-image token counts and index
+
+  def image_tokens(self, image: np.ndarray) -> int:
+    """The placeholders an image [H, W, 3] fills: visual_tokens, or with AnyRes its size's count (as LLaVA-NeXT's
+    processor computes it, `AnyresGrid.num_tokens`)."""
+    return self.visual_tokens if self.anyres is None else self.anyres.num_tokens(image.shape[:2])
 
   def __call__(self, indexed: tuple[int, Any]) -> dict[str, Any] | Dropped:
     index, raw = indexed
@@ -117,8 +124,9 @@ class ExampleEncoder:
     if len(sample.images) > self.max_images:
       what = f'a video of {len(sample.images)} frames' if any(sample.frames) else f'{len(sample.images)} images'
       raise BadRecordError(f'{what}; config.data.max_images={self.max_images} image slots per row')
-    counts = np.asarray([self.frame_tokens if frame else self.visual_tokens
-                         for frame in (sample.frames or (False,) * len(sample.images))], np.int32)
+    frames = sample.frames or (False,) * len(sample.images)
+    counts = np.asarray([self.frame_tokens if frame else self.image_tokens(image)
+                         for image, frame in zip(sample.images, frames)], np.int32)
     tok = load_tokenizer(self.tokenizer_dir)
     tokens = templates.tokenize_conversation(tok.backend, self.template, sample.turns, visual_tokens=counts,
                                              image_token_id=tok.image_token_id, bos_id=tok.bos_id)
@@ -133,8 +141,15 @@ class ExampleEncoder:
     kept = sequence.images_kept(counts, example['image_mask'])
     example['image_ids'] = np.asarray(sample.image_ids[:kept], np.int32)
     example['image_tokens'] = counts[:kept]
-    for name, pixels in images.expert_inputs(sample.images[:kept], self.experts, self.square_mode).items():
-      example[sequence.IMAGE_PREFIX + name] = pixels
+    if self.anyres is None:
+      pixels = images.expert_inputs(sample.images[:kept], self.experts, self.square_mode)
+    else:
+      pixels = images.expert_tiles(sample.images[:kept], self.anyres, self.experts, frames[:kept])
+      example['anyres_index'] = np.zeros((kept, self.anyres.max_tokens), np.int32)
+      for i, (image, frame) in enumerate(zip(sample.images[:kept], frames)):
+        example['anyres_index'][i] = self.anyres.slot_index(None if frame else image.shape[:2])
+    for name, x in pixels.items():
+      example[sequence.IMAGE_PREFIX + name] = x
     if self.caption_len:
       if len(sample.captions) < kept:
         raise BadRecordError(f'{len(sample.captions)} captions for {kept} images; the main stage contrasts each '
@@ -339,7 +354,8 @@ def make_dataset(config, stage: str, split: str = 'train', *, tokenizer_dir: str
                            experts=images.experts_from_config(
                                data.experts, {slot: e.family for slot, e in config.model.experts.items()}, experts),
                            square_mode=data.image_square,
-                           skip_bad=data.on_bad_record == 'skip', caption_len=caption_len)
+                           skip_bad=data.on_bad_record == 'skip', caption_len=caption_len,
+                           anyres=images.anyres_grid(data))
   seed = config.train.seed
   ds = grain.MapDataset.source(source).map_with_index(WithRecordIndex(len(source)))
   if shuffle:
@@ -349,7 +365,8 @@ def make_dataset(config, stage: str, split: str = 'train', *, tokenizer_dir: str
                                                      prefetch_buffer_size=2 * batch_size)),
                 _DropIterator, name, data.max_consecutive_drops)
   if data.packing:
-    slot_fields = sequence.SLOT_FIELDS if caption_len else ('image_ids', 'image_tokens')
+    slot_fields = (['image_ids', 'image_tokens'] + (['captions', 'caption_mask'] if caption_len else [])
+                   + (['anyres_index'] if encoder.anyres is not None else []))
     it = _pack(it, [e.name for e in encoder.experts], data.seq_len, data.max_images, tok.pad_id, batch_size, seed,
                slot_fields)
   else:

@@ -11,7 +11,9 @@ A row holds (all [L] unless noted):
   image_ids         [N] the id of the image in each of the N image slots, -1 for an empty slot
   image_tokens      [N] the placeholders each slot fills (visual_tokens; a video frame its pooled count), 0 if empty
   image_segment_ids [N] the segment (example) each image slot belongs to, 0 for an empty slot
-  images            {expert: [N, S, S, 3] float32} each expert's input for each slot (zeros when empty)
+  images            {expert: [N, S, S, 3] float32} each expert's input for each slot (zeros when empty); with AnyRes
+                    {expert: [N, M, S, S, 3]}: each slot's tiles, base first (`data.images.expert_tiles`)
+  anyres_index      [N, K] (AnyRes) each slot's packing gather into its tiles' tokens (`AnyresGrid.slot_index`)
   captions, caption_mask  [N, Lc] (main stage) the caption of each image as tokens: MoCo's text side (Eq. 5-7)
 """
 
@@ -25,8 +27,8 @@ from astrea_jax.data.templates import TokenizedConversation
 
 TOKEN_FIELDS = ('inputs', 'targets', 'loss_mask', 'image_mask', 'instruction_mask')
 IMAGE_PREFIX = 'images/'  # flat key prefix of the per-expert image arrays inside the pipeline
-SLOT_FIELDS = ('image_ids', 'image_tokens', 'captions', 'caption_mask')  # per image slot (besides the images), when
-#                                                                        present
+SLOT_FIELDS = ('image_ids', 'image_tokens', 'captions', 'caption_mask', 'anyres_index')  # per image slot (besides
+#                                                                                        the images), when present
 
 
 def image_block_starts(image_mask: np.ndarray) -> np.ndarray:

@@ -10,9 +10,10 @@ the chat template ending with the assistant header (`prompting.prompt_tokens`: e
 before an answer), all left-padded to the longest so that the encoders, the prefill and the decode loop each
 compile once. Images: each expert's input as training makes it (`data.images.expert_inputs`), {slot: [B, N, S, S,
 3]} with N the most images of any prompt (a prompt with fewer gets black images that none of its placeholders
-reads); an AnyRes model (LLaVA-NeXT, one expert) gets each image's tiles (`astrea.anyres.anyres_tiles`) and as many
-placeholders as its size gives it tokens (`anyres.num_anyres_tokens`), packed by a gather
-(`anyres.packed_token_index`) so that images of every size share one compiled function. Generation: greedy, at most
+reads); an AnyRes model (`AstreaConfig.anyres_pinpoints`: LLaVA-NeXT, or Astrea with `config.data.anyres`) gets
+each image's tiles for every expert ({slot: [B, N, M, S, S, 3]}, `data.images.expert_tiles`) and as many
+placeholders as its size gives it tokens (`AnyresGrid.num_tokens`), packed by a gather per image
+(`AnyresGrid.slot_index`) so that images of every size share one compiled function. Generation: greedy, at most
 `max_new_tokens` tokens, stopping at the template's end marker; the text is cut there (`prompting.answer_text`).
 
 Every prompt is answered exactly once, on any mesh and any number of processes. The prompt list is padded to a
@@ -36,7 +37,6 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, PartitionSpec
 
-from astrea_jax.astrea import anyres
 from astrea_jax.astrea.model import Astrea, AstreaConfig
 from astrea_jax.core import multihost
 from astrea_jax.data import images as images_lib
@@ -135,8 +135,13 @@ class EvalModel:
 
   @property
   def anyres(self) -> bool:
-    """Whether images go in as AnyRes tiles (LLaVA-NeXT), each with its own token count."""
+    """Whether images go in as AnyRes tiles, each with its own token count."""
     return bool(self.cfg.anyres_pinpoints)
+
+  @property
+  def grid(self):
+    """The model's AnyRes geometry (`images_lib.model_anyres_grid`), None without AnyRes."""
+    return images_lib.model_anyres_grid(self.cfg)
 
   @property
   def end_marker(self) -> str:
@@ -186,8 +191,7 @@ class EvalModel:
       return [self.cfg.num_visual_tokens // self.cfg.video_pool**2] * len(images)
     if not self.anyres:
       return [self.cfg.num_visual_tokens] * len(images)
-    return [anyres.num_anyres_tokens(np.asarray(i.load()).shape[:2], self.cfg.anyres_pinpoints,
-                                     self.cfg.anyres_tile, math.isqrt(self.cfg.num_visual_tokens)) for i in images]
+    return [self.grid.num_tokens(np.asarray(i.load()).shape[:2]) for i in images]
 
   def batch_inputs(self, rows: PromptRows, index: np.ndarray) -> dict[str, Any]:
     """The host inputs of prompts `index` [b]: ids, mask, image_mask, instruction_mask [b, P], and images {slot: [b,
@@ -198,7 +202,7 @@ class EvalModel:
     inputs = {'ids': rows.ids[index], 'mask': rows.mask[index], 'image_mask': rows.image_mask[index],
               'instruction_mask': rows.instruction_mask[index], 'image_tokens': rows.image_tokens[index]}
     if self.anyres:
-      return dict(inputs, **self._anyres_inputs(pixels, rows.image_slots, int(rows.image_mask.sum(axis=1).max())))
+      return dict(inputs, **self._anyres_inputs(pixels, rows.image_slots))
     flat = images_lib.expert_inputs([p for row in pixels for p in row], self.experts, self.square_mode)
     images = {}
     for slot, x in flat.items():  # x: [images, S, S, 3]
@@ -210,31 +214,28 @@ class EvalModel:
       images[slot] = grid
     return dict(inputs, images=images)
 
-  def _anyres_inputs(self, pixels: Sequence[Sequence[np.ndarray]], slots: int, placeholders: int) -> dict[str, Any]:
-    """tiles [b, N, M, S, S, 3] (each image's `anyres.anyres_tiles`, padded to M, the most any grid needs) and
-    index [b, K] (`encoders.Encoders.anyres_inputs`), K the most placeholders of any prompt."""
-    cfg, t2 = self.cfg, self.cfg.num_visual_tokens
-    tile, pinpoints = cfg.anyres_tile, cfg.anyres_pinpoints
-    most = 1 + max((h // tile) * (w // tile) for h, w in pinpoints)
-    tiles = np.zeros((len(pixels), slots, most, tile, tile, 3), np.float32)
-    index = np.zeros((len(pixels), placeholders), np.int32)
+  def _anyres_inputs(self, pixels: Sequence[Sequence[np.ndarray]], slots: int) -> dict[str, Any]:
+    """Each row's images as AnyRes slots: images {slot: [b, N, M, S, S, 3]} (every expert's tiles of each image,
+    `images_lib.expert_tiles`), image_tokens [b, N] (its placeholders) and anyres_index [b, N, K] (its packing)."""
+    grid = self.grid
+    images = {e.name: np.zeros((len(pixels), slots, grid.max_tiles, e.image_size, e.image_size, 3), np.float32)
+              for e in self.experts}
+    counts = np.zeros((len(pixels), slots), np.int32)
+    index = np.zeros((len(pixels), slots, grid.max_tokens), np.int32)
     for b, row in enumerate(pixels):
-      parts = []
+      for slot, x in images_lib.expert_tiles(row, grid, self.experts).items():
+        images[slot][b, :len(row)] = x
       for j, image in enumerate(row):
-        image_tiles = anyres.anyres_tiles(image, pinpoints, tile)
-        tiles[b, j, :len(image_tiles)] = image_tiles
-        packed = anyres.packed_token_index(image.shape[:2], pinpoints, tile, math.isqrt(t2))
-        parts.append(np.where(packed == anyres.NEWLINE, slots * most * t2, packed + j * most * t2))
-      flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-      index[b, :len(flat)] = flat
-    return {'tiles': tiles, 'index': index}
+        counts[b, j] = grid.num_tokens(image.shape[:2])
+        index[b, j] = grid.slot_index(image.shape[:2])
+    return {'images': images, 'image_tokens': counts, 'anyres_index': index}
 
   def prompt_inputs(self, batch: Mapping[str, Any]) -> tuple[Any, Any]:
     """(LLM input embeddings [B, P, D], router probabilities [B, n]) of a (global) batch of `batch_inputs`."""
-    fields = (batch['ids'], batch['image_mask'], batch['instruction_mask'])
+    fields = (batch['ids'], batch['image_mask'], batch['instruction_mask'], batch['images'])
     if self.anyres:
-      return self.encoders.anyres_inputs(self.params, *fields, batch['tiles'], batch['index'])
-    return self.encoders.prompt_inputs(self.params, *fields, batch['images'], batch['image_tokens'])
+      return self.encoders.prompt_inputs(self.params, *fields, batch['image_tokens'], batch['anyres_index'])
+    return self.encoders.prompt_inputs(self.params, *fields, batch['image_tokens'])
 
 
 def default_stage(cfg: AstreaConfig) -> str:

@@ -2,7 +2,9 @@
 Astrea checkpoint) does it: the user text is "<image>\\n" per image then the prompt (`templates.image_prompt`), in
 the run's chat template ending with the assistant header (`prompting.prompt_tokens`); each image is prepared for
 every expert as training prepares it (`images.expert_inputs`); the stage's visual tokens fill the `<image>`
-positions and greedy (or sampled) decoding runs on the LLM's KV cache until the template's end marker."""
+positions and greedy (or sampled) decoding runs on the LLM's KV cache until the template's end marker. An AnyRes
+model's images go in as every expert's tiles, each with its own count of placeholders and packing index, as the
+evaluation loop and training feed them (`images.expert_tiles`, `anyres_astrea.AnyresGrid`)."""
 
 from __future__ import annotations
 
@@ -25,11 +27,14 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class ImagePrompt:
   """One prompt with its images: ids, image_mask, instruction_mask [1, P] and images {slot: [1, N, S, S, 3]}
-  in [0, 1] (N images, each expert's input)."""
+  in [0, 1] (N images, each expert's input); AnyRes: images {slot: [1, N, M, S, S, 3]} (tiles), image_tokens [1, N]
+  and anyres_index [1, N, K] (each image's placeholders and packing)."""
   ids: np.ndarray
   image_mask: np.ndarray
   instruction_mask: np.ndarray
   images: dict[str, np.ndarray]
+  image_tokens: np.ndarray | None = None
+  anyres_index: np.ndarray | None = None
 
   @property
   def num_images(self) -> int:
@@ -39,18 +44,26 @@ class ImagePrompt:
 def image_prompt(cfg: AstreaConfig, tok: pipeline.TokenizerInfo, template: templates.ChatTemplate, text: str,
                  images: Sequence[np.ndarray], square_mode: str) -> ImagePrompt:
   """The model inputs of `text` asked about `images` (RGB uint8 [H, W, 3] each, in order)."""
-  tokens = prompt_tokens(tok, template, templates.image_prompt(text, len(images)), cfg.num_visual_tokens)
-  pixels = images_lib.expert_inputs(list(images), images_lib.experts_from_model(cfg.experts), square_mode)
+  experts, grid = images_lib.experts_from_model(cfg.experts), images_lib.model_anyres_grid(cfg)
+  counts = cfg.num_visual_tokens if grid is None else [grid.num_tokens(im.shape[:2]) for im in images]
+  tokens = prompt_tokens(tok, template, templates.image_prompt(text, len(images)), counts)
+  extra = {}
+  if grid is None:
+    pixels = images_lib.expert_inputs(list(images), experts, square_mode)
+  else:
+    pixels = images_lib.expert_tiles(list(images), grid, experts)
+    extra = {'image_tokens': np.asarray(counts, np.int32)[None],
+             'anyres_index': np.stack([grid.slot_index(im.shape[:2]) for im in images])[None] if images else None}
   return ImagePrompt(tokens.ids[None], tokens.image_mask[None], tokens.instruction_mask[None],
-                     {slot: x[None] for slot, x in pixels.items()} if images else {})
+                     {slot: x[None] for slot, x in pixels.items()} if images else {}, **extra)
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'stage'))
-def _embeddings(params: Any, ids: Array, image_mask: Array, instruction_mask: Array, images: dict[str, Array], *,
-                cfg: AstreaConfig, stage: str) -> Array:
-  model = Astrea(cfg)
-  visual, _ = encoders.row_visual_tokens(model, params, stage, ids, instruction_mask, images)
-  return model.apply({'params': params}, ids, visual, image_mask, method=Astrea.prompt_embeddings)
+def _embeddings(params: Any, ids: Array, image_mask: Array, instruction_mask: Array, images: dict[str, Array],
+                image_tokens: Array | None, anyres_index: Array | None, *, cfg: AstreaConfig, stage: str) -> Array:
+  embeds, _ = encoders.prompt_embeddings(Astrea(cfg), params, stage, ids, image_mask, instruction_mask, images,
+                                         image_tokens, anyres_index)
+  return embeds
 
 
 def prompt_embeddings(cfg: AstreaConfig, params: Any, stage: str, prompt: ImagePrompt) -> Array:
@@ -58,7 +71,7 @@ def prompt_embeddings(cfg: AstreaConfig, params: Any, stage: str, prompt: ImageP
   if not prompt.num_images:
     return Astrea(cfg).apply({'params': params}, prompt.ids, method=Astrea.embed_tokens)
   return _embeddings(params, prompt.ids, prompt.image_mask, prompt.instruction_mask, prompt.images,
-                     cfg=cfg, stage=stage)
+                     prompt.image_tokens, prompt.anyres_index, cfg=cfg, stage=stage)
 
 
 def generate_answer(cfg: AstreaConfig, params: Any, stage: str, prompt: ImagePrompt, max_new_tokens: int, *,

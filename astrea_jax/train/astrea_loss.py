@@ -6,7 +6,10 @@ Batches are what `astrea_jax.data.pipeline` yields: inputs, targets, loss_mask, 
 instruction_mask [B, L]; image_ids, image_segment_ids, image_tokens [B, N] (-1 / 0 / 0 for an empty image slot) and
 images {slot: [B, N, S, S, 3]}; in the MoCo stage captions, caption_mask [B, N, Lc] (the text side of the contrast, one
 caption per image); optional `cached`: [k, B, N, T, D] projected tokens of the earlier alignment stages from the
-feature cache.
+feature cache. AnyRes rows (`config.data.anyres`) hold tiles, images {slot: [B, N, M, S, S, 3]}, and each slot's
+packing index anyres_index [B, N, K] (`Astrea.pack_tiles`): the router's losses and statistics count the tile tokens
+the packing reads (`anyres.tile_token_mask`), and MoCo embeds each image by its base tile's tokens (the key encoder
+runs on the base tiles alone).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import ml_collections
 
 from astrea_jax.astrea import losses as astrea_losses
 from astrea_jax.astrea import moco, router
+from astrea_jax.astrea.anyres import tile_token_mask
 from astrea_jax.astrea.model import Astrea
 from astrea_jax.core import stages as stage_table
 from astrea_jax.train import losses, stages
@@ -57,27 +61,34 @@ def astrea_loss_fn(model: Astrea, stage: str, run: ml_collections.ConfigDict, ac
     params = stages.merge(trained, frozen)
     variables = {'params': params}
     valid = batch['image_ids'] >= 0  # [B, N]
+    index = batch.get('anyres_index')  # [B, N, K] for AnyRes rows
     instruction = router_instruction(model, variables, batch) if text_context else None
     logits, aux = model.apply(variables, batch['inputs'], batch['images'], batch['image_mask'].astype(bool),
                               stage=stage, segment_ids=batch['segment_ids'], positions=batch['positions'],
                               cached=batch.get('cached'), instruction=instruction,
-                              slot_tokens=batch.get('image_tokens'), deterministic=False,
+                              slot_tokens=batch.get('image_tokens'), anyres_index=index, deterministic=False,
                               rngs={'residual': rng})
     reg_sum, tokens = losses.next_token_nll_sum(logits, batch['targets'], batch['loss_mask'])
     reg = reg_sum / jnp.maximum(num_tokens, 1.0)
     metrics = {'reg_loss': reg, 'tokens': tokens}
     keys = None
     if routed:
-      token_mask = jnp.broadcast_to(valid[..., None], aux['probs'].shape[:-1])  # [B, N, T]: real images' tokens
+      if index is None:
+        token_mask = jnp.broadcast_to(valid[..., None], aux['probs'].shape[:-1])  # [B, N, T]: real images' tokens
+      else:  # [B, N, M, T]: the tile tokens the packing reads
+        token_mask = tile_token_mask(index, batch['image_tokens'], *aux['probs'].shape[2:4], model.cfg.video_pool)
       metrics.update(load_balance_loss=router.load_balancing_loss(aux['logits'], token_mask),
                      router_z_loss=router.router_z_loss(aux['logits'], token_mask),
                      **{f'router/{k}': v for k, v in router.router_statistics(aux['probs'], token_mask).items()})
     if moco_on:
       text = jax.lax.stop_gradient(model.apply(variables, batch['captions'], method=Astrea.embed_tokens))
-      img_q = model.apply(variables, aux['visual'], method=Astrea.image_embedding)  # [B, N, d]
+      visual_q, key_images = aux['visual'], batch['images']
+      if index is not None:  # an image's embedding is its base tile's
+        visual_q, key_images = visual_q[:, :, 0], {slot: x[:, :, 0] for slot, x in key_images.items()}
+      img_q = model.apply(variables, visual_q, method=Astrea.image_embedding)  # [B, N, d]
       txt_q = model.apply(variables, text, batch['caption_mask'], method=Astrea.text_embedding)
       key_vars = {'params': with_momentum(params, momentum)}
-      visual_k, _ = model.apply(key_vars, stage, batch['images'],
+      visual_k, _ = model.apply(key_vars, stage, key_images,
                                 instruction=None if instruction is None else jax.lax.stop_gradient(instruction),
                                 method=Astrea.visual_tokens)
       img_k = model.apply(key_vars, visual_k, method=Astrea.image_embedding)

@@ -53,7 +53,7 @@ def export_model(out_dir: str, cfg: AstreaConfig, stored: hf.StoredParams, stage
     written = hf.write_model(tmp, astrea_family.FAMILY, cfg, stored, dtype, fields, generation,
                              max_shard_bytes=max_shard_bytes, show_progress=show_progress)
     hf_processor.write_processor(tmp, tokenizer_dir, template, images.experts_from_model(cfg.experts), square_mode,
-                                 cfg.num_visual_tokens)
+                                 cfg.num_visual_tokens, images.model_anyres_grid(cfg))
   return written
 
 

@@ -2,7 +2,8 @@
 from the cache (`astrea_jax.data.feature_cache.FeatureStore`), they are computed once per image with the frozen
 experts and projectors and stored, each slot marked with the fingerprint of what produced it (`cache_fingerprint`):
 a slot is read only when its fingerprint matches, else rebuilt (or refused with
-config.train.feature_cache_reuse='error')."""
+config.train.feature_cache_reuse='error'). With AnyRes (config.data.anyres) the rows are tiles: each image's M tiles
+as the training pipeline cuts them (`data.images.expert_tiles`), under `feature_cache.tile_rows`."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from astrea_jax import config as config_lib
 from astrea_jax.astrea.model import Astrea, AstreaConfig
+from astrea_jax.convert.hf_astrea.anyres_astrea import AnyresGrid
 from astrea_jax.data import feature_cache, pipeline, sources
 from astrea_jax.data import images as images_lib
 from astrea_jax.data.conversation import BadRecordError
@@ -59,6 +61,8 @@ def cache_fingerprint(config: ml_collections.ConfigDict, cfg: AstreaConfig, para
            'inputs': [inputs.image_size, list(inputs.mean), list(inputs.std)], 'expert': expert.to_dict(),
            'tokens': [cfg.num_visual_tokens, cfg.llm.hidden_size], 'train_experts': cfg.train_experts,
            'params': params_checksum({'expert': params['experts'][slot], 'projector': params['projectors'][slot]})}
+  if cfg.anyres_pinpoints:  # (absent otherwise, so that caches written before AnyRes existed stay current)
+    parts['anyres'] = [[list(p) for p in cfg.anyres_pinpoints], cfg.anyres_tile]
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -86,40 +90,58 @@ def image_counts(source) -> np.ndarray:
 
 
 def host_images(source, decoder, name: str, records: Sequence[int], counts: np.ndarray):
-  """(image id, RGB image or None) for every image of `records`; a record that fails to decode gives None for each of
-  its images (its rows are written from a blank image: the training pipeline drops or rejects that record)."""
+  """(image id, RGB image or None, whether it is a video frame) for every image of `records`; a record that fails to
+  decode gives None for each of its images (its rows are written from a blank image: the training pipeline drops or
+  rejects that record)."""
   first_ids = np.cumsum(counts) - counts
   for index in records:
     try:
       sample = decoder(name, index, source[index])
-      yield from zip(sample.image_ids, sample.images)
+      yield from zip(sample.image_ids, sample.images, sample.frames or (False,) * len(sample.images))
     except BadRecordError:
       for image_id in range(first_ids[index], first_ids[index] + counts[index]):
-        yield int(image_id), None
+        yield int(image_id), None, False
+
+
+def host_rows(items, experts: Sequence[images_lib.ExpertImage], square_mode: str, grid: AnyresGrid | None):
+  """(row, {slot: expert input [S, S, 3]}) for each image of `items` (`host_images`), as the training pipeline
+  prepares it: one row per image, or with AnyRes one per tile (`feature_cache.tile_rows`); blank for None."""
+  tiles = 1 if grid is None else grid.max_tiles
+  for image_id, image, frame in items:
+    if image is None:
+      inputs = {e.name: np.zeros((tiles, e.image_size, e.image_size, 3), np.float32) for e in experts}
+    elif grid is None:
+      inputs = images_lib.expert_inputs([image], experts, square_mode)
+    else:
+      inputs = {k: v[0] for k, v in images_lib.expert_tiles([image], grid, experts, [frame]).items()}
+    rows = [image_id] if grid is None else feature_cache.tile_rows(image_id, tiles).tolist()
+    for t, row in enumerate(rows):
+      yield int(row), {k: v[t] for k, v in inputs.items()}
 
 
 def write_features(config, model: Astrea, params, slots, source, decoder, name, store, mesh, rules,
                    fingerprints) -> None:
-  """Computes `Astrea.project(slot, image)` of every image of `source` and writes it under its image id, the slot
-  marked with its fingerprint. Host p reads the records i = p (mod process_count), every host runs the same number of
-  global batches (padded with id -1), and each writes the rows of its own images."""
+  """Computes `Astrea.project(slot, image)` of every image (AnyRes: every tile) of `source` and writes it under its
+  row (`host_rows`), the slot marked with its fingerprint. Host p reads the records i = p (mod process_count), every
+  host runs the same number of global batches (padded with row -1), and each writes the rows of its own images."""
   experts = images_lib.experts_from_config(config.data.experts, config_lib.expert_families(config), slots)
+  grid = images_lib.model_anyres_grid(model.cfg)
+  tiles = 1 if grid is None else grid.max_tiles
   local = pipeline.local_batch_size(config.train.global_batch_size, jax.process_count())
   counts = image_counts(source)
   hosts = [range(p, len(source), jax.process_count()) for p in range(jax.process_count())]
-  num_batches = max(-(-int(counts[list(r)].sum()) // local) for r in hosts)
+  num_batches = max(-(-int(counts[list(r)].sum()) * tiles // local) for r in hosts)
   for slot in slots:
-    store.create(slot, int(counts.sum()), model.cfg.num_visual_tokens, model.cfg.llm.hidden_size,
+    store.create(slot, int(counts.sum()) * tiles, model.cfg.num_visual_tokens, model.cfg.llm.hidden_size,
                  fingerprint=fingerprints[slot], on_stale=config.train.feature_cache_reuse)
   project = jax.jit(lambda p, imgs: {s: model.apply({'params': p}, s, imgs[s], method=Astrea.project) for s in slots})
-  items = host_images(source, decoder, name, hosts[jax.process_index()], counts)
+  items = host_rows(host_images(source, decoder, name, hosts[jax.process_index()], counts), experts,
+                    config.data.image_square, grid)
   blank = {e.name: np.zeros((e.image_size, e.image_size, 3), np.float32) for e in experts}
   for _ in range(num_batches):
     ids, pixels = [], {e.name: [] for e in experts}
-    for image_id, image in [next(items, (-1, None)) for _ in range(local)]:
-      ids.append(image_id)
-      inputs = blank if image is None else {
-          k: v[0] for k, v in images_lib.expert_inputs([image], experts, config.data.image_square).items()}
+    for row, inputs in [next(items, (-1, blank)) for _ in range(local)]:
+      ids.append(row)
       for slot, value in inputs.items():
         pixels[slot].append(value)
     mine = np.asarray(ids, np.int64)

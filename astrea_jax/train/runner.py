@@ -5,7 +5,8 @@
     experts     stage 0 of the tiny default: the four specialist experts trained on their own tasks
                 (`astrea_jax.train.experts`; kept in <workdir>/experts, skipped when already there)
     align_*     progressive pre-alignment in `config.data.align_order`; before stage k > 1 with the 'disk' feature
-                cache, the tokens C_i of the earlier stages are written once per image (`train.feature_writer`)
+                cache, the tokens C_i of the earlier stages are written once per image, or per AnyRes tile
+                (`train.feature_writer`)
     instruct    instruction tuning (residual or routed fusion)
     main        the router, adapters and MoCo heads with the total loss (Eq. 11)
   then evaluates the held-out split (`astrea_jax.eval.evaluate`: DIR/eval.json, DIR/router.png). With
@@ -40,7 +41,7 @@ from absl import logging
 from astrea_jax import config as config_lib
 from astrea_jax.astrea.model import Astrea, AstreaConfig
 from astrea_jax.core import stages as stage_table
-from astrea_jax.data import pipeline, shapes_tfds, tokenizer
+from astrea_jax.data import feature_cache, images, pipeline, shapes_tfds, tokenizer
 from astrea_jax.eval import benchmarks as benchmarks_lib
 from astrea_jax.eval import evaluate as evaluate_lib
 from astrea_jax.eval import training as eval_training
@@ -135,15 +136,19 @@ def stage_experts(cfg: AstreaConfig, stage: str, backend: str) -> tuple[str, ...
 # --- the run ---
 
 class StageData:
-  """A stage's host batches with the 'disk' cache's tokens of the earlier stages added (`cached` [k, B, T, D])."""
+  """A stage's host batches with the 'disk' cache's tokens of the earlier stages added (`cached` [k, B, N, T, D]; with
+  AnyRes, num_tiles M > 0, each tile's row: [k, B, N, M, T, D])."""
 
-  def __init__(self, iterator, store, slots: Sequence[str]):
-    self.iterator, self._store, self._slots = iterator, store, tuple(slots)
+  def __init__(self, iterator, store, slots: Sequence[str], num_tiles: int = 0):
+    self.iterator, self._store, self._slots, self._tiles = iterator, store, tuple(slots), num_tiles
 
   def next(self) -> dict[str, Any]:
     batch = dict(next(self.iterator))
     if self._slots:
-      batch['cached'] = self._store.lookup(self._slots, np.asarray(batch['image_ids']))  # [k, B, N, T, D]
+      rows = np.asarray(batch['image_ids'])
+      if self._tiles:
+        rows = feature_cache.tile_rows(rows, self._tiles)
+      batch['cached'] = self._store.lookup(self._slots, rows)
     return batch
 
 
@@ -254,7 +259,8 @@ def _run_stage(config, cfg, plan: StagePlan, index: int, params, mesh, rules, wo
   else:
     state = jax.jit(built.init_state, out_shardings=built.state_shardings)(params)
 
-  data = StageData(data_iter, store, cached_slots)
+  grid = images.model_anyres_grid(cfg)
+  data = StageData(data_iter, store, cached_slots, grid.max_tiles if grid else 0)
   first = data.next()
   global_batch = pipeline.to_global_batch(_drop_counters(first), mesh, rules)
   compiled = stage_step.jit(built, mesh, rules, global_batch).lower(restore_into, global_batch).compile()

@@ -1,7 +1,8 @@
 """The configuration of an exported Astrea model (`model_type: astrea`), for `transformers` with
 `trust_remote_code=True`.
 
-This file is copied into every exported folder; it imports only `transformers` (never jax or astrea_jax).
+This file is copied into every exported folder; it imports only `transformers` and `anyres_astrea` (numpy, PIL),
+never jax or astrea_jax.
 
 Fields beyond the LLM's (`text_config`, a `LlamaConfig`):
   vision_experts    one entry per expert slot, in the model's slot order: {'slot', 'family' (siglip | clip |
@@ -20,6 +21,9 @@ Fields beyond the LLM's (`text_config`, a `LlamaConfig`):
                     Eq. 2-4) | 'routed' (router + adapters over every expert, Eq. 9-10)
   residual_*, router_top_k, router_context, contrastive_dim   the paper's parts, as in training
   image_token_id    the id of `<image>`, whose positions the visual tokens fill
+  anyres_pinpoints, anyres_tile   LLaVA-NeXT AnyRes (`anyres_astrea`): the grid resolutions (h, w) and the reference
+                    tile side they are multiples of; [] = off. Each image is its base tile and the tiles of its
+                    best-fit grid for every expert, fused per tile and packed with the learned `image_newline`
   chat_template_name, image_square   the training data's chat template and square mode (informational: the
                     processor holds both)
 """
@@ -29,6 +33,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from transformers import LlamaConfig, PretrainedConfig
+
+from .anyres_astrea import check_pinpoints
 
 
 class ExpertFamily(NamedTuple):
@@ -62,7 +68,7 @@ class AstreaConfig(PretrainedConfig):
                fusion='routed', fusion_group=-1, residual_heads=4, residual_gamma=1.0, residual_prob=0.5,
                residual_add=False, router_top_k=3, router_context='visual', instruct_fusion='routed',
                contrastive_dim=32, train_experts=False, image_token_id=None, chat_template_name='chatml',
-               image_square='pad', video_pool=1, **kwargs):
+               image_square='pad', video_pool=1, anyres_pinpoints=(), anyres_tile=0, **kwargs):
     if isinstance(text_config, dict):
       text_config = LlamaConfig(**{k: v for k, v in text_config.items() if k != 'model_type'})
     self.text_config = text_config if text_config is not None else LlamaConfig()
@@ -78,6 +84,7 @@ class AstreaConfig(PretrainedConfig):
     self.chat_template_name, self.image_square = chat_template_name, image_square
     self.video_pool = video_pool  # the JAX model's pooling of a video frame's tokens (kept for the round trip; the
     #                               exported model and processor take images)
+    self.anyres_pinpoints, self.anyres_tile = [list(p) for p in anyres_pinpoints], anyres_tile
     kwargs.setdefault('tie_word_embeddings', self.text_config.tie_word_embeddings)
     super().__init__(**kwargs)
     problems = self.problems()
@@ -100,6 +107,11 @@ class AstreaConfig(PretrainedConfig):
       out.append(f'align_groups={self.align_groups} must hold every expert slot {list(self.slots)} once')
     if self.fusion == 'routed' and self.vision_experts and len(self.slots) < 2:
       out.append('fusion="routed" needs at least two vision experts')
+    if self.anyres_pinpoints:
+      try:
+        check_pinpoints(self.anyres_pinpoints, self.anyres_tile)
+      except ValueError as e:
+        out.append(f'anyres_pinpoints / anyres_tile: {e}')
     return out
 
   @property

@@ -17,25 +17,35 @@ Inputs (what `AstreaProcessor` returns): `input_ids` with `num_visual_tokens` `<
 `attention_mask`, `instruction_mask`, and `pixel_values_<slot>` [num_images, 3, S, S] per expert slot, the images
 of all rows in order. The visual tokens replace the `<image>` ids in order: image 0's, then image 1's, ...
 
+AnyRes (`anyres_pinpoints`, LLaVA-NeXT's multi-resolution input; `anyres_astrea`): `pixel_values_<slot>`
+[num_images, M, 3, S, S] holds each image's base tile and the tiles of its best-fit grid (one grid for every
+expert, zeros after its tiles) and `image_sizes` [num_images, 2] its (height, width). Every tile goes through the
+fusion as an image; each image's tile tokens are then packed (the stitched grid cropped to the image's aspect
+ratio, the learned `image_newline` after each row, the base tile's tokens first) to as many tokens as its size
+gives it `<image>` ids.
+
 Parameters: language_model.* (LlamaForCausalLM), vision_experts.<slot>.* (the family's), projectors.<slot>.*,
 residual.<slot>.* (every pre-alignment slot after the first group's first), routing.{router,adapters}.* and
-heads.{image,text}.* (models with more than one expert).
+heads.{image,text}.* (models with more than one expert), image_newline [D] (AnyRes).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 from transformers import GenerationMixin, LlamaForCausalLM, PreTrainedModel
 
+from .anyres_astrea import AnyresGrid
 from .configuration_astrea import SLOTS, AstreaConfig
 from .experts_astrea import build_expert, expert_tokens, feature_width
 from .heads_astrea import ContrastiveHead, Projector, ResidualAttention, RoutedMixture
 
 IMAGE_INPUTS = tuple(f'pixel_values_{slot}' for slot in SLOTS)
-PREFILL_ONLY_INPUTS = IMAGE_INPUTS + ('instruction_mask',)
+PREFILL_ONLY_INPUTS = IMAGE_INPUTS + ('instruction_mask', 'image_sizes')
 
 
 class AstreaPreTrainedModel(PreTrainedModel):
@@ -65,6 +75,10 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
       self.routing = RoutedMixture(len(config.vision_experts), width, config.router_top_k, text_width)
       self.heads = torch.nn.ModuleDict({name: ContrastiveHead(width, config.contrastive_dim)
                                         for name in ('image', 'text')})
+    self.grid = None
+    if config.anyres_pinpoints:
+      self.grid = AnyresGrid(config.anyres_pinpoints, config.anyres_tile, math.isqrt(config.num_visual_tokens))
+      self.image_newline = torch.nn.Parameter(torch.zeros(width))
     self.post_init()
     self.adopt_expert_keys()
 
@@ -134,28 +148,55 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
     return pooled / weights.sum(dim=-1).clamp(min=1.0)[:, None]
 
   def splice(self, input_ids: Tensor, embeds: Tensor, images: Mapping[str, Tensor],
-             instruction_mask: Tensor | None) -> Tensor:
+             instruction_mask: Tensor | None, image_sizes: Tensor | None = None) -> Tensor:
     """The input embeddings [B, L, D] with each row's `<image>` positions holding its images' visual tokens."""
     placeholders = input_ids == self.config.image_token_id  # [B, L]
-    per_row = placeholders.sum(dim=-1) // self.config.num_visual_tokens  # images per row
     count = next(iter(images.values())).shape[0]
-    if int(placeholders.sum()) != count * self.config.num_visual_tokens:
-      raise ValueError(f'the prompts hold {int(placeholders.sum())} <image> tokens but {count} image(s) of '
-                       f'{self.config.num_visual_tokens} visual tokens were given')
+    if self.grid is None:
+      counts = [self.config.num_visual_tokens] * count
+    elif image_sizes is None or len(image_sizes) != count:
+      raise ValueError(f'an AnyRes model needs the image_sizes [{count}, 2] the processor returns')
+    else:
+      counts = [self.grid.num_tokens(tuple(int(x) for x in size)) for size in image_sizes]
+    if int(placeholders.sum()) != sum(counts):
+      raise ValueError(f'the prompts hold {int(placeholders.sum())} <image> tokens but the {count} image(s) given '
+                       f'have {sum(counts)} visual tokens')
     instruction = None
     if self.config.fusion == 'routed' and self.config.router_context == 'visual+text':
       if instruction_mask is None:
         raise ValueError('router_context="visual+text" needs the instruction_mask the processor returns')
-      instruction = self.pooled_instruction(embeds, instruction_mask).repeat_interleave(per_row, dim=0)
-    visual = self.image_tokens(images, instruction)
-    return embeds.masked_scatter(placeholders[..., None], visual.reshape(-1, visual.shape[-1]).to(embeds.dtype))
+      per_row = images_per_row(placeholders.sum(dim=-1).tolist(), counts)
+      instruction = self.pooled_instruction(embeds, instruction_mask).repeat_interleave(
+          torch.as_tensor(per_row, device=embeds.device), dim=0)
+    if self.grid is None:
+      visual = self.image_tokens(images, instruction).reshape(-1, embeds.shape[-1])
+    else:
+      visual = self.anyres_tokens(images, instruction, image_sizes)
+    return embeds.masked_scatter(placeholders[..., None], visual.to(embeds.dtype))
+
+  def anyres_tokens(self, images: Mapping[str, Tensor], instruction: Tensor | None, image_sizes: Tensor) -> Tensor:
+    """AnyRes images' packed visual tokens, laid end to end [sum of their counts, D]: images {slot: [n, M, 3, S, S]}
+    (each image's tiles), instruction [n, D] | None (every tile routed with its image's), image_sizes [n, 2]."""
+    n, m = next(iter(images.values())).shape[:2]
+    tiles = {slot: x.flatten(0, 1) for slot, x in images.items()}
+    if instruction is not None:
+      instruction = instruction.repeat_interleave(m, dim=0)
+    tokens = self.image_tokens(tiles, instruction)  # [n * M, T, D]
+    flat = tokens.reshape(n, -1, tokens.shape[-1])  # [n, M * T, D]
+    newline = self.image_newline.to(flat.dtype)[None]
+    packed = []
+    for i, size in enumerate(image_sizes.tolist()):
+      index = self.grid.packed_index(tuple(size))
+      rows = torch.cat([flat[i], newline])
+      packed.append(rows[torch.as_tensor(np.where(index < 0, len(rows) - 1, index), dtype=torch.long)])
+    return torch.cat(packed)
 
   def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
               position_ids: Tensor | None = None, past_key_values=None, inputs_embeds: Tensor | None = None,
               labels: Tensor | None = None, use_cache: bool | None = None, logits_to_keep: int | Tensor = 0,
               instruction_mask: Tensor | None = None, pixel_values_caption: Tensor | None = None,
               pixel_values_classification: Tensor | None = None, pixel_values_detection: Tensor | None = None,
-              pixel_values_segmentation: Tensor | None = None, **kwargs):
+              pixel_values_segmentation: Tensor | None = None, image_sizes: Tensor | None = None, **kwargs):
     """LlamaForCausalLM's outputs for the prompts with their images' visual tokens spliced in."""
     given = dict(zip(SLOTS, (pixel_values_caption, pixel_values_classification, pixel_values_detection,
                              pixel_values_segmentation)))
@@ -167,7 +208,7 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
         if missing:
           raise ValueError(f'pixel values of expert(s) {missing} are missing; the processor gives pixel_values_<slot> '
                            f'for every slot {list(self.config.slots)}')
-        inputs_embeds = self.splice(input_ids, inputs_embeds, images, instruction_mask)
+        inputs_embeds = self.splice(input_ids, inputs_embeds, images, instruction_mask, image_sizes)
     return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                position_ids=position_ids, past_key_values=past_key_values, labels=labels,
                                use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
@@ -179,3 +220,15 @@ class AstreaForConditionalGeneration(AstreaPreTrainedModel, GenerationMixin):
       for name in PREFILL_ONLY_INPUTS:
         inputs.pop(name, None)
     return inputs
+
+
+def images_per_row(placeholders: list[int], counts: list[int]) -> list[int]:
+  """How many of the images (in order, `counts` [n] placeholders each) each row holds, from its placeholders [B]."""
+  out, k = [], 0
+  for total in placeholders:
+    start = k
+    while total > 0:
+      total -= counts[k]
+      k += 1
+    out.append(k - start)
+  return out

@@ -6,13 +6,16 @@ This file is copied into every exported folder; it imports only transformers, nu
 Images (`AstreaImageProcessor`, per expert `{'slot', 'size', 'mean', 'std'}`): RGB, made square (`square_mode`
 'pad': centred on the expert's mean colour, as LLaVA-1.5; 'resize': stretched), resized to the expert's side with
 PIL's bicubic filter, scaled to [0, 1] and normalised `(x - mean) / std` -> `pixel_values_<slot>` [N, 3, S, S].
+With AnyRes (`anyres_pinpoints`, `anyres_astrea`) each image is instead its base tile and the tiles of its best-fit
+grid, one grid for every expert at its own side -> `pixel_values_<slot>` [N, M, 3, S, S] (zeros after an image's
+tiles), and `image_sizes` [N, 2] its (height, width).
 
 Text (`AstreaProcessor`): the output of `apply_chat_template` (the run's template), each `<image>` expanded to
-`num_image_tokens` `<image>` tokens, tokenised without adding special tokens (the template writes BOS where the run
-has one), left-padded. `instruction_mask` marks the tokens of the first user message's text without its `<image>`s:
-the text between the first `instruction_start` and the `instruction_end` after it (the whole text when the prompt
-has no `instruction_start`), each piece between images stripped of surrounding whitespace; the router of a
-`visual+text` model pools these tokens, as in training.
+`num_image_tokens` `<image>` tokens (AnyRes: as many as the image's size gives it, `AnyresGrid.num_tokens`), tokenised
+without adding special tokens (the template writes BOS where the run has one), left-padded. `instruction_mask` marks the
+tokens of the first user message's text without its `<image>`s: the text between the first `instruction_start` and the
+`instruction_end` after it (the whole text when the prompt has no `instruction_start`), each piece between images
+stripped of surrounding whitespace; the router of a `visual+text` model pools these tokens, as in training.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 from PIL import Image
 from transformers import BatchFeature, ImageProcessingMixin, ProcessorMixin
 
+from .anyres_astrea import AnyresGrid
 from .inputs_astrea import SQUARE_MODES, instruction_spans, overlap_mask, square_image
 
 
@@ -41,14 +45,24 @@ def rgb_array(image: Any) -> np.ndarray:
 class AstreaImageProcessor(ImageProcessingMixin):
   """One input per vision expert (module docstring): images -> {'pixel_values_<slot>': [N, 3, S, S]}."""
   model_input_names = ['pixel_values_caption', 'pixel_values_classification', 'pixel_values_detection',
-                       'pixel_values_segmentation']
+                       'pixel_values_segmentation', 'image_sizes']
 
-  def __init__(self, experts: Sequence[dict] = (), square_mode: str = 'pad', **kwargs):
+  def __init__(self, experts: Sequence[dict] = (), square_mode: str = 'pad', anyres_pinpoints: Sequence = (),
+               anyres_tile: int = 0, tokens_per_side: int = 0, **kwargs):
     super().__init__(**kwargs)
     if square_mode not in SQUARE_MODES:
       raise ValueError(f'square_mode={square_mode!r}: expected one of {SQUARE_MODES}')
     self.experts = [dict(e) for e in experts]
     self.square_mode = square_mode
+    self.anyres_pinpoints = [list(p) for p in anyres_pinpoints]
+    self.anyres_tile, self.tokens_per_side = anyres_tile, tokens_per_side
+
+  @property
+  def grid(self) -> AnyresGrid | None:
+    """The AnyRes geometry, None when AnyRes is off."""
+    if not self.anyres_pinpoints:
+      return None
+    return AnyresGrid(tuple(tuple(p) for p in self.anyres_pinpoints), self.anyres_tile, self.tokens_per_side)
 
   def expert_input(self, image: np.ndarray, expert: dict) -> np.ndarray:
     """RGB uint8 [H, W, 3] -> float32 [3, S, S], normalised, for one expert."""
@@ -58,9 +72,21 @@ class AstreaImageProcessor(ImageProcessingMixin):
 
   def __call__(self, images: Any, return_tensors: str | None = None, **kwargs) -> BatchFeature:
     images = [rgb_array(im) for im in (images if isinstance(images, (list, tuple)) else [images])]
-    data = {f'pixel_values_{e["slot"]}': np.stack([self.expert_input(im, e) for im in images])
-            for e in self.experts}
+    grid = self.grid
+    if grid is None:
+      data = {f'pixel_values_{e["slot"]}': np.stack([self.expert_input(im, e) for im in images])
+              for e in self.experts}
+    else:
+      data = {f'pixel_values_{e["slot"]}': np.stack([
+          grid.tiles(im, e['size'], mean=e['mean'], std=e['std']).transpose(0, 3, 1, 2) for im in images])
+              for e in self.experts}
+      data['image_sizes'] = np.asarray([im.shape[:2] for im in images], np.int64)
     return BatchFeature(data=data, tensor_type=return_tensors)
+
+  def num_tokens(self, images: Sequence[np.ndarray], default: int) -> list[int]:
+    """The `<image>` tokens of each image: `default`, or with AnyRes its size's count."""
+    grid = self.grid
+    return [default if grid is None else grid.num_tokens(im.shape[:2]) for im in images]
 
   preprocess = __call__
 
@@ -87,7 +113,12 @@ class AstreaProcessor(ProcessorMixin):
     if placeholders != len(images):
       raise ValueError(f'the text holds {placeholders} {self.image_token} placeholder(s) but {len(images)} image(s) '
                        'were given; put one placeholder per image, in order')
-    expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
+    images = [rgb_array(im) for im in images]
+    counts = iter(self.image_processor.num_tokens(images, self.num_image_tokens))  # in placeholder order
+    expanded = []
+    for t in texts:
+      first, *rest = t.split(self.image_token)
+      expanded.append(first + ''.join(self.image_token * next(counts) + piece for piece in rest))
     encoded = self.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True, padding=True,
                              padding_side='left')
     masks = []
