@@ -3,6 +3,7 @@ converted language model (greedy, or temperature + top-p sampling).
 
   python -m launch.generate --run=WORKDIR [--step=N] --image=PNG [--image=PNG ...] --prompt="How many shapes are there?"
   python -m launch.generate --ckpt=ASTREA_CKPT --image=PNG --prompt="How many shapes are there?"
+  python -m launch.generate --run=WORKDIR --video=MP4 [--num_frames=F] --prompt="Which way does the red circle move?"
   python -m launch.generate --ckpt=DIR --prompt_ids=1,5,9 [--max_new_tokens=16 --temperature=0 --top_p=1 --seed=0]
   python -m launch.generate --ckpt=DIR --prompt="a red circle" [--tokenizer=DIR]
   python -m launch.generate --ckpt=DIR --prompt_ids=1,5,9 --config=configs/astrea_13b.py --config.mesh.tensor=8
@@ -14,7 +15,9 @@ mesh, the logical axis rules, the compute dtype (`llm.dtype`, language models) a
 A composed Astrea model (--run, the newest checkpoint or --step's, at the stage it holds; or --ckpt of family
 astrea, at the stage stored in it) reads the prompt as the user's message with one `<image>` per --image first, in
 the run's chat template, each image prepared for every expert as training prepares it; decoding stops at the
-template's end marker (astrea_jax.eval.multimodal). A language model (--ckpt of family llama) continues the encoded
+template's end marker (astrea_jax.eval.multimodal). With --video (a file or a folder of frames) the prompt is asked of
+its --num_frames frames sampled uniformly, as training reads a video record (default: the run's
+config.data.video.num_frames; for --ckpt, --config's). A language model (--ckpt of family llama) continues the encoded
 text or ids; decoding stops at the end-of-sequence id of the checkpoint's generation config (or model config, or
 tokenizer); the first one if several.
 
@@ -35,6 +38,7 @@ from astrea_jax.convert import loaders
 from astrea_jax import config
 from astrea_jax.convert import checkpoint
 from astrea_jax.data import images as images_lib
+from astrea_jax.data import video as video_lib
 from astrea_jax.data import tokenizer as tokenizer_lib
 from astrea_jax.eval import generate, multimodal
 from astrea_jax.parallel import mesh as mesh_lib
@@ -45,6 +49,9 @@ _RUN = flags.DEFINE_string('run', None, 'Training run folder (the --workdir of l
 _STEP = flags.DEFINE_integer('step', None, "The run's checkpoint; default: the newest.")
 _CKPT = flags.DEFINE_string('ckpt', None, 'Converted checkpoint folder (launch.convert_hf_to_orbax).')
 _IMAGE = flags.DEFINE_multi_string('image', [], 'Image file the prompt asks about (repeat for several <image>s).')
+_VIDEO = flags.DEFINE_string('video', None, 'Video file (or folder of frames) the prompt asks about.')
+_NUM_FRAMES = flags.DEFINE_integer('num_frames', None, "Frames sampled from --video; default: the run's "
+                                   'config.data.video.num_frames (--ckpt: --config\'s).')
 _PROMPT_IDS = flags.DEFINE_string('prompt_ids', None, 'Prompt as comma-separated token ids, e.g. 1,5,9.')
 _PROMPT = flags.DEFINE_string('prompt', None, 'Prompt text, encoded with the tokenizer.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Hugging Face tokenizer folder; default: the one in --ckpt.')
@@ -103,11 +110,18 @@ def answer_with_images(run_config, decoding: dict[str, Any]) -> tuple[list[int],
   """(new ids, text) of a composed Astrea model answering --prompt about the --image files."""
   if _PROMPT.value is None:
     raise ValueError('an Astrea model reads --prompt (text, in its chat template), not --prompt_ids')
-  images = [images_lib.load_image(path) for path in _IMAGE.value]
+  if _VIDEO.value is not None and _IMAGE.value:
+    raise ValueError('pass --video or --image, not both: a prompt asks about a video or about images')
   cfg, params, stage, tokenizer_dir, template, square = astrea_model(run_config, mesh_lib.create_mesh(run_config.mesh))
+  if _VIDEO.value is not None:
+    frames = _NUM_FRAMES.value or (saved_run.open_run(_RUN.value, _STEP.value).config if _RUN.value else
+                                   run_config).data.video.num_frames
+    images = list(video_lib.read_video(_VIDEO.value, frames))
+  else:
+    images = [images_lib.load_image(path) for path in _IMAGE.value]
   return multimodal.answer(cfg, params, stage, tokenizer_dir, template, square, _PROMPT.value, images,
                            decoding['max_new_tokens'], temperature=decoding['temperature'], top_p=decoding['top_p'],
-                           seed=_SEED.value)
+                           seed=_SEED.value, video=_VIDEO.value is not None)
 
 
 def continue_text(run_config, decoding: dict[str, Any]) -> tuple[list[int], str | None]:
@@ -157,8 +171,8 @@ def main(argv):
     config.validate(run_config)
     if _RUN.value is not None or checkpoint.read_metadata(_CKPT.value)['family'] == ASTREA_FAMILY:
       new_ids, text = answer_with_images(run_config, decoding)
-    elif _IMAGE.value:
-      raise ValueError(f'--image needs an Astrea model: --run, or --ckpt of family {ASTREA_FAMILY!r}; '
+    elif _IMAGE.value or _VIDEO.value:
+      raise ValueError(f'--image / --video need an Astrea model: --run, or --ckpt of family {ASTREA_FAMILY!r}; '
                        f'{_CKPT.value} is a language model')
     else:
       new_ids, text = continue_text(run_config, decoding)

@@ -185,7 +185,7 @@ def test_cli_prompt_text_prints_ids_and_text(models):
     (('--prompt_ids=1,2', '--prompt=hi'), 'exactly one of --prompt_ids'),
     (('--prompt_ids=1,x',), "'x' is not an integer"),
     (('--prompt_ids=1,999',), r'token id 999 is outside [0, 320)'),
-    (('--prompt=hi', '--image=shapes.png'), "--image needs an Astrea model: --run, or --ckpt of family 'astrea'"),
+    (('--prompt=hi', '--image=shapes.png'), "--image / --video need an Astrea model: --run, or --ckpt of family 'astrea'"),
     (('--prompt_ids=1', '--step=3'), '--step selects a checkpoint of --run'),
 ])
 def test_cli_errors(models, args, message):

@@ -47,3 +47,33 @@ def test_an_image_then_a_video_fill_their_placeholders_with_full_and_pooled_toke
   pooled = np.asarray(model_lib.pool_frame_tokens(jnp.asarray(visual[0, 1:]), 2))  # [2, 4, D]
   np.testing.assert_allclose(out[0, 20:28], pooled.reshape(8, d), rtol=1e-6, atol=1e-6)
   assert not out[0, ~mask[0]].any()  # text positions untouched
+
+
+class _Frames:
+  """A video stand-in for the evaluation loop: `load(num_frames)` -> its frames."""
+
+  def __init__(self, frames):
+    self.frames = frames
+
+  def load(self, num_frames):
+    assert num_frames == len(self.frames)
+    return self.frames
+
+
+def test_generation_and_evaluation_prompt_a_video_alike(tokenizer_dir):
+  """launch.generate --video (`multimodal.image_prompt(video=True)`) and the evaluation loop's video prompts give the
+  same tokens, placeholders, per-slot counts and expert inputs."""
+  from astrea_jax.eval import multimodal
+  import test_eval_loop  # tests/
+  model = test_eval_loop.unit_model(tokenizer_dir)
+  frames = np.random.RandomState(3).randint(0, 256, (model.num_frames, 20, 28, 3)).astype(np.uint8)
+  rows = model.prompt_rows(['Which way?'], [()], videos=[_Frames(frames)])
+  prompt = multimodal.image_prompt(model.cfg, model.tok, model.template, 'Which way?', list(frames), model.square_mode,
+                                   video=True)
+  np.testing.assert_array_equal(prompt.ids[0], rows.ids[0][rows.mask[0]])
+  np.testing.assert_array_equal(prompt.image_mask[0], rows.image_mask[0][rows.mask[0]])
+  np.testing.assert_array_equal(prompt.image_tokens, rows.image_tokens)
+  assert int(prompt.image_mask.sum()) == model.num_frames * model.cfg.num_visual_tokens // model.cfg.video_pool**2
+  inputs = model.batch_inputs(rows, np.arange(1))
+  for slot, x in prompt.images.items():
+    np.testing.assert_array_equal(x, inputs['images'][slot])

@@ -42,9 +42,19 @@ class ImagePrompt:
 
 
 def image_prompt(cfg: AstreaConfig, tok: pipeline.TokenizerInfo, template: templates.ChatTemplate, text: str,
-                 images: Sequence[np.ndarray], square_mode: str) -> ImagePrompt:
-  """The model inputs of `text` asked about `images` (RGB uint8 [H, W, 3] each, in order)."""
+                 images: Sequence[np.ndarray], square_mode: str, *, video: bool = False) -> ImagePrompt:
+  """The model inputs of `text` asked about `images` (RGB uint8 [H, W, 3] each, in order); video: the images are
+  a video's frames in temporal order, whose placeholders go back to back (`templates.video_prompt`), each frame
+  filling its T / video_pool^2 pooled tokens, as training feeds a video record."""
   experts, grid = images_lib.experts_from_model(cfg.experts), images_lib.model_anyres_grid(cfg)
+  if video:
+    if grid is not None:
+      raise ValueError('a video asked of an AnyRes model: its frames would go in as base tiles; not supported here')
+    counts = [cfg.num_visual_tokens // cfg.video_pool**2] * len(images)
+    tokens = prompt_tokens(tok, template, templates.video_prompt(text, len(images)), counts)
+    pixels = images_lib.expert_inputs(list(images), experts, square_mode)
+    return ImagePrompt(tokens.ids[None], tokens.image_mask[None], tokens.instruction_mask[None],
+                       {slot: x[None] for slot, x in pixels.items()}, image_tokens=np.asarray(counts, np.int32)[None])
   counts = cfg.num_visual_tokens if grid is None else [grid.num_tokens(im.shape[:2]) for im in images]
   tokens = prompt_tokens(tok, template, templates.image_prompt(text, len(images)), counts)
   extra = {}
@@ -86,13 +96,14 @@ def generate_answer(cfg: AstreaConfig, params: Any, stage: str, prompt: ImagePro
 
 def answer(cfg: AstreaConfig, params: Any, stage: str, tokenizer_dir: str, template_name: str, square_mode: str,
            text: str, images: Sequence[np.ndarray], max_new_tokens: int, *, temperature: float = 0.0,
-           top_p: float = 1.0, seed: int = 0) -> tuple[list[int], str]:
-  """(new token ids, their text) answering `text` about `images` (RGB uint8 arrays) in the chat template
-  `template_name` with the tokenizer at `tokenizer_dir`, decoding until the template's end marker."""
+           top_p: float = 1.0, seed: int = 0, video: bool = False) -> tuple[list[int], str]:
+  """(new token ids, their text) answering `text` about `images` (RGB uint8 arrays; video: a video's frames,
+  `image_prompt`) in the chat template `template_name` with the tokenizer at `tokenizer_dir`, decoding until the
+  template's end marker."""
   tok = pipeline.load_tokenizer(tokenizer_dir)
   template = templates.get_template(template_name)
   templates.check_special_tokens(tok.backend, template, tokenizer_dir)
-  prompt = image_prompt(cfg, tok, template, text, images, square_mode)
+  prompt = image_prompt(cfg, tok, template, text, images, square_mode, video=video)
   ids = generate_answer(cfg, params, stage, prompt, max_new_tokens, eos_id=templates.end_marker_id(tok.backend, template),
                         pad_id=tok.pad_id, temperature=temperature, top_p=top_p, seed=seed)
   return ids, tok.backend.decode(ids, skip_special_tokens=True)
