@@ -33,7 +33,9 @@ def get_config():
   for name in config_lib.ALIGN_STAGES:
     c.stages[name].num_steps = 60
     c.stages[name].learning_rate = 2e-3
-  c.stages.instruct.update(num_steps=800, learning_rate=2e-3, fusion='residual')
+  # Instruction tuning breaks out of the answer prior after ~1000 steps (loss ~0.72 -> 0.67 per token): 800 steps
+  # left seed 1 at the majority baseline on every type, 1600 do not.
+  c.stages.instruct.update(num_steps=1600, learning_rate=2e-3, fusion='residual')
   c.eval.max_new_tokens = 8
   c.checkpoint.every_steps = 500
   c.logging.every_steps = 50
