@@ -129,16 +129,28 @@ def grouped_query_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """Softmax attention with kv heads shared by groups of query heads.
 
   q [B, L, H, D], k/v [B, S, Hkv, D], mask [B, 1, 1, L, S] -> [B, L, H, D]. Softmax in fp32; a fully masked row
-  gives a uniform distribution rather than NaN.
+  gives a uniform distribution rather than NaN. (`heads_major_attention` with k and v transposed.)
+  """
+  return heads_major_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+
+
+def heads_major_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """`grouped_query_attention` with keys and values heads-major, the KV cache's layout: q [B, L, H, D], k/v
+  [B, Hkv, S, D], mask [B, 1, 1, L, S] -> [B, L, H, D].
+
+  The G = H / Hkv query heads of a kv head and their L positions are the G * L rows of one matmul per (batch, kv
+  head): both products and their gradients are plain batched matmuls ([B, Hkv] leading, one contracted axis), which
+  XLA's CPU backend runs without transposing the S x S scores (BENCHMARKS.md section 1).
   """
   b, l, h, d = q.shape
-  hkv = k.shape[2]
-  q = q.reshape(b, l, hkv, h // hkv, d)
-  scores = jnp.einsum('blkgd,bskd->bkgls', q, k).astype(jnp.float32) / np.sqrt(d).astype(np.float32)
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkgls,bskd->blkgd', probs, v)
-  return out.reshape(b, l, h, d)
+  hkv, s = k.shape[1], k.shape[2]
+  g = h // hkv
+  q = q.reshape(b, l, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * l, d)  # [B, Hkv, G*L, D]
+  scores = jnp.einsum('bkqd,bksd->bkqs', q, k).astype(jnp.float32) / np.sqrt(d).astype(np.float32)
+  scores = jnp.where(mask, scores.reshape(b, hkv, g, l, s), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, hkv, g * l, s)
+  out = jnp.einsum('bkqs,bksd->bkqd', probs, v)  # [B, Hkv, G*L, D]
+  return out.reshape(b, hkv, g, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)
 
 
 class Attention(nn.Module):
@@ -156,17 +168,18 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(k, (BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'))
     v = nn.with_logical_constraint(v, (BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, L, D], the cache's layout
 
     new_cache = None
     if layer_cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(layer_cache['key'], k.astype(layer_cache['key'].dtype), cache_index,
-                                              axis=1)
+                                              axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(layer_cache['value'], v.astype(layer_cache['value'].dtype),
-                                              cache_index, axis=1)
+                                              cache_index, axis=2)
       new_cache = {'key': k, 'value': v}
       k, v = k.astype(nx.dtype), v.astype(nx.dtype)
 
-    out = grouped_query_attention(q, k, v, mask)
+    out = heads_major_attention(q, k, v, mask)
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS_ACT, 'head_dim'))
     return heads_out(nx, cfg.hidden_size, use_bias=False)(out), new_cache
 
@@ -281,9 +294,10 @@ class Llama(nn.Module):
 
 
 def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int, dtype: Any | None = None) -> dict[str, Array]:
-  """An empty KV cache: key/value [layers, B, S, kv_heads, head_dim], valid [B, S], index, next_position [B]."""
+  """An empty KV cache: key/value [layers, B, kv_heads, S, head_dim] (heads-major: a decoding step reads each
+  head's S x head_dim block contiguously), valid [B, S], index, next_position [B]."""
   dtype = to_dtype(cfg.dtype) if dtype is None else dtype
-  shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+  shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
   return {
       'key': jnp.zeros(shape, dtype),
       'value': jnp.zeros(shape, dtype),
@@ -294,8 +308,8 @@ def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int, dtype: Any | 
 
 
 CACHE_LOGICAL_AXES = {
-    'key': ('layers', BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'),
-    'value': ('layers', BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'),
+    'key': ('layers', BATCH, KV_HEADS_ACT, LENGTH, 'head_dim'),
+    'value': ('layers', BATCH, KV_HEADS_ACT, LENGTH, 'head_dim'),
     'valid': (BATCH, LENGTH),
     'index': (),
     'next_position': (BATCH,),
