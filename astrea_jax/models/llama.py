@@ -225,6 +225,9 @@ class Llama(nn.Module):
   padding) make attention block-diagonal and causal inside each segment, with positions restarting per segment
   (`positions` overrides them, e.g. the data pipeline's). With a cache (`init_cache`), the L new tokens are written
   at `cache['index']` and attend to every valid earlier slot.
+
+  `layer_params` (from `unstack_layers`) runs the layers one after another with those per-layer parameters instead
+  of scanning the stacked `layers` ones (`unrolled_layers`): a decoding loop unstacks once, outside its loop.
   """
   cfg: LlamaConfig
 
@@ -245,7 +248,8 @@ class Llama(nn.Module):
 
   def __call__(self, tokens: Array | None = None, *, inputs_embeds: Array | None = None,
                attention_mask: Array | None = None, positions: Array | None = None,
-               segment_ids: Array | None = None, cache: dict | None = None) -> tuple[Array, dict | None]:
+               segment_ids: Array | None = None, cache: dict | None = None,
+               layer_params: list[Any] | None = None) -> tuple[Array, dict | None]:
     cfg = self.cfg
     if (tokens is None) == (inputs_embeds is None):
       raise ValueError('Llama: pass exactly one of tokens [B, L] or inputs_embeds [B, L, E]')
@@ -278,7 +282,10 @@ class Llama(nn.Module):
     cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
     if segment_ids is None:
       mask = causal_padding_mask(q_slots, kv_valid)
-    x, new_layer_caches = self.layers(x, layer_caches, cos, sin, mask, index)
+    if layer_params is None:
+      x, new_layer_caches = self.layers(x, layer_caches, cos, sin, mask, index)
+    else:
+      x, new_layer_caches = unrolled_layers(cfg, layer_params, x, layer_caches, cos, sin, mask, index)
     x = self.final_norm(x)
     if cfg.tie_word_embeddings:
       logits = self.embedder.attend(x)
@@ -293,14 +300,54 @@ class Llama(nn.Module):
     return logits, new_cache
 
 
-def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int, dtype: Any | None = None) -> dict[str, Array]:
+def unstack_layers(params: Any) -> list[Any]:
+  """The stacked decoder-layer parameters of a Llama's params (`params['layers']`, leading axis `layers`) as one
+  parameter tree per layer: their own arrays (a copy of the layer weights)."""
+  stacked = params['layers']
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  return [jax.tree.map(lambda p, i=i: p[i], stacked) for i in range(num_layers)]
+
+
+def unrolled_layers(cfg: LlamaConfig, layer_params: list[Any], x: Array, layer_caches: dict | None, cos: Array,
+                    sin: Array, mask: Array, cache_index: Array | None) -> tuple[Array, dict | None]:
+  """The decoder layers of `Llama`, one after another with per-layer parameters (`unstack_layers`) -> (x, layer
+  caches). The cache's key / value are stacked arrays or per-layer lists (`init_cache(per_layer=True)`: each layer
+  updates its own arrays in place).
+
+  The same computation as the scanned `layers`. Scanned, each layer's weights are sliced out of the stacked arrays
+  at every call, and XLA's CPU backend copies each slice: a copy of every weight per decoded token. Parameters that
+  are already separate arrays are read in place (BENCHMARKS.md section 2).
+  """
+  layer = DecoderLayer(cfg, parent=None)
+  for i, p in enumerate(layer_params):
+    layer_cache = None if layer_caches is None else {k: v[i] for k, v in layer_caches.items()}
+    x, new_cache = layer.apply({'params': p}, x, layer_cache, cos, sin, mask, cache_index)
+    if new_cache is not None:
+      layer_caches = {k: _set_layer(v, i, new_cache[k]) for k, v in layer_caches.items()}
+  return x, layer_caches
+
+
+def _set_layer(stack: Array | list[Array], i: int, value: Array) -> Array | list[Array]:
+  """Layer i of a stacked array [layers, ...] or of a per-layer list set to value."""
+  if isinstance(stack, list):
+    return stack[:i] + [value] + stack[i + 1:]
+  return jax.lax.dynamic_update_index_in_dim(stack, value, i, axis=0)
+
+
+def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int, dtype: Any | None = None,
+               per_layer: bool = False) -> dict[str, Any]:
   """An empty KV cache: key/value [layers, B, kv_heads, S, head_dim] (heads-major: a decoding step reads each
-  head's S x head_dim block contiguously), valid [B, S], index, next_position [B]."""
+  head's S x head_dim block contiguously), valid [B, S], index, next_position [B]. With `per_layer`, key and value
+  are lists of one [B, kv_heads, S, head_dim] array per layer, for `Llama` called with `layer_params`."""
   dtype = to_dtype(cfg.dtype) if dtype is None else dtype
-  shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
+  shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
+  if per_layer:
+    key, value = ([jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for _ in range(2))
+  else:
+    key, value = (jnp.zeros((cfg.num_layers, *shape), dtype) for _ in range(2))
   return {
-      'key': jnp.zeros(shape, dtype),
-      'value': jnp.zeros(shape, dtype),
+      'key': key,
+      'value': value,
       'valid': jnp.zeros((batch_size, max_length), jnp.bool_),
       'index': jnp.zeros((), jnp.int32),
       'next_position': jnp.zeros((batch_size,), jnp.int32),
