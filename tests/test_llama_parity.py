@@ -104,6 +104,22 @@ def test_remat_policies_do_not_change_gradients(policy):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_an_unrolled_layer_scan_gives_the_same_logits_and_gradients():
+  import jax
+  cfg = config_lib.llm_config(config_lib.base_config())
+  tokens = jnp.asarray(np.random.RandomState(5).randint(0, cfg.vocab_size, (2, 8)))
+  params = llama.Llama(cfg).init(jax.random.key(0), tokens)['params']
+
+  def loss(c, p):
+    return llama.Llama(c).apply({'params': p}, tokens)[0].mean()
+
+  unrolled = cfg.replace(scan_unroll=cfg.num_layers)
+  np.testing.assert_allclose(loss(cfg, params), loss(unrolled, params), atol=1e-6)
+  scanned, flat = (jax.tree.leaves(jax.grad(loss, 1)(c, params)) for c in (cfg, unrolled))
+  for a, b in zip(scanned, flat):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def test_per_layer_parameters_and_cache_decode_as_the_scanned_layers(tmp_path):
   """`layer_params` (`unstack_layers`) with a per-layer cache, as generation runs it, against the full forward."""
   hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False)

@@ -252,8 +252,10 @@ def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
   return nn.remat(block, policy=remat_policy(policy), prevent_cse=False)
 
 
-def layer_scan(block: type[nn.Module], length: int, in_axes: Any, policy: str = 'none') -> type[nn.Module]:
+def layer_scan(block: type[nn.Module], length: int, in_axes: Any, policy: str = 'none',
+               unroll: int = 1) -> type[nn.Module]:
   """`block` (rematerialised per `policy`) scanned over `length` layers: its parameters stacked on a leading axis
-  named 'layers'; `in_axes` as `nn.scan`'s (0 = per layer, nn.broadcast = the same for every layer)."""
+  named 'layers'; `in_axes` as `nn.scan`'s (0 = per layer, nn.broadcast = the same for every layer); `unroll` layers
+  per loop iteration (`jax.lax.scan`'s; >= length: no loop)."""
   return nn.scan(remat(block, policy), variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=in_axes,
-                 length=length, metadata_params={nn.PARTITION_NAME: 'layers'})
+                 length=length, metadata_params={nn.PARTITION_NAME: 'layers'}, unroll=unroll)

@@ -54,9 +54,10 @@ class LlamaConfig(ModelConfig):
   tie_word_embeddings: bool = False
   initializer_range: float = 0.02
   remat_policy: str = 'none'    # one of REMAT_POLICIES
+  scan_unroll: int = 1          # decoder layers per iteration of the layer scan (>= num_layers: no loop)
 
   POSITIVE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'num_kv_heads',
-                     'head_dim')
+                     'head_dim', 'scan_unroll')
   MULTIPLE_FIELDS = (('num_heads', 'num_kv_heads'),)
 
   def problems(self) -> list[str]:
@@ -236,8 +237,8 @@ class Llama(nn.Module):
     nx = Numerics.of(cfg)
     self.embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=nx.dtype, param_dtype=nx.param_dtype,
                              embedding_init=nx.init(('vocab', 'embed')), name='embed')
-    self.layers = layer_scan(DecoderLayer, cfg.num_layers, (0,) + (nn.broadcast,) * 4,
-                             cfg.remat_policy)(cfg, name='layers')
+    self.layers = layer_scan(DecoderLayer, cfg.num_layers, (0,) + (nn.broadcast,) * 4, cfg.remat_policy,
+                             cfg.scan_unroll)(cfg, name='layers')
     self.final_norm = RMSNorm(cfg.rms_norm_eps, nx.dtype, nx.param_dtype, name='final_norm')
     if not cfg.tie_word_embeddings:
       self.lm_head = dense(nx, cfg.vocab_size, ('embed', 'vocab'), 'lm_head', use_bias=False)
