@@ -1,7 +1,8 @@
 r"""Benchmarks: our LLM train step and decoding against PyTorch, the input pipeline against the step, model FLOPs and
 MFU, conversion memory, deformable attention. The subcommand is the first positional argument:
 
-  python -m launch.benchmark train [--model=tiny|100m --batch=4 --seq_len=256 --steps=5 --notorch_compile]
+  python -m launch.benchmark train [--model=tiny|100m --batch=4 --seq_len=256 --steps=5 --scan_unroll=1
+                                   --notorch_compile]
   python -m launch.benchmark generate [--model=tiny|100m --batch=4 --prompt_len=32 --max_new_tokens=64 --steps=5]
   python -m launch.benchmark data [--config=configs/tiny.py --stage=instruct --workers=0,2 --batches=400 --steps=5]
   python -m launch.benchmark flops [--config=configs/astrea_13b.py --step_seconds=S --devices=N --peak_tflops=P]
@@ -13,7 +14,8 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
   our jitted step (fp32, AdamW, 1-device mesh) and `transformers` LlamaForCausalLM + torch.optim.AdamW (the same
   hyper-parameters: the paper's AdamW, masking, clipping and learning-rate schedule) train it from the same weights
   on the same batches, then torch.compile does (unless --notorch_compile; a failure is reported, not raised). The
-  first-step losses must agree within 1e-4. Reports tokens/s, the ratio jax / torch, and MFU against --peak_tflops
+  first-step losses must agree within 1e-4. --scan_unroll sets our `llm.scan_unroll` (layers per iteration of the
+  layer scan; the model's layer count: no loop). Reports tokens/s, the ratio jax / torch, and MFU against --peak_tflops
   (default: the best fp32 GEMM FLOP/s of JAX and PyTorch measured on this machine, our stand-in for the CPU's peak).
 - generate (`bench.generation`): greedy decoding with our KV cache against `transformers` generate, same weights and
   prompts, no end-of-sequence stop; the outputs must be equal. Tokens/s counts new tokens, prefill included.
@@ -51,6 +53,8 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'train, generate, data, mfu, deformabl
 _BATCH = flags.DEFINE_integer('batch', 4, 'train, generate, mfu: sequences per batch.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', None, 'train (default 256), mfu (default config.data.seq_len): tokens.')
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', True, 'train: also time torch.compile (slow to compile).')
+_SCAN_UNROLL = flags.DEFINE_integer('scan_unroll', 1, 'train: our llm.scan_unroll (layers per iteration of the layer '
+                                    'scan; the layer count: no loop).')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'generate: prompt tokens per row.')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 64, 'generate: new tokens per row.')
 _PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device for MFU; 0 = measured (CPU) or '
@@ -73,7 +77,7 @@ def run_timed(command: str, info: dict) -> None:
   """The subcommands that time calls, given the machine they run on."""
   if command == 'train':
     train_step.run(_MODEL.value, _BATCH.value, _SEQ_LEN.value or 256, _STEPS.value, _TORCH_COMPILE.value,
-                   _PEAK_TFLOPS.value, info)
+                   _PEAK_TFLOPS.value, info, _SCAN_UNROLL.value)
   elif command == 'generate':
     generation.run(_MODEL.value, _BATCH.value, _PROMPT_LEN.value, _MAX_NEW_TOKENS.value, _STEPS.value, info)
   elif command == 'data':
