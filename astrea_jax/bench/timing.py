@@ -3,8 +3,9 @@
 Every call is timed with `time.perf_counter` around a result synced to the host (`jax.block_until_ready`,
 `.item()`); the first `WARMUP_STEPS` calls (compilation) are excluded and medians are reported. A shared machine times
 badly, so the timed benchmarks first sample how much of the host's CPU other processes use (`machine`) and warn above
-`BUSY_LOAD`, and record the load average (`os.getloadavg`) when they start and when they end. Every benchmark ends by
-printing one JSON object (`emit`).
+`BUSY_LOAD`, and record the load average (`os.getloadavg`) when they start and when they end; the fastest call is
+reported beside the median (on a busy machine it is the least disturbed). Every benchmark ends by printing one JSON
+object (`emit`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class Run:
   @property
   def median_s(self) -> float:
     return statistics.median(self.seconds)
+
+  @property
+  def best_s(self) -> float:
+    """The fastest call: on a shared machine, the one least slowed by other processes."""
+    return min(self.seconds)
 
 
 def time_calls(fns: dict[str, Callable[[int], Any]], steps: Sequence[int]) -> dict[str, Run]:
