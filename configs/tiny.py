@@ -13,6 +13,7 @@ from astrea_jax import config as config_lib
 def get_config():
   c = config_lib.base_config()  # every field is documented in astrea_jax/config.py
   c.llm.vocab_size = 1024
+  c.llm.scan_unroll = 2  # both layers without a loop: 0.87x the LLM step's time on CPU (BENCHMARKS.md section 1)
   c.astrea.router_context = 'visual+text'  # the router sees the instruction, so routing can differ per task
   c.train.stages = ('experts', 'align', 'instruct', 'main')
   c.train.global_batch_size = 16

@@ -1,19 +1,23 @@
 r"""Benchmarks: our LLM train step and decoding against PyTorch, the input pipeline against the step, model FLOPs and
 MFU, conversion memory, deformable attention. The subcommand is the first positional argument:
 
-  python -m launch.benchmark train [--model=tiny|100m --batch=4 --seq_len=256 --steps=5 --notorch_compile]
+  python -m launch.benchmark train [--model=tiny|100m --batch=4 --seq_len=256 --steps=5 --scan_unroll=1
+                                   --notorch_compile]
   python -m launch.benchmark generate [--model=tiny|100m --batch=4 --prompt_len=32 --max_new_tokens=64 --steps=5]
   python -m launch.benchmark data [--config=configs/tiny.py --stage=instruct --workers=0,2 --batches=400 --steps=5]
   python -m launch.benchmark flops [--config=configs/astrea_13b.py --step_seconds=S --devices=N --peak_tflops=P]
   python -m launch.benchmark convert [--hidden=2048 --intermediate=5632 --layers=22 --dtype=bfloat16]
   python -m launch.benchmark mfu [--config=configs/astrea_13b.py --batch=4 --seq_len=2048 --peak_tflops=P]
   python -m launch.benchmark deformable [--steps=5 --image_size=800 --queries=900]
+  python -m launch.benchmark profile --what=train|generate [--model=100m --steps=2 --scan_unroll=1 ...]
+  python -m launch.benchmark profile --what=trace --trace_dir=DIR --hlo=FILE --steps=N
 
 - train (`astrea_jax.bench.train_step`): one random Hugging Face Llama (`--model`) is converted with our converter;
   our jitted step (fp32, AdamW, 1-device mesh) and `transformers` LlamaForCausalLM + torch.optim.AdamW (the same
   hyper-parameters: the paper's AdamW, masking, clipping and learning-rate schedule) train it from the same weights
   on the same batches, then torch.compile does (unless --notorch_compile; a failure is reported, not raised). The
-  first-step losses must agree within 1e-4. Reports tokens/s, the ratio jax / torch, and MFU against --peak_tflops
+  first-step losses must agree within 1e-4. --scan_unroll sets our `llm.scan_unroll` (layers per iteration of the
+  layer scan; the model's layer count: no loop). Reports tokens/s, the ratio jax / torch, and MFU against --peak_tflops
   (default: the best fp32 GEMM FLOP/s of JAX and PyTorch measured on this machine, our stand-in for the CPU's peak).
 - generate (`bench.generation`): greedy decoding with our KV cache against `transformers` generate, same weights and
   prompts, no end-of-sequence stop; the outputs must be equal. Tokens/s counts new tokens, prefill included.
@@ -29,6 +33,10 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
 - deformable (`bench.deformable_attention`): our multi-scale deformable attention against transformers' PyTorch one,
   forward and forward + backward, at Grounding DINO's sizes: 4 levels of an --image_size square, --queries queries
   (900: the decoder's cross-attention; 0: one per image token, the encoder's self-attention); --steps timed calls.
+- profile (`bench.profile`): where the time goes: a profiler trace of our `train` step or `generate` (the same
+  models, random weights; --steps traced calls after the warm-up) or of any program (--what=trace: its trace under
+  --trace_dir and its optimised HLO text --hlo, e.g. the runner's `config.logging.profile_steps` trace and an
+  XLA_FLAGS=--xla_dump_to file), each XLA op's time summed by model part, pass and kind, with the slowest ops.
 
 Timings: `time.perf_counter` around each call, results synced (`jax.block_until_ready`, `.item()`), the first two
 calls (compilation) excluded, medians reported. Each subcommand prints a table and, as its last line, one JSON
@@ -41,16 +49,20 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from astrea_jax.bench import (BenchmarkError, conversion, data, deformable_attention, flops, generation, hf_llama, mfu,
-                              timing, train_step)
+                              profile, timing, train_step)
 from launch import bench_flags
 
-SUBCOMMANDS = ('train', 'generate', 'data', 'flops', 'convert', 'mfu', 'deformable')
+SUBCOMMANDS = ('train', 'generate', 'data', 'flops', 'convert', 'mfu', 'deformable', 'profile')
 
-_MODEL = flags.DEFINE_enum('model', 'tiny', list(hf_llama.MODELS), 'train, generate: the random Llama to benchmark.')
-_STEPS = flags.DEFINE_integer('steps', 5, 'train, generate, data, mfu, deformable: timed calls after the warm-up ones.')
+_MODEL = flags.DEFINE_enum('model', 'tiny', list(hf_llama.MODELS), 'train, generate, profile: the random Llama to '
+                           'benchmark.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'train, generate, data, mfu, deformable: timed calls after the warm-up '
+                             'ones; profile: traced calls.')
 _BATCH = flags.DEFINE_integer('batch', 4, 'train, generate, mfu: sequences per batch.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', None, 'train (default 256), mfu (default config.data.seq_len): tokens.')
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', True, 'train: also time torch.compile (slow to compile).')
+_SCAN_UNROLL = flags.DEFINE_integer('scan_unroll', 1, 'train: our llm.scan_unroll (layers per iteration of the layer '
+                                    'scan; the layer count: no loop).')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'generate: prompt tokens per row.')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', 64, 'generate: new tokens per row.')
 _PEAK_TFLOPS = flags.DEFINE_float('peak_tflops', 0.0, 'Peak TFLOP/s of one device for MFU; 0 = measured (CPU) or '
@@ -63,6 +75,9 @@ _IMAGE_SIZE = flags.DEFINE_integer('image_size', 800, 'deformable: side of the s
                                    '32, 64).')
 _QUERIES = flags.DEFINE_integer('queries', 900, "deformable: queries; 900 = Grounding DINO's decoder, 0 = one per "
                                 'image token (its encoder).')
+_WHAT = flags.DEFINE_enum('what', 'train', ['train', 'generate', 'trace'], 'profile: what to trace (module doc).')
+_TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'profile --what=trace: the folder of a profiler trace.')
+_HLO = flags.DEFINE_string('hlo', '', 'profile --what=trace: the traced program\'s optimised HLO text.')
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'data, flops, mfu: the experiment config.')
 _PIPELINE = bench_flags.pipeline_flags()  # data: --stage --workers --batches --warmup --data_dir --tokenizer
 _SHAPE = bench_flags.shape_flags()  # convert: the synthetic checkpoint's shape (--hidden, ...)
@@ -73,7 +88,7 @@ def run_timed(command: str, info: dict) -> None:
   """The subcommands that time calls, given the machine they run on."""
   if command == 'train':
     train_step.run(_MODEL.value, _BATCH.value, _SEQ_LEN.value or 256, _STEPS.value, _TORCH_COMPILE.value,
-                   _PEAK_TFLOPS.value, info)
+                   _PEAK_TFLOPS.value, info, _SCAN_UNROLL.value)
   elif command == 'generate':
     generation.run(_MODEL.value, _BATCH.value, _PROMPT_LEN.value, _MAX_NEW_TOKENS.value, _STEPS.value, info)
   elif command == 'data':
@@ -81,6 +96,10 @@ def run_timed(command: str, info: dict) -> None:
   elif command == 'mfu':
     mfu.run(_CONFIG.value, _BATCH.value, _SEQ_LEN.value, _STEPS.value, _PEAK_TFLOPS.value, _DEVICE_MEMORY_GIB.value,
             info)
+  elif command == 'profile':
+    profile.run(_WHAT.value, info, model_name=_MODEL.value, batch=_BATCH.value, seq_len=_SEQ_LEN.value or 256,
+                prompt_len=_PROMPT_LEN.value, new_tokens=_MAX_NEW_TOKENS.value, steps=_STEPS.value,
+                scan_unroll=_SCAN_UNROLL.value, trace_dir=_TRACE_DIR.value, hlo=_HLO.value)
   else:
     deformable_attention.run(info, repeats=_STEPS.value, image_size=_IMAGE_SIZE.value, queries=_QUERIES.value)
 

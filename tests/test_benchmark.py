@@ -12,6 +12,7 @@ import pytest
 
 from astrea_jax import config as config_lib
 from astrea_jax.bench import flops as bench_flops
+from astrea_jax.bench import profile as bench_profile
 from astrea_jax.models import llama
 from configs import astrea_13b
 
@@ -29,6 +30,7 @@ RUNS = {
     'mfu': ['--device_memory_gib=0.005', '--steps=1', '--batch=2', '--seq_len=32', '--peak_tflops=1',
             '--config.llm.num_layers=6'],
     'deformable': ['--steps=1'],
+    'profile': ['--what=train', '--model=tiny', '--steps=1', '--batch=2', '--seq_len=32'],
 }
 
 
@@ -163,3 +165,35 @@ def test_data_flops_convert_mfu_cli(results):
 def test_deformable_cli(results):
   deformable = results['deformable']
   assert deformable['max_abs_error'] <= 1e-4 and deformable['jax_forward_ms'] > 0 and 'backward_ratio' in deformable
+
+
+def test_profile_sorts_ops_by_model_part_pass_and_kind():
+  hlo = '\n'.join([
+      '  %ynn_fusion.3 = f32[8,64]{1,0} fusion(%a, %b), kind=kCustom, metadata={op_name="jit(traced)/jvp(Llama)/'
+      'while/body/closed_call/layers/mlp/gate/dot_general"}',
+      '  %dot.7 = f32[64,64]{1,0} dot(%a, %c), metadata={op_name="jit(traced)/transpose(jvp(Llama))/while/body/'
+      'closed_call/layers/attn/q_proj/transpose"}',
+      '  %dynamic-slice_bitcast_fusion = f32[64,64]{1,0} fusion(%w), kind=kLoop, metadata={op_name="jit(traced)/'
+      'transpose(jvp(Llama))/while/body/jit(dynamic_index_in_dim)/dynamic_slice"}',
+      '  %wrapped_broadcast.2 = f32[2,8,64]{2,1,0} fusion(%z), kind=kLoop, metadata={op_name="jit(traced)/'
+      'jvp(Llama)/broadcast_in_dim"}',
+      '  %multiply_add_fusion = f32[64,64]{1,0} fusion(%p, %g), kind=kLoop, metadata={op_name="jit(traced)/add"}',
+      '  %while.1 = (s32[]) while(%t), condition=%c, body=%b',
+  ])
+  ops = bench_profile.hlo_ops(hlo)
+  assert ops['dot.7'][0] == 'dot' and ops['while.1'][0] == 'while'
+  times = {'ynn_fusion.3': 4000, 'dot.7': 2000, 'dynamic-slice_bitcast_fusion': 1000, 'wrapped_broadcast.2': 1000,
+           'multiply_add_fusion': 2000, 'while.1': 99999, 'python_event': 5000}
+  s = bench_profile.summarize(times, ops, calls=2)
+  assert s['total_ms'] == 5.0  # (4 + 2 + 1 + 1 + 2) ms over 2 calls; control flow and other events left out
+  groups = {(g['part'], g['pass'], g['kind']): g['ms'] for g in s['groups']}
+  assert groups == {('mlp', 'fwd', 'matmul'): 2.0, ('attn', 'bwd', 'matmul'): 1.0,
+                    ('layers (other)', 'bwd', 'scan slicing'): 0.5, ('stacked buffers', 'fwd', 'zero fill'): 0.5,
+                    ('update', 'update', 'other'): 1.0}
+  assert s['kinds']['matmul'] == 0.6 and s['top'][0]['op'] == 'ynn_fusion.3'
+
+
+@pytest.mark.slow
+def test_profile_cli(results):
+  profile = results['profile']
+  assert profile['total_ms'] > 0 and abs(sum(profile['kinds'].values()) - 1) < 1e-3 and profile['groups']

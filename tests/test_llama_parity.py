@@ -104,6 +104,41 @@ def test_remat_policies_do_not_change_gradients(policy):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_an_unrolled_layer_scan_gives_the_same_logits_and_gradients():
+  import jax
+  cfg = config_lib.llm_config(config_lib.base_config())
+  tokens = jnp.asarray(np.random.RandomState(5).randint(0, cfg.vocab_size, (2, 8)))
+  params = llama.Llama(cfg).init(jax.random.key(0), tokens)['params']
+
+  def loss(c, p):
+    return llama.Llama(c).apply({'params': p}, tokens)[0].mean()
+
+  unrolled = cfg.replace(scan_unroll=cfg.num_layers)
+  np.testing.assert_allclose(loss(cfg, params), loss(unrolled, params), atol=1e-6)
+  scanned, flat = (jax.tree.leaves(jax.grad(loss, 1)(c, params)) for c in (cfg, unrolled))
+  for a, b in zip(scanned, flat):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_per_layer_parameters_and_cache_decode_as_the_scanned_layers(tmp_path):
+  """`layer_params` (`unstack_layers`) with a per-layer cache, as generation runs it, against the full forward."""
+  hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False)
+  hf.import_hf(hf_dir, str(tmp_path / 'ckpt'), 'llama', show_progress=False)
+  mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  cfg, params = loaders.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  model = llama.Llama(cfg)
+  layer_params = llama.unstack_layers(params)
+  tokens = jnp.asarray(np.random.RandomState(6).randint(0, 320, (2, 12)))
+  full, _ = model.apply({'params': params}, tokens)
+  cache = llama.init_cache(cfg, 2, 16, per_layer=True)
+  pieces = []
+  for start, end in ((0, 7), *((t, t + 1) for t in range(7, 12))):
+    logits, cache = model.apply({'params': params}, tokens[:, start:end], cache=cache, layer_params=layer_params)
+    pieces.append(logits)
+  assert len(cache['key']) == cfg.num_layers and int(cache['index']) == 12
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5)
+
+
 def test_the_fixture_leaves_no_parameter_at_its_constant_init(tmp_path):
   """The RMSNorm scales of a fresh transformers Llama are all 1: a swapped norm mapping would pass parity."""
   hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False)

@@ -15,6 +15,7 @@
   conversion            peak host memory of HF -> Orbax conversion
   memory                per-device memory and FLOPs of a stage's step by ahead-of-time compilation
   deformable_attention  our multi-scale deformable attention against transformers'
+  profile               where a compiled step's time goes: a profiler trace summed by model part, pass and op kind
 
 Each `run` (and `memory.print_report`) prints a table and, as its last line, one JSON object.
 """

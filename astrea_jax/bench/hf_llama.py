@@ -27,16 +27,17 @@ MODELS = {
 }
 
 
-def converted_model(name: str, workdir: str, mesh: jax.sharding.Mesh) -> tuple[str, llama.LlamaConfig, Any]:
+def converted_model(name: str, workdir: str, mesh: jax.sharding.Mesh,
+                    **overrides: Any) -> tuple[str, llama.LlamaConfig, Any]:
   """(HF folder, LlamaConfig, params): the random `transformers` Llama `name` saved to workdir, converted with our
-  converter and restored into the mesh."""
+  converter and restored into the mesh; overrides: of the run fields only (`convert.checkpoint.NUMERICS`)."""
   if name not in MODELS:
     raise ValueError(f'unknown benchmark model {name!r}; expected one of {list(MODELS)}')
   hf_config = transformers.LlamaConfig(**{**TINY, **MODELS[name]})
   hf_dir = random_hf.save_random_llama(os.path.join(workdir, 'hf'), hf_config)
   ckpt_dir = os.path.join(workdir, 'ckpt')
   hf.import_hf(hf_dir, ckpt_dir, 'llama', show_progress=False)
-  cfg, params = loaders.load_llm(ckpt_dir, mesh, RULES)
+  cfg, params = loaders.load_llm(ckpt_dir, mesh, RULES, **overrides)
   return hf_dir, cfg, params
 
 

@@ -3,7 +3,9 @@
 Every call is timed with `time.perf_counter` around a result synced to the host (`jax.block_until_ready`,
 `.item()`); the first `WARMUP_STEPS` calls (compilation) are excluded and medians are reported. A shared machine times
 badly, so the timed benchmarks first sample how much of the host's CPU other processes use (`machine`) and warn above
-`BUSY_LOAD`. Every benchmark ends by printing one JSON object (`emit`).
+`BUSY_LOAD`, and record the load average (`os.getloadavg`) when they start and when they end; the fastest call is
+reported beside the median (on a busy machine it is the least disturbed). Every benchmark ends by printing one JSON
+object (`emit`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ class Run:
   @property
   def median_s(self) -> float:
     return statistics.median(self.seconds)
+
+  @property
+  def best_s(self) -> float:
+    """The fastest call: on a shared machine, the one least slowed by other processes."""
+    return min(self.seconds)
 
 
 def time_calls(fns: dict[str, Callable[[int], Any]], steps: Sequence[int]) -> dict[str, Run]:
@@ -74,16 +81,24 @@ def other_cpu_load(seconds: float = 1.0) -> float | None:
   return round(1 - (idle_after - idle) / max(total_after - total, 1), 3)
 
 
+def load_average() -> list[float] | None:
+  """The host's 1, 5 and 15 minute load averages (None where the OS has none)."""
+  try:
+    return [round(v, 2) for v in os.getloadavg()]
+  except OSError:
+    return None
+
+
 def machine() -> dict[str, Any]:
-  """The device, this host's CPU count and model (from /proc/cpuinfo where there is one), and the share of its CPU
-  that other processes use just before the benchmark starts (a shared machine times badly)."""
+  """The device, this host's CPU count and model (from /proc/cpuinfo where there is one), the share of its CPU that
+  other processes use just before the benchmark starts and the load average then (a shared machine times badly)."""
   cpu = 'unknown'
   if os.path.exists('/proc/cpuinfo'):
     with open('/proc/cpuinfo') as f:
       cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
   device = jax.devices()[0]
   return {'device': device.device_kind, 'platform': device.platform, 'cpus': os.cpu_count(), 'cpu_model': cpu,
-          'other_cpu_load': other_cpu_load()}
+          'other_cpu_load': other_cpu_load(), 'loadavg_start': load_average()}
 
 
 def warn_if_busy(info: dict[str, Any]) -> None:
@@ -93,5 +108,5 @@ def warn_if_busy(info: dict[str, Any]) -> None:
 
 
 def emit(result: dict[str, Any]) -> None:
-  """The benchmark's last line: its result as one JSON object."""
-  print(json.dumps(result))
+  """The benchmark's last line: its result as one JSON object, with the load average at its end."""
+  print(json.dumps({**result, 'loadavg_end': load_average()}))

@@ -96,11 +96,12 @@ def measure_training(fns: dict[str, Callable[[int], float]],
 
 
 def run(model_name: str, batch: int, seq_len: int, steps: int, torch_compile: bool, peak_tflops: float,
-        info: dict[str, Any]) -> None:
-  """The `train` benchmark: `steps` timed steps of `batch` x `seq_len` tokens; prints its table and JSON line."""
+        info: dict[str, Any], scan_unroll: int = 1) -> None:
+  """The `train` benchmark: `steps` timed steps of `batch` x `seq_len` tokens, our layer scan unrolled by
+  `scan_unroll` (`LlamaConfig.scan_unroll`); prints its table and JSON line."""
   mesh = llm_step.one_device_mesh()
   with tempfile.TemporaryDirectory() as tmp:
-    hf_dir, cfg, params = hf_llama.converted_model(model_name, tmp, mesh)
+    hf_dir, cfg, params = hf_llama.converted_model(model_name, tmp, mesh, scan_unroll=scan_unroll)
     batches = llm_step.random_batches(timing.WARMUP_STEPS + steps, batch, seq_len, cfg.vocab_size)
     s = llm_step.llm_step(cfg, mesh, len(batches), seq_len, batches[0])
     model = hf_llama.load_hf(hf_dir)
@@ -115,26 +116,31 @@ def run(model_name: str, batch: int, seq_len: int, steps: int, torch_compile: bo
   peak_value, peak_source = peak.peak_flops(jax.devices()[0], 'float32', peak_tflops)
   flops_per_token = flops.llm_flops_per_token(cfg, seq_len)
   tokens = batch * seq_len
-  rows = {name: {'step_ms': 1e3 * r.median_s, 'tokens_per_s': tokens / r.median_s,
+  rows = {name: {'step_ms': 1e3 * r.median_s, 'best_step_ms': 1e3 * r.best_s, 'tokens_per_s': tokens / r.median_s,
                  'mfu': flops.mfu(flops_per_token * tokens, r.median_s, peak_value),
                  'first_loss': first_losses[name]}
           for name, r in runs.items()}
   print(f'train: model {model_name} ({llama.num_params(cfg) / 1e6:.1f}M params), batch {batch} x {seq_len} tokens, '
         f'fp32, median of {steps} steps after {timing.WARMUP_STEPS} warm-up; {info["cpus"]} x {info["cpu_model"]}; '
-        f'torch {torch.get_num_threads()} threads, attention {attn}')
-  print(f'{"framework":15s} {"step ms":>9s} {"tokens/s":>10s} {"MFU":>7s} {"first loss":>11s}')
+        f'jax scan_unroll {cfg.scan_unroll}; torch {torch.get_num_threads()} threads, attention {attn}')
+  print(f'{"framework":15s} {"step ms":>9s} {"best ms":>9s} {"tokens/s":>10s} {"MFU":>7s} {"first loss":>11s}')
   for name, r in rows.items():
-    print(f'{name:15s} {r["step_ms"]:9.1f} {r["tokens_per_s"]:10.1f} {100 * r["mfu"]:6.2f}% {r["first_loss"]:11.6f}')
+    print(f'{name:15s} {r["step_ms"]:9.1f} {r["best_step_ms"]:9.1f} {r["tokens_per_s"]:10.1f} {100 * r["mfu"]:6.2f}% '
+          f'{r["first_loss"]:11.6f}')
   if compile_error:
     print(f'{"torch.compile":15s} failed: {compile_error}')
   speed = {name: r['tokens_per_s'] for name, r in rows.items()}
   ratio = speed['jax'] / speed['torch']
+  best_ratio = rows['torch']['best_step_ms'] / rows['jax']['best_step_ms']
   compile_ratio = speed['jax'] / speed['torch.compile'] if 'torch.compile' in speed else None
-  print(f'jax / torch eager: {ratio:.2f}x' + (f', jax / torch.compile: {compile_ratio:.2f}x' if compile_ratio else '') +
+  print(f'jax / torch eager: {ratio:.2f}x (fastest steps: {best_ratio:.2f}x)' +
+        (f', jax / torch.compile: {compile_ratio:.2f}x' if compile_ratio else '') +
         f'; first-step losses agree within {loss_diff:.1e}; peak {peak_value / 1e12:.3f} TFLOP/s ({peak_source})')
   timing.emit(dict(
       model=model_name, params=llama.num_params(cfg), batch=batch, seq_len=seq_len, steps=steps,
+      scan_unroll=cfg.scan_unroll,
       jax_tokens_per_s=round(speed['jax'], 1), torch_tokens_per_s=round(speed['torch'], 1), ratio=round(ratio, 3),
+      best_ratio=round(best_ratio, 3),
       torch_compile_tokens_per_s=round(speed['torch.compile'], 1) if compile_ratio else None,
       compile_ratio=round(compile_ratio, 3) if compile_ratio else None, torch_compile_error=compile_error,
       first_loss_max_abs_diff=loss_diff, flops_per_token=flops_per_token, peak_tflops=round(peak_value / 1e12, 4),

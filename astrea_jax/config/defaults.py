@@ -31,6 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.llm.dtype = 'float32'            # compute dtype: float32 | bfloat16 | float16
   c.llm.param_dtype = 'float32'      # storage dtype of parameters (master weights)
   c.llm.remat_policy = 'none'        # none | full | dots_saveable | dots_with_no_batch_dims_saveable | ...
+  c.llm.scan_unroll = 1              # layers per iteration of the layer scan; num_layers: no loop (faster steps,
+                                     # compile time grows with depth; BENCHMARKS.md section 1)
 
   # --- the paper's parts (astrea_jax.astrea): residual attention (Eq. 2-4), router + adapters (Eq. 9-10) ---
   c.astrea = ml_collections.ConfigDict()

@@ -1,9 +1,10 @@
 """Autoregressive decoding with the functional KV cache: greedy or temperature + nucleus (top-p) sampling.
 
-`generate` left-pads a batch of prompts, runs one jitted prefill over the whole prompt into a cache of P + N slots,
-then one jitted decode loop (`jax.lax.while_loop`) that feeds back one token per step and stops early once every row
-has emitted the end-of-sequence id. The token choice (`greedy`, `sample_top_p`) is a small pure function of the
-last-position logits [B, V], following Hugging Face's `TemperatureLogitsWarper` and `TopPLogitsWarper`.
+`generate` left-pads a batch of prompts and runs one jitted program: a prefill over the whole prompt into a cache of
+P + N slots, then a decode loop (`jax.lax.while_loop`) that feeds back one token per step, with no host round trip,
+and stops early once every row has emitted the end-of-sequence id. The token choice (`greedy`, `sample_top_p`) is a
+small pure function of the last-position logits [B, V], following Hugging Face's `TemperatureLogitsWarper` and
+`TopPLogitsWarper`.
 """
 
 from __future__ import annotations
@@ -87,34 +88,28 @@ def _pick(logits: Array, rng: Array, temperature: float, top_p: float) -> Array:
   return sample_top_p(logits, rng, temperature, top_p)
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'cache_length'))
-def _prefill(params: Any, inputs: Array, mask: Array, *, cfg: llama.LlamaConfig,
-             cache_length: int) -> tuple[dict[str, Array], Array]:
-  """Runs the whole prompt into a fresh cache of cache_length slots -> (cache, last logits [B, V]).
+@functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'temperature', 'top_p', 'eos_id', 'pad_id'))
+def _generate(params: Any, inputs: Array, mask: Array, rng: Array, *, cfg: llama.LlamaConfig, max_new_tokens: int,
+              temperature: float, top_p: float, eos_id: int | None, pad_id: int) -> Array:
+  """Prefill and decode loop in one program: the prompt into a fresh cache of P + N slots, then up to max_new_tokens
+  ids per row -> [B, N] int32.
 
-  inputs: token ids [B, P] or input embeddings [B, P, E] (e.g. with visual tokens spliced in); mask [B, P].
+  inputs: token ids [B, P] or input embeddings [B, P, E] (e.g. with visual tokens spliced in); mask [B, P]. The
+  decoder layers' weights are unstacked once (`llama.unstack_layers`, a copy of them held while generating) and each
+  layer has its own cache arrays, so that no decoding step slices weights or cache out of stacked arrays. A row
+  that has emitted eos_id is finished: it emits pad_id from then on. The loop ends after N tokens or once every row
+  is finished (the remaining columns stay pad_id).
   """
-  cache = llama.init_cache(cfg, inputs.shape[0], cache_length)
   model = llama.Llama(cfg)
+  layer_params = llama.unstack_layers(params)
+  batch = inputs.shape[0]
+  cache = llama.init_cache(cfg, batch, inputs.shape[1] + max_new_tokens, per_layer=True)
   if inputs.ndim == 3:
-    logits, cache = model.apply({'params': params}, inputs_embeds=inputs, attention_mask=mask, cache=cache)
+    logits, cache = model.apply({'params': params}, inputs_embeds=inputs, attention_mask=mask, cache=cache,
+                                layer_params=layer_params)
   else:
-    logits, cache = model.apply({'params': params}, inputs, attention_mask=mask, cache=cache)
-  return cache, logits[:, -1]
-
-
-@functools.partial(jax.jit, donate_argnames=('cache',),
-                   static_argnames=('cfg', 'max_new_tokens', 'temperature', 'top_p', 'eos_id', 'pad_id'))
-def _decode(params: Any, cache: dict[str, Array], logits: Array, rng: Array, *, cfg: llama.LlamaConfig,
-            max_new_tokens: int, temperature: float, top_p: float, eos_id: int | None,
-            pad_id: int) -> tuple[Array, dict[str, Array]]:
-  """The decode loop: from the prefill's last logits [B, V], emits up to max_new_tokens ids per row -> ([B, N], cache).
-
-  A row that has emitted eos_id is finished: it emits pad_id from then on. The loop ends after N tokens or once
-  every row is finished (the remaining columns stay pad_id). The final cache is returned so that the donated input
-  cache is updated in place rather than copied.
-  """
-  batch = logits.shape[0]
+    logits, cache = model.apply({'params': params}, inputs, attention_mask=mask, cache=cache,
+                                layer_params=layer_params)
 
   def emit(step, tokens, finished, out):
     tokens = jnp.where(finished, pad_id, tokens)
@@ -125,7 +120,7 @@ def _decode(params: Any, cache: dict[str, Array], logits: Array, rng: Array, *, 
 
   rng, key = jax.random.split(rng)
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-  tokens, finished, out = emit(0, _pick(logits, key, temperature, top_p), jnp.zeros((batch,), jnp.bool_), out)
+  tokens, finished, out = emit(0, _pick(logits[:, -1], key, temperature, top_p), jnp.zeros((batch,), jnp.bool_), out)
 
   def cond(carry):
     step, _, _, _, finished, _ = carry
@@ -133,14 +128,13 @@ def _decode(params: Any, cache: dict[str, Array], logits: Array, rng: Array, *, 
 
   def body(carry):
     step, cache, tokens, rng, finished, out = carry
-    logits, cache = llama.Llama(cfg).apply({'params': params}, tokens[:, None], cache=cache)
+    logits, cache = model.apply({'params': params}, tokens[:, None], cache=cache, layer_params=layer_params)
     rng, key = jax.random.split(rng)
     tokens, finished, out = emit(step, _pick(logits[:, -1], key, temperature, top_p), finished, out)
     return step + 1, cache, tokens, rng, finished, out
 
   carry = (jnp.ones((), jnp.int32), cache, tokens, rng, finished, out)
-  _, cache, _, _, _, out = jax.lax.while_loop(cond, body, carry)
-  return out, cache
+  return jax.lax.while_loop(cond, body, carry)[-1]
 
 
 def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
@@ -179,8 +173,7 @@ def generate_from_inputs(cfg: llama.LlamaConfig, params: Any, inputs: Array | np
     raise ValueError(f'top_p={top_p} must be in (0, 1]')
   if not 0 <= pad_id < cfg.vocab_size:
     raise ValueError(f'pad_id={pad_id} must be a token id in [0, {cfg.vocab_size})')
-  cache, logits = _prefill(params, inputs, mask, cfg=cfg, cache_length=inputs.shape[1] + max_new_tokens)
-  out, _ = _decode(params, cache, logits, jax.random.key(seed), cfg=cfg, max_new_tokens=max_new_tokens,
-                   temperature=float(temperature), top_p=float(top_p),
-                   eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id))
+  out = _generate(params, inputs, mask, jax.random.key(seed), cfg=cfg, max_new_tokens=max_new_tokens,
+                  temperature=float(temperature), top_p=float(top_p), eos_id=None if eos_id is None else int(eos_id),
+                  pad_id=int(pad_id))
   return [_until_eos(row, eos_id) for row in multihost.host_array(out).tolist()]

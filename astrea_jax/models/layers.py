@@ -3,6 +3,7 @@
   ACTIVATIONS                   activation name (Hugging Face `hidden_act`) -> function
   ModelConfig                   the base of the families' configs (`ConfigFields`, activations from ACTIVATIONS)
   Numerics                      a family's compute dtype, parameter dtype and normal-init std
+  token_matmul                  x [..., *in] @ kernel [*in, *features] as one 2-D matmul over the flattened tokens
   LogicalDenseGeneral           x [..., *in] @ kernel [*in, *features], the kernel created in its own shape
   dense / conv / layer_norm     logically partitioned `nn.Dense` / `nn.Conv` / `nn.LayerNorm`
   heads_in / heads_out          multi-head projections [..., D] -> [..., H, d] and [..., H, d] -> [..., D]
@@ -24,6 +25,7 @@ Every parameter carries logical axis names; the names and layouts below are thos
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -73,6 +75,31 @@ class Numerics:
     return nn.with_logical_partitioning(init or nn.initializers.normal(self.init_std), tuple(names))
 
 
+def token_matmul(x: Array, kernel: Array, in_axes: int = 1, precision: Any = None) -> Array:
+  """x [..., *in] @ kernel [*in, *features] -> [..., *features] (`jnp.tensordot` over the `in_axes` trailing axes of
+  x), computed as one 2-D matmul [T, In] @ [In, F] of the leading (token) axes flattened into T.
+
+  The product is the same; the flat form is for the backward pass. The weight gradient x^T @ dy then contracts a
+  single token axis; contracting several ([B, L]), XLA's CPU backend first writes the cotangent dy transposed (a
+  strided elementwise fusion, e.g. the SwiGLU backward): a third of the 100M Llama's MLP forward + backward time
+  (BENCHMARKS.md section 1). The reshapes are free (contiguous axes) on CPU and GPU.
+  """
+  lead, inner, features = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:], kernel.shape[in_axes:]
+  y = jnp.matmul(x.reshape(math.prod(lead), math.prod(inner)), kernel.reshape(math.prod(inner), math.prod(features)),
+                 precision=precision)
+  return y.reshape(*lead, *features)
+
+
+def _dense_dot_general(x: Array, kernel: Array, dimension_numbers: Any, precision: Any = None,
+                       preferred_element_type: Any = None) -> Array:
+  """`nn.Dense`'s contraction (x's last axis with the kernel's first) as `token_matmul`."""
+  if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or preferred_element_type is not None:
+    raise ValueError(f'_dense_dot_general: expected nn.Dense\'s contraction of x\'s last axis with the kernel\'s '
+                     f'first, got dimension_numbers={dimension_numbers}, '
+                     f'preferred_element_type={preferred_element_type}')
+  return token_matmul(x, kernel, precision=precision)
+
+
 class LogicalDenseGeneral(nn.Module):
   """x [..., *in] @ kernel [*in, *features] (+ bias [*features]), the kernel created in its own shape.
 
@@ -95,8 +122,7 @@ class LogicalDenseGeneral(nn.Module):
     shape = tuple(x.shape[-self.in_axes:]) + features
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_names)), shape,
                         self.param_dtype)
-    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype),
-                      axes=(tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes))))
+    y = token_matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.in_axes)
     if self.bias_names is not None:
       bias = self.param('bias', nn.with_logical_partitioning(self.bias_init, tuple(self.bias_names)), features,
                         self.param_dtype)
@@ -107,8 +133,9 @@ class LogicalDenseGeneral(nn.Module):
 def dense(nx: Numerics, features: int, names: Names, name: str | None = None, *, use_bias: bool = True,
           kernel_init: Callable | None = None) -> nn.Dense:
   """[..., Din] -> [..., features]: kernel [Din, features] named `names` (normal(init_std) unless `kernel_init`),
-  bias [features] (zeros) named names[-1:]."""
+  bias [features] (zeros) named names[-1:]; the product is a `token_matmul`."""
   return nn.Dense(features, use_bias=use_bias, dtype=nx.dtype, param_dtype=nx.param_dtype,
+                  dot_general=_dense_dot_general,
                   kernel_init=nx.init(names, kernel_init), bias_init=nx.init(names[-1:], nn.initializers.zeros),
                   name=name)
 
@@ -225,8 +252,10 @@ def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
   return nn.remat(block, policy=remat_policy(policy), prevent_cse=False)
 
 
-def layer_scan(block: type[nn.Module], length: int, in_axes: Any, policy: str = 'none') -> type[nn.Module]:
+def layer_scan(block: type[nn.Module], length: int, in_axes: Any, policy: str = 'none',
+               unroll: int = 1) -> type[nn.Module]:
   """`block` (rematerialised per `policy`) scanned over `length` layers: its parameters stacked on a leading axis
-  named 'layers'; `in_axes` as `nn.scan`'s (0 = per layer, nn.broadcast = the same for every layer)."""
+  named 'layers'; `in_axes` as `nn.scan`'s (0 = per layer, nn.broadcast = the same for every layer); `unroll` layers
+  per loop iteration (`jax.lax.scan`'s; >= length: no loop)."""
   return nn.scan(remat(block, policy), variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=in_axes,
-                 length=length, metadata_params={nn.PARTITION_NAME: 'layers'})
+                 length=length, metadata_params={nn.PARTITION_NAME: 'layers'}, unroll=unroll)

@@ -54,9 +54,10 @@ class LlamaConfig(ModelConfig):
   tie_word_embeddings: bool = False
   initializer_range: float = 0.02
   remat_policy: str = 'none'    # one of REMAT_POLICIES
+  scan_unroll: int = 1          # decoder layers per iteration of the layer scan (>= num_layers: no loop)
 
   POSITIVE_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads', 'num_kv_heads',
-                     'head_dim')
+                     'head_dim', 'scan_unroll')
   MULTIPLE_FIELDS = (('num_heads', 'num_kv_heads'),)
 
   def problems(self) -> list[str]:
@@ -129,16 +130,28 @@ def grouped_query_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
   """Softmax attention with kv heads shared by groups of query heads.
 
   q [B, L, H, D], k/v [B, S, Hkv, D], mask [B, 1, 1, L, S] -> [B, L, H, D]. Softmax in fp32; a fully masked row
-  gives a uniform distribution rather than NaN.
+  gives a uniform distribution rather than NaN. (`heads_major_attention` with k and v transposed.)
+  """
+  return heads_major_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+
+
+def heads_major_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """`grouped_query_attention` with keys and values heads-major, the KV cache's layout: q [B, L, H, D], k/v
+  [B, Hkv, S, D], mask [B, 1, 1, L, S] -> [B, L, H, D].
+
+  The G = H / Hkv query heads of a kv head and their L positions are the G * L rows of one matmul per (batch, kv
+  head): both products and their gradients are plain batched matmuls ([B, Hkv] leading, one contracted axis), which
+  XLA's CPU backend runs without transposing the S x S scores (BENCHMARKS.md section 1).
   """
   b, l, h, d = q.shape
-  hkv = k.shape[2]
-  q = q.reshape(b, l, hkv, h // hkv, d)
-  scores = jnp.einsum('blkgd,bskd->bkgls', q, k).astype(jnp.float32) / np.sqrt(d).astype(np.float32)
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkgls,bskd->blkgd', probs, v)
-  return out.reshape(b, l, h, d)
+  hkv, s = k.shape[1], k.shape[2]
+  g = h // hkv
+  q = q.reshape(b, l, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * l, d)  # [B, Hkv, G*L, D]
+  scores = jnp.einsum('bkqd,bksd->bkqs', q, k).astype(jnp.float32) / np.sqrt(d).astype(np.float32)
+  scores = jnp.where(mask, scores.reshape(b, hkv, g, l, s), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, hkv, g * l, s)
+  out = jnp.einsum('bkqs,bksd->bkqd', probs, v)  # [B, Hkv, G*L, D]
+  return out.reshape(b, hkv, g, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, h, d)
 
 
 class Attention(nn.Module):
@@ -156,17 +169,18 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(k, (BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'))
     v = nn.with_logical_constraint(v, (BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, L, D], the cache's layout
 
     new_cache = None
     if layer_cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(layer_cache['key'], k.astype(layer_cache['key'].dtype), cache_index,
-                                              axis=1)
+                                              axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(layer_cache['value'], v.astype(layer_cache['value'].dtype),
-                                              cache_index, axis=1)
+                                              cache_index, axis=2)
       new_cache = {'key': k, 'value': v}
       k, v = k.astype(nx.dtype), v.astype(nx.dtype)
 
-    out = grouped_query_attention(q, k, v, mask)
+    out = heads_major_attention(q, k, v, mask)
     out = nn.with_logical_constraint(out, (BATCH, LENGTH, HEADS_ACT, 'head_dim'))
     return heads_out(nx, cfg.hidden_size, use_bias=False)(out), new_cache
 
@@ -212,6 +226,9 @@ class Llama(nn.Module):
   padding) make attention block-diagonal and causal inside each segment, with positions restarting per segment
   (`positions` overrides them, e.g. the data pipeline's). With a cache (`init_cache`), the L new tokens are written
   at `cache['index']` and attend to every valid earlier slot.
+
+  `layer_params` (from `unstack_layers`) runs the layers one after another with those per-layer parameters instead
+  of scanning the stacked `layers` ones (`unrolled_layers`): a decoding loop unstacks once, outside its loop.
   """
   cfg: LlamaConfig
 
@@ -220,8 +237,8 @@ class Llama(nn.Module):
     nx = Numerics.of(cfg)
     self.embedder = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=nx.dtype, param_dtype=nx.param_dtype,
                              embedding_init=nx.init(('vocab', 'embed')), name='embed')
-    self.layers = layer_scan(DecoderLayer, cfg.num_layers, (0,) + (nn.broadcast,) * 4,
-                             cfg.remat_policy)(cfg, name='layers')
+    self.layers = layer_scan(DecoderLayer, cfg.num_layers, (0,) + (nn.broadcast,) * 4, cfg.remat_policy,
+                             cfg.scan_unroll)(cfg, name='layers')
     self.final_norm = RMSNorm(cfg.rms_norm_eps, nx.dtype, nx.param_dtype, name='final_norm')
     if not cfg.tie_word_embeddings:
       self.lm_head = dense(nx, cfg.vocab_size, ('embed', 'vocab'), 'lm_head', use_bias=False)
@@ -232,7 +249,8 @@ class Llama(nn.Module):
 
   def __call__(self, tokens: Array | None = None, *, inputs_embeds: Array | None = None,
                attention_mask: Array | None = None, positions: Array | None = None,
-               segment_ids: Array | None = None, cache: dict | None = None) -> tuple[Array, dict | None]:
+               segment_ids: Array | None = None, cache: dict | None = None,
+               layer_params: list[Any] | None = None) -> tuple[Array, dict | None]:
     cfg = self.cfg
     if (tokens is None) == (inputs_embeds is None):
       raise ValueError('Llama: pass exactly one of tokens [B, L] or inputs_embeds [B, L, E]')
@@ -265,7 +283,10 @@ class Llama(nn.Module):
     cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
     if segment_ids is None:
       mask = causal_padding_mask(q_slots, kv_valid)
-    x, new_layer_caches = self.layers(x, layer_caches, cos, sin, mask, index)
+    if layer_params is None:
+      x, new_layer_caches = self.layers(x, layer_caches, cos, sin, mask, index)
+    else:
+      x, new_layer_caches = unrolled_layers(cfg, layer_params, x, layer_caches, cos, sin, mask, index)
     x = self.final_norm(x)
     if cfg.tie_word_embeddings:
       logits = self.embedder.attend(x)
@@ -280,13 +301,54 @@ class Llama(nn.Module):
     return logits, new_cache
 
 
-def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int, dtype: Any | None = None) -> dict[str, Array]:
-  """An empty KV cache: key/value [layers, B, S, kv_heads, head_dim], valid [B, S], index, next_position [B]."""
+def unstack_layers(params: Any) -> list[Any]:
+  """The stacked decoder-layer parameters of a Llama's params (`params['layers']`, leading axis `layers`) as one
+  parameter tree per layer: their own arrays (a copy of the layer weights)."""
+  stacked = params['layers']
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  return [jax.tree.map(lambda p, i=i: p[i], stacked) for i in range(num_layers)]
+
+
+def unrolled_layers(cfg: LlamaConfig, layer_params: list[Any], x: Array, layer_caches: dict | None, cos: Array,
+                    sin: Array, mask: Array, cache_index: Array | None) -> tuple[Array, dict | None]:
+  """The decoder layers of `Llama`, one after another with per-layer parameters (`unstack_layers`) -> (x, layer
+  caches). The cache's key / value are stacked arrays or per-layer lists (`init_cache(per_layer=True)`: each layer
+  updates its own arrays in place).
+
+  The same computation as the scanned `layers`. Scanned, each layer's weights are sliced out of the stacked arrays
+  at every call, and XLA's CPU backend copies each slice: a copy of every weight per decoded token. Parameters that
+  are already separate arrays are read in place (BENCHMARKS.md section 2).
+  """
+  layer = DecoderLayer(cfg, parent=None)
+  for i, p in enumerate(layer_params):
+    layer_cache = None if layer_caches is None else {k: v[i] for k, v in layer_caches.items()}
+    x, new_cache = layer.apply({'params': p}, x, layer_cache, cos, sin, mask, cache_index)
+    if new_cache is not None:
+      layer_caches = {k: _set_layer(v, i, new_cache[k]) for k, v in layer_caches.items()}
+  return x, layer_caches
+
+
+def _set_layer(stack: Array | list[Array], i: int, value: Array) -> Array | list[Array]:
+  """Layer i of a stacked array [layers, ...] or of a per-layer list set to value."""
+  if isinstance(stack, list):
+    return stack[:i] + [value] + stack[i + 1:]
+  return jax.lax.dynamic_update_index_in_dim(stack, value, i, axis=0)
+
+
+def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int, dtype: Any | None = None,
+               per_layer: bool = False) -> dict[str, Any]:
+  """An empty KV cache: key/value [layers, B, kv_heads, S, head_dim] (heads-major: a decoding step reads each
+  head's S x head_dim block contiguously), valid [B, S], index, next_position [B]. With `per_layer`, key and value
+  are lists of one [B, kv_heads, S, head_dim] array per layer, for `Llama` called with `layer_params`."""
   dtype = to_dtype(cfg.dtype) if dtype is None else dtype
-  shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
+  if per_layer:
+    key, value = ([jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for _ in range(2))
+  else:
+    key, value = (jnp.zeros((cfg.num_layers, *shape), dtype) for _ in range(2))
   return {
-      'key': jnp.zeros(shape, dtype),
-      'value': jnp.zeros(shape, dtype),
+      'key': key,
+      'value': value,
       'valid': jnp.zeros((batch_size, max_length), jnp.bool_),
       'index': jnp.zeros((), jnp.int32),
       'next_position': jnp.zeros((batch_size,), jnp.int32),
@@ -294,8 +356,8 @@ def init_cache(cfg: LlamaConfig, batch_size: int, max_length: int, dtype: Any | 
 
 
 CACHE_LOGICAL_AXES = {
-    'key': ('layers', BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'),
-    'value': ('layers', BATCH, LENGTH, KV_HEADS_ACT, 'head_dim'),
+    'key': ('layers', BATCH, KV_HEADS_ACT, LENGTH, 'head_dim'),
+    'value': ('layers', BATCH, KV_HEADS_ACT, LENGTH, 'head_dim'),
     'valid': (BATCH, LENGTH),
     'index': (),
     'next_position': (BATCH,),

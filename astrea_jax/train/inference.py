@@ -6,7 +6,8 @@ from there, never from defaults) and the stage they were trained at.
   run.config, run.cfg, run.params, run.stage, run.step, run.mesh, run.tokenizer_dir
 
 Overrides (`--config.key=value` of a command line) may change anything but the model: one that changes a shape
-(e.g. llm.num_layers) is a ConfigError naming it; the numerics (llm.dtype, param_dtype, remat_policy) may change.
+(e.g. llm.num_layers) is a ConfigError naming it; the numerics (llm.dtype, param_dtype, remat_policy) and
+llm.scan_unroll may change.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from astrea_jax.data import tokenizer
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
 from astrea_jax.train import checkpointing, stage_step
-from astrea_jax.train.initial import NUMERICS
+from astrea_jax.train.initial import LLM_RUN_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ def _shapes(cfg: AstreaConfig) -> Any:
   """The model config as a dict without its numerics (what a checkpoint's arrays depend on)."""
   def strip(tree):
     if isinstance(tree, dict):
-      return {k: strip(v) for k, v in tree.items() if k not in NUMERICS}
+      return {k: strip(v) for k, v in tree.items() if k not in LLM_RUN_FIELDS}
     if isinstance(tree, list):
       return [strip(v) for v in tree]
     return tree
@@ -61,7 +62,8 @@ def run_config(saved: Mapping[str, Any], overrides: Mapping[str, Any], where: st
   if _shapes(config_lib.model_config(changed)) != _shapes(config_lib.model_config(config)):
     raise config_lib.ConfigError(
         f'--config overrides {sorted(overrides)} change the model of the run in {where}; its shapes come from the '
-        f"run's saved config (only {', '.join(f'llm.{n}' for n in NUMERICS)} and what is not the model may change)")
+        f"run's saved config (only {', '.join(f'llm.{n}' for n in LLM_RUN_FIELDS)} and what is not the model may "
+        'change)')
   return changed
 
 
