@@ -71,7 +71,7 @@ def test_plan_numbers_steps_over_the_run_and_table6_orders(data_dir):
   assert [(p.name, p.offset, p.end) for p in plans] == [
       ('align_caption', 0, 2), ('align_classification', 2, 4), ('align_detection', 4, 6),
       ('align_segmentation', 6, 8), ('instruct', 8, 11), ('main', 11, 15)]
-  assert plans[1].trainable == ('projectors/classification/.*', 'residual/classification/.*')
+  assert plans[1].trainable == ('projectors/classification/.*', 'residual/classification/.*', 'image_newline')
   c.data.align_order = tuple(reversed(config_lib.ALIGN_STAGES))  # Table 6 "reverse"
   cfg, plans = runner.check_run(c, 1)
   assert [p.name for p in plans[:4]] == list(reversed(config_lib.ALIGN_STAGES))
