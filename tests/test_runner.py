@@ -80,7 +80,7 @@ def test_plan_numbers_steps_over_the_run_and_table6_orders(data_dir):
   cfg, plans = runner.check_run(c, 1)
   assert [p.name for p in plans[:2]] == list(c.data.align_order)
   assert cfg.earlier_slots(plans[1].name) == ('caption',)
-  assert len(plans[1].trainable) == 6
+  assert len(plans[1].trainable) == 7  # three slots' projector and residual, and image_newline
 
 
 @pytest.fixture(scope='module')
