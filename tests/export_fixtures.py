@@ -2,6 +2,7 @@
 an export source, a test image, the PyTorch side of a prompt (logits and greedy tokens), and the JAX side of the same
 prompt through `astrea_jax.eval.multimodal` (what `launch.generate` runs)."""
 
+import dataclasses
 import os
 
 import jax
@@ -73,3 +74,9 @@ def jax_outputs(cfg, params, stage, tokenizer_dir, template_name, square_mode, i
   eos = templates.end_marker_id(tok.backend, template) if stop_at_eos else None
   new = multimodal.generate_answer(cfg, params, stage, prompt, max_new_tokens, eos_id=eos, pad_id=tok.pad_id)
   return prompt.ids[0], prompt.instruction_mask[0], np.asarray(logits[0]), new
+
+
+def as_exported(cfg):
+  """cfg as an export reads back: llm.scan_unroll is how a run executes its layers (like remat_policy), not part of
+  the model, and config.json does not carry it."""
+  return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, scan_unroll=1))

@@ -34,12 +34,6 @@ import runner_worker  # tests/
 SHARD_BYTES = 300_000
 
 
-def as_exported(cfg):
-  """cfg as an export reads back: llm.scan_unroll is how a run executes its layers (like remat_policy), not part of
-  the model, and config.json does not carry it."""
-  return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, scan_unroll=1))
-
-
 @pytest.fixture(scope='module')
 def model(tmp_path_factory):
   """(cfg, params, tokenizer dir, export folder, image): the tiny default's model, the classification expert at 48
@@ -155,7 +149,7 @@ def test_import_reads_the_config_and_every_parameter_back_bit_for_bit(model, tmp
   meta = hf.import_hf(out, str(tmp_path / 'ckpt'), 'astrea', show_progress=False)
   assert meta['family'] == 'astrea' and meta['hf_config']['stage'] == 'main'
   assert 'processor_config.json' in meta['tokenizer_files'] and 'tokenizer.json' in meta['tokenizer_files']
-  assert astrea_family.config_from_hf(meta['hf_config']) == as_exported(cfg)
+  assert astrea_family.config_from_hf(meta['hf_config']) == export_fixtures.as_exported(cfg)
   flat = traverse_util.flatten_dict(params)
   stored = checkpoint.param_shapes(str(tmp_path / 'ckpt'))
   assert set(stored) == set(flat)
@@ -209,7 +203,7 @@ def test_a_pytorch_fine_tune_saved_with_save_pretrained_converts_back(model, tmp
   transformers.AutoProcessor.from_pretrained(out, trust_remote_code=True).save_pretrained(saved)
   assert {'modeling_astrea.py', 'configuration_astrea.py', 'processing_astrea.py'} <= set(os.listdir(saved))
   meta = hf.import_hf(saved, str(tmp_path / 'ckpt'), 'astrea', show_progress=False)
-  assert astrea_family.config_from_hf(meta['hf_config']) == as_exported(cfg)
+  assert astrea_family.config_from_hf(meta['hf_config']) == export_fixtures.as_exported(cfg)
   stored = checkpoint.param_shapes(str(tmp_path / 'ckpt'))
   loaded = checkpoint.load_param_leaves(str(tmp_path / 'ckpt'), stored)
   tuned_path = ('projectors', 'caption', 'linear_1', 'bias')
