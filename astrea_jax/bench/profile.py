@@ -5,7 +5,8 @@ and each XLA op's time summed by the part of the model it belongs to, the pass, 
 
   part  from the op's HLO metadata (the JAX name stack): attn, mlp, lm_head, embed, norms, experts/<slot>, ...;
         'layers (other)' inside the layer loop; 'update' for the optimizer and what follows the gradients
-  pass  fwd / bwd (under `transpose(jvp(...))`) / update in a train step; prefill / decode loop in generation
+  pass  fwd / bwd (under `transpose(jvp(...))`) / update in a train step; elsewhere (generation) loop (the body of
+        the program's outermost while loop, the decoding steps) / prefill (the rest)
   kind  matmul (dot and convolution ops, also inside library fusions), scan slicing (the layer scan's dynamic
         slices and updates of stacked arrays), zero fill (broadcast buffers, e.g. the scan's stacked outputs),
         other (elementwise, reductions, copies and transposes)
@@ -72,8 +73,8 @@ def op_times(trace_dir: str) -> collections.Counter:
   return out
 
 
-def classify(name: str, opcode: str, op_name: str) -> tuple[str, str, str]:
-  """(part, pass, kind) of one HLO instruction (module doc)."""
+def classify(name: str, opcode: str, op_name: str, train: bool = True) -> tuple[str, str, str]:
+  """(part, pass, kind) of one HLO instruction (module doc) of a train step (`train`) or another program."""
   kind = 'zero fill' if name.startswith('wrapped_broadcast') or opcode == 'broadcast' else 'other'
   if not op_name:
     return 'xla-inserted', '-', kind  # e.g. copy insertion's copies of loop buffers
@@ -82,17 +83,17 @@ def classify(name: str, opcode: str, op_name: str) -> tuple[str, str, str]:
     pass_ = 'bwd'
   elif 'jvp(' in op_name:
     pass_ = 'fwd'
-  elif 'while' in path and op_name.startswith('jit(_generate)'):
-    pass_ = 'decode loop'
-  elif op_name.startswith('jit(_generate)'):
-    pass_ = 'prefill'
-  else:
+  elif train:
     pass_ = 'update'
-  part = next((p for p in PARTS if p in path), None)
+  else:
+    pass_ = 'loop' if path[1:2] == ['while'] else 'prefill'
+  part = None
+  if 'experts' in path:  # a vision expert's attn, mlp, ... are its own
+    part = 'experts/' + path[path.index('experts') + 1] if path.index('experts') + 1 < len(path) else 'experts'
+  if part is None:
+    part = next((p for p in PARTS if p in path), None)
   if part is None and any(n in path for n in NORMS):
     part = 'norms'
-  if part is None and 'experts' in path:
-    part = 'experts/' + path[path.index('experts') + 1] if path.index('experts') + 1 < len(path) else 'experts'
   if part is None and kind == 'zero fill':
     part = 'stacked buffers'  # a scan's outputs (residuals, gradients), filled before the loop writes them
   if part is None:
@@ -109,11 +110,12 @@ def summarize(times: collections.Counter, ops: dict[str, tuple[str, str, str]], 
   """Per-call milliseconds of the trace's XLA ops (those named in `ops`, control flow left out: its time is its
   children's), summed by (part, pass, kind) and by kind, and the `top` slowest ops."""
   groups, kinds, slowest = collections.Counter(), collections.Counter(), []
+  train = any('jvp(' in op_name for _, op_name, _ in ops.values())
   for name, us in times.items():
     if name not in ops or ops[name][0] in CONTROL:
       continue
     opcode, op_name, shape = ops[name]
-    part, pass_, kind = classify(name, opcode, op_name)
+    part, pass_, kind = classify(name, opcode, op_name, train)
     ms = us / 1e3 / calls
     groups[(part, pass_, kind)] += ms
     kinds[kind] += ms
