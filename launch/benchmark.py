@@ -11,6 +11,7 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
   python -m launch.benchmark deformable [--steps=5 --image_size=800 --queries=900]
   python -m launch.benchmark profile --what=train|generate [--model=100m --steps=2 --scan_unroll=1 ...]
   python -m launch.benchmark profile --what=trace --trace_dir=DIR --hlo=FILE --steps=N
+  python -m launch.benchmark compare --a=scan_unroll=1 --b=scan_unroll=2 [--model=tiny --batch=4 --seq_len=256]
 
 - train (`astrea_jax.bench.train_step`): one random Hugging Face Llama (`--model`) is converted with our converter;
   our jitted step (fp32, AdamW, 1-device mesh) and `transformers` LlamaForCausalLM + torch.optim.AdamW (the same
@@ -37,6 +38,8 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
   models, random weights; --steps traced calls after the warm-up) or of any program (--what=trace: its trace under
   --trace_dir and its optimised HLO text --hlo, e.g. the runner's `config.logging.profile_steps` trace and an
   XLA_FLAGS=--xla_dump_to file), each XLA op's time summed by model part, pass and kind, with the slowest ops.
+- compare (`bench.compare`): our LLM train step under two `llm.*` settings (--a, --b: FIELD=VALUE,...), compiled in
+  one process and timed interleaved step by step (robust to a change of load); the ratio b / a of step times.
 
 Timings: `time.perf_counter` around each call, results synced (`jax.block_until_ready`, `.item()`), the first two
 calls (compilation) excluded, medians reported. Each subcommand prints a table and, as its last line, one JSON
@@ -48,11 +51,11 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from astrea_jax.bench import (BenchmarkError, conversion, data, deformable_attention, flops, generation, hf_llama, mfu,
-                              profile, timing, train_step)
+from astrea_jax.bench import (BenchmarkError, compare, conversion, data, deformable_attention, flops, generation,
+                              hf_llama, mfu, profile, timing, train_step)
 from launch import bench_flags
 
-SUBCOMMANDS = ('train', 'generate', 'data', 'flops', 'convert', 'mfu', 'deformable', 'profile')
+SUBCOMMANDS = ('train', 'generate', 'data', 'flops', 'convert', 'mfu', 'deformable', 'profile', 'compare')
 
 _MODEL = flags.DEFINE_enum('model', 'tiny', list(hf_llama.MODELS), 'train, generate, profile: the random Llama to '
                            'benchmark.')
@@ -77,6 +80,8 @@ _QUERIES = flags.DEFINE_integer('queries', 900, "deformable: queries; 900 = Grou
                                 'image token (its encoder).')
 _WHAT = flags.DEFINE_enum('what', 'train', ['train', 'generate', 'trace'], 'profile: what to trace (module doc).')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'profile --what=trace: the folder of a profiler trace.')
+_A = flags.DEFINE_string('a', '', 'compare: llm.* overrides of side a, FIELD=VALUE,... (empty: none).')
+_B = flags.DEFINE_string('b', '', 'compare: llm.* overrides of side b, FIELD=VALUE,...')
 _HLO = flags.DEFINE_string('hlo', '', 'profile --what=trace: the traced program\'s optimised HLO text.')
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'data, flops, mfu: the experiment config.')
 _PIPELINE = bench_flags.pipeline_flags()  # data: --stage --workers --batches --warmup --data_dir --tokenizer
@@ -96,6 +101,8 @@ def run_timed(command: str, info: dict) -> None:
   elif command == 'mfu':
     mfu.run(_CONFIG.value, _BATCH.value, _SEQ_LEN.value, _STEPS.value, _PEAK_TFLOPS.value, _DEVICE_MEMORY_GIB.value,
             info)
+  elif command == 'compare':
+    compare.run(_MODEL.value, _BATCH.value, _SEQ_LEN.value or 256, _STEPS.value, _A.value, _B.value, info)
   elif command == 'profile':
     profile.run(_WHAT.value, info, model_name=_MODEL.value, batch=_BATCH.value, seq_len=_SEQ_LEN.value or 256,
                 prompt_len=_PROMPT_LEN.value, new_tokens=_MAX_NEW_TOKENS.value, steps=_STEPS.value,

@@ -11,6 +11,8 @@ import sys
 import pytest
 
 from astrea_jax import config as config_lib
+from astrea_jax.bench import BenchmarkError
+from astrea_jax.bench import compare as bench_compare
 from astrea_jax.bench import flops as bench_flops
 from astrea_jax.bench import profile as bench_profile
 from astrea_jax.models import llama
@@ -31,6 +33,7 @@ RUNS = {
             '--config.llm.num_layers=6'],
     'deformable': ['--steps=1'],
     'profile': ['--what=train', '--model=tiny', '--steps=1', '--batch=2', '--seq_len=32'],
+    'compare': ['--model=tiny', '--steps=1', '--batch=2', '--seq_len=32', '--a=scan_unroll=1', '--b=scan_unroll=2'],
 }
 
 
@@ -194,6 +197,15 @@ def test_profile_sorts_ops_by_model_part_pass_and_kind():
 
 
 @pytest.mark.slow
-def test_profile_cli(results):
+def test_profile_and_compare_cli(results):
   profile = results['profile']
   assert profile['total_ms'] > 0 and abs(sum(profile['kinds'].values()) - 1) < 1e-3 and profile['groups']
+  compare = results['compare']
+  assert compare['a_step_ms'] > 0 and compare['b_step_ms'] > 0 and compare['max_loss_diff'] <= 1e-5
+
+
+def test_compare_reads_llm_overrides():
+  assert bench_compare.parse_overrides('scan_unroll=2,remat_policy=full') == {'scan_unroll': 2, 'remat_policy': 'full'}
+  assert bench_compare.parse_overrides('') == {}
+  with pytest.raises(BenchmarkError, match='is not FIELD=VALUE'):
+    bench_compare.parse_overrides('scan_unroll')

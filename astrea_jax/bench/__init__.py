@@ -16,6 +16,7 @@
   memory                per-device memory and FLOPs of a stage's step by ahead-of-time compilation
   deformable_attention  our multi-scale deformable attention against transformers'
   profile               where a compiled step's time goes: a profiler trace summed by model part, pass and op kind
+  compare               our LLM step under two llm.* settings, timed interleaved in one process
 
 Each `run` (and `memory.print_report`) prints a table and, as its last line, one JSON object.
 """

@@ -12,6 +12,7 @@ import transformers
 
 from astrea_jax.bench.llm_step import RULES
 from astrea_jax.convert import hf, loaders, random_hf
+from astrea_jax.convert import llama as convert_llama
 from astrea_jax.models import llama
 
 # configs/tiny.py's LLM shapes. No end-of-sequence id, so decoding always runs to its length.
@@ -25,6 +26,13 @@ MODELS = {
     '100m': dict(vocab_size=32000, hidden_size=640, intermediate_size=1728, num_hidden_layers=12,
                  num_attention_heads=10, num_key_value_heads=10, max_position_embeddings=2048),
 }
+
+
+def llama_config(name: str) -> llama.LlamaConfig:
+  """Our LlamaConfig of the benchmark model `name` (what converting it gives), without writing it."""
+  if name not in MODELS:
+    raise ValueError(f'unknown benchmark model {name!r}; expected one of {list(MODELS)}')
+  return convert_llama.config_from_hf(transformers.LlamaConfig(**{**TINY, **MODELS[name]}).to_dict())
 
 
 def converted_model(name: str, workdir: str, mesh: jax.sharding.Mesh,

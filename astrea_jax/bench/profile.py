@@ -31,10 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
 
 from astrea_jax.bench import BenchmarkError, hf_llama, llm_step, timing
-from astrea_jax.convert import llama as convert_llama
 from astrea_jax.eval import generate
 from astrea_jax.models import llama
 
@@ -143,13 +141,6 @@ def print_summary(title: str, s: dict[str, Any], limit: int = 25) -> None:
     print(f'  {t["ms"]:8.1f} ms {t["op"]:36s} {t["shape"]:34s} {t["op_name"]}')
 
 
-def _llama_config(model_name: str) -> llama.LlamaConfig:
-  if model_name not in hf_llama.MODELS:
-    raise BenchmarkError(f'unknown benchmark model {model_name!r}; expected one of {list(hf_llama.MODELS)}')
-  hf = transformers.LlamaConfig(**{**hf_llama.TINY, **hf_llama.MODELS[model_name]}).to_dict()
-  return convert_llama.config_from_hf(hf)
-
-
 def trace_train(cfg: llama.LlamaConfig, batch: int, seq_len: int, steps: int, trace_dir: str) -> tuple[str, dict]:
   """Traces `steps` of our train step (fresh random weights) after warm-up -> (its HLO text, cost analysis)."""
   mesh = llm_step.one_device_mesh()
@@ -203,7 +194,7 @@ def run(what: str, info: dict[str, Any], *, model_name: str = 'tiny', batch: int
     times = op_times(trace_dir)
     title = f'trace {trace_dir} ({steps} calls)'
   else:
-    cfg = _llama_config(model_name)
+    cfg = hf_llama.llama_config(model_name)
     if scan_unroll != 1:
       cfg = cfg.replace(scan_unroll=scan_unroll)
     with tempfile.TemporaryDirectory() as tmp:

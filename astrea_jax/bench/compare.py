@@ -1,0 +1,59 @@
+"""Our LLM train step under two settings of `llm.*` (e.g. scan_unroll=1 against scan_unroll=2), both compiled in one
+process and timed interleaved, step by step, from the same fresh weights on the same batches: on a shared machine a
+change in load then falls on both alike, which separate runs cannot promise. Reports each side's median and fastest
+step and their ratio b / a."""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+from astrea_jax.bench import BenchmarkError, hf_llama, llm_step, timing
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+  """'scan_unroll=2,remat_policy=full' -> {'scan_unroll': 2, 'remat_policy': 'full'} (values as Python literals,
+  else strings); '' -> {}."""
+  out = {}
+  for item in filter(None, text.split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise BenchmarkError(f'compare: {item!r} is not FIELD=VALUE (e.g. scan_unroll=2)')
+    try:
+      out[key.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key.strip()] = value.strip()
+  return out
+
+
+def run(model_name: str, batch: int, seq_len: int, steps: int, a: str, b: str, info: dict[str, Any]) -> dict:
+  """The `compare` benchmark: `steps` timed steps of each side after the warm-up; prints its table and JSON line."""
+  base = hf_llama.llama_config(model_name)  # the `train` benchmark's shapes
+  mesh = llm_step.one_device_mesh()
+  batches = llm_step.random_batches(timing.WARMUP_STEPS + steps, batch, seq_len, base.vocab_size)
+  fns = {}
+  for name, text in (('a', a), ('b', b)):
+    try:
+      cfg = base.replace(**parse_overrides(text))
+    except (TypeError, ValueError) as e:
+      raise BenchmarkError(f'compare --{name}={text!r}: {e}') from e
+    s = llm_step.llm_step(cfg, mesh, len(batches), seq_len, batches[0])
+    fns[name] = llm_step.jax_steps(s.step, s.fresh_state(mesh), batches, mesh)
+  timing.time_calls(fns, range(timing.WARMUP_STEPS))
+  runs = timing.time_calls(fns, range(timing.WARMUP_STEPS, len(batches)))
+  losses = {name: r.values for name, r in runs.items()}
+  print(f'compare: our {model_name} LLM train step, batch {batch} x {seq_len}, median of {steps} interleaved steps '
+        f'after {timing.WARMUP_STEPS} warm-up')
+  print(f'{"side":5s} {"llm overrides":30s} {"step ms":>9s} {"best ms":>9s}')
+  for name, text in (('a', a), ('b', b)):
+    print(f'{name:5s} {text or "(none)":30s} {1e3 * runs[name].median_s:9.1f} {1e3 * runs[name].best_s:9.1f}')
+  ratio = runs['b'].median_s / runs['a'].median_s
+  best_ratio = runs['b'].best_s / runs['a'].best_s
+  print(f'b / a step time: {ratio:.3f} (fastest steps: {best_ratio:.3f})')
+  result = dict(model=model_name, batch=batch, seq_len=seq_len, steps=steps, a=a, b=b,
+                a_step_ms=round(1e3 * runs['a'].median_s, 2), b_step_ms=round(1e3 * runs['b'].median_s, 2),
+                a_best_ms=round(1e3 * runs['a'].best_s, 2), b_best_ms=round(1e3 * runs['b'].best_s, 2),
+                ratio=round(ratio, 4), best_ratio=round(best_ratio, 4),
+                max_loss_diff=max(abs(x - y) for x, y in zip(losses['a'], losses['b'])), **info)
+  timing.emit(result)
+  return result
