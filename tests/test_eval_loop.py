@@ -100,6 +100,7 @@ def test_predict_returns_each_prompt_answer_once_in_prompt_order(tokenizer_dir, 
     return [model.tok.backend.encode(f' {w}{END} junk', add_special_tokens=False).ids for w in last]
 
   monkeypatch.setattr(generate, 'generate_from_inputs', decoder)
+  monkeypatch.setattr(generate, 'decoding_params', lambda params: params)  # the unit model has no LLM weights
   out = loop.predict(model, rows, batch_size=4, max_new_tokens=3)
   assert out.texts == words and out.fed == list(range(7)) and seen == [4, 4]
   np.testing.assert_array_equal(loop.predict(model, rows, batch_size=4, max_new_tokens=3, with_probs=True).probs,

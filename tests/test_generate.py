@@ -214,3 +214,18 @@ def test_generation_from_embeddings_equals_generation_from_ids(models):
   embeds = llama.Llama(cfg).apply({'params': params}, ids, method=llama.Llama.embed)
   by_embeds = generate.generate_from_inputs(cfg, params, embeds, mask, 12, eos_id=EOS)
   assert by_embeds == generate.generate(cfg, params, prompts, 12, eos_id=EOS)
+
+
+def test_decoding_params_made_once_give_the_same_tokens_and_hold_each_layer_apart(models):
+  hf_dir, _, cfg, params = models['gqa']
+  prepared = generate.decoding_params(params)
+  assert generate.decoding_params(prepared) is prepared
+  assert len(prepared.layers) == cfg.num_layers and 'layers' not in prepared.shared
+  for i, layer in enumerate(prepared.layers):
+    np.testing.assert_array_equal(layer['attn']['q_proj']['kernel'], params['layers']['attn']['q_proj']['kernel'][i])
+  prompts = [[1, 5, 9, 33, 7, 120, 44], [1, 100, 200]]
+  expected = hf_greedy(hf_dir, prompts, 16)
+  for _ in range(2):  # reused across calls
+    assert generate.generate(cfg, prepared, prompts, 16, eos_id=EOS) == expected
+  with pytest.raises(ValueError, match='decoding_params: expected a Llama.s params with a "layers" entry'):
+    generate.decoding_params({'embed': params['embed']})

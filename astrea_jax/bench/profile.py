@@ -163,7 +163,7 @@ def trace_generate(cfg: llama.LlamaConfig, batch: int, prompt_len: int, new_toke
                    trace_dir: str) -> tuple[str, dict]:
   """Traces `calls` greedy generations (random weights and prompts) after warm-up -> (HLO text, cost analysis)."""
   params = jax.jit(lambda: nn.unbox(llama.Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))()
-  params = params['params']
+  params = generate.decoding_params(params['params'])  # once, as an evaluation loop does
   prompts = np.random.RandomState(0).randint(3, cfg.vocab_size, (batch, prompt_len)).tolist()
   for _ in range(timing.WARMUP_STEPS):
     generate.generate(cfg, params, prompts, new_tokens)

@@ -10,7 +10,7 @@ small pure function of the last-position logits [B, V], following Hugging Face's
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +81,30 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
         raise ValueError(f'prompt {row}: token id {tok} is outside [0, {vocab_size}) (the vocab size)')
 
 
+class DecodingParams(NamedTuple):
+  """A Llama's parameters laid out for decoding (`decoding_params`): `shared` is every parameter but the decoder
+  layers (embedding, final norm, lm_head), `layers` one parameter tree per decoder layer, each its own arrays."""
+  shared: Any
+  layers: list[Any]
+
+
+_unstack_layers = jax.jit(llama.unstack_layers)
+
+
+def decoding_params(params: Any) -> DecodingParams:
+  """A Llama's params (stacked `layers`, as trained and checkpointed) -> `DecodingParams`: the layer weights copied
+  once into per-layer arrays, so that no decoding step slices a layer out of the stacked arrays (XLA's CPU backend
+  copies such slices: BENCHMARKS.md section 2). A loop that generates many batches with the same weights (evaluation,
+  benchmarks) calls it once and passes the result to `generate` / `generate_from_inputs`; the copy lives as long as
+  the result (the layer weights twice in memory). Already `DecodingParams`: returned as they are."""
+  if isinstance(params, DecodingParams):
+    return params
+  if 'layers' not in params:
+    raise ValueError(f'decoding_params: expected a Llama\'s params with a "layers" entry; got keys {sorted(params)}')
+  return DecodingParams({k: v for k, v in params.items() if k != 'layers'},
+                        _unstack_layers({'layers': params['layers']}))
+
+
 def _pick(logits: Array, rng: Array, temperature: float, top_p: float) -> Array:
   """Greedy when temperature == 0, else temperature + top-p sampling: logits [B, V] -> ids [B]."""
   if temperature == 0.0:
@@ -89,19 +113,20 @@ def _pick(logits: Array, rng: Array, temperature: float, top_p: float) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=('cfg', 'max_new_tokens', 'temperature', 'top_p', 'eos_id', 'pad_id'))
-def _generate(params: Any, inputs: Array, mask: Array, rng: Array, *, cfg: llama.LlamaConfig, max_new_tokens: int,
-              temperature: float, top_p: float, eos_id: int | None, pad_id: int) -> Array:
+def _generate(params: DecodingParams, inputs: Array, mask: Array, rng: Array, *, cfg: llama.LlamaConfig,
+              max_new_tokens: int, temperature: float, top_p: float, eos_id: int | None, pad_id: int) -> Array:
   """Prefill and decode loop in one program: the prompt into a fresh cache of P + N slots, then up to max_new_tokens
   ids per row -> [B, N] int32.
 
   inputs: token ids [B, P] or input embeddings [B, P, E] (e.g. with visual tokens spliced in); mask [B, P]. The
-  decoder layers' weights are unstacked once (`llama.unstack_layers`, a copy of them held while generating) and each
-  layer has its own cache arrays, so that no decoding step slices weights or cache out of stacked arrays. A row
-  that has emitted eos_id is finished: it emits pad_id from then on. The loop ends after N tokens or once every row
-  is finished (the remaining columns stay pad_id).
+  decoder layers run one after another on their own weights (`DecodingParams`) and each has its own cache arrays,
+  so that no decoding step slices weights or cache out of stacked arrays. A row that has emitted eos_id is
+  finished: it emits pad_id from then on. The loop ends after N tokens or once every row is finished (the remaining
+  columns stay pad_id).
   """
   model = llama.Llama(cfg)
-  layer_params = llama.unstack_layers(params)
+  layer_params = params.layers
+  params = params.shared
   batch = inputs.shape[0]
   cache = llama.init_cache(cfg, batch, inputs.shape[1] + max_new_tokens, per_layer=True)
   if inputs.ndim == 3:
@@ -144,13 +169,14 @@ def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
   return tokens
 
 
-def generate(cfg: llama.LlamaConfig, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-             pad_id: int = 0) -> list[list[int]]:
+def generate(cfg: llama.LlamaConfig, params: Any | DecodingParams, prompts: Sequence[Sequence[int]],
+             max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             eos_id: int | None = None, pad_id: int = 0) -> list[list[int]]:
   """Continues each prompt (a list of token ids) by up to max_new_tokens tokens; returns only the new tokens.
 
   Greedy when temperature == 0, else temperature + nucleus sampling with `jax.random.key(seed)`. A row stops after
   emitting eos_id (which ends its output). pad_id fills the left padding of shorter prompts and is never attended.
+  params: the Llama's params, or `decoding_params(params)` made once for many calls.
   """
   check_prompts(prompts, cfg.vocab_size)
   ids, mask = left_pad(prompts, pad_id)
@@ -158,13 +184,15 @@ def generate(cfg: llama.LlamaConfig, params: Any, prompts: Sequence[Sequence[int
                               seed=seed, eos_id=eos_id, pad_id=pad_id)
 
 
-def generate_from_inputs(cfg: llama.LlamaConfig, params: Any, inputs: Array | np.ndarray, mask: Array | np.ndarray,
-                         max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                         eos_id: int | None = None, pad_id: int = 0) -> list[list[int]]:
+def generate_from_inputs(cfg: llama.LlamaConfig, params: Any | DecodingParams, inputs: Array | np.ndarray,
+                         mask: Array | np.ndarray, max_new_tokens: int, *, temperature: float = 0.0,
+                         top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+                         pad_id: int = 0) -> list[list[int]]:
   """`generate` from a left-padded prompt: token ids [B, P] or input embeddings [B, P, E], mask [B, P] (True on
   real positions). A vision-language model passes its embeddings with the visual tokens spliced in, so the visual
   prefix is computed once and decoding runs on the LLM's KV cache alone. Inputs may be global arrays sharded over
-  several processes (every process calls this); each gets every row's tokens, in global row order."""
+  several processes (every process calls this); each gets every row's tokens, in global row order. params: as in
+  `generate`."""
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens} must be at least 1')
   if temperature < 0:
@@ -173,7 +201,7 @@ def generate_from_inputs(cfg: llama.LlamaConfig, params: Any, inputs: Array | np
     raise ValueError(f'top_p={top_p} must be in (0, 1]')
   if not 0 <= pad_id < cfg.vocab_size:
     raise ValueError(f'pad_id={pad_id} must be a token id in [0, {cfg.vocab_size})')
-  out = _generate(params, inputs, mask, jax.random.key(seed), cfg=cfg, max_new_tokens=max_new_tokens,
+  out = _generate(decoding_params(params), inputs, mask, jax.random.key(seed), cfg=cfg, max_new_tokens=max_new_tokens,
                   temperature=float(temperature), top_p=float(top_p), eos_id=None if eos_id is None else int(eos_id),
                   pad_id=int(pad_id))
   return [_until_eos(row, eos_id) for row in multihost.host_array(out).tolist()]

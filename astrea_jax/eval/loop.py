@@ -292,12 +292,13 @@ def predict(model: EvalModel, rows: PromptRows, *, batch_size: int, max_new_toke
   texts: dict[int, str] = {}
   probs: dict[int, np.ndarray] = {}
   fed: list[int] = []
+  llm = generate.decoding_params(model.params['llm'])  # the layer weights unstacked once for every batch
   for k, positions in enumerate(plan):
     local = dict(model.batch_inputs(rows, row_of(positions, len(rows))), position=positions)
     batch = pipeline.to_global_batch(local, model.mesh, model.rules)
     with sharding.logical_context(model.mesh, model.rules):
       embeds, batch_probs = model.prompt_inputs(batch)
-      out = generate.generate_from_inputs(model.cfg.llm, model.params['llm'], embeds, batch['mask'], max_new_tokens,
+      out = generate.generate_from_inputs(model.cfg.llm, llm, embeds, batch['mask'], max_new_tokens,
                                           eos_id=model.eos_id, pad_id=model.tok.pad_id)
     everywhere = multihost.host_array(batch['position'])
     batch_probs = multihost.host_array(batch_probs) if with_probs else None
