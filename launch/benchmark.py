@@ -12,6 +12,7 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
   python -m launch.benchmark profile --what=train|generate [--model=100m --steps=2 --scan_unroll=1 ...]
   python -m launch.benchmark profile --what=trace --trace_dir=DIR --hlo=FILE --steps=N
   python -m launch.benchmark compare --a=scan_unroll=1 --b=scan_unroll=2 [--model=tiny --batch=4 --seq_len=256]
+  python -m launch.benchmark text_vqa [--config=configs/tiny.py --steps=0 --eval_every=0 --config.key=value ...]
 
 - train (`astrea_jax.bench.train_step`): one random Hugging Face Llama (`--model`) is converted with our converter;
   our jitted step (fp32, AdamW, 1-device mesh) and `transformers` LlamaForCausalLM + torch.optim.AdamW (the same
@@ -40,6 +41,10 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
   XLA_FLAGS=--xla_dump_to file), each XLA op's time summed by model part, pass and kind, with the slowest ops.
 - compare (`bench.compare`): our LLM train step under two `llm.*` settings (--a, --b: FIELD=VALUE,...), compiled in
   one process and timed interleaved step by step (robust to a change of load); the ratio b / a of step times.
+- text_vqa (`bench.text_vqa`): not a timing: the config's LLM trained from random weights on the instruct stage's
+  conversations with each scene given as text (every object and its box) instead of an image, for --steps optimizer
+  steps (0: the instruct stage's), the held-out VQA scored every --eval_every steps next to the majority baseline:
+  what the LLM learns in that budget when the visual side is perfect.
 
 Timings: `time.perf_counter` around each call, results synced (`jax.block_until_ready`, `.item()`), the first two
 calls (compilation) excluded, medians reported. Each subcommand prints a table and, as its last line, one JSON
@@ -52,15 +57,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from astrea_jax.bench import (BenchmarkError, compare, conversion, data, deformable_attention, flops, generation,
-                              hf_llama, mfu, profile, timing, train_step)
+                              hf_llama, mfu, profile, text_vqa, timing, train_step)
 from launch import bench_flags
 
-SUBCOMMANDS = ('train', 'generate', 'data', 'flops', 'convert', 'mfu', 'deformable', 'profile', 'compare')
+SUBCOMMANDS = ('train', 'generate', 'data', 'flops', 'convert', 'mfu', 'deformable', 'profile', 'compare',
+               'text_vqa')
 
 _MODEL = flags.DEFINE_enum('model', 'tiny', list(hf_llama.MODELS), 'train, generate, profile: the random Llama to '
                            'benchmark.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'train, generate, data, mfu, deformable: timed calls after the warm-up '
-                             'ones; profile: traced calls.')
+                             'ones; profile: traced calls; text_vqa: optimizer steps (0: the instruct stage\'s).')
+_EVAL_EVERY = flags.DEFINE_integer('eval_every', 0, 'text_vqa: evaluate every this many steps (0: at the end).')
 _BATCH = flags.DEFINE_integer('batch', 4, 'train, generate, mfu: sequences per batch.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', None, 'train (default 256), mfu (default config.data.seq_len): tokens.')
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', True, 'train: also time torch.compile (slow to compile).')
@@ -83,7 +90,8 @@ _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'profile --what=trace: the fol
 _A = flags.DEFINE_string('a', '', 'compare: llm.* overrides of side a, FIELD=VALUE,... (empty: none).')
 _B = flags.DEFINE_string('b', '', 'compare: llm.* overrides of side b, FIELD=VALUE,...')
 _HLO = flags.DEFINE_string('hlo', '', 'profile --what=trace: the traced program\'s optimised HLO text.')
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'data, flops, mfu: the experiment config.')
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'data, flops, mfu, text_vqa: the experiment '
+                                          'config.')
 _PIPELINE = bench_flags.pipeline_flags()  # data: --stage --workers --batches --warmup --data_dir --tokenizer
 _SHAPE = bench_flags.shape_flags()  # convert: the synthetic checkpoint's shape (--hidden, ...)
 flags.adopt_module_key_flags(bench_flags)  # listed in --help
@@ -118,6 +126,9 @@ def main(argv):
   try:
     if command == 'flops':
       flops.run(_CONFIG.value, _STEP_SECONDS.value, _DEVICES.value, _PEAK_TFLOPS.value)
+    elif command == 'text_vqa':
+      steps = _STEPS.value if flags.FLAGS['steps'].present else 0  # its default is the timed subcommands'
+      text_vqa.run(_CONFIG.value, steps, _EVAL_EVERY.value, timing.machine())
     elif command == 'convert':
       conversion.run(_SHAPE())
     else:

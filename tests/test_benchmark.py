@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from astrea_jax import config as config_lib
@@ -15,8 +16,11 @@ from astrea_jax.bench import BenchmarkError
 from astrea_jax.bench import compare as bench_compare
 from astrea_jax.bench import flops as bench_flops
 from astrea_jax.bench import profile as bench_profile
+from astrea_jax.bench import text_vqa as bench_text_vqa
+from astrea_jax.data import pipeline, shapes, shapes_text, templates
 from astrea_jax.models import llama
 from configs import astrea_13b
+import hf_fixtures  # tests/
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DATA = ['--config.data.shapes.num_train=16', '--config.data.shapes.num_validation=2',
@@ -34,6 +38,8 @@ RUNS = {
     'deformable': ['--steps=1'],
     'profile': ['--what=train', '--model=tiny', '--steps=1', '--batch=2', '--seq_len=32'],
     'compare': ['--model=tiny', '--steps=1', '--batch=2', '--seq_len=32', '--a=scan_unroll=1', '--b=scan_unroll=2'],
+    'text_vqa': ['--steps=2', '--eval_every=1', '--config.eval.num_scenes=2', '--config.train.global_batch_size=2'] +
+                TINY_DATA,
 }
 
 
@@ -209,3 +215,28 @@ def test_compare_reads_llm_overrides():
   assert bench_compare.parse_overrides('') == {}
   with pytest.raises(BenchmarkError, match='is not FIELD=VALUE'):
     bench_compare.parse_overrides('scan_unroll')
+
+
+def test_text_vqa_puts_the_scene_as_text_where_the_image_was(tmp_path):
+  ann = shapes_text.annotate(np.random.default_rng(1), shapes.generate_scene(np.random.default_rng(0), 64))
+  text = bench_text_vqa.scene_text(ann)
+  assert text == 'scene: ' + '; '.join(f'{o.name} {shapes_text.box_text(o, 64)}' for o in ann.objects)
+  hf_fixtures.make_chat_tokenizer(1024, [text] + [f'{p.question} {p.answer}' for p in ann.vqa]).save_pretrained(
+      str(tmp_path))
+  tok, chatml = pipeline.load_tokenizer(str(tmp_path)), templates.get_template('chatml')
+  row = bench_text_vqa.train_row(ann, tok, chatml, config_lib.ALIGN_STAGES, 256)
+  assert {k: v.shape for k, v in row.items()} == {k: (256,) for k in ('inputs', 'targets', 'loss_mask')}
+  decode = lambda ids: tok.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+  assert decode(row['targets'][row['loss_mask'] > 0]) == ''.join(p.answer + '<|im_end|>' for p in ann.vqa)
+  assert decode(row['inputs']).startswith(chatml.system + '<|im_start|>user\n' + text + '\n' + ann.vqa[0].question)
+  prompts, types, answers = bench_text_vqa.eval_prompts([ann], tok, chatml)
+  assert types == [p.type for p in ann.vqa] and answers == [p.answer for p in ann.vqa]
+  assert decode(prompts[1]).endswith(f'user\n{text}\n{ann.vqa[1].question}<|im_end|>\n<|im_start|>assistant\n')
+
+
+@pytest.mark.slow
+def test_text_vqa_cli(results):
+  out = results['text_vqa']
+  assert [c['step'] for c in out['curve']] == [1, 2] and out['num_questions'] > 0
+  assert set(out['curve'][-1]['accuracy']) <= set(shapes_text.VQA_TYPES) and set(out['majority']) <= set(
+      shapes_text.VQA_TYPES)
