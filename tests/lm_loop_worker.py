@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from astrea_jax import config as config_lib  # noqa: E402
 from astrea_jax.parallel import distributed  # noqa: E402
+import fake_devices  # noqa: E402  (tests/)
 import lm_loop  # noqa: E402  (tests/)
 
 
@@ -137,9 +138,8 @@ class Runs:
 
   def start(self, workdir, log_name, devices, *flags) -> Run:
     """This script with `--workdir=workdir *flags` on `devices` fake CPU devices, logging to root/log_name."""
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
-               JAX_COMPILATION_CACHE_DIR=os.path.join(self.root, 'jax_cache'),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    env = fake_devices.env(devices, JAX_COMPILATION_CACHE_DIR=os.path.join(self.root, 'jax_cache'),
+                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
     log_path = os.path.join(self.root, log_name)
     with open(log_path, 'w') as log:
       proc = subprocess.Popen([sys.executable, self.script, f'--workdir={workdir}', *flags], env=env,

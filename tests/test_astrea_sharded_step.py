@@ -9,13 +9,15 @@ import sys
 
 import pytest
 
+import fake_devices  # tests/
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = ('align_detection/routed', 'instruct/residual', 'main/routed')
 
 
 @pytest.fixture(scope='module')
 def result():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  env = fake_devices.env(8)
   proc = subprocess.run([sys.executable, os.path.join(HERE, 'astrea_sharded_worker.py')], env=env,
                         capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-4000:]

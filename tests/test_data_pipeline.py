@@ -17,6 +17,7 @@ from PIL import Image
 from astrea_jax import config as config_lib
 from astrea_jax.data import pipeline, shapes_tfds
 from astrea_jax.parallel import mesh as mesh_lib
+import fake_devices  # tests/
 import hf_fixtures  # tests/
 
 NUM_TRAIN = 48
@@ -206,7 +207,6 @@ def test_global_batch_is_sharded_over_data_and_fsdp_on_eight_devices():
         assert len({s.index[0].start for s in shards}) == 4  # 4 batch shards, each on 2 tensor replicas
       print('OK')
   ''')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
-             PYTHONPATH=ROOT)
+  env = fake_devices.env(8, PYTHONPATH=ROOT)
   result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and result.stdout.strip().endswith('OK'), result.stderr[-3000:]

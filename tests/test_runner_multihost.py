@@ -11,6 +11,11 @@ import lm_loop_worker  # tests/: Runs, tensorboard_scalars
 import runner_worker
 from test_multihost import free_port
 
+# End to end (~2-3 min on 2 cores): slow. The default suite keeps the multi-host equivalence of the train loop
+# (test_multihost.py: two processes of four devices = one of eight, and their SIGTERM resume) and of every stage kind's
+# step on 8 devices (test_astrea_sharded_step.py).
+pytestmark = pytest.mark.slow
+
 FLAGS = ('--stages=align_caption,align_classification,main', '--steps=1,1,3', '--mesh=2,2,2', '--cache=disk')
 STEPS = 5
 

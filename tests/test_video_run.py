@@ -36,6 +36,7 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('video_data'))
 
 
+@pytest.mark.slow  # end to end (~30 s); the video pipeline, tokens and evaluators have their own tests
 def test_tiny_video_trains_on_clips_and_reports_each_question_type_against_the_majority(data_dir, tmp_path):
   c = small_video_config(data_dir)
   result = runner.train_and_evaluate(c, str(tmp_path))
