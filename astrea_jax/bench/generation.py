@@ -1,7 +1,12 @@
 """Greedy decoding with our KV cache (`astrea_jax.eval.generate`) against `transformers` generate: the same random
 Llama (`hf_llama`), weights and prompts, no end-of-sequence stop; the outputs must be equal. Tokens/s counts new
 tokens, prefill included. Our weights are laid out for decoding once before timing (`generate.decoding_params`, as
-an evaluation loop does), as `transformers` lays out its per-layer weights once when loading."""
+an evaluation loop does), as `transformers` lays out its per-layer weights once when loading.
+
+Each decoded token reads every weight but the embedding table once (at a small batch, a matrix-vector product per
+weight), so both sides are bound by memory bandwidth: the benchmark measures the read bandwidth
+(`peak.read_bandwidth`) and prints the floor it sets (those bytes per token over it, times the new tokens) and the
+largest ratio that floor allows."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from astrea_jax.bench import BenchmarkError, hf_llama, llm_step, timing
+from astrea_jax.bench import BenchmarkError, hf_llama, llm_step, peak, timing
 from astrea_jax.eval import generate
 from astrea_jax.models import llama
 
@@ -50,10 +55,19 @@ def run(model_name: str, batch: int, prompt_len: int, new_tokens: int, steps: in
   ratio = tokens['jax'] / tokens['torch']
   best_ratio = runs['torch'].best_s / runs['jax'].best_s
   print(f'jax / transformers: {ratio:.2f}x (fastest calls: {best_ratio:.2f}x); outputs equal')
+  gathered = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size  # the embedding table: a few rows
+  weight_bytes = 4 * (llama.num_params(cfg) - gathered)  # fp32
+  bandwidth = peak.read_bandwidth(weight_bytes)
+  floor_s = new_tokens * weight_bytes / bandwidth
+  print(f'memory-bandwidth floor: {weight_bytes / 2**20:.0f} MiB of weights read per new token at '
+        f'{bandwidth / 1e9:.1f} GB/s (best fp32 read, JAX or PyTorch) -> {floor_s:.3f} s; jax at '
+        f'{floor_s / runs["jax"].median_s:.0%} of it, transformers at {floor_s / runs["torch"].median_s:.0%}; the '
+        f'most a ratio can reach here: {runs["torch"].median_s / floor_s:.2f}x')
   timing.emit(dict(model=model_name, params=llama.num_params(cfg), batch=batch, prompt_len=prompt_len,
                    max_new_tokens=new_tokens, steps=steps, jax_tokens_per_s=round(tokens['jax'], 1),
                    torch_tokens_per_s=round(tokens['torch'], 1), ratio=round(ratio, 3), best_ratio=round(best_ratio, 3),
                    outputs_equal=True, jax_seconds=round(runs['jax'].median_s, 4),
                    torch_seconds=round(runs['torch'].median_s, 4), jax_best_seconds=round(runs['jax'].best_s, 4),
-                   torch_best_seconds=round(runs['torch'].best_s, 4),
+                   torch_best_seconds=round(runs['torch'].best_s, 4), weight_bytes_per_token=weight_bytes,
+                   read_bandwidth_gb_s=round(bandwidth / 1e9, 2), bandwidth_floor_seconds=round(floor_s, 4),
                    torch_threads=torch.get_num_threads(), **info))

@@ -24,6 +24,18 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n**3 / min(min(run.seconds[1:]) for run in runs.values())
 
 
+def read_bandwidth(nbytes: int, repeats: int = 5) -> float:
+  """The best bytes/s of reading an fp32 array of about `nbytes` once (its sum), in JAX and in PyTorch, on this
+  machine: the memory bandwidth a decoding step that reads every weight once is bound by."""
+  n = max(1, nbytes // 4)
+  x = jnp.ones((n,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  t = torch.ones(n)
+  fns = {'jax': lambda _: jax.block_until_ready(total(x)), 'torch': lambda _: t.sum().item()}
+  runs = timing.time_calls(fns, range(1 + repeats))  # the first call compiles
+  return 4 * n / min(min(run.seconds[1:]) for run in runs.values())
+
+
 def peak_flops(device: jax.Device, dtype: str, peak_tflops: float = 0.0) -> tuple[float, str]:
   """(peak FLOP/s of one device, where the figure comes from): `peak_tflops` when > 0, else the table of GPUs
   (bf16), else the measured GEMM peak on a CPU."""
