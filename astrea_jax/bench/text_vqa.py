@@ -10,7 +10,8 @@ instruct stage's `num_steps`) on the train split's scenes in a seeded random ord
 first `config.eval.num_scenes` scenes of `config.eval.split` are asked one question per prompt, as `launch.evaluate`
 asks them (the scene text where the image would be), answered greedily up to `config.eval.max_new_tokens` tokens and
 scored as eval.json scores them (`eval.shapes`: exact match, grounding by IoU > 0.5), next to the train split's
-majority answers.
+majority answers. The JSON line holds every evaluation (`curve`) and, from the last one, each type's first question's
+answer and prediction (`samples`).
 """
 
 from __future__ import annotations
