@@ -4,9 +4,9 @@ tokens, prefill included. Our weights are laid out for decoding once before timi
 an evaluation loop does), as `transformers` lays out its per-layer weights once when loading.
 
 Each decoded token reads every weight but the embedding table once (at a small batch, a matrix-vector product per
-weight), so both sides are bound by memory bandwidth: the benchmark measures the read bandwidth
-(`peak.read_bandwidth`) and prints the floor it sets (those bytes per token over it, times the new tokens) and the
-largest ratio that floor allows."""
+weight), so memory bandwidth sets a floor on either side's time: the benchmark measures the read bandwidth
+(`peak.read_bandwidth`) and prints that floor (those bytes per token over it, times the new tokens), how close each
+side comes to it and the largest ratio it allows."""
 
 from __future__ import annotations
 
