@@ -2,9 +2,10 @@
 
   python -m launch.train --config=configs/tiny.py --workdir=DIR
 
-Stage 0 trains the four tiny specialist experts on their own tasks, then the four pre-alignment stages, instruction
-tuning and the main stage run, and the held-out split is evaluated (DIR/eval.json, DIR/router.png). The LLM is a
-2-layer GQA Llama; its tokenizer (1024 entries) is learned from the synthetic set's text at the start of the run.
+Stage 0 gives the tiny default what the paper takes pre-trained: it trains the four tiny specialist experts on their
+own tasks and the LLM, a random 2-layer GQA Llama, on the scenes as text ('llm_text'). Then the four pre-alignment
+stages, instruction tuning and the main stage run, and the held-out split is evaluated (DIR/eval.json,
+DIR/router.png). The LLM's tokenizer (1024 entries) is learned from the synthetic set's text at the start of the run.
 """
 
 from astrea_jax import config as config_lib
@@ -15,14 +16,14 @@ def get_config():
   c.llm.vocab_size = 1024
   c.llm.scan_unroll = 2  # both layers without a loop: 0.87x the LLM step's time on CPU (BENCHMARKS.md section 1)
   c.astrea.router_context = 'visual+text'  # the router sees the instruction, so routing can differ per task
-  c.train.stages = ('experts', 'align', 'instruct', 'main')
+  c.train.stages = ('experts', 'llm_text', 'align', 'instruct', 'main')
   c.train.global_batch_size = 16
   c.moco.queue_size = 1024
   c.astrea.load_balance_coef = 0.01  # without it the tiny router collapses onto one expert within ~100 steps
   c.experts_pretrain.num_steps = 500
   c.experts_pretrain.learning_rate = 3e-3  # stage 0: about the metrics of 1000 steps at 1e-3, in half the time
   c.data.shapes.num_train = 4096      # more scenes than steps can revisit often: 1024 overfit (held-out VQA fell)
-  c.allow_random_init = True  # the tiny LLM starts random (frozen while the projectors align); stage 0 trains experts
+  c.allow_random_init = True  # stage 0 trains the experts and the LLM; a run of fewer stages may start them random
   for name in config_lib.ALIGN_STAGES:
     c.stages[name].num_steps = 100
     c.stages[name].learning_rate = 2e-3

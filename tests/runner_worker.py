@@ -20,7 +20,7 @@ from configs import tiny  # noqa: E402
 
 import lm_loop_worker  # noqa: E402  (tests/)
 
-STAGES = 'experts,align,instruct,main'
+STAGES = 'experts,llm_text,align,instruct,main'
 
 
 def small_config(data_dir: str, *, stages: str = STAGES, steps: tuple[int, int, int] = (2, 2, 2),
@@ -36,6 +36,7 @@ def small_config(data_dir: str, *, stages: str = STAGES, steps: tuple[int, int, 
     c.stages[name].num_steps = steps[0] if name.startswith('align_') else steps[('instruct', 'main').index(name) + 1]
   c.moco.queue_size = 4 * c.train.global_batch_size
   c.experts_pretrain.update(num_steps=3, batch_size=8)
+  c.llm_pretrain.num_steps = 3
   c.eval.update(num_scenes=2, batch_size=8, max_new_tokens=4)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(n) for n in mesh.split(','))
   c.checkpoint.update(every_steps=checkpoint_every, max_to_keep=2)

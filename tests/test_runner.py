@@ -1,5 +1,5 @@
 """The stage runner in this process: the bad-config checks (before anything compiles), a smoke run of the whole
-stage list (experts, four alignment stages, instruct, main, evaluation) with a few steps per stage, a rerun of the
+stage list (stage 0's experts and LLM, four alignment stages, instruct, main, evaluation) with a few steps per stage, a rerun of the
 finished run, and the two feature-cache backends giving the same training losses."""
 
 import json
@@ -33,7 +33,7 @@ def unlocked(data_dir, **kwargs):
      "config.train.stages[1]='finetune': unknown stage"),
     (lambda c: c.train.update(stages=('main', 'align')), 1, None),  # any order of known stages is allowed
     (lambda c: c.train.update(stages=('align', 'align_caption')), 1, 'runs a stage twice'),
-    (lambda c: c.train.update(stages=('align', 'experts')), 1, "'experts' must come first"),
+    (lambda c: c.train.update(stages=('align', 'experts')), 1, "stage 0 ('experts') must come first"),
     (lambda c: c.stages.main.update(trainable=('nothing/.*',)), 1,
      "config.stages.main.trainable: stage 'main' trains nothing: its patterns ['nothing/.*'] match no parameter"),
     (lambda c: c.stages.align_detection.update(trainable=('llm/(',)), 1,
@@ -99,7 +99,7 @@ def test_smoke_run_of_every_stage(smoke):
   ckpt = checkpointing.Checkpointer(workdir, c)
   assert ckpt.latest() == checkpointing.Saved(12, 'main')
   ckpt.close()
-  assert os.path.isdir(os.path.join(workdir, 'experts'))  # stage 0
+  assert os.path.isdir(os.path.join(workdir, 'experts')) and os.path.isdir(os.path.join(workdir, 'llm_text'))  # stage 0
   losses = lm_loop_worker.tensorboard_scalars(workdir, 'loss')
   assert sorted(losses) == list(range(1, 13))
   moco = lm_loop_worker.tensorboard_scalars(workdir, 'moco_loss')
@@ -213,6 +213,9 @@ def test_a_frozen_part_left_at_random_initialisation_is_a_config_error(data_dir,
 
 def test_random_init_is_fine_when_the_part_is_trained_first(data_dir):
   c = unlocked(data_dir, stages='experts,instruct,main')  # stage 0 trains the experts; instruct trains the LLM
+  c.allow_random_init = False
+  runner.check_run(c, 1)
+  c = unlocked(data_dir, stages='experts,llm_text,align,instruct,main')  # stage 0 trains the experts and the LLM
   c.allow_random_init = False
   runner.check_run(c, 1)
 

@@ -1,10 +1,9 @@
 """The shapes set's held-out VQA with each scene given as text: how much of it the run's LLM learns in the instruction
 stage's budget when the visual side is perfect (issue 17, item 3; BENCHMARKS.md section 8).
 
-A training conversation is the instruct stage's (`stage_targets.stage_conversation`) with its `<image>` placeholder
-replaced by the scene as text, `scene_text`: 'scene: red circle [31,46,187,218]; blue square [...]', every object
-left to right with its box (the detection stage's label line), i.e. what an encoder whose tokens name each object
-and its box would hand the LLM. The LLM (`config.llm`, fresh random weights), the optimizer, the global batch, the
+A training conversation is the instruct stage's with its `<image>` placeholder replaced by the scene as text
+(`data.scene_text`: 'scene: red circle [31,46,187,218]; blue square [...]', every object left to right with its box,
+i.e. what an encoder whose tokens name each object and its box would hand the LLM). The LLM (`config.llm`, fresh random weights), the optimizer, the global batch, the
 sequence length and the instruct stage's learning rate are the run's; it trains for `steps` optimizer steps (0: the
 instruct stage's `num_steps`) on the train split's scenes in a seeded random order. Every `eval_every` steps the
 first `config.eval.num_scenes` scenes of `config.eval.split` are asked one question per prompt, as `launch.evaluate`
@@ -24,38 +23,13 @@ import numpy as np
 
 from astrea_jax import config as config_lib
 from astrea_jax.bench import llm_step, timing
-from astrea_jax.data import pipeline, sequence, shapes_tfds, stage_targets, templates
+from astrea_jax.data import pipeline, scene_text, shapes_tfds, templates
 from astrea_jax.data import tokenizer as tokenizer_lib
-from astrea_jax.data.conversation import IMAGE_PLACEHOLDER, Turn
 from astrea_jax.data.shapes_text import VQA_TYPES, Annotations
 from astrea_jax.eval import generate, prompting
 from astrea_jax.eval import shapes as shapes_eval
 from astrea_jax.parallel import sharding
 from astrea_jax.train import stage_step
-
-
-def scene_text(annotations: Annotations) -> str:
-  """The scene for the LLM as text: 'scene: ' and the detection label line (objects left to right, their boxes)."""
-  return 'scene: ' + stage_targets.LABEL_TEXT['detection'](annotations)
-
-
-def text_turns(turns: Sequence[Turn], annotations: Annotations) -> tuple[Turn, ...]:
-  """The turns with each `<image>` placeholder replaced by the scene's text."""
-  return tuple((role, text.replace(IMAGE_PLACEHOLDER, scene_text(annotations))) for role, text in turns)
-
-
-def train_row(annotations: Annotations, tok: pipeline.TokenizerInfo, template: templates.ChatTemplate,
-              align_order: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
-  """One scene's instruct conversation as text, as a next-token row of seq_len: inputs, targets (pad_id after the
-  conversation), loss_mask (the answers' tokens, Eq. 1), each [seq_len]; a longer conversation is cut."""
-  turns = text_turns(stage_targets.stage_conversation('instruct', annotations, align_order), annotations)
-  tokens = templates.tokenize_conversation(tok.backend, template, turns, visual_tokens=0,
-                                           image_token_id=tok.image_token_id, bos_id=tok.bos_id)
-  fields = sequence.next_token_fields(sequence.truncate(tokens, seq_len)[0])
-  pad = seq_len - len(fields['inputs'])
-  return {'inputs': np.pad(fields['inputs'], (0, pad), constant_values=tok.pad_id),
-          'targets': np.pad(fields['targets'], (0, pad), constant_values=tok.pad_id),
-          'loss_mask': np.pad(fields['loss_mask'], (0, pad)).astype(np.float32)}
 
 
 def eval_prompts(scenes: Sequence[Annotations], tok: pipeline.TokenizerInfo,
@@ -65,7 +39,7 @@ def eval_prompts(scenes: Sequence[Annotations], tok: pipeline.TokenizerInfo,
   prompts, types, answers = [], [], []
   for ann in scenes:
     for pair in ann.vqa:
-      text = f'{scene_text(ann)}\n{pair.question}'
+      text = f'{scene_text.scene_text(ann)}\n{pair.question}'
       prompts.append(prompting.prompt_tokens(tok, template, text, 0).ids.tolist())
       types.append(pair.type)
       answers.append(pair.answer)
@@ -82,7 +56,7 @@ def run(config: ml_collections.ConfigDict, steps: int, eval_every: int, info: di
   train_scenes, _ = shapes_eval.read_scenes(dataset_dir, 'train', None)
   test_scenes, _ = shapes_eval.read_scenes(dataset_dir, config.eval.split, config.eval.num_scenes or None)
   seq_len, batch = config.data.seq_len, config.train.global_batch_size
-  rows = [train_row(a, tok, template, config.data.align_order, seq_len) for a in train_scenes]
+  rows = [scene_text.text_row('instruct', a, tok, template, config.data.align_order, seq_len) for a in train_scenes]
   prompts, types, answers = eval_prompts(test_scenes, tok, template)
   majority, _ = shapes_eval.train_majority(dataset_dir)
   baseline = shapes_eval.majority_baseline(majority, list(zip(types, answers)))

@@ -16,9 +16,11 @@ from astrea_jax.config.saved import from_saved, override
 from astrea_jax.config.validate import lock, validate
 from astrea_jax.core.axes import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
 from astrea_jax.core.errors import ConfigError
-from astrea_jax.core.stages import ALIGN_STAGES, EXPERTS_STAGE, GROUP_SEPARATOR, STAGES, align_members
+from astrea_jax.core.stages import (ALIGN_STAGES, EXPERTS_STAGE, GROUP_SEPARATOR, LLM_TEXT_STAGE, STAGE_ZERO, STAGES,
+                                   align_members)
 
 __all__ = ['ALIGN_STAGES', 'ConfigError', 'DEFAULT_LOGICAL_AXIS_RULES', 'dataset_options', 'EXPERTS_STAGE', 'GROUP_SEPARATOR',
+           'LLM_TEXT_STAGE', 'STAGE_ZERO',
            'MESH_AXES', 'STAGES', 'align_members', 'base_config', 'expert_config', 'expert_families', 'from_saved',
            'llm_config', 'lock', 'model_config', 'override', 'paper_scale', 'run_stages', 'settings_name',
            'single_turn_rows', 'stage_fusion', 'stage_settings', 'validate']

@@ -143,6 +143,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.experts_pretrain.learning_rate = 1e-3  # peak learning rate (AdamW, warm-up + cosine)
   c.experts_pretrain.checkpoint = ''  # Orbax folder with pre-trained experts; '' = <workdir>/experts
 
+  # --- stage 0 (tiny default only), 'llm_text': the random LLM trained on the shapes scenes as text, the counterpart
+  # of the paper's pre-trained LLM (train.llm_text); batch train.global_batch_size, rows of data.seq_len ---
+  c.llm_pretrain = ml_collections.ConfigDict()
+  c.llm_pretrain.num_steps = 1800     # optimizer steps
+  c.llm_pretrain.learning_rate = 2e-3  # peak learning rate (AdamW, warm-up + cosine)
+  # The stages whose conversations it reads, each scene's image given as text: the label lines of the first three
+  # alignment stages (the segmentation stage's polygons do not fit data.seq_len next to the scene) and the VQA.
+  c.llm_pretrain.conversations = ('align_caption', 'align_classification', 'align_detection', 'instruct')
+  c.llm_pretrain.checkpoint = ''      # folder with the trained LLM (Orbax + metrics.json); '' = <workdir>/llm_text
+
   # --- evaluation: at the end of the run on the synthetic set (astrea_jax.eval.evaluate: DIR/eval.json and
   # DIR/router.png), and of `benchmarks` during training (TensorBoard scalars eval/<benchmark>/<score>, the paper's
   # Fig. 3) and by launch.evaluate ---

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ml_collections
 
 from astrea_jax.core.errors import ConfigError
-from astrea_jax.core.stages import BY_NAME, EXPERTS_STAGE, align_members, spec
+from astrea_jax.core.stages import BY_NAME, STAGE_ZERO, align_members, spec
 
 
 def settings_name(stage: str) -> str:
@@ -56,13 +56,15 @@ def run_stages(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   for i, name in enumerate(config.train.stages):
     if name == 'align':
       out += order
-    elif name in order or name in others or name == EXPERTS_STAGE:
+    elif name in order or name in others or name in STAGE_ZERO:
       out.append(name)
     else:
       raise ConfigError(f'config.train.stages[{i}]={name!r}: unknown stage; expected one of '
-                        f'{(EXPERTS_STAGE, "align") + order + others} (align stages as in data.align_order)')
+                        f'{STAGE_ZERO + ("align",) + order + others} (align stages as in data.align_order)')
   if len(set(out)) != len(out):
     raise ConfigError(f'config.train.stages={tuple(config.train.stages)}: runs a stage twice ({out})')
-  if EXPERTS_STAGE in out and out.index(EXPERTS_STAGE) != 0:
-    raise ConfigError(f"config.train.stages={tuple(config.train.stages)}: 'experts' must come first")
+  zero = [name for name in out if name in STAGE_ZERO]
+  if out[:len(zero)] != zero:
+    raise ConfigError(f'config.train.stages={tuple(config.train.stages)}: stage 0 ({", ".join(map(repr, zero))}) '
+                      'must come first')
   return tuple(out)

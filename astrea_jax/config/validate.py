@@ -15,7 +15,7 @@ from astrea_jax.config.run import run_stages
 from astrea_jax.convert.hf_astrea.anyres_astrea import AnyresGrid
 from astrea_jax.core.axes import MESH_AXES
 from astrea_jax.core.errors import ConfigError
-from astrea_jax.core.stages import ALIGN_STAGES, GROUP_SEPARATOR, STAGES, align_members, spec
+from astrea_jax.core.stages import ALIGN_STAGES, GROUP_SEPARATOR, LLM_TEXT_STAGE, STAGES, align_members, spec
 from astrea_jax.data import images, templates
 
 
@@ -50,8 +50,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_stages(config: ml_collections.ConfigDict) -> None:
-  """train.stages, train.grad_accum_steps, train.feature_cache*, stages.*, experts_pretrain.*, eval.*."""
-  run_stages(config)
+  """train.stages, train.grad_accum_steps, train.feature_cache*, stages.*, experts_pretrain.*, llm_pretrain.*,
+  eval.*."""
+  run = run_stages(config)
   t = config.train
   if t.grad_accum_steps < 1 or t.global_batch_size % t.grad_accum_steps:
     raise ConfigError(f'config.train.grad_accum_steps={t.grad_accum_steps}: expected a positive divisor of '
@@ -82,6 +83,8 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.experts_pretrain.{field}={config.experts_pretrain[field]}: expected >= 1')
   if config.experts_pretrain.learning_rate <= 0:
     raise ConfigError(f'config.experts_pretrain.learning_rate={config.experts_pretrain.learning_rate}: expected > 0')
+  if LLM_TEXT_STAGE in run:
+    _validate_llm_text(config)
   if config.eval.split not in ('train', 'validation', 'test'):
     raise ConfigError(f"config.eval.split={config.eval.split!r}: expected 'train', 'validation' or 'test'")
   for field, low in (('num_scenes', 0), ('batch_size', 1), ('max_new_tokens', 1), ('every_steps', 0)):
@@ -91,6 +94,25 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
     if not isinstance(path, str):
       raise ConfigError(f'config.eval.benchmarks.{name}={path!r}: expected the path of its data (a string; \'\' for '
                         "the run's own shapes set)")
+
+
+def _validate_llm_text(config: ml_collections.ConfigDict) -> None:
+  """llm_pretrain.* and what stage 0's 'llm_text' needs: the shapes set (its scenes as text) and a random LLM."""
+  p = config.llm_pretrain
+  if config.data.dataset != 'shapes':
+    raise ConfigError(f"config.train.stages runs {LLM_TEXT_STAGE!r}, which reads the shapes set's scenes as text; "
+                      f"config.data.dataset={config.data.dataset!r}: expected 'shapes'")
+  if config.init_checkpoint:
+    raise ConfigError(f'config.train.stages runs {LLM_TEXT_STAGE!r}, which trains the LLM from random weights; '
+                      f'config.init_checkpoint={config.init_checkpoint!r} gives it already: remove one of them')
+  if p.num_steps < 1:
+    raise ConfigError(f'config.llm_pretrain.num_steps={p.num_steps}: expected >= 1')
+  if p.learning_rate <= 0:
+    raise ConfigError(f'config.llm_pretrain.learning_rate={p.learning_rate}: expected > 0')
+  allowed = tuple(config.data.align_order) + tuple(name for name in STAGES if not spec(name).kind == 'align')
+  if not p.conversations or any(name not in allowed for name in p.conversations):
+    raise ConfigError(f'config.llm_pretrain.conversations={tuple(p.conversations)}: expected one or more of '
+                      f'{allowed} (the alignment stages of data.align_order, instruct, main)')
 
 
 def _validate_astrea(config: ml_collections.ConfigDict) -> None:

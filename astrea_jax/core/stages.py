@@ -10,9 +10,10 @@ the train step, the data targets and the runner read. A new stage is one entry h
   main                   main      -                -             routed                   yes
 
 Pre-alignment stages run in `config.data.align_order` (Table 6 compares orders); an entry 'align_a+align_b' is one
-stage aligning several experts at once ("caption then all at once"): its spec joins its members' (`spec`). Stage 0,
-'experts', trains the tiny default's specialist experts on their own tasks; it is not a step of the train state and
-has no spec.
+stage aligning several experts at once ("caption then all at once"): its spec joins its members' (`spec`). Stage 0
+gives the tiny default what the paper takes pre-trained: 'experts' trains its specialist experts on their own tasks,
+'llm_text' its random LLM on the scenes as text (`astrea_jax.train.llm_text`). Neither is a step of the train state
+and neither has a spec.
 
 Trainable sets are regexes over '/'-joined parameter paths, per fusion; '{slot}' stands for each aligned slot.
 Every stage trains the AnyRes `image_newline` where the model has one (LLaVA-NeXT trains it with the projector): it
@@ -27,6 +28,8 @@ from typing import Mapping
 ALIGN_PREFIX = 'align_'
 GROUP_SEPARATOR = '+'
 EXPERTS_STAGE = 'experts'
+LLM_TEXT_STAGE = 'llm_text'
+STAGE_ZERO = (EXPERTS_STAGE, LLM_TEXT_STAGE)  # run before every stage of the table, in any order
 FUSIONS = ('residual', 'routed')
 
 

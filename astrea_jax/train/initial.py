@@ -1,8 +1,9 @@
 """A run's first parameters: fresh ones from train.seed (created in place on the mesh), with the LLM from a converted
 checkpoint (`config.init_checkpoint`; a converted Astrea model, `--family=astrea`, gives every part: experts,
 projectors, residual modules, router, adapters, heads and LLM), each expert from its converted checkpoint
-(`config.model.expert_checkpoints`) or from stage 0 (the tiny default's specialist experts). A checkpoint that does
-not fit the config is a ConfigError naming the fields."""
+(`config.model.expert_checkpoints`) or from stage 0 (the tiny default's specialist experts), the LLM from stage 0's
+'llm_text' (the tiny default's LLM trained on the scenes as text). A checkpoint that does not fit the config is a
+ConfigError naming the fields."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from astrea_jax.models import families
 from astrea_jax.models.expert import ExpertConfig
 from astrea_jax.parallel import sharding
 from astrea_jax.train import experts as experts_lib
+from astrea_jax.train import llm_text
 from astrea_jax.train.stage_step import params_init_fn
 
 Array = jax.Array
@@ -60,6 +62,8 @@ def initial_params(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, r
     for slot, tree in experts_lib.train_experts(config, workdir).items():
       experts[slot] = jax.tree.map(put_global, tree, shardings['experts'][slot])
   params['experts'] = experts
+  if config_lib.LLM_TEXT_STAGE in config_lib.run_stages(config):
+    params['llm'] = jax.tree.map(put_global, llm_text.pretrain_llm(config, workdir, params['llm']), shardings['llm'])
   return params
 
 

@@ -53,10 +53,11 @@ Array = jax.Array
 
 
 def plan_stages(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> list[StagePlan]:
-  """The trained stages of `config.train.stages` ('experts' excluded: it is not a step of the train state)."""
+  """The trained stages of `config.train.stages` (stage 0, 'experts' and 'llm_text', excluded: not steps of the
+  train state)."""
   plans, offset = [], 0
   for name in config_lib.run_stages(config):
-    if name == config_lib.EXPERTS_STAGE:
+    if name in config_lib.STAGE_ZERO:
       continue
     if cfg.fusion(name) == 'routed' and not cfg.routed:
       raise config_lib.ConfigError(f'config.train.stages: stage {name!r} routes between experts, but '
@@ -69,13 +70,13 @@ def plan_stages(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> list[St
 def check_initialisation(config: ml_collections.ConfigDict, cfg: AstreaConfig, plans: Sequence[StagePlan],
                          abstract: Any) -> None:
   """A part that starts from random weights and is frozen in a stage before any stage trains it is a ConfigError
-  naming where its weights should come from: the LLM (`init_checkpoint`), each expert (`model.expert_checkpoints.
+  naming where its weights should come from: the LLM (`init_checkpoint`, or stage 0 'llm_text'), each expert (`model.expert_checkpoints.
   <slot>`, stage 0 'experts' of the tiny default, or an `init_checkpoint` holding the whole model).
   `allow_random_init=True` allows it."""
   if config.allow_random_init:
     return
   run = config_lib.run_stages(config)
-  parts = {'llm': ('config.init_checkpoint', bool(config.init_checkpoint))}
+  parts = {'llm': ('config.init_checkpoint', bool(config.init_checkpoint) or config_lib.LLM_TEXT_STAGE in run)}
   whole = initial.init_is_whole_model(config)
   for slot in cfg.slots:
     loaded = bool(config.model.expert_checkpoints[slot]) or config_lib.EXPERTS_STAGE in run or whole

@@ -50,10 +50,17 @@ def _check_saved(directory: str) -> None:
                             f'make one with `python -m launch.train_experts`')
 
 
+def load_params(directory: str) -> Any:
+  """The parameter tree (numpy) of a folder written by `save_params`."""
+  if not is_saved(directory):
+    raise FileNotFoundError(f'{directory}: not a saved stage-0 folder (expected {PARAMS_DIR}/ and {METRICS_FILE})')
+  return dict(ocp.load(os.path.join(directory, PARAMS_DIR)))
+
+
 def load_experts(directory: str) -> dict[str, Any]:
   """{slot: {'backbone': ...}} (numpy) from a folder written by `train_experts`."""
   _check_saved(directory)
-  return dict(ocp.load(os.path.join(directory, PARAMS_DIR)))
+  return load_params(directory)
 
 
 def load_metrics(directory: str) -> dict[str, dict[str, float]]:
@@ -63,10 +70,11 @@ def load_metrics(directory: str) -> dict[str, dict[str, float]]:
     return json.load(f)
 
 
-def save_experts(directory: str, params: Mapping[str, Any], metrics: Mapping[str, Mapping[str, float]]) -> None:
+def save_params(directory: str, params: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
   """Writes params and metrics into a temporary sibling folder, then renames it to `directory` (which must be absent
   or empty). Every process calls it: Orbax's save is collective, and of host (numpy) arrays that every process holds
-  whole only the primary process, 0, writes; process 0 also writes the metrics and renames the folder."""
+  whole only the primary process, 0, writes; process 0 also writes the metrics and renames the folder. Stage 0's
+  experts (`save_experts`) and its LLM (`train.llm_text`) are saved by it."""
   directory = os.path.abspath(directory)
   lead = jax.process_index() == 0
   token = np.int32(uuid.uuid4().int % 2**31)
@@ -76,7 +84,7 @@ def save_experts(directory: str, params: Mapping[str, Any], metrics: Mapping[str
   try:
     if lead:
       os.makedirs(tmp)
-    multihost.barrier('astrea_jax.train.experts: temporary folder')
+    multihost.barrier('astrea_jax.train.experts.store: temporary folder')
     ocp.save(os.path.join(tmp, PARAMS_DIR), dict(params))
     if lead:
       with open(os.path.join(tmp, METRICS_FILE), 'w') as f:
@@ -87,7 +95,10 @@ def save_experts(directory: str, params: Mapping[str, Any], metrics: Mapping[str
   finally:
     if lead and os.path.exists(tmp):
       shutil.rmtree(tmp)
-  multihost.barrier('astrea_jax.train.experts: saved')
+  multihost.barrier('astrea_jax.train.experts.store: saved')
+
+
+save_experts = save_params  # {slot: {'backbone': ...}} and {slot: {metric: value}}
 
 
 def expected_shapes(model_config) -> dict[str, Any]:
