@@ -34,7 +34,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from astrea_jax import config as config_lib
 from astrea_jax.core import trees
@@ -98,17 +97,11 @@ def pretrain_llm(config: ml_collections.ConfigDict, workdir: str, expected: Any)
   """The stage: the LLM's parameters (numpy, unboxed), trained (module docstring) or loaded from `llm_text_dir` when
   a save is there; `expected` (the run's LLM parameters or their shapes) must match them."""
   directory = llm_text_dir(config, workdir)
-  saved = store.is_saved(directory)
-  if jax.process_count() > 1:  # process 0's view decides, so that every process takes the same path
-    saved = bool(multihost_utils.broadcast_one_to_all(np.int32(saved)))
-  if saved:
+  if store.saved_everywhere(directory, 'llm_text', 'llm_pretrain.checkpoint'):
     params = store.load_params(directory)
     check_matches(directory, params, expected)
     logging.info('llm_text: loaded the LLM from %s', directory)
     return params
-  if os.path.exists(directory) and os.listdir(directory):
-    raise FileExistsError(f'{directory}: exists but holds no complete llm_text save ({store.PARAMS_DIR}/ and '
-                          f'{store.METRICS_FILE}); empty it or set llm_pretrain.checkpoint to another folder')
   start = time.perf_counter()
   rows = text_rows(config)
   logging.info('llm_text: %d text rows (%s) of %d tokens', len(rows['inputs']),

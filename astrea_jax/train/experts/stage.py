@@ -13,23 +13,19 @@ seed, on its own default device (no collectives), so all hold equal parameters; 
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from astrea_jax import config as config_lib
 
 from astrea_jax.data import images as images_lib
 from astrea_jax.data import shapes_tfds
 from astrea_jax.train.experts import loop
-from astrea_jax.train.experts.store import (METRICS_FILE, PARAMS_DIR, check_matches, expected_shapes, experts_dir,
-                                            is_saved, load_experts, save_experts)
+from astrea_jax.train.experts.store import (check_matches, expected_shapes, experts_dir, load_experts, save_experts,
+                                            saved_everywhere)
 from astrea_jax.train.experts.targets import load_scenes
 
 LOSS_WINDOW = 10  # steps averaged for metrics.json's loss_first / loss_last
@@ -41,17 +37,11 @@ def train_experts(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   directory = experts_dir(config, workdir)
   model_config = config_lib.model_config(config)
   expected = expected_shapes(model_config)
-  saved = is_saved(directory)
-  if jax.process_count() > 1:  # process 0's view decides, so that every process takes the same path
-    saved = bool(multihost_utils.broadcast_one_to_all(np.int32(saved)))
-  if saved:
+  if saved_everywhere(directory, 'stage-0', 'experts_pretrain.checkpoint'):
     params = load_experts(directory)
     check_matches(directory, params, expected)
     logging.info('experts: loaded stage 0 from %s', directory)
     return params
-  if os.path.exists(directory) and os.listdir(directory):
-    raise FileExistsError(f'{directory}: exists but holds no complete stage-0 save ({PARAMS_DIR}/ and '
-                          f'{METRICS_FILE}); empty it or set experts_pretrain.checkpoint to another folder')
 
   pretrain = config.experts_pretrain
   dataset_dir = shapes_tfds.prepare_shared(config.data.shapes)

@@ -44,6 +44,18 @@ def is_saved(directory: str) -> bool:
   return os.path.isfile(os.path.join(directory, METRICS_FILE)) and os.path.isdir(os.path.join(directory, PARAMS_DIR))
 
 
+def saved_everywhere(directory: str, what: str, checkpoint_field: str) -> bool:
+  """Whether `directory` holds a complete save, as process 0 sees it (every process takes the same path); a folder
+  holding anything else is a FileExistsError naming `what` (e.g. 'stage-0') and the config field that moves it."""
+  saved = is_saved(directory)
+  if jax.process_count() > 1:
+    saved = bool(multihost_utils.broadcast_one_to_all(np.int32(saved)))
+  if not saved and os.path.exists(directory) and os.listdir(directory):
+    raise FileExistsError(f'{directory}: exists but holds no complete {what} save ({PARAMS_DIR}/ and {METRICS_FILE}); '
+                          f'empty it or set {checkpoint_field} to another folder')
+  return saved
+
+
 def _check_saved(directory: str) -> None:
   if not is_saved(directory):
     raise FileNotFoundError(f'{directory}: not a stage-0 experts folder (expected {PARAMS_DIR}/ and {METRICS_FILE}); '
