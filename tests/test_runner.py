@@ -77,6 +77,7 @@ def test_plan_numbers_steps_over_the_run_and_table6_orders(data_dir):
   assert [p.name for p in plans[:4]] == list(reversed(config_lib.ALIGN_STAGES))
   assert cfg.earlier_slots('align_classification') == ('segmentation', 'detection')
   c.data.align_order = ('align_caption', 'align_classification+align_detection+align_segmentation')  # "Cap->All"
+  c.llm_pretrain.conversations = ('align_caption', 'instruct')  # stage 0's text: stages of this order
   cfg, plans = runner.check_run(c, 1)
   assert [p.name for p in plans[:2]] == list(c.data.align_order)
   assert cfg.earlier_slots(plans[1].name) == ('caption',)
