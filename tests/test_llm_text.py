@@ -23,7 +23,7 @@ from configs import tiny
 
 import hf_fixtures  # tests/: make_chat_tokenizer
 
-NUM_STEPS = 40
+NUM_STEPS = 25
 
 
 def test_a_text_row_puts_the_scene_in_words_where_the_image_was(tmp_path):
@@ -52,7 +52,7 @@ def test_a_text_row_puts_the_scene_in_words_where_the_image_was(tmp_path):
 def small_config(root, **pretrain):
   c = tiny.get_config()
   c.unlock()
-  c.data.shapes.update(dict(num_train=32, num_validation=4, num_test=1, data_dir=str(root / 'tfds')))
+  c.data.shapes.update(dict(num_train=16, num_validation=4, num_test=1, data_dir=str(root / 'tfds')))
   c.llm_pretrain.update(dict(num_steps=NUM_STEPS, learning_rate=3e-3, conversations=('instruct', 'align_caption'),
                              **pretrain))
   return config_lib.lock(c)
@@ -77,7 +77,7 @@ def test_the_loss_falls_and_every_weight_moved(trained):
   assert directory == os.path.join(workdir, 'llm_text')
   with open(os.path.join(directory, store.METRICS_FILE)) as f:
     metrics = json.load(f)
-  assert metrics['num_steps'] == NUM_STEPS and metrics['num_rows'] == 2 * 32
+  assert metrics['num_steps'] == NUM_STEPS and metrics['num_rows'] == 2 * 16
   assert metrics['conversations'] == ['instruct', 'align_caption']
   assert metrics['loss_last'] < 0.7 * metrics['loss_first'], metrics
   cfg = config_lib.llm_config(config)
