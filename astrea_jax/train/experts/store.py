@@ -1,4 +1,5 @@
-"""Where stage 0's experts live (`experts_dir`), their save and load, and the check that a save fits the config.
+"""Where stage 0's experts live (`experts_dir`), their save and load, and the check that a save fits the config; the
+same save and load (`save_params`, `load_params`, `saved_everywhere`) keep stage 0's LLM (`train.llm_text`).
 
 Saved layout (`experts_dir`: experts_pretrain.checkpoint, or <workdir>/experts), written into a temporary sibling
 folder that is renamed into place, so the folder exists only complete:
