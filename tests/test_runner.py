@@ -1,6 +1,6 @@
 """The stage runner in this process: the bad-config checks (before anything compiles), a smoke run of the whole
-stage list (stage 0's experts and LLM, four alignment stages, instruct, main, evaluation) with a few steps per stage, a rerun of the
-finished run, and the two feature-cache backends giving the same training losses."""
+stage list (stage 0's experts and LLM, four alignment stages, instruct, main, evaluation) with a few steps per
+stage, a rerun of the finished run, and the two feature-cache backends giving the same training losses."""
 
 import json
 import os

@@ -3,14 +3,14 @@ stage's budget when the visual side is perfect (issue 17, item 3; BENCHMARKS.md 
 
 A training conversation is the instruct stage's with its `<image>` placeholder replaced by the scene as text
 (`data.scene_text`: 'scene: red circle [31,46,187,218]; blue square [...]', every object left to right with its box,
-i.e. what an encoder whose tokens name each object and its box would hand the LLM). The LLM (`config.llm`, fresh random weights), the optimizer, the global batch, the
-sequence length and the instruct stage's learning rate are the run's; it trains for `steps` optimizer steps (0: the
-instruct stage's `num_steps`) on the train split's scenes in a seeded random order. Every `eval_every` steps the
-first `config.eval.num_scenes` scenes of `config.eval.split` are asked one question per prompt, as `launch.evaluate`
-asks them (the scene text where the image would be), answered greedily up to `config.eval.max_new_tokens` tokens and
-scored as eval.json scores them (`eval.shapes`: exact match, grounding by IoU > 0.5), next to the train split's
-majority answers. The JSON line holds every evaluation (`curve`) and, from the last one, each type's first question's
-answer and prediction (`samples`).
+i.e. what an encoder whose tokens name each object and its box would hand the LLM). The LLM (`config.llm`, fresh random
+weights), the optimizer, the global batch, the sequence length and the instruct stage's learning rate are the run's; it
+trains for `steps` optimizer steps (0: the instruct stage's `num_steps`) on the train split's scenes in a seeded random
+order. Every `eval_every` steps the first `config.eval.num_scenes` scenes of `config.eval.split` are asked one question
+per prompt, as `launch.evaluate` asks them (the scene text where the image would be), answered greedily up to
+`config.eval.max_new_tokens` tokens and scored as eval.json scores them (`eval.shapes`: exact match, grounding by IoU >
+0.5), next to the train split's majority answers. The JSON line holds every evaluation (`curve`) and, from the last one,
+each type's first question's answer and prediction (`samples`).
 """
 
 from __future__ import annotations

@@ -70,9 +70,9 @@ def plan_stages(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> list[St
 def check_initialisation(config: ml_collections.ConfigDict, cfg: AstreaConfig, plans: Sequence[StagePlan],
                          abstract: Any) -> None:
   """A part that starts from random weights and is frozen in a stage before any stage trains it is a ConfigError
-  naming where its weights should come from: the LLM (`init_checkpoint`, or stage 0 'llm_text'), each expert (`model.expert_checkpoints.
-  <slot>`, stage 0 'experts' of the tiny default, or an `init_checkpoint` holding the whole model).
-  `allow_random_init=True` allows it."""
+  naming where its weights should come from: the LLM (`init_checkpoint`, or stage 0 'llm_text'), each expert
+  (`model.expert_checkpoints.<slot>`, stage 0 'experts' of the tiny default, or an `init_checkpoint` holding the whole
+  model). `allow_random_init=True` allows it."""
   if config.allow_random_init:
     return
   run = config_lib.run_stages(config)
