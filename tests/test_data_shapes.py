@@ -4,6 +4,8 @@ targets, the TFDS (ArrayRecord) build, and its LLaVA JSON export giving the same
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -151,6 +153,24 @@ def test_tfds_build_holds_the_generated_scenes(built):
     assert [p.answer for p in ann.vqa] == expected['vqa']['answer']
   other = shapes_tfds.data_source(dataset_dir, 'validation')[0]
   assert not np.array_equal(other['image'], source[0]['image'])  # disjoint seed streams
+
+
+def test_two_processes_preparing_one_set_at_once_both_find_it(tmp_path):
+  """Two jobs (or test workers) preparing the same set on one filesystem: one builds it while the other waits on its
+  lock (`files.exclusive`), then both return the same complete folder."""
+  shapes_config = dict(config_lib.base_config().data.shapes, image_size=SIZE, data_dir=str(tmp_path), **SPLIT_SIZES)
+  code = ('import sys, json; from astrea_jax.data import shapes_tfds; '
+          'print(shapes_tfds.prepare(json.loads(sys.argv[1])))')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+  procs = [subprocess.Popen([sys.executable, '-c', code, json.dumps(shapes_config)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+  results = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+  folders = {out.strip().splitlines()[-1] for out, _ in results}
+  assert len(folders) == 1
+  (folder,) = folders
+  assert len(shapes_tfds.data_source(folder, 'train')) == SPLIT_SIZES['num_train']
+  assert not [name for name in os.listdir(os.path.dirname(folder)) if 'incomplete' in name or '.tmp-' in name]
 
 
 def test_export_is_llava_json_with_png_images(built):

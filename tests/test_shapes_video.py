@@ -109,7 +109,7 @@ def test_a_killed_run_leaves_nothing_under_the_final_name_and_is_ignored_later(t
   monkeypatch.setattr(video, 'write_video', fail_on_the_fifth_clip)
   with pytest.raises(KeyboardInterrupt):
     shapes_video.prepare(CFG, str(tmp_path))
-  assert sorted(os.listdir(tmp_path)) == [leftover.name]
+  assert sorted(os.listdir(tmp_path)) == [f'.{folder.name}.lock', leftover.name]  # the lock stays, empty
   monkeypatch.undo()
 
   assert shapes_video.prepare(CFG, str(tmp_path)) == str(folder)

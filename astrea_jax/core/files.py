@@ -1,9 +1,11 @@
 """Writing files and folders so that nothing half-written is ever left under the final name: everything is written
-under a temporary sibling name first, then renamed into place (a rename within one filesystem is atomic)."""
+under a temporary sibling name first, then renamed into place (a rename within one filesystem is atomic). Processes
+that may build the same thing at once (two jobs, or test workers, preparing one dataset) take `exclusive` around it."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import uuid
@@ -55,3 +57,18 @@ def write_atomic(path: str, data: bytes) -> None:
   """Writes `data` to `path` through a temporary sibling file."""
   with atomic_file(path) as tmp, open(tmp, 'wb') as f:
     f.write(data)
+
+
+@contextlib.contextmanager
+def exclusive(path: str) -> Iterator[None]:
+  """Holds an exclusive lock on the file '.<name>.lock' next to `path` (created if absent, never removed) while the
+  block runs: a second process taking it waits, then finds what the first one built (flock: the lock goes with the
+  process, also when it dies)."""
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.lock'), 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

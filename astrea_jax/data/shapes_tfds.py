@@ -117,8 +117,9 @@ def prepare(shapes_config: Mapping[str, Any]) -> str:
   """Generates the dataset described by `config.data.shapes` unless already there; returns its folder."""
   data_dir = shapes_config['data_dir'] or None
   builder = AstreaShapes(config=builder_config(shapes_config), data_dir=data_dir)
-  builder.download_and_prepare(file_format='array_record',
-                               download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  with files.exclusive(os.fspath(builder.data_path)):  # another process preparing it: wait, then find it
+    builder.download_and_prepare(file_format='array_record',
+                                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return os.fspath(builder.data_path)
 
 

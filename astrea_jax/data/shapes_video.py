@@ -274,8 +274,13 @@ def prepare_shared(video_config: Mapping[str, Any]) -> str:
 def prepare(cfg: ShapesVideoConfig, root: str) -> str:
   """Generates the set described by `cfg` under `root` unless already there; returns its folder."""
   folder = os.path.join(os.path.abspath(root), dataset_name(cfg))
-  if os.path.isdir(folder):
-    return folder
+  with files.exclusive(folder):  # another process preparing it: wait, then find it
+    if not os.path.isdir(folder):
+      _write(cfg, folder)
+  return folder
+
+
+def _write(cfg: ShapesVideoConfig, folder: str) -> None:
   with files.atomic_directory(folder) as tmp:
     records = {}
     for split in SPLITS:
@@ -289,4 +294,3 @@ def prepare(cfg: ShapesVideoConfig, root: str) -> str:
         json.dump(records[split], f, indent=1)
     with open(os.path.join(tmp, 'meta.json'), 'w') as f:
       json.dump(_meta(cfg, records), f, indent=1)
-  return folder
