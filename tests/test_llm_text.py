@@ -17,7 +17,10 @@ import pytest
 from astrea_jax import config as config_lib
 from astrea_jax.astrea import model as astrea_model
 from astrea_jax.data import pipeline, scene_text, shapes, shapes_text, templates
+from astrea_jax.data import tokenizer as tokenizer_lib
+from astrea_jax.models import llama
 from astrea_jax.train import llm_text
+from astrea_jax.train import step as step_lib
 from astrea_jax.train.experts import store
 from configs import tiny
 
@@ -81,7 +84,6 @@ def test_the_loss_falls_and_every_weight_moved(trained):
   assert metrics['conversations'] == ['instruct', 'align_caption']
   assert metrics['loss_last'] < 0.7 * metrics['loss_first'], metrics
   cfg = config_lib.llm_config(config)
-  from astrea_jax.models import llama
   fresh = nn.unbox(llama.Llama(cfg).init(jax.random.key(config.train.seed), jnp.zeros((1, 8), jnp.int32))['params'])
   for path, (a, b) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                           zip(jax.tree.leaves(params), jax.tree.leaves(fresh))):
@@ -121,6 +123,43 @@ def test_a_save_for_another_llm_or_a_foreign_folder_is_an_error(trained, tmp_pat
   elsewhere = small_config(tmp_path, checkpoint=str(foreign))
   with pytest.raises(FileExistsError, match='holds no complete llm_text save'):
     llm_text.pretrain_llm(elsewhere, str(tmp_path / 'run'), llm_shapes(elsewhere))
+
+
+def test_packed_rows_hold_every_conversation_once_and_score_as_the_padded_rows(tmp_path):
+  """llm_pretrain.packing: the same conversations in fewer rows, and the packed loss (segment_ids) is the padded
+  rows' loss, so packing changes how many rows a step holds, not what the LLM learns from one conversation."""
+  padded_config, packed_config = small_config(tmp_path), small_config(tmp_path, packing=True)
+  padded, packed = llm_text.text_rows(padded_config), llm_text.text_rows(packed_config)
+  seq_len = padded_config.data.seq_len
+  assert set(packed) == {'inputs', 'targets', 'loss_mask', 'segment_ids'}
+  assert all(v.shape == packed['inputs'].shape for v in packed.values()) and packed['inputs'].shape[1] == seq_len
+  assert len(packed['inputs']) < len(padded['inputs'])
+  pad_id = pipeline.load_tokenizer(tokenizer_lib.resolve(padded_config)).pad_id
+  lengths = (padded['inputs'] != pad_id).sum(axis=1)  # each conversation's tokens (a long one is cut at seq_len)
+
+  def conversations(rows, segments):
+    found = []
+    for r, seg in enumerate(segments):
+      for s in range(1, seg.max() + 1):
+        keep = seg == s
+        found.append(tuple(tuple(rows[k][r][keep]) for k in ('inputs', 'targets', 'loss_mask')))
+    return sorted(found)
+
+  lone = (np.arange(seq_len)[None] < lengths[:, None]).astype(np.int32)  # one conversation per padded row
+  assert conversations(packed, packed['segment_ids']) == conversations(padded, lone)
+
+  cfg = config_lib.llm_config(packed_config)
+  model = llama.Llama(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  loss = step_lib.lm_loss_fn(model)
+
+  def nll_sum(rows):
+    share, (metrics, _) = loss(params, {}, rows, None, None, None, 1.0)
+    return float(share), float(metrics['tokens'])
+
+  (packed_nll, packed_tokens), (padded_nll, padded_tokens) = nll_sum(packed), nll_sum(padded)
+  assert packed_tokens == padded_tokens == padded['loss_mask'].sum()
+  np.testing.assert_allclose(packed_nll, padded_nll, rtol=1e-5)
 
 
 @pytest.mark.parametrize('change,message', [

@@ -151,6 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The stages whose conversations it reads, each scene's image given as text: the label lines of the first three
   # alignment stages (the segmentation stage's polygons do not fit data.seq_len next to the scene) and the VQA.
   c.llm_pretrain.conversations = ('align_caption', 'align_classification', 'align_detection', 'instruct')
+  c.llm_pretrain.packing = False     # first-fit pack several conversations per row (segment_ids) instead of padding
   c.llm_pretrain.checkpoint = ''      # folder with the trained LLM (Orbax + metrics.json); '' = <workdir>/llm_text
 
   # --- evaluation: at the end of the run on the synthetic set (astrea_jax.eval.evaluate: DIR/eval.json and

@@ -29,16 +29,24 @@ def text_turns(turns: Sequence[Turn], annotations: Annotations) -> tuple[Turn, .
   return tuple((role, text.replace(IMAGE_PLACEHOLDER, scene_text(annotations))) for role, text in turns)
 
 
-def text_row(stage: str, annotations: Annotations, tok: pipeline.TokenizerInfo, template: templates.ChatTemplate,
-             align_order: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
-  """One scene's conversation of `stage` (`stage_targets.stage_conversation`) as text, as a next-token row of
-  seq_len: inputs, targets (pad_id after the conversation), loss_mask (the answers' tokens, Eq. 1), each [seq_len];
-  a longer conversation is cut."""
+def text_tokens(stage: str, annotations: Annotations, tok: pipeline.TokenizerInfo, template: templates.ChatTemplate,
+                align_order: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
+  """One scene's conversation of `stage` (`stage_targets.stage_conversation`) as text, as next-token fields without
+  padding: inputs, targets, loss_mask (the answers' tokens, Eq. 1), each [n <= seq_len]; a longer conversation is
+  cut."""
   turns = text_turns(stage_targets.stage_conversation(stage, annotations, align_order), annotations)
   tokens = templates.tokenize_conversation(tok.backend, template, turns, visual_tokens=0,
                                            image_token_id=tok.image_token_id, bos_id=tok.bos_id)
   fields = sequence.next_token_fields(sequence.truncate(tokens, seq_len)[0])
+  return {'inputs': fields['inputs'], 'targets': fields['targets'],
+          'loss_mask': np.asarray(fields['loss_mask'], np.float32)}
+
+
+def text_row(stage: str, annotations: Annotations, tok: pipeline.TokenizerInfo, template: templates.ChatTemplate,
+             align_order: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
+  """`text_tokens` padded to seq_len: inputs, targets (pad_id after the conversation), loss_mask, each [seq_len]."""
+  fields = text_tokens(stage, annotations, tok, template, align_order, seq_len)
   pad = seq_len - len(fields['inputs'])
   return {'inputs': np.pad(fields['inputs'], (0, pad), constant_values=tok.pad_id),
           'targets': np.pad(fields['targets'], (0, pad), constant_values=tok.pad_id),
-          'loss_mask': np.pad(fields['loss_mask'], (0, pad)).astype(np.float32)}
+          'loss_mask': np.pad(fields['loss_mask'], (0, pad))}

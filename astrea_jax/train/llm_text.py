@@ -12,6 +12,8 @@ only, for `llm_pretrain.num_steps` steps of `train.global_batch_size` rows of `d
   (`data.scene_text`: 'scene: red circle [31,46,187,218]; ...');
 - the loss is next-token on the answers (Eq. 1), with AdamW, warm-up and cosine to `llm_pretrain.learning_rate`
   (config.optimizer's settings);
+- with `llm_pretrain.packing`, several conversations share a row (first-fit, `segment_ids`: each attends only to
+  itself, with its own positions), so a step holds about 1.5x the conversations of padded rows;
 - the row order is drawn from `train.seed`, which also seeds the LLM's initial weights.
 No image is seen, and no stage after it changes: the alignment stages still freeze this LLM, and instruction tuning
 and the main stage train it as before.
@@ -30,6 +32,7 @@ import time
 from typing import Any
 
 import flax.linen as nn
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -48,6 +51,7 @@ from astrea_jax.train.experts import store
 
 LOG_EVERY = 100   # steps between loss log lines
 LOSS_WINDOW = 10  # steps averaged for metrics.json's loss_first / loss_last
+PACKING_BINS = 64  # rows first-fit packing fills at a time (llm_pretrain.packing)
 
 
 def llm_text_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -56,17 +60,36 @@ def llm_text_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def text_rows(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """Every training scene's conversation of each stage of llm_pretrain.conversations as text: inputs, targets,
-  loss_mask, each [scenes x conversations, data.seq_len] (scene-major)."""
+  """Every training scene's conversation of each stage of llm_pretrain.conversations as text, as [R, data.seq_len]
+  rows: inputs, targets, loss_mask; one conversation per row (R = scenes x conversations, scene-major), or with
+  llm_pretrain.packing several per row (`pack_rows`) and segment_ids too."""
   dataset_dir = shapes_tfds.prepare_shared(config.data.shapes)
   tok = pipeline.load_tokenizer(tokenizer_lib.resolve(config))
   template = templates.get_template(config.data.template)
   source = shapes_tfds.data_source(dataset_dir, 'train', with_segmentation=False)
+  make = scene_text.text_tokens if config.llm_pretrain.packing else scene_text.text_row
   rows = []
   for i in range(len(source)):
     annotations = shapes_tfds.annotations_from_record(source[i])
-    rows += [scene_text.text_row(stage, annotations, tok, template, config.data.align_order, config.data.seq_len)
+    rows += [make(stage, annotations, tok, template, config.data.align_order, config.data.seq_len)
              for stage in config.llm_pretrain.conversations]
+  if config.llm_pretrain.packing:
+    return pack_rows(rows, config.data.seq_len, tok.pad_id, config.train.seed)
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def pack_rows(conversations: list[dict[str, np.ndarray]], seq_len: int, pad_id: int,
+              seed: int) -> dict[str, np.ndarray]:
+  """Unpadded conversations (inputs, targets, loss_mask [n <= seq_len]), in an order drawn from `seed`, first-fit
+  packed (grain's packing, as data.packing packs the image stages' rows) into rows of seq_len -> inputs, targets,
+  loss_mask, segment_ids (1, 2, ... per conversation, 0 on padding), each [rows, seq_len]."""
+  order = np.random.default_rng(seed).permutation(len(conversations))
+  ds = grain.MapDataset.source([conversations[i] for i in order]).to_iter_dataset()
+  packed = grain.experimental.FirstFitPackIterDataset(
+      ds, length_struct=dict.fromkeys(('inputs', 'targets', 'loss_mask'), seq_len), num_packing_bins=PACKING_BINS,
+      shuffle_bins=False, padding_struct={'inputs': pad_id, 'targets': pad_id, 'loss_mask': None})
+  rows = [{'inputs': r['inputs'], 'targets': r['targets'], 'loss_mask': r['loss_mask'].astype(np.float32),
+           'segment_ids': r['inputs_segment_ids'].astype(np.int32)} for r in packed]
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
@@ -111,7 +134,7 @@ def pretrain_llm(config: ml_collections.ConfigDict, workdir: str, expected: Any)
   window = min(LOSS_WINDOW, len(losses))
   metrics = dict(loss_first=float(losses[:window].mean()), loss_last=float(losses[-window:].mean()),
                  num_steps=int(config.llm_pretrain.num_steps), num_rows=int(len(rows['inputs'])),
-                 conversations=list(config.llm_pretrain.conversations),
+                 conversations=list(config.llm_pretrain.conversations), packing=bool(config.llm_pretrain.packing),
                  seconds=round(time.perf_counter() - start, 2))
   store.save_params(directory, params, metrics)
   logging.info('llm_text: %s; saved to %s', metrics, directory)

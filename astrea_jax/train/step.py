@@ -64,10 +64,12 @@ def init_state(params: Any, tx: optax.GradientTransformation, labels: Any, rng: 
 
 
 def lm_loss_fn(model: llama.Llama) -> Callable:
-  """The LLM-only loss (Eq. 1 on token rows {'inputs', 'targets', 'loss_mask'}) in the step's loss signature."""
+  """The LLM-only loss (Eq. 1 on token rows {'inputs', 'targets', 'loss_mask'}, and 'segment_ids' [B, L] for packed
+  rows: 1, 2, ... per example, 0 on padding) in the step's loss signature."""
   def loss(trained, frozen, batch, rng, momentum, queues, num_tokens):
     del rng, momentum, queues
-    logits, _ = model.apply({'params': stages.merge(trained, frozen)}, batch['inputs'])
+    logits, _ = model.apply({'params': stages.merge(trained, frozen)}, batch['inputs'],
+                            segment_ids=batch.get('segment_ids'))
     nll, tokens = losses.next_token_nll_sum(logits, batch['targets'], batch['loss_mask'])
     share = nll / jnp.maximum(num_tokens, 1.0)
     return share, ({'reg_loss': share, 'loss': share, 'tokens': tokens}, None)
