@@ -173,6 +173,17 @@ def test_two_processes_preparing_one_set_at_once_both_find_it(tmp_path):
   assert not [name for name in os.listdir(os.path.dirname(folder)) if 'incomplete' in name or '.tmp-' in name]
 
 
+def test_a_prepared_set_is_found_without_a_lock(built, monkeypatch):
+  """A complete build is returned before any lock file is made, so a prepared set on a read-only filesystem works."""
+  c, dataset_dir, _, _ = built
+
+  def no_lock(path):
+    raise AssertionError(f'files.exclusive({path}) called for a prepared set')
+
+  monkeypatch.setattr(shapes_tfds.files, 'exclusive', no_lock)
+  assert shapes_tfds.prepare(c.data.shapes) == dataset_dir
+
+
 def test_export_is_llava_json_with_png_images(built):
   _, dataset_dir, export, _ = built
   with open(os.path.join(export, 'train', 'align_caption.json')) as f:

@@ -117,10 +117,13 @@ def prepare(shapes_config: Mapping[str, Any]) -> str:
   """Generates the dataset described by `config.data.shapes` unless already there; returns its folder."""
   data_dir = shapes_config['data_dir'] or None
   builder = AstreaShapes(config=builder_config(shapes_config), data_dir=data_dir)
-  with files.exclusive(os.fspath(builder.data_path)):  # another process preparing it: wait, then find it
+  folder = os.fspath(builder.data_path)
+  if os.path.isdir(folder):  # complete (TFDS renames it into place); no lock, so a read-only copy works
+    return folder
+  with files.exclusive(folder):  # another process preparing it: wait, then find it
     builder.download_and_prepare(file_format='array_record',
                                  download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  return os.fspath(builder.data_path)
+  return folder
 
 
 def prepare_shared(shapes_config: Mapping[str, Any]) -> str:

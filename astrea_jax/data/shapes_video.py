@@ -274,6 +274,8 @@ def prepare_shared(video_config: Mapping[str, Any]) -> str:
 def prepare(cfg: ShapesVideoConfig, root: str) -> str:
   """Generates the set described by `cfg` under `root` unless already there; returns its folder."""
   folder = os.path.join(os.path.abspath(root), dataset_name(cfg))
+  if os.path.isdir(folder):  # complete (written under a temporary name, then renamed); no lock: may be read-only
+    return folder
   with files.exclusive(folder):  # another process preparing it: wait, then find it
     if not os.path.isdir(folder):
       _write(cfg, folder)

@@ -68,7 +68,7 @@ def synthetic_tokenizer(shapes_config, vocab_size: int, video_config=None) -> st
   dataset_dir = shapes_tfds.prepare_shared(shapes_config)
   video_dir = shapes_video.prepare_shared(video_config) if video_config is not None else None
   out = os.path.join(video_dir or dataset_dir, f'tokenizer_{vocab_size}')
-  if multihost.is_primary():
+  if multihost.is_primary() and not os.path.isfile(os.path.join(out, 'tokenizer.json')):
     with files.exclusive(out):  # another process building it: wait, then find it
       if not os.path.isfile(os.path.join(out, 'tokenizer.json')):
         corpus = shapes_corpus(dataset_dir) + (video_corpus(video_dir) if video_dir else [])
