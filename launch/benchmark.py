@@ -7,7 +7,8 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
   python -m launch.benchmark data [--config=configs/tiny.py --stage=instruct --workers=0,2 --batches=400 --steps=5]
   python -m launch.benchmark flops [--config=configs/astrea_13b.py --step_seconds=S --devices=N --peak_tflops=P]
   python -m launch.benchmark convert [--hidden=2048 --intermediate=5632 --layers=22 --dtype=bfloat16]
-  python -m launch.benchmark mfu [--config=configs/astrea_13b.py --batch=4 --seq_len=2048 --peak_tflops=P]
+  python -m launch.benchmark mfu [--config=configs/astrea_13b.py --batch=4 --seq_len=2048 --peak_tflops=P
+                                 --stage=main --mfu_layers=N]
   python -m launch.benchmark deformable [--steps=5 --image_size=800 --queries=900]
   python -m launch.benchmark profile --what=train|generate [--model=100m --steps=2 --scan_unroll=1 ...]
   python -m launch.benchmark profile --what=trace --trace_dir=DIR --hlo=FILE --steps=N
@@ -29,9 +30,10 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
 - flops (`bench.flops`, which has the convention and assumptions): model FLOPs per token and per step of the LLM and
   of each stage's trainable set; with --step_seconds, the MFU of a step measured elsewhere on --devices devices.
 - convert (`bench.conversion`, as `launch.convert_memory`): peak host memory of converting a synthetic Llama.
-- mfu (`bench.mfu`): on an accelerator, the largest LLM of the config's shapes whose compiled step fits the device is
-  trained for --steps steps on random tokens; MFU against --peak_tflops (default: the bf16 dense peak of a known GPU,
-  or the measured CPU peak).
+- mfu (`bench.mfu`): on an accelerator, the largest LLM of the config's shapes (layers up to --mfu_layers) whose
+  compiled step fits the device is trained for --steps steps on random tokens; with --stage, that stage's Astrea step
+  (the config's experts, projectors and stage modules around it) on synthetic rows. MFU against --peak_tflops
+  (default: the bf16 dense peak of a known GPU, or the measured CPU peak).
 - deformable (`bench.deformable_attention`): our multi-scale deformable attention against transformers' PyTorch one,
   forward and forward + backward, at Grounding DINO's sizes: 4 levels of an --image_size square, --queries queries
   (900: the decoder's cross-attention; 0: one per image token, the encoder's self-attention); --steps timed calls.
@@ -81,6 +83,8 @@ _STEP_SECONDS = flags.DEFINE_float('step_seconds', 0.0, 'flops: a measured step 
                                    'global_batch_size, for MFU; 0 = none.')
 _DEVICES = flags.DEFINE_integer('devices', 1, 'flops: devices that ran --step_seconds.')
 _DEVICE_MEMORY_GIB = flags.DEFINE_float('device_memory_gib', 0.0, 'mfu: device memory; 0 = what the device reports.')
+_MFU_LAYERS = flags.DEFINE_integer('mfu_layers', 0, 'mfu: the most LLM layers to try (0: the config\'s); the largest '
+                                   'count up to it that fits is trained.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 800, 'deformable: side of the square image (levels at strides 8, 16, '
                                    '32, 64).')
 _QUERIES = flags.DEFINE_integer('queries', 900, "deformable: queries; 900 = Grounding DINO's decoder, 0 = one per "
@@ -107,8 +111,9 @@ def run_timed(command: str, info: dict) -> None:
   elif command == 'data':
     data.run(_CONFIG.value, _STEPS.value, info, **_PIPELINE())
   elif command == 'mfu':
+    stage = _PIPELINE()['stage'] if flags.FLAGS['stage'].present else ''  # without --stage: the LLM alone
     mfu.run(_CONFIG.value, _BATCH.value, _SEQ_LEN.value, _STEPS.value, _PEAK_TFLOPS.value, _DEVICE_MEMORY_GIB.value,
-            info)
+            info, stage=stage, max_layers=_MFU_LAYERS.value)
   elif command == 'compare':
     compare.run(_MODEL.value, _BATCH.value, _SEQ_LEN.value or 256, _STEPS.value, _A.value, _B.value, info)
   elif command == 'profile':

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -15,6 +16,8 @@ from astrea_jax import config as config_lib
 from astrea_jax.bench import BenchmarkError
 from astrea_jax.bench import compare as bench_compare
 from astrea_jax.bench import flops as bench_flops
+from astrea_jax.bench import memory as bench_memory
+from astrea_jax.bench import mfu as bench_mfu
 from astrea_jax.bench import profile as bench_profile
 from astrea_jax.bench import text_vqa as bench_text_vqa
 from astrea_jax.data import pipeline, scene_text, shapes, shapes_text, templates
@@ -35,6 +38,9 @@ RUNS = {
     # 0.005 GiB holds a few 64-wide layers at 2 x 32 tokens, fewer than 6: the search has to stop early.
     'mfu': ['--device_memory_gib=0.005', '--steps=1', '--batch=2', '--seq_len=32', '--peak_tflops=1',
             '--config.llm.num_layers=6'],
+    # the Astrea main-stage step (tiny experts, MoCo) at up to 2 layers of the tiny LLM
+    'mfu --stage=main': ['--stage=main', '--mfu_layers=2', '--device_memory_gib=1', '--steps=1', '--batch=2',
+                         '--peak_tflops=1'],
     'deformable': ['--steps=1'],
     'profile': ['--what=train', '--model=tiny', '--steps=1', '--batch=2', '--seq_len=32'],
     'compare': ['--model=tiny', '--steps=1', '--batch=2', '--seq_len=32', '--a=scan_unroll=1', '--b=scan_unroll=2'],
@@ -47,7 +53,8 @@ RUNS = {
 def results():
   """{subcommand: the JSON object of its last line}; the runs go in parallel."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
-  procs = {name: subprocess.Popen([sys.executable, '-m', 'launch.benchmark', name, *args], cwd=REPO_ROOT, env=env,
+  procs = {name: subprocess.Popen([sys.executable, '-m', 'launch.benchmark', name.split()[0], *args], cwd=REPO_ROOT,
+                                  env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for name, args in RUNS.items()}
   out = {}
@@ -141,6 +148,52 @@ def test_residual_instruct_flops_hand_count():
       'residual attention segmentation': 6 * 4 * 64 * 64 * 16 + 12 * 16 * 16 * 64}
 
 
+def test_largest_fitting_finds_the_boundary_in_few_compilations():
+  calls = []
+
+  def needed(n):  # a step of n layers: 3 GiB of fixed cost, 2 GiB per layer, a little curvature
+    calls.append(n)
+    return 3 + 2 * n + 0.01 * n * n
+
+  assert bench_mfu.largest_fitting(40, needed, budget=60) == 25  # 3 + 50 + 6.25 <= 60 < 3 + 52 + 6.76
+  assert len(set(calls)) <= 5  # 40, 1, the line's guess and its neighbours; a bisection of 1..40 compiles 6
+  calls.clear()
+  assert bench_mfu.largest_fitting(40, needed, budget=1000) == 40 and calls == [40]
+  assert bench_mfu.largest_fitting(40, needed, budget=4) == 0
+  assert bench_mfu.largest_fitting(1, needed, budget=6) == 1
+  assert bench_mfu.largest_fitting(3, needed, budget=9.05) == 2
+
+
+def test_stage_batches_fill_every_field_of_the_main_stage_step():
+  config = base()
+  cfg = config_lib.model_config(config)
+  mesh = bench_mfu.llm_step.one_device_mesh()
+  abstract = bench_memory.abstract_batch(config, cfg, 'main', mesh, config.logical_axis_rules)
+  t, b, length = cfg.num_visual_tokens, config.train.global_batch_size, config.data.seq_len
+  (x,) = bench_mfu.stage_batches(abstract, t, cfg.llm.vocab_size, num=1)
+  shapes_of = lambda tree: jax.tree.map(lambda a: (a.shape, np.dtype(a.dtype)), tree)
+  assert shapes_of(x) == shapes_of(abstract)
+  assert (x['image_mask'].sum(1) == t).all() and (x['image_mask'][:, :t] == 1).all()
+  assert (x['instruction_mask'].sum(1) == 32).all() and (x['loss_mask'].sum(1) == length - t - 32).all()
+  assert not (x['loss_mask'] & (x['image_mask'] | x['instruction_mask'])).any()
+  assert (x['image_ids'][:, 0] == np.arange(b)).all() and (x['image_tokens'][:, 0] == t).all()
+  assert 0 <= x['inputs'].min() and x['inputs'].max() < cfg.llm.vocab_size and (x['caption_mask'] == 1).all()
+  with pytest.raises(BenchmarkError, match='seq_len=40 leaves no answer tokens'):
+    bench_mfu.stage_batches(dict(abstract, inputs=jax.ShapeDtypeStruct((b, 40), np.int32)), t, 320, num=1)
+
+
+def test_mfu_times_the_main_stage_step(capsys):
+  config = config_lib.lock(config_lib.base_config())
+  bench_mfu.run(config, batch=2, seq_len=None, steps=1, peak_tflops=1.0, device_memory_gib=1.0, info={},
+                stage='main')
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  per_example = sum(bench_flops.stage_flops_per_example(bench_mfu.stage_config(config, 2, 2, 256), 'main').values())
+  assert out['step'] == 'main' and out['layers'] == config.llm.num_layers == 2 and out['batch'] == 2
+  assert out['flops_per_step'] == 2 * per_example and np.isfinite(out['final_loss']) and out['mfu'] > 0
+  with pytest.raises(BenchmarkError, match='--mfu_layers=3: expected 0'):
+    bench_mfu.run(config, 2, None, 1, 1.0, 1.0, {}, stage='main', max_layers=3)
+
+
 def test_mfu():
   assert bench_flops.mfu(3e12, 2.0, 1e12) == 1.5
   with pytest.raises(ValueError, match='expected both > 0'):
@@ -168,6 +221,8 @@ def test_data_flops_convert_mfu_cli(results):
   assert results['convert']['peak_rss_bytes'] > 0
   mfu = results['mfu']
   assert 1 <= mfu['layers'] < 6 and mfu['step_bytes'] <= 0.9 * 0.005 * 2**30 and mfu['mfu'] > 0
+  main = results['mfu --stage=main']
+  assert main['step'] == 'main' and main['layers'] == 2 and np.isfinite(main['final_loss']) and main['mfu'] > 0
 
 
 @pytest.mark.slow

@@ -68,10 +68,10 @@ def llm_step(cfg: llama.LlamaConfig, mesh: jax.sharding.Mesh, num_steps: int, se
   return LlmStep(built, boxed, stage_step.jit(built, mesh, RULES, batch))
 
 
-def jax_steps(step: Callable, state: step_lib.TrainState, batches: Sequence[dict[str, np.ndarray]],
-              mesh: jax.sharding.Mesh) -> Callable[[int], float]:
+def jax_steps(step: Callable, state: step_lib.TrainState, batches: Sequence[dict[str, Any]], mesh: jax.sharding.Mesh,
+              rules=RULES) -> Callable[[int], float]:
   """`call(i)`: one (donating) step on batch i, placed on the mesh beforehand -> its loss, synced."""
-  placed = [jax.device_put(b, step_lib.batch_shardings(b, mesh, RULES)) for b in batches]
+  placed = [jax.device_put(b, step_lib.batch_shardings(b, mesh, rules)) for b in batches]
 
   def call(i):
     nonlocal state

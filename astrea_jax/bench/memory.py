@@ -10,6 +10,7 @@ device) and `cost_analysis()` are read.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -24,7 +25,7 @@ from astrea_jax.core import stages as stage_table
 from astrea_jax.data import images as images_lib
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
-from astrea_jax.train import runner, stage_step, stages
+from astrea_jax.train import stage_step, stages
 from astrea_jax.train import step as step_lib
 
 GIB = 2**30
@@ -50,9 +51,21 @@ def abstract_batch(config: ml_collections.ConfigDict, cfg: AstreaConfig, stage: 
   return sharding.with_shardings(batch, step_lib.batch_shardings(batch, mesh, rules))
 
 
-def compile_step(config: ml_collections.ConfigDict, stage: str, devices: int, accum_steps: int):
-  """(compiled step, {params, state_bytes, frozen_param_bytes, batch_bytes}, seconds to lower and compile): the
-  stage's step as the runner builds it (`train.stage_step`), lowered with abstract sharded state and batch."""
+@dataclasses.dataclass(frozen=True)
+class CompiledStage:
+  """A stage's step as the runner builds it (`train.stage_step`), lowered with abstract sharded state and batch and
+  compiled: its mesh, `built` (what makes and shards its state), the abstract `batch` it was compiled for, and
+  `sizes` {params, state_bytes, frozen_param_bytes, batch_bytes} (whole, unsharded)."""
+  mesh: jax.sharding.Mesh
+  built: stage_step.StageStep
+  batch: dict[str, Any]
+  compiled: Any
+  sizes: dict[str, int]
+  compile_seconds: float
+
+
+def compile_stage(config: ml_collections.ConfigDict, stage: str, devices: int, accum_steps: int) -> CompiledStage:
+  """The stage's step for the first `devices` devices, compiled ahead of time (nothing is allocated)."""
   config_lib.validate(config)
   config = config.copy_and_resolve_references()
   config.train.grad_accum_steps = accum_steps
@@ -61,7 +74,7 @@ def compile_step(config: ml_collections.ConfigDict, stage: str, devices: int, ac
   mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:devices])
   rules = config.logical_axis_rules
   plan = stage_step.stage_plan(config, cfg, stage)
-  params_abstract = runner.abstract_params(config, cfg)
+  params_abstract = stage_step.abstract_params(config, cfg)
   stages.check_trains_something(stage, params_abstract, plan.trainable)
   built = stage_step.build(config, cfg, plan, 0, mesh, rules)
   batch = abstract_batch(config, cfg, stage, mesh, rules)
@@ -72,14 +85,15 @@ def compile_step(config: ml_collections.ConfigDict, stage: str, devices: int, ac
   sizes = {'params': sum(x.size for x in jax.tree.leaves(params_abstract)), 'batch_bytes': nbytes(batch),
            'state_bytes': nbytes(built.abstract_state),
            'frozen_param_bytes': nbytes(stages.split(params_abstract, built.labels)[1])}
-  return compiled, sizes, time.perf_counter() - start
+  return CompiledStage(mesh, built, batch, compiled, sizes, time.perf_counter() - start)
 
 
 def report(config: ml_collections.ConfigDict, stage: str, devices: int, accum_steps: int) -> dict[str, Any]:
   """{devices, stage, params, state_bytes, frozen_param_bytes and batch_bytes (whole, unsharded), mesh, global_batch,
   seq_len, remat_policy, argument_bytes, output_bytes, alias_bytes, temp_bytes, peak_bytes (per device), flops,
   compile_seconds} of the stage's step compiled for `devices` devices."""
-  compiled, sizes, seconds = compile_step(config, stage, devices, accum_steps)
+  c = compile_stage(config, stage, devices, accum_steps)
+  compiled, sizes, seconds = c.compiled, c.sizes, c.compile_seconds
   mem = stage_step.memory_stats(compiled)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

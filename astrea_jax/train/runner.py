@@ -111,7 +111,7 @@ def check_run(config: ml_collections.ConfigDict, num_devices: int) -> tuple[Astr
         f'the data axes data x fsdp = {shards}')
   cfg = config_lib.model_config(config)
   plans = plan_stages(config, cfg)
-  abstract = abstract_params(config, cfg)
+  abstract = stage_step.abstract_params(config, cfg)
   for plan in plans:
     try:
       stages.check_trains_something(plan.name, abstract, plan.trainable)
@@ -120,10 +120,6 @@ def check_run(config: ml_collections.ConfigDict, num_devices: int) -> tuple[Astr
   check_initialisation(config, cfg, plans, abstract)
   benchmarks_lib.check_benchmarks(config)
   return cfg, plans
-
-
-def abstract_params(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> Any:
-  return flax.linen.unbox(jax.eval_shape(stage_step.params_init_fn(config, cfg)))
 
 
 def stage_experts(cfg: AstreaConfig, stage: str, backend: str) -> tuple[str, ...]:

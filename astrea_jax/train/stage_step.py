@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax
 import jax
 import ml_collections
 import optax
@@ -47,6 +48,11 @@ def params_init_fn(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> Call
   """The boxed (logically named) initial parameters of the run's model, from train.seed."""
   sizes = {slot: e.image_size for slot, e in config.data.experts.items()}
   return lambda: init_params(cfg, jax.random.key(config.train.seed), sizes)
+
+
+def abstract_params(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> Any:
+  """ShapeDtypeStructs of the run's model parameters (unboxed), nothing allocated."""
+  return flax.linen.unbox(jax.eval_shape(params_init_fn(config, cfg)))
 
 
 def stage_rng(config: ml_collections.ConfigDict, index: int) -> Array:
