@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -180,6 +181,20 @@ def test_stage_batches_fill_every_field_of_the_main_stage_step():
   assert 0 <= x['inputs'].min() and x['inputs'].max() < cfg.llm.vocab_size and (x['caption_mask'] == 1).all()
   with pytest.raises(BenchmarkError, match='seq_len=40 leaves no answer tokens'):
     bench_mfu.stage_batches(dict(abstract, inputs=jax.ShapeDtypeStruct((b, 40), np.int32)), t, 320, num=1)
+
+
+def test_synthetic_params_fill_every_parameter_in_its_shape_dtype_and_sharding():
+  mesh = bench_mfu.llm_step.one_device_mesh()
+  abstract = {'a': jax.ShapeDtypeStruct((3, 5), np.float32), 'b': {'c': jax.ShapeDtypeStruct((3, 5), np.float32),
+                                                                     'd': jax.ShapeDtypeStruct((bench_mfu.POOL + 7,),
+                                                                                               jnp.bfloat16)}}
+  shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), abstract)
+  params = bench_mfu.synthetic_params(abstract, shardings, mesh)
+  assert jax.tree.map(lambda p: (p.shape, p.dtype, p.sharding), params) == jax.tree.map(
+      lambda a, s: (a.shape, a.dtype, s), abstract, shardings)
+  assert not np.array_equal(params['a'], params['b']['c'])  # each parameter starts at its own offset in the pool
+  d = np.asarray(params['b']['d'], np.float32)
+  assert np.isfinite(d).all() and abs(d.std() - 0.02) < 1e-3 and (d[bench_mfu.POOL:] == d[:7]).all()
 
 
 def test_mfu_times_the_main_stage_step(capsys):
