@@ -121,8 +121,8 @@ def stage_batches(abstract: dict[str, Any], visual_tokens: int, vocab_size: int,
   if 'anyres_index' in abstract:
     raise BenchmarkError('mfu --stage builds one tile per image; set --config.data.anyres.pinpoints=()')
   rng = np.random.RandomState(seed)
-  pos = np.arange(length)
-  slot0 = lambda first, rest, n: np.where(np.arange(n) == 0, first, rest)[None].repeat(b, 0).astype(np.int32)
+  pos, n = np.arange(length), abstract['image_ids'].shape[1]
+  slot0 = lambda first, rest: np.where(np.arange(n) == 0, first, rest)[None].repeat(b, 0).astype(np.int32)
   fixed = {
       'loss_mask': np.broadcast_to(pos >= prompt, (b, length)).astype(np.int32),
       'image_mask': np.broadcast_to(pos < visual_tokens, (b, length)).astype(np.int32),
@@ -131,11 +131,10 @@ def stage_batches(abstract: dict[str, Any], visual_tokens: int, vocab_size: int,
   }
   out = []
   for _ in range(num):
-    n = abstract['image_ids'].shape[1]
     x = {'inputs': rng.randint(0, vocab_size, (b, length)).astype(np.int32),
          'targets': rng.randint(0, vocab_size, (b, length)).astype(np.int32), **fixed,
          'image_ids': np.where(np.arange(n) == 0, np.arange(b)[:, None], -1).astype(np.int32),
-         'image_segment_ids': slot0(1, 0, n), 'image_tokens': slot0(visual_tokens, 0, n),
+         'image_segment_ids': slot0(1, 0), 'image_tokens': slot0(visual_tokens, 0),
          'images': {name: rng.uniform(0, 1, a.shape).astype(a.dtype) for name, a in abstract['images'].items()}}
     if 'captions' in abstract:
       x['captions'] = rng.randint(0, vocab_size, abstract['captions'].shape).astype(np.int32)
