@@ -22,14 +22,13 @@ import ml_collections
 import numpy as np
 
 from astrea_jax import config as config_lib
-from astrea_jax.bench import llm_step, timing
+from astrea_jax.bench import timing
 from astrea_jax.data import pipeline, scene_text, shapes_tfds, templates
 from astrea_jax.data import tokenizer as tokenizer_lib
 from astrea_jax.data.shapes_text import VQA_TYPES, Annotations
 from astrea_jax.eval import generate, prompting
 from astrea_jax.eval import shapes as shapes_eval
-from astrea_jax.parallel import sharding
-from astrea_jax.train import stage_step
+from astrea_jax.train import llm_text
 
 
 def eval_prompts(scenes: Sequence[Annotations], tok: pipeline.TokenizerInfo,
@@ -62,13 +61,8 @@ def run(config: ml_collections.ConfigDict, steps: int, eval_every: int, info: di
   baseline = shapes_eval.majority_baseline(majority, list(zip(types, answers)))
 
   cfg = config_lib.llm_config(config)
-  mesh = llm_step.one_device_mesh()
+  table = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   order = np.random.default_rng(config.train.seed).integers(0, len(rows), (steps, batch))
-  batch_of = lambda i: {k: np.stack([rows[j][k] for j in order[i]]) for k in rows[0]}
-  built, boxed = stage_step.build_lm(cfg, config.optimizer, steps, config.stages.instruct.learning_rate, mesh,
-                                     llm_step.RULES, seq_len, seed=config.train.seed)
-  step = stage_step.jit(built, mesh, llm_step.RULES, batch_of(0))
-  state, _ = sharding.init_sharded(lambda: built.init_state(boxed()), mesh, llm_step.RULES)
   end_marker = template.answer_suffix
   eos_id = templates.end_marker_id(tok.backend, template)
 
@@ -87,16 +81,18 @@ def run(config: ml_collections.ConfigDict, steps: int, eval_every: int, info: di
   print('majority  ' + ' '.join(f'{t} {v:.3f}' for t, v in baseline.items()) +
         f'  mean {shapes_eval.mean_over_types(baseline):.3f}')
   curve, samples, start = [], {}, time.perf_counter()
-  for i in range(steps):
-    state, metrics = step(state, batch_of(i))
-    if (i + 1) % eval_every == 0 or i + 1 == steps:
+
+  def evaluate_every(n, state, metrics):
+    if n % eval_every == 0 or n == steps:
       loss = float(metrics['loss'])
       accuracy = evaluate(state.params)
-      curve.append(dict(step=i + 1, loss=round(loss, 4), seconds=round(time.perf_counter() - start, 1),
+      curve.append(dict(step=n, loss=round(loss, 4), seconds=round(time.perf_counter() - start, 1),
                         accuracy={t: round(v, 4) for t, v in accuracy.items()},
                         mean=round(shapes_eval.mean_over_types(accuracy), 4)))
-      print(f'step {i + 1:6d} loss {loss:.3f} ' + ' '.join(f'{t} {v:.3f}' for t, v in accuracy.items()) +
+      print(f'step {n:6d} loss {loss:.3f} ' + ' '.join(f'{t} {v:.3f}' for t, v in accuracy.items()) +
             f'  mean {curve[-1]["mean"]:.3f}', flush=True)
+
+  llm_text.train_text_llm(config, cfg, table, order, config.stages.instruct.learning_rate, evaluate_every)
   result = dict(steps=steps, batch=batch, seq_len=seq_len, learning_rate=config.stages.instruct.learning_rate,
                 llm_layers=cfg.num_layers, llm_width=cfg.hidden_size, num_questions=len(prompts),
                 majority={t: round(v, 4) for t, v in baseline.items()},

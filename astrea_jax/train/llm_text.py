@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import grain
@@ -93,26 +93,43 @@ def pack_rows(conversations: list[dict[str, np.ndarray]], seq_len: int, pad_id: 
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def train_llm_text(config: ml_collections.ConfigDict, cfg: llama.LlamaConfig,
-                   rows: dict[str, np.ndarray]) -> tuple[Any, np.ndarray]:
-  """The LLM `cfg` from fresh weights (seed train.seed) trained on `rows` (module docstring) on this process's first
-  local device -> (its parameters, unboxed numpy; the losses [num_steps])."""
-  pretrain, seed, batch = config.llm_pretrain, config.train.seed, config.train.global_batch_size
+def train_text_llm(config: ml_collections.ConfigDict, cfg: llama.LlamaConfig, rows: dict[str, np.ndarray],
+                   order: np.ndarray, learning_rate: float,
+                   on_step: Callable[[int, Any, dict[str, Any]], None] | None = None) -> Any:
+  """The LLM `cfg` from fresh weights (seed train.seed) trained with config.optimizer's AdamW, warm-up and cosine to
+  `learning_rate` over len(order) steps, step i on the rows `order[i]` of `rows` (inputs, targets, loss_mask, and
+  segment_ids when packed), on this process's first local device; `on_step(n, state, metrics)` after each step n
+  (1-based). -> the final train state. The loop of this stage and of `bench.text_vqa`."""
   mesh = mesh_lib.create_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.local_devices()[:1])
   rules = config.logical_axis_rules
-  built, boxed = stage_step.build_lm(cfg, config.optimizer, pretrain.num_steps, pretrain.learning_rate, mesh, rules,
-                                     config.data.seq_len, seed=seed)
-  order = experts_loop.batch_order(len(rows['inputs']), batch, pretrain.num_steps, np.random.default_rng(seed))
+  built, boxed = stage_step.build_lm(cfg, config.optimizer, len(order), learning_rate, mesh, rules,
+                                     config.data.seq_len, seed=config.train.seed)
   batch_of = lambda i: {k: v[order[i]] for k, v in rows.items()}
   step = stage_step.jit(built, mesh, rules, batch_of(0))
   state, _ = sharding.init_sharded(lambda: built.init_state(boxed()), mesh, rules)
-  losses = []
-  for i in range(pretrain.num_steps):
+  for i in range(len(order)):
     state, metrics = step(state, batch_of(i))
+    if on_step is not None:
+      on_step(i + 1, state, metrics)
+  return state
+
+
+def train_llm_text(config: ml_collections.ConfigDict, cfg: llama.LlamaConfig,
+                   rows: dict[str, np.ndarray]) -> tuple[Any, np.ndarray]:
+  """The stage's training (module docstring; `train_text_llm` in an order drawn from train.seed) -> (the LLM's
+  parameters, unboxed numpy; the losses [num_steps])."""
+  pretrain, batch = config.llm_pretrain, config.train.global_batch_size
+  order = experts_loop.batch_order(len(rows['inputs']), batch, pretrain.num_steps,
+                                   np.random.default_rng(config.train.seed))
+  losses = []
+
+  def log(n, state, metrics):
     losses.append(metrics['loss'])
-    if (i + 1) % LOG_EVERY == 0 or i + 1 == pretrain.num_steps:
+    if n % LOG_EVERY == 0 or n == pretrain.num_steps:
       window = np.asarray(jax.device_get(losses[-LOG_EVERY:]))
-      logging.info('llm_text: step %d/%d loss %.4f', i + 1, pretrain.num_steps, window.mean())
+      logging.info('llm_text: step %d/%d loss %.4f', n, pretrain.num_steps, window.mean())
+
+  state = train_text_llm(config, cfg, rows, order, pretrain.learning_rate, log)
   return nn.unbox(jax.device_get(state.params)), np.asarray(jax.device_get(losses), np.float32)
 
 
