@@ -25,7 +25,6 @@ import numpy as np
 from astrea_jax import config as config_lib
 from astrea_jax.bench import BenchmarkError, flops, llm_step, memory, peak, timing
 from astrea_jax.models import llama
-from astrea_jax.parallel import sharding
 from astrea_jax.train import stage_step
 
 FIT_FRACTION = 0.9  # the compiled step may use this fraction of the device's memory
@@ -186,8 +185,7 @@ def stage_timed(config: ml_collections.ConfigDict, stage: str, batch: int, seq_l
     cfg = at(layers)
     rules = cfg.logical_axis_rules
     model = config_lib.model_config(cfg)
-    abstract, shardings = sharding.abstract_and_shardings(stage_step.params_init_fn(cfg, model), c.mesh, rules)
-    params = synthetic_params(abstract, shardings, c.mesh)
+    params = synthetic_params(c.built.abstract_state.params, c.built.state_shardings.params, c.mesh)
     state = jax.jit(c.built.init_state, out_shardings=c.built.state_shardings, donate_argnums=0)(params)
     batches = stage_batches(c.batch, model.num_visual_tokens, model.llm.vocab_size, timing.WARMUP_STEPS + steps)
     return timing.time_steps(llm_step.jax_steps(c.compiled, state, batches, c.mesh, rules), steps)
