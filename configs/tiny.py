@@ -15,6 +15,7 @@ def get_config():
   c = config_lib.base_config()  # every field is documented in astrea_jax/config.py
   c.llm.vocab_size = 1024
   c.llm.scan_unroll = 2  # both layers without a loop: 0.87x the LLM step's time on CPU (BENCHMARKS.md section 1)
+  c.llm.attention_block = 32  # causal attention by blocks of 32 queries: 0.84x the LLM step's time (section 1c)
   c.astrea.router_context = 'visual+text'  # the router sees the instruction, so routing can differ per task
   c.train.stages = ('experts', 'llm_text', 'align', 'instruct', 'main')
   c.train.global_batch_size = 16

@@ -77,6 +77,6 @@ def jax_outputs(cfg, params, stage, tokenizer_dir, template_name, square_mode, i
 
 
 def as_exported(cfg):
-  """cfg as an export reads back: llm.scan_unroll is how a run executes its layers (like remat_policy), not part of
-  the model, and config.json does not carry it."""
-  return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, scan_unroll=1))
+  """cfg as an export reads back: llm.scan_unroll and llm.attention_block are how a run executes its layers (like
+  remat_policy), not part of the model, and config.json does not carry them."""
+  return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, scan_unroll=1, attention_block=0))

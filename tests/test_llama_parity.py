@@ -22,11 +22,11 @@ CASES = {
 }
 
 
-def _logits_error(tmp_path, overrides, tokens, mask=None):
+def _logits_error(tmp_path, overrides, tokens, mask=None, **run_fields):
   hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False, **overrides)
   hf.import_hf(hf_dir, str(tmp_path / 'ckpt'), 'llama', show_progress=False)
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  cfg, params = loaders.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  cfg, params = loaders.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES, **run_fields)
   ref_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
   with torch.no_grad():
     kwargs = {} if mask is None else {'attention_mask': torch.tensor(mask, dtype=torch.long)}
@@ -56,6 +56,48 @@ def test_left_padded_batch_matches_transformers(tmp_path):
   tokens[0, :5] = 0
   err, _ = _logits_error(tmp_path, dict(num_key_value_heads=2), tokens, mask)
   assert err <= 1e-4
+
+
+@pytest.mark.parametrize('block', [5, 8])
+def test_causal_attention_in_query_blocks_matches_transformers(tmp_path, block):
+  """llm.attention_block: blocks of 5 (the last one shorter) or 8 query rows, each against the keys up to its end,
+  on a left-padded row and a full one."""
+  rng = np.random.RandomState(7)
+  tokens = rng.randint(3, 320, (2, 24))
+  mask = np.ones_like(tokens)
+  mask[0, :6] = 0
+  tokens[0, :6] = 0
+  err, cfg = _logits_error(tmp_path, dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8), tokens, mask,
+                           attention_block=block)
+  assert cfg.attention_block == block
+  assert err <= 1e-4
+
+
+def test_packed_rows_in_query_blocks_give_the_same_logits_and_gradients():
+  """Packed rows (segment_ids, padding at the end) by query blocks against one block: the same logits on every
+  real token and the same gradients of a loss over them."""
+  import jax
+  cfg = config_lib.llm_config(config_lib.base_config())
+  rng = np.random.RandomState(8)
+  tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 16)))
+  segment_ids = jnp.asarray([[1] * 5 + [2] * 7 + [0] * 4, [1] * 9 + [2] * 7])
+  real = segment_ids > 0
+  params = llama.Llama(cfg).init(jax.random.key(0), tokens)['params']
+
+  def loss(c, p):
+    logits, _ = llama.Llama(c).apply({'params': p}, tokens, segment_ids=segment_ids)
+    return jnp.where(real[..., None], logits, 0.0).mean(), logits
+
+  (one, one_logits), one_grads = jax.value_and_grad(loss, 1, has_aux=True)(cfg, params)
+  (blocked, blocked_logits), blocked_grads = jax.value_and_grad(loss, 1, has_aux=True)(
+      cfg.replace(attention_block=3), params)
+  np.testing.assert_allclose(np.asarray(blocked_logits)[np.asarray(real)], np.asarray(one_logits)[np.asarray(real)],
+                             atol=1e-5)
+  np.testing.assert_allclose(blocked, one, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(one_grads), jax.tree.leaves(blocked_grads)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  with pytest.raises(ValueError, match='attention_block=-1 must be >= 0'):
+    cfg.replace(attention_block=-1)
 
 
 def test_kv_cache_decoding_matches_full_forward(tmp_path):

@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.llm.remat_policy = 'none'        # none | full | dots_saveable | dots_with_no_batch_dims_saveable | ...
   c.llm.scan_unroll = 1              # layers per iteration of the layer scan; num_layers: no loop (faster steps,
                                      # compile time grows with depth; BENCHMARKS.md section 1)
+  c.llm.attention_block = 0          # query rows per block of the causal attention without a KV cache, each block
+                                     # against the keys up to its end (exact; skips the masked upper triangle); 0:
+                                     # one block (BENCHMARKS.md section 1c)
 
   # --- the paper's parts (astrea_jax.astrea): residual attention (Eq. 2-4), router + adapters (Eq. 9-10) ---
   c.astrea = ml_collections.ConfigDict()

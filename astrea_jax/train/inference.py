@@ -6,8 +6,8 @@ from there, never from defaults) and the stage they were trained at.
   run.config, run.cfg, run.params, run.stage, run.step, run.mesh, run.tokenizer_dir
 
 Overrides (`--config.key=value` of a command line) may change anything but the model: one that changes a shape
-(e.g. llm.num_layers) is a ConfigError naming it; the numerics (llm.dtype, param_dtype, remat_policy) and
-llm.scan_unroll may change.
+(e.g. llm.num_layers) is a ConfigError naming it; the numerics (llm.dtype, param_dtype, remat_policy) and how the
+LLM's layers run (llm.scan_unroll, llm.attention_block) may change.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from astrea_jax.train.stage_step import params_init_fn
 
 Array = jax.Array
 NUMERICS = ('dtype', 'param_dtype', 'remat_policy')  # what a run may set in any stored model config
-LLM_RUN_FIELDS = NUMERICS + ('scan_unroll',)  # and in the LLM's: its layer scan's unrolling too
+LLM_RUN_FIELDS = NUMERICS + ('scan_unroll', 'attention_block')  # and in the LLM's: how its layers are executed
 # What an expert's checkpoint may hold and the expert does not use (dropped when the expert has no such parameter):
 # SigLIP's attention-pooling head (the expert passes on the patch tokens, not the pooled one) and DINOv2's mask token
 # (nothing is masked).
@@ -92,7 +92,8 @@ def load_model(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules
 def load_llm(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules) -> Any:
   """The LLM of config.init_checkpoint, in the run's numerics; its shape fields must equal config.llm's."""
   llm_cfg, llm = loaders.load_llm(config.init_checkpoint, mesh, rules, dtype=cfg.llm.dtype,
-                                  remat_policy=cfg.llm.remat_policy, scan_unroll=cfg.llm.scan_unroll)
+                                  remat_policy=cfg.llm.remat_policy, scan_unroll=cfg.llm.scan_unroll,
+                                  attention_block=cfg.llm.attention_block)
   shape = lambda c: {k: v for k, v in c.to_dict().items() if k not in LLM_RUN_FIELDS}
   if shape(llm_cfg) != shape(cfg.llm):
     diff = {k: (v, shape(cfg.llm).get(k)) for k, v in shape(llm_cfg).items() if shape(cfg.llm).get(k) != v}
