@@ -57,6 +57,12 @@ def fit_to_shape(s: NamedSharding, shape: Sequence[int]) -> NamedSharding:
   return s if fitted == spec else NamedSharding(s.mesh, PartitionSpec(*fitted))
 
 
+# XLA options for programs that run once (initialisers, evaluation passes): code generation without the expensive
+# optimisations. On a 2-core CPU the tiny default's initialisers (154 arrays, four experts and the LLM) compile in
+# 13 s instead of 40 s and run in 0.2 s instead of 0.05 s; a tiny expert's in ~0.5 s instead of ~2 s.
+RUN_ONCE_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
 def abstract_and_shardings(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
   """(abstract tree with boxed logical names stripped, matching tree of NamedShardings) for `init_fn`'s output; each
   sharding fitted to its leaf's shape (`fit_to_shape`)."""
@@ -74,10 +80,12 @@ def abstract_and_shardings(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules)
 
 
 def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
-  """Runs `init_fn` under jit with out_shardings from the logical names; returns (unboxed tree, shardings)."""
+  """Runs `init_fn` under jit with out_shardings from the logical names, compiled with RUN_ONCE_COMPILER_OPTIONS;
+  returns (unboxed tree, shardings)."""
   _, shardings = abstract_and_shardings(init_fn, mesh, rules)
   with logical_context(mesh, rules):
-    tree = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings)()
+    tree = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings,
+                   compiler_options=RUN_ONCE_COMPILER_OPTIONS)()
   return tree, shardings
 
 

@@ -46,6 +46,7 @@ from astrea_jax.eval import benchmarks as benchmarks_lib
 from astrea_jax.eval import evaluate as evaluate_lib
 from astrea_jax.eval import training as eval_training
 from astrea_jax.parallel import mesh as mesh_lib
+from astrea_jax.parallel import sharding
 from astrea_jax.train import checkpointing, feature_writer, initial, metrics, stage_step, stages
 from astrea_jax.train.stage_step import StagePlan
 
@@ -254,7 +255,8 @@ def _run_stage(config, cfg, plan: StagePlan, index: int, params, mesh, rules, wo
     state, _ = ckpt.restore(resume_step, restore_into, data_iter)
     logging.info('runner: stage %s resumes at global step %d', plan.name, resume_step)
   else:
-    state = jax.jit(built.init_state, out_shardings=built.state_shardings)(params)
+    state = jax.jit(built.init_state, out_shardings=built.state_shardings,
+                    compiler_options=sharding.RUN_ONCE_COMPILER_OPTIONS)(params)
 
   grid = images.model_anyres_grid(cfg)
   data = StageData(data_iter, store, cached_slots, grid.max_tiles if grid else 0)

@@ -23,6 +23,7 @@ from absl import logging
 from astrea_jax.data import images as images_lib
 from astrea_jax.models import expert as expert_lib
 from astrea_jax.models import families
+from astrea_jax.parallel import sharding
 from astrea_jax.train import optimizer as optimizer_lib
 from astrea_jax.train.experts.heads import Batch
 from astrea_jax.train.experts.targets import Scenes, expert_inputs
@@ -32,9 +33,6 @@ Array = jax.Array
 
 LOG_EVERY = 50    # steps between loss log lines
 EVAL_CHUNK = 256  # validation images per forward pass
-# XLA options for programs that run once (initialisation, evaluation): on the 2-core CPU, compiling the tiny expert's
-# init with full optimisation takes ~2 s and running it ~1 ms; without, ~0.5 s and still ~1 ms.
-RUN_ONCE_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +59,7 @@ def _concat_outputs(chunks: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.
 def initial_params(expert: nn.Module, head: nn.Module, images: Array, batch: Batch, seed: Sequence[int]) -> dict:
   """{'expert': {'backbone': ...}, 'head': ...} unboxed, drawn from a key derived from `seed`; images [1, S, S, 3]
   and batch (one scene's targets) only give the shapes."""
-  @jax.jit(compiler_options=RUN_ONCE_COMPILER_OPTIONS)
+  @jax.jit(compiler_options=sharding.RUN_ONCE_COMPILER_OPTIONS)
   def init(key: Array, images: Array, batch: Batch) -> dict:
     expert_rng, head_rng = jax.random.split(key)
     expert_params = nn.unbox(expert.init(expert_rng, images)['params'])
@@ -108,7 +106,7 @@ def train_expert(cfg: expert_lib.ExpertConfig, inputs: images_lib.ExpertImage, t
       logging.info('experts/%s: step %d/%d loss %.4f', cfg.name, i + 1, num_steps, window.mean())
   losses = np.asarray(jax.device_get(losses), np.float32)
 
-  predict = jax.jit(outputs_of, compiler_options=RUN_ONCE_COMPILER_OPTIONS)
+  predict = jax.jit(outputs_of, compiler_options=sharding.RUN_ONCE_COMPILER_OPTIONS)
   val_images = expert_inputs(validation, inputs, square_mode)
   val_targets = task.targets(validation, grid)
   chunks = [jax.device_get(predict(params, val_images[i:i + EVAL_CHUNK],
