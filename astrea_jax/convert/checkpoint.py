@@ -233,8 +233,8 @@ def param_shapes(ckpt_dir: str) -> dict[tuple[str, ...], tuple[tuple[int, ...], 
   return {tuple(k.key for k in kp): (tuple(leaf.shape), np.dtype(leaf.dtype)) for kp, leaf in flat}
 
 
-NUMERICS = ('dtype', 'param_dtype', 'remat_policy', 'scan_unroll', 'attention_block')  # what a load may change in a
-# stored model config
+# What a load may change in a stored model config: its numerics and how its layers run.
+NUMERICS = ('dtype', 'param_dtype', 'remat_policy', 'scan_unroll', 'attention_block')
 
 
 def check_numerics_only(ckpt_dir: str, overrides: Any) -> None:
