@@ -24,11 +24,11 @@ def in_memory(params) -> hf.StoredParams:
   return hf.StoredParams({p: (v.shape, v.dtype) for p, v in flat.items()}, lambda leaves: {p: flat[p] for p in leaves})
 
 
-def random_params(params, seed: int = 0, scale: float = 0.1):
-  """Every leaf redrawn from N(0, scale) (zero biases and unit norms included, so a mis-mapped tensor shows)."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+def random_params(shapes, seed: int = 0, scale: float = 0.1):
+  """Every leaf of `shapes` (arrays or ShapeDtypeStructs) drawn from N(0, scale), zero biases and unit norms
+  included, so a mis-mapped tensor shows; drawn with numpy (one jitted draw per shape would cost seconds)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(x.dtype), shapes)
 
 
 def shapes_image(path: str, size=(80, 64)) -> str:

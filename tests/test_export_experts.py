@@ -37,12 +37,6 @@ from test_sam2_ram_experts import ram_fields, sam2_fields  # tests/
 ATOL = 1e-4
 
 
-def numpy_random_params(shapes, seed: int = 0, scale: float = 0.1):
-  """N(0, scale) leaves shaped like `shapes` (drawn with numpy: one jitted draw per shape would cost seconds)."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(x.dtype), shapes)
-
-
 @pytest.fixture(scope='module')
 def model(tmp_path_factory):
   """(cfg, params, tokenizer dir, export folder, image): the tiny default's model with SAM2 and Grounding DINO slots,
@@ -58,7 +52,7 @@ def model(tmp_path_factory):
   c.data.experts.classification.image_size = 64
   cfg = config_lib.model_config(c)
   sizes = {e.name: e.image_size for e in cfg.experts}
-  params = numpy_random_params(nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), sizes))))
+  params = export_fixtures.random_params(nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), sizes))))
   tokenizer_dir = str(root / 'tokenizer')
   hf_fixtures.make_chat_tokenizer(320).save_pretrained(tokenizer_dir)
   out = str(root / 'hf')

@@ -44,7 +44,7 @@ def model(tmp_path_factory):
   c.data.experts.classification.image_size = 48
   cfg = config_lib.model_config(c)
   sizes = {e.name: e.image_size for e in cfg.experts}
-  params = export_fixtures.random_params(nn.unbox(init_params(cfg, jax.random.key(0), sizes)))
+  params = export_fixtures.random_params(nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), sizes))))
   tokenizer_dir = str(root / 'tokenizer')
   hf_fixtures.make_chat_tokenizer(320).save_pretrained(tokenizer_dir)
   out = str(root / 'hf')
@@ -249,8 +249,7 @@ def anyres_model(tmp_path_factory):
   cfg = config_lib.model_config(c)
   assert cfg.anyres_pinpoints and cfg.anyres_tile == 64
   sizes = {e.name: e.image_size for e in cfg.experts}
-  params = jax.jit(lambda key: nn.unbox(init_params(cfg, key, sizes)))(jax.random.key(0))
-  params = export_fixtures.random_params(params)
+  params = export_fixtures.random_params(nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), sizes))))
   tokenizer_dir = str(root / 'tokenizer')
   hf_fixtures.make_chat_tokenizer(320).save_pretrained(tokenizer_dir)
   out = str(root / 'hf')

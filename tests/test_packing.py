@@ -9,6 +9,7 @@ import pytest
 
 from astrea_jax.astrea import model as model_lib
 from astrea_jax.models import llama, vit, vit_expert
+from astrea_jax.parallel import sharding
 
 T = 4  # visual tokens per image
 
@@ -17,7 +18,7 @@ T = 4  # visual tokens per image
 def llm():
   cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=8)
-  params = llama.Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  params = sharding.run_once(lambda: llama.Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
   return cfg, nn.unbox(params)
 
 
@@ -33,13 +34,14 @@ def test_second_example_of_a_packed_row_equals_the_example_alone(llm):
   row = np.concatenate([first, second, np.zeros(4, np.int64)])[None].astype(np.int32)
   segment_ids = np.asarray([[1] * 7 + [2] * 5 + [0] * 4], np.int32)
   model = llama.Llama(cfg)
-  packed, _ = model.apply({'params': params}, jnp.asarray(row), segment_ids=jnp.asarray(segment_ids))
-  alone_2, _ = model.apply({'params': params}, jnp.asarray(second[None], jnp.int32))
-  alone_1, _ = model.apply({'params': params}, jnp.asarray(first[None], jnp.int32))
+  apply = jax.jit(model.apply)
+  packed, _ = apply({'params': params}, jnp.asarray(row), segment_ids=jnp.asarray(segment_ids))
+  alone_2, _ = apply({'params': params}, jnp.asarray(second[None], jnp.int32))
+  alone_1, _ = apply({'params': params}, jnp.asarray(first[None], jnp.int32))
   assert float(jnp.abs(packed[0, 7:12] - alone_2[0]).max()) <= 1e-5
   assert float(jnp.abs(packed[0, :7] - alone_1[0]).max()) <= 1e-5
   # without segment ids the second example would see the first (the old behaviour)
-  unpacked, _ = model.apply({'params': params}, jnp.asarray(row))
+  unpacked, _ = apply({'params': params}, jnp.asarray(row))
   assert float(jnp.abs(unpacked[0, 7:12] - alone_2[0]).max()) > 1e-3
 
 
@@ -53,8 +55,13 @@ def astrea():
                   for slot in ('caption', 'detection'))
   cfg = model_lib.AstreaConfig(llm=llm_cfg, experts=experts, num_visual_tokens=T, residual_heads=2, top_k=2,
                                contrastive_dim=8)
-  params = nn.unbox(model_lib.init_params(cfg, jax.random.key(0), 16))
+  params = sharding.run_once(lambda: nn.unbox(model_lib.init_params(cfg, jax.random.key(0), 16)))
   return model_lib.Astrea(cfg), params
+
+
+def jitted_apply(model):
+  """model.apply under jit, the stage and method static (run eagerly, each call compiles every layer scan again)."""
+  return jax.jit(model.apply, static_argnames=('stage', 'method'))
 
 
 def example(rng, n_text=(3, 4)):
@@ -79,13 +86,14 @@ def test_packed_row_of_two_examples_with_their_own_images(astrea, stage):
   row = np.concatenate([ids1, ids2, np.zeros(3, np.int32)])[None]
   image_mask = np.concatenate([m1, m2, np.zeros(3, bool)])[None]
   segment_ids = np.concatenate([np.full(len(ids1), 1), np.full(len(ids2), 2), np.zeros(3)]).astype(np.int32)[None]
-  packed, _ = model.apply({'params': params}, jnp.asarray(row), images_of(pixels), jnp.asarray(image_mask),
-                          stage=stage, segment_ids=jnp.asarray(segment_ids))
+  apply = jitted_apply(model)
+  packed, _ = apply({'params': params}, jnp.asarray(row), images_of(pixels), jnp.asarray(image_mask),
+                    stage=stage, segment_ids=jnp.asarray(segment_ids))
   n1 = len(ids1)
   for ids, mask, image, span in ((ids1, m1, pixels[:1], slice(0, n1)),
                                  (ids2, m2, pixels[1:], slice(n1, n1 + len(ids2)))):
-    alone, _ = model.apply({'params': params}, jnp.asarray(ids[None]), images_of(image), jnp.asarray(mask[None]),
-                           stage=stage)
+    alone, _ = apply({'params': params}, jnp.asarray(ids[None]), images_of(image), jnp.asarray(mask[None]),
+                     stage=stage)
     assert float(jnp.abs(packed[0, span] - alone[0]).max()) <= 1e-5
 
 
@@ -100,9 +108,12 @@ def test_each_image_fills_its_own_placeholders_and_swapping_images_swaps_the_spa
   spans = (slice(3, 3 + T), slice(5 + T, 5 + 2 * T))
 
   def embeds(pixels):
-    visual, _ = model.apply({'params': params}, 'align_caption', images_of(pixels), method=model_lib.Astrea.visual_tokens)
-    return np.asarray(model.apply({'params': params}, jnp.asarray(ids), visual, image_mask,
-                                  method=model_lib.Astrea.prompt_embeddings))[0]
+    visual, _ = apply({'params': params}, stage='align_caption', images=images_of(pixels),
+                      method=model_lib.Astrea.visual_tokens)
+    return np.asarray(apply({'params': params}, jnp.asarray(ids), visual, image_mask,
+                            method=model_lib.Astrea.prompt_embeddings))[0]
+
+  apply = jitted_apply(model)
 
   a, b, c = (rng.rand(1, 16, 16, 3).astype(np.float32) for _ in range(3))
   base, changed, swapped = embeds(np.concatenate([a, b])), embeds(np.concatenate([a, c])), embeds(

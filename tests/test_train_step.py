@@ -23,7 +23,7 @@ def setup():
   run = config_lib.base_config()
   run.moco.queue_size, run.train.global_batch_size = 16, B
   cfg = model_config()
-  params = nn.unbox(model_lib.init_params(cfg, jax.random.key(0), 32))
+  params = sharding.run_once(lambda: nn.unbox(model_lib.init_params(cfg, jax.random.key(0), 32)))
   batch = make_batch(np.random.RandomState(0), cfg.slots)
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   return run, cfg, params, batch, mesh, {}
