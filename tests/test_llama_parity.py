@@ -1,5 +1,6 @@
 """Logits parity with transformers' LlamaForCausalLM through our converter (fp32, max abs error <= 1e-4)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from astrea_jax import config as config_lib
 from astrea_jax.convert import hf
 from astrea_jax.models import llama
 from astrea_jax.parallel import mesh as mesh_lib
+from astrea_jax.parallel import sharding
 import hf_fixtures  # tests/
 
 CASES = {
@@ -31,8 +33,8 @@ def _logits_error(tmp_path, overrides, tokens, mask=None, **run_fields):
   with torch.no_grad():
     kwargs = {} if mask is None else {'attention_mask': torch.tensor(mask, dtype=torch.long)}
     ref = ref_model(torch.tensor(tokens), **kwargs).logits.numpy()
-  out, _ = llama.Llama(cfg).apply({'params': params}, jnp.asarray(tokens),
-                                  attention_mask=None if mask is None else jnp.asarray(mask))
+  out, _ = jax.jit(llama.Llama(cfg).apply)({'params': params}, jnp.asarray(tokens),
+                                          attention_mask=None if mask is None else jnp.asarray(mask))
   out = np.asarray(out)
   if mask is not None:  # padded positions are undefined in both
     return float(np.abs(out - ref)[np.asarray(mask, bool)].max()), cfg
@@ -76,20 +78,19 @@ def test_causal_attention_in_query_blocks_matches_transformers(tmp_path, block):
 def test_packed_rows_in_query_blocks_give_the_same_logits_and_gradients():
   """Packed rows (segment_ids, padding at the end) by query blocks against one block: the same logits on every
   real token and the same gradients of a loss over them."""
-  import jax
   cfg = config_lib.llm_config(config_lib.base_config())
   rng = np.random.RandomState(8)
   tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 16)))
   segment_ids = jnp.asarray([[1] * 5 + [2] * 7 + [0] * 4, [1] * 9 + [2] * 7])
   real = segment_ids > 0
-  params = llama.Llama(cfg).init(jax.random.key(0), tokens)['params']
+  params = sharding.run_once(lambda: llama.Llama(cfg).init(jax.random.key(0), tokens)['params'])
 
   def loss(c, p):
     logits, _ = llama.Llama(c).apply({'params': p}, tokens, segment_ids=segment_ids)
     return jnp.where(real[..., None], logits, 0.0).mean(), logits
 
-  (one, one_logits), one_grads = jax.value_and_grad(loss, 1, has_aux=True)(cfg, params)
-  (blocked, blocked_logits), blocked_grads = jax.value_and_grad(loss, 1, has_aux=True)(
+  (one, one_logits), one_grads = jax.jit(jax.value_and_grad(loss, 1, has_aux=True), static_argnums=0)(cfg, params)
+  (blocked, blocked_logits), blocked_grads = jax.jit(jax.value_and_grad(loss, 1, has_aux=True), static_argnums=0)(
       cfg.replace(attention_block=3), params)
   np.testing.assert_allclose(np.asarray(blocked_logits)[np.asarray(real)], np.asarray(one_logits)[np.asarray(real)],
                              atol=1e-5)
@@ -105,14 +106,14 @@ def test_kv_cache_decoding_matches_full_forward(tmp_path):
   hf.import_hf(hf_dir, str(tmp_path / 'ckpt'), 'llama', show_progress=False)
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   cfg, params = loaders.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
-  model = llama.Llama(cfg)
+  apply = jax.jit(llama.Llama(cfg).apply)
   tokens = jnp.asarray(np.random.RandomState(2).randint(0, 320, (2, 12)))
-  full, _ = model.apply({'params': params}, tokens)
+  full, _ = apply({'params': params}, tokens)
   cache = llama.init_cache(cfg, 2, 16)
-  step_logits, cache = model.apply({'params': params}, tokens[:, :7], cache=cache)
+  step_logits, cache = apply({'params': params}, tokens[:, :7], cache=cache)
   pieces = [step_logits]
   for t in range(7, 12):
-    step_logits, cache = model.apply({'params': params}, tokens[:, t:t + 1], cache=cache)
+    step_logits, cache = apply({'params': params}, tokens[:, t:t + 1], cache=cache)
     pieces.append(step_logits)
   assert int(cache['index']) == 12
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5)
@@ -122,10 +123,11 @@ def test_inputs_embeds_equal_token_ids(tmp_path):
   cfg = config_lib.llm_config(config_lib.base_config())
   model = llama.Llama(cfg)
   tokens = jnp.asarray(np.random.RandomState(3).randint(0, cfg.vocab_size, (1, 9)))
-  params = model.init(__import__('jax').random.key(0), tokens)['params']
-  by_ids, _ = model.apply({'params': params}, tokens)
-  embeds = model.apply({'params': params}, tokens, method=llama.Llama.embed)
-  by_embeds, _ = model.apply({'params': params}, inputs_embeds=embeds)
+  params = sharding.run_once(lambda: model.init(jax.random.key(0), tokens)['params'])
+  apply = jax.jit(model.apply, static_argnames='method')
+  by_ids, _ = apply({'params': params}, tokens)
+  embeds = apply({'params': params}, tokens, method=llama.Llama.embed)
+  by_embeds, _ = apply({'params': params}, inputs_embeds=embeds)
   np.testing.assert_array_equal(by_ids, by_embeds)
   with pytest.raises(ValueError, match='exactly one of tokens'):
     model.apply({'params': params}, tokens, inputs_embeds=embeds)
@@ -133,13 +135,12 @@ def test_inputs_embeds_equal_token_ids(tmp_path):
 
 @pytest.mark.parametrize('policy', ['full', 'dots_saveable'])
 def test_remat_policies_do_not_change_gradients(policy):
-  import jax
   cfg = config_lib.llm_config(config_lib.base_config())
   tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 8)))
-  params = llama.Llama(cfg).init(jax.random.key(0), tokens)['params']
+  params = sharding.run_once(lambda: llama.Llama(cfg).init(jax.random.key(0), tokens)['params'])
 
   def grads(c):
-    return jax.grad(lambda p: llama.Llama(c).apply({'params': p}, tokens)[0].mean())(params)
+    return jax.jit(jax.grad(lambda p: llama.Llama(c).apply({'params': p}, tokens)[0].mean()))(params)
 
   base, remat = grads(cfg), grads(cfg.replace(remat_policy=policy))
   for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(remat)):
@@ -147,17 +148,18 @@ def test_remat_policies_do_not_change_gradients(policy):
 
 
 def test_an_unrolled_layer_scan_gives_the_same_logits_and_gradients():
-  import jax
   cfg = config_lib.llm_config(config_lib.base_config())
   tokens = jnp.asarray(np.random.RandomState(5).randint(0, cfg.vocab_size, (2, 8)))
-  params = llama.Llama(cfg).init(jax.random.key(0), tokens)['params']
+  params = sharding.run_once(lambda: llama.Llama(cfg).init(jax.random.key(0), tokens)['params'])
 
   def loss(c, p):
     return llama.Llama(c).apply({'params': p}, tokens)[0].mean()
 
   unrolled = cfg.replace(scan_unroll=cfg.num_layers)
-  np.testing.assert_allclose(loss(cfg, params), loss(unrolled, params), atol=1e-6)
-  scanned, flat = (jax.tree.leaves(jax.grad(loss, 1)(c, params)) for c in (cfg, unrolled))
+  value_and_grad = jax.jit(jax.value_and_grad(loss, 1), static_argnums=0)
+  (scanned_loss, scanned), (flat_loss, flat) = (value_and_grad(c, params) for c in (cfg, unrolled))
+  np.testing.assert_allclose(scanned_loss, flat_loss, atol=1e-6)
+  scanned, flat = jax.tree.leaves(scanned), jax.tree.leaves(flat)
   for a, b in zip(scanned, flat):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -168,14 +170,14 @@ def test_per_layer_parameters_and_cache_decode_as_the_scanned_layers(tmp_path):
   hf.import_hf(hf_dir, str(tmp_path / 'ckpt'), 'llama', show_progress=False)
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   cfg, params = loaders.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
-  model = llama.Llama(cfg)
+  apply = jax.jit(llama.Llama(cfg).apply)
   layer_params = llama.unstack_layers(params)
   tokens = jnp.asarray(np.random.RandomState(6).randint(0, 320, (2, 12)))
-  full, _ = model.apply({'params': params}, tokens)
+  full, _ = apply({'params': params}, tokens)
   cache = llama.init_cache(cfg, 2, 16, per_layer=True)
   pieces = []
   for start, end in ((0, 7), *((t, t + 1) for t in range(7, 12))):
-    logits, cache = model.apply({'params': params}, tokens[:, start:end], cache=cache, layer_params=layer_params)
+    logits, cache = apply({'params': params}, tokens[:, start:end], cache=cache, layer_params=layer_params)
     pieces.append(logits)
   assert len(cache['key']) == cfg.num_layers and int(cache['index']) == 12
   np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=1e-5)
