@@ -10,7 +10,8 @@ COLLECTIVE_TERMINATE_TIMEOUT_S = 600
 
 
 def env(devices: int, **extra: str) -> dict[str, str]:
-  """os.environ with `devices` fake CPU devices (XLA_FLAGS), JAX on the CPU, and `extra` set."""
-  flags = (f'--xla_force_host_platform_device_count={devices} '
-           f'--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TERMINATE_TIMEOUT_S}')
+  """os.environ with `devices` fake CPU devices (added to XLA_FLAGS, whose other flags are kept: the suite's
+  compile options, tests/conftest.py), JAX on the CPU, and `extra` set."""
+  flags = (f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices} "
+           f'--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TERMINATE_TIMEOUT_S}').strip()
   return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu', **extra)

@@ -244,7 +244,7 @@ def test_each_slots_packed_tiles_fill_its_placeholders(setup, stage):
     embeds = m.prompt_embeddings(batch['inputs'], packed, mask, batch['image_tokens'])
     return tiles, embeds, m.embed_tokens(batch['inputs']), m.image_newline
 
-  tiles, embeds, text, newline = nn.apply(run, model_lib.Astrea(cfg))({'params': params}, batch)
+  tiles, embeds, text, newline = jax.jit(nn.apply(run, model_lib.Astrea(cfg)))({'params': params}, batch)
   assert tiles.shape == (2, MAX_IMAGES, GRID.max_tiles, T, cfg.llm.hidden_size)
   for r, row_sizes in enumerate(sizes):
     mask = batch['image_mask'][r].astype(bool)
@@ -322,8 +322,8 @@ def test_the_disk_feature_cache_holds_each_tile_as_the_pipeline_cuts_it(setup, t
             m.visual_tokens('align_detection', batch['images'])[0])
 
   images = {slot: jnp.asarray(x) for slot, x in batch['images'].items()}
-  projected, with_cache, without = nn.apply(recomputed, model)({'params': params},
-                                                               {'images': images, 'cached': batch['cached']})
+  projected, with_cache, without = jax.jit(nn.apply(recomputed, model))({'params': params},
+                                                                        {'images': images, 'cached': batch['cached']})
   valid = np.repeat(batch['image_ids'].reshape(-1) >= 0, GRID.max_tiles)
   cached = batch['cached'].reshape(2, -1, T, cfg.llm.hidden_size)
   np.testing.assert_allclose(cached[:, valid], np.asarray(projected)[:, valid], atol=1e-5)
@@ -370,8 +370,8 @@ def test_the_evaluation_loop_and_generation_pack_each_image_as_the_model_packs_i
   tok = pipeline.load_tokenizer(tokenizer_dir)
   for r, row in enumerate(per_row):
     real = rows.mask[r]
-    want = nn.apply(alone, model_lib.Astrea(cfg))({'params': params}, *(jnp.asarray(x[r][real][None]) for x in (
-        rows.ids, rows.image_mask, rows.instruction_mask)), row)
+    want = jax.jit(lambda p, *x, row=row: nn.apply(alone, model_lib.Astrea(cfg))(p, *x, row))(
+        {'params': params}, *(jnp.asarray(x[r][real][None]) for x in (rows.ids, rows.image_mask, rows.instruction_mask)))
     np.testing.assert_allclose(np.asarray(embeds[r][real]), np.asarray(want[0]), atol=1e-5)
     prompt = multimodal.image_prompt(cfg, tok, model.template, texts[r], row, 'pad')
     np.testing.assert_array_equal(prompt.ids[0], rows.ids[r][real])

@@ -73,11 +73,12 @@ def test_sam2_and_ram_plus_build_from_the_run_config(data_dir):
   for e, kind, shape in ((seg, 'grid', (2, 4, 4, 16)), (cls, 'grid', (2, 8, 8, 16))):
     assert families.get(e.family).feature_kind == kind
     module = families.build_expert(e)
-    params = nn.unbox(module.init(jax.random.key(0), _images())['params'])
+    params = sharding.run_once(lambda: nn.unbox(module.init(jax.random.key(0), _images())['params']))
     assert list(params) == ['backbone']
-    features = module.apply({'params': params}, _images(), method='encode')
+    apply = jax.jit(module.apply, static_argnames='method')
+    features = apply({'params': params}, _images(), method='encode')
     assert features.kind == kind and features.arrays[0].shape == shape
-    assert module.apply({'params': params}, _images()).shape == (2, 16, e.feature_width)
+    assert apply({'params': params}, _images()).shape == (2, 16, e.feature_width)
   assert 'label_embed' not in params['backbone'] and 'stage1' in params['backbone']  # 'grid' holds the Swin alone
   assert families.expert_config_from_dict(seg.to_dict()) == seg
   assert families.expert_config_from_dict(cls.to_dict()) == cls
@@ -161,16 +162,17 @@ def test_tags_features_are_the_top_scoring_tag_states():
   assert cfg.feature_width == 16 and cfg.checkpoint_path == ()
   module = families.build_expert(cfg)
   images = _images(side=32)
-  params = nn.unbox(module.init(jax.random.key(0), images)['params'])
-  features = module.apply({'params': params}, images, method='encode')
-  out = ram.RamPlus(model).apply({'params': params['backbone']}, expert.preprocess(images, cfg, jnp.float32),
-                                 method='encode')
+  params = sharding.run_once(lambda: nn.unbox(module.init(jax.random.key(0), images)['params']))
+  apply = jax.jit(module.apply, static_argnames='method')
+  features = apply({'params': params}, images, method='encode')
+  out = jax.jit(ram.RamPlus(model).apply, static_argnames='method')(
+      {'params': params['backbone']}, expert.preprocess(images, cfg, jnp.float32), method='encode')
   order = np.argsort(-np.asarray(out.tag_logits), axis=1)[:, :4]
   assert features.kind == 'queries'
   np.testing.assert_allclose(features.scores, np.take_along_axis(np.asarray(out.tag_logits), order, 1), atol=1e-6)
   np.testing.assert_allclose(features.arrays[0], np.take_along_axis(np.asarray(out.tag_states), order[..., None], 1),
                              atol=1e-6)
-  np.testing.assert_allclose(module.apply({'params': params}, images), features.arrays[0], atol=1e-6)
+  np.testing.assert_allclose(apply({'params': params}, images), features.arrays[0], atol=1e-6)
 
 
 def test_widths_the_fsdp_axis_does_not_divide_are_kept_whole():
