@@ -14,7 +14,7 @@ from astrea_jax import config as config_lib
 from astrea_jax.convert import checkpoint, hf
 from astrea_jax.models import expert, families, vit, vit_expert
 from astrea_jax.parallel import mesh as mesh_lib
-from astrea_jax.parallel import sharding
+import compiled  # tests/: run_once
 import hf_fixtures  # tests/
 
 TOL = 1e-4
@@ -213,7 +213,7 @@ def test_dinov2_expert_runs_at_another_resolution_than_its_checkpoint():
   cfg = vit_expert.vit_expert_config('segmentation', model_cfg, image_size=48, num_visual_tokens=9)
   model = families.build_expert(cfg)
   images = jnp.zeros((1, 48, 48, 3))
-  params = sharding.run_once(lambda: nn.unbox(model.init(jax.random.key(0), images)['params']))
+  params = compiled.run_once(lambda: nn.unbox(model.init(jax.random.key(0), images)['params']))
   apply = jax.jit(model.apply, static_argnames='method')
   features = apply({'params': params}, images, method='encode')
   assert features.arrays[0].shape == (1, 6, 6, 32)
@@ -238,7 +238,7 @@ def test_load_refuses_shape_overrides_and_other_families(tiny_experts, tmp_path)
 def test_remat_policies_do_not_change_gradients():
   cfg = TINY.replace(family='siglip', use_head=True, hidden_act='gelu_pytorch_tanh', num_layers=2)
   images = _rand(1, 16, 16, 3)
-  params = sharding.run_once(lambda: nn.unbox(vit.VisionTransformer(cfg).init(jax.random.key(0), images)['params']))
+  params = compiled.run_once(lambda: nn.unbox(vit.VisionTransformer(cfg).init(jax.random.key(0), images)['params']))
 
   def grads(c):
     return jax.jit(jax.grad(lambda p: vit.VisionTransformer(c).apply({'params': p}, images).pooled.sum()))(params)

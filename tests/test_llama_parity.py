@@ -12,7 +12,7 @@ from astrea_jax import config as config_lib
 from astrea_jax.convert import hf
 from astrea_jax.models import llama
 from astrea_jax.parallel import mesh as mesh_lib
-from astrea_jax.parallel import sharding
+import compiled  # tests/: run_once
 import hf_fixtures  # tests/
 
 CASES = {
@@ -83,7 +83,7 @@ def test_packed_rows_in_query_blocks_give_the_same_logits_and_gradients():
   tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (2, 16)))
   segment_ids = jnp.asarray([[1] * 5 + [2] * 7 + [0] * 4, [1] * 9 + [2] * 7])
   real = segment_ids > 0
-  params = sharding.run_once(lambda: llama.Llama(cfg).init(jax.random.key(0), tokens)['params'])
+  params = compiled.run_once(lambda: llama.Llama(cfg).init(jax.random.key(0), tokens)['params'])
 
   def loss(c, p):
     logits, _ = llama.Llama(c).apply({'params': p}, tokens, segment_ids=segment_ids)
@@ -123,7 +123,7 @@ def test_inputs_embeds_equal_token_ids(tmp_path):
   cfg = config_lib.llm_config(config_lib.base_config())
   model = llama.Llama(cfg)
   tokens = jnp.asarray(np.random.RandomState(3).randint(0, cfg.vocab_size, (1, 9)))
-  params = sharding.run_once(lambda: model.init(jax.random.key(0), tokens)['params'])
+  params = compiled.run_once(lambda: model.init(jax.random.key(0), tokens)['params'])
   apply = jax.jit(model.apply, static_argnames='method')
   by_ids, _ = apply({'params': params}, tokens)
   embeds = apply({'params': params}, tokens, method=llama.Llama.embed)
@@ -137,7 +137,7 @@ def test_inputs_embeds_equal_token_ids(tmp_path):
 def test_remat_policies_do_not_change_gradients(policy):
   cfg = config_lib.llm_config(config_lib.base_config())
   tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 8)))
-  params = sharding.run_once(lambda: llama.Llama(cfg).init(jax.random.key(0), tokens)['params'])
+  params = compiled.run_once(lambda: llama.Llama(cfg).init(jax.random.key(0), tokens)['params'])
 
   def grads(c):
     return jax.jit(jax.grad(lambda p: llama.Llama(c).apply({'params': p}, tokens)[0].mean()))(params)
@@ -150,7 +150,7 @@ def test_remat_policies_do_not_change_gradients(policy):
 def test_an_unrolled_layer_scan_gives_the_same_logits_and_gradients():
   cfg = config_lib.llm_config(config_lib.base_config())
   tokens = jnp.asarray(np.random.RandomState(5).randint(0, cfg.vocab_size, (2, 8)))
-  params = sharding.run_once(lambda: llama.Llama(cfg).init(jax.random.key(0), tokens)['params'])
+  params = compiled.run_once(lambda: llama.Llama(cfg).init(jax.random.key(0), tokens)['params'])
 
   def loss(c, p):
     return llama.Llama(c).apply({'params': p}, tokens)[0].mean()

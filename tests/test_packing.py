@@ -9,7 +9,7 @@ import pytest
 
 from astrea_jax.astrea import model as model_lib
 from astrea_jax.models import llama, vit, vit_expert
-from astrea_jax.parallel import sharding
+import compiled  # tests/: run_once
 
 T = 4  # visual tokens per image
 
@@ -18,7 +18,7 @@ T = 4  # visual tokens per image
 def llm():
   cfg = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                           num_kv_heads=2, head_dim=8)
-  params = sharding.run_once(lambda: llama.Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
+  params = compiled.run_once(lambda: llama.Llama(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params'])
   return cfg, nn.unbox(params)
 
 
@@ -55,7 +55,7 @@ def astrea():
                   for slot in ('caption', 'detection'))
   cfg = model_lib.AstreaConfig(llm=llm_cfg, experts=experts, num_visual_tokens=T, residual_heads=2, top_k=2,
                                contrastive_dim=8)
-  params = sharding.run_once(lambda: nn.unbox(model_lib.init_params(cfg, jax.random.key(0), 16)))
+  params = compiled.run_once(lambda: nn.unbox(model_lib.init_params(cfg, jax.random.key(0), 16)))
   return model_lib.Astrea(cfg), params
 
 

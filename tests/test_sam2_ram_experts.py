@@ -19,6 +19,7 @@ from astrea_jax.models import expert, families, hiera, ram, ram_expert, sam2_exp
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
 from astrea_jax.train import initial, runner
+import compiled  # tests/: run_once
 from tests import ram_fixtures
 
 import runner_worker  # tests/: small_config
@@ -73,7 +74,7 @@ def test_sam2_and_ram_plus_build_from_the_run_config(data_dir):
   for e, kind, shape in ((seg, 'grid', (2, 4, 4, 16)), (cls, 'grid', (2, 8, 8, 16))):
     assert families.get(e.family).feature_kind == kind
     module = families.build_expert(e)
-    params = sharding.run_once(lambda: nn.unbox(module.init(jax.random.key(0), _images())['params']))
+    params = compiled.run_once(lambda: nn.unbox(module.init(jax.random.key(0), _images())['params']))
     assert list(params) == ['backbone']
     apply = jax.jit(module.apply, static_argnames='method')
     features = apply({'params': params}, _images(), method='encode')
@@ -162,7 +163,7 @@ def test_tags_features_are_the_top_scoring_tag_states():
   assert cfg.feature_width == 16 and cfg.checkpoint_path == ()
   module = families.build_expert(cfg)
   images = _images(side=32)
-  params = sharding.run_once(lambda: nn.unbox(module.init(jax.random.key(0), images)['params']))
+  params = compiled.run_once(lambda: nn.unbox(module.init(jax.random.key(0), images)['params']))
   apply = jax.jit(module.apply, static_argnames='method')
   features = apply({'params': params}, images, method='encode')
   out = jax.jit(ram.RamPlus(model).apply, static_argnames='method')(

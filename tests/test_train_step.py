@@ -14,6 +14,7 @@ from astrea_jax.parallel import sharding
 from astrea_jax.train import metrics as metrics_lib
 from astrea_jax.train import stages
 from astrea_jax.train import astrea_loss, step as step_lib
+import compiled  # tests/: run_once
 
 from astrea_fixtures import ANSWER_LENGTHS, B, make_batch, model_config
 
@@ -23,7 +24,7 @@ def setup():
   run = config_lib.base_config()
   run.moco.queue_size, run.train.global_batch_size = 16, B
   cfg = model_config()
-  params = sharding.run_once(lambda: nn.unbox(model_lib.init_params(cfg, jax.random.key(0), 32)))
+  params = compiled.run_once(lambda: nn.unbox(model_lib.init_params(cfg, jax.random.key(0), 32)))
   batch = make_batch(np.random.RandomState(0), cfg.slots)
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   return run, cfg, params, batch, mesh, {}

@@ -63,13 +63,6 @@ def fit_to_shape(s: NamedSharding, shape: Sequence[int]) -> NamedSharding:
 RUN_ONCE_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
-def run_once(fn: Callable[[], Any]) -> Any:
-  """fn() as one program compiled with RUN_ONCE_COMPILER_OPTIONS, for an initialiser called outside any trace. Run
-  eagerly, a Flax init compiles every layer scan and initialiser as its own program: on a 2-core CPU the tiny
-  four-expert Astrea's `init_params` takes 63 s eagerly, 14 s through this."""
-  return jax.jit(fn, compiler_options=RUN_ONCE_COMPILER_OPTIONS)()
-
-
 def abstract_and_shardings(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
   """(abstract tree with boxed logical names stripped, matching tree of NamedShardings) for `init_fn`'s output; each
   sharding fitted to its leaf's shape (`fit_to_shape`)."""
