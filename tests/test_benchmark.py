@@ -222,6 +222,9 @@ def test_train_and_generate_cli(results):
     assert key in train
   assert train['first_loss_max_abs_diff'] <= 1e-4
   assert train['flops_per_token'] == bench_flops.llm_flops_per_token(tiny_llm(), 32)
+  assert train['host_malloc'] in ('retained', 'system', 'user')  # the launcher's re-exec: core.host_memory
+  for side in train['frameworks'].values():
+    assert side['page_faults'] >= 0 and side['kernel_s'] >= 0
   gen = results['generate']
   assert gen['outputs_equal'] and gen['jax_tokens_per_s'] > 0 and gen['torch_tokens_per_s'] > 0 and 'ratio' in gen
 

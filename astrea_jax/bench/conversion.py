@@ -23,6 +23,7 @@ import numpy as np
 from astrea_jax.bench import timing
 from astrea_jax.convert import llama as llama_family
 from astrea_jax.convert import safetensors_io
+from astrea_jax.core import host_memory
 from astrea_jax.core.fields import to_dtype
 from astrea_jax.models.llama import LlamaConfig
 
@@ -91,7 +92,7 @@ def reset_peak_rss() -> int:
 
 def _child_rss(code: str, *args: str) -> list[int]:
   """The resident byte counts a CPU-only Python child running `code` prints last (in KiB) on its last line."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = dict(host_memory.system_malloc_env(os.environ), JAX_PLATFORMS='cpu')  # its own RSS: glibc defaults
   out = subprocess.run([sys.executable, '-c', code, *args], env=env, check=True, capture_output=True, text=True)
   return [int(v) * 1024 for v in out.stdout.strip().splitlines()[-1].split()]
 

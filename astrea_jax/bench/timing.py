@@ -13,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import time
 from typing import Any, Callable, Sequence
 
 import jax
+
+from astrea_jax.core import host_memory
 
 WARMUP_STEPS = 2
 BUSY_LOAD = 0.2  # other processes' CPU share above which timings are flagged as taken on a busy machine
@@ -25,9 +28,12 @@ BUSY_LOAD = 0.2  # other processes' CPU share above which timings are flagged as
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """Wall seconds and host results of timed calls."""
+  """Wall seconds and host results of timed calls, and the process's minor page faults and kernel CPU seconds during
+  each (from getrusage: the calls run one at a time, so each call's counts are its own)."""
   seconds: list[float]
   values: list[Any]
+  page_faults: list[int] = dataclasses.field(default_factory=list)
+  kernel_s: list[float] = dataclasses.field(default_factory=list)
 
   @property
   def median_s(self) -> float:
@@ -38,6 +44,15 @@ class Run:
     """The fastest call: on a shared machine, the one least slowed by other processes."""
     return min(self.seconds)
 
+  @property
+  def median_page_faults(self) -> float:
+    return statistics.median(self.page_faults)
+
+  @property
+  def median_kernel_s(self) -> float:
+    """Kernel CPU seconds (all threads) per call: page faults, memory mapping, thread wake-ups."""
+    return statistics.median(self.kernel_s)
+
 
 def time_calls(fns: dict[str, Callable[[int], Any]], steps: Sequence[int]) -> dict[str, Run]:
   """Calls every fn on each step index in turn, interleaved (every fn on step i before any on step i + 1) so that a
@@ -46,10 +61,13 @@ def time_calls(fns: dict[str, Callable[[int], Any]], steps: Sequence[int]) -> di
   runs = {name: Run([], []) for name in fns}
   for i in steps:
     for name, fn in fns.items():
-      start = time.perf_counter()
+      usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       value = fn(i)
       runs[name].seconds.append(time.perf_counter() - start)
+      after = resource.getrusage(resource.RUSAGE_SELF)
       runs[name].values.append(value)
+      runs[name].page_faults.append(after.ru_minflt - usage.ru_minflt)
+      runs[name].kernel_s.append(after.ru_stime - usage.ru_stime)
   return runs
 
 
@@ -91,14 +109,16 @@ def load_average() -> list[float] | None:
 
 def machine() -> dict[str, Any]:
   """The device, this host's CPU count and model (from /proc/cpuinfo where there is one), the share of its CPU that
-  other processes use just before the benchmark starts and the load average then (a shared machine times badly)."""
+  other processes use just before the benchmark starts and the load average then (a shared machine times badly), and
+  the malloc settings (`core.host_memory.setting`)."""
   cpu = 'unknown'
   if os.path.exists('/proc/cpuinfo'):
     with open('/proc/cpuinfo') as f:
       cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
   device = jax.devices()[0]
   return {'device': device.device_kind, 'platform': device.platform, 'cpus': os.cpu_count(), 'cpu_model': cpu,
-          'other_cpu_load': other_cpu_load(), 'loadavg_start': load_average()}
+          'other_cpu_load': other_cpu_load(), 'loadavg_start': load_average(),
+          'host_malloc': host_memory.setting(os.environ)}
 
 
 def warn_if_busy(info: dict[str, Any]) -> None:

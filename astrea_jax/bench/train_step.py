@@ -118,15 +118,16 @@ def run(model_name: str, batch: int, seq_len: int, steps: int, torch_compile: bo
   tokens = batch * seq_len
   rows = {name: {'step_ms': 1e3 * r.median_s, 'best_step_ms': 1e3 * r.best_s, 'tokens_per_s': tokens / r.median_s,
                  'mfu': flops.mfu(flops_per_token * tokens, r.median_s, peak_value),
-                 'first_loss': first_losses[name]}
+                 'first_loss': first_losses[name], 'page_faults': r.median_page_faults, 'kernel_s': r.median_kernel_s}
           for name, r in runs.items()}
   print(f'train: model {model_name} ({llama.num_params(cfg) / 1e6:.1f}M params), batch {batch} x {seq_len} tokens, '
         f'fp32, median of {steps} steps after {timing.WARMUP_STEPS} warm-up; {info["cpus"]} x {info["cpu_model"]}; '
         f'jax scan_unroll {cfg.scan_unroll}; torch {torch.get_num_threads()} threads, attention {attn}')
-  print(f'{"framework":15s} {"step ms":>9s} {"best ms":>9s} {"tokens/s":>10s} {"MFU":>7s} {"first loss":>11s}')
+  print(f'{"framework":15s} {"step ms":>9s} {"best ms":>9s} {"tokens/s":>10s} {"MFU":>7s} {"first loss":>11s} '
+        f'{"page faults":>11s} {"kernel s":>8s}   (per step; malloc: {info.get("host_malloc")})')
   for name, r in rows.items():
     print(f'{name:15s} {r["step_ms"]:9.1f} {r["best_step_ms"]:9.1f} {r["tokens_per_s"]:10.1f} {100 * r["mfu"]:6.2f}% '
-          f'{r["first_loss"]:11.6f}')
+          f'{r["first_loss"]:11.6f} {r["page_faults"]:11.0f} {r["kernel_s"]:8.3f}')
   if compile_error:
     print(f'{"torch.compile":15s} failed: {compile_error}')
   speed = {name: r['tokens_per_s'] for name, r in rows.items()}
