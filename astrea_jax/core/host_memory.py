@@ -74,7 +74,7 @@ def reexec_env(environ: Mapping[str, str], *, glibc: bool,
     return None
   if environ.get(SWITCH, ''):
     raise ValueError(f'{SWITCH}={environ[SWITCH]!r}: expected "system" (glibc\'s malloc defaults) or unset')
-  if 'GLIBC_TUNABLES' in environ or any(key in environ for key in RETAINED_MALLOC):
+  if setting(environ) == 'user':
     return None
   if not uses_cpu_backend(environ, plugin_installed):
     return None
