@@ -38,7 +38,7 @@ def test_reexec_env_adds_the_settings_on_a_cpu_host():
 
 @pytest.mark.parametrize('environ', [
     {host_memory.SWITCH: 'system'},                 # the user's opt-out
-    {host_memory.SWITCH: 'retained'},               # already run again
+    {**host_memory.RETAINED_MALLOC, host_memory.SWITCH: 'retained'},  # already run again
     {'MALLOC_ARENA_MAX': '4'},                      # the user's own setting wins
     {'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0'},
     {'JAX_PLATFORMS': 'cuda'},
@@ -53,6 +53,19 @@ def test_reexec_env_platform_rules():
   gpu_plugin = lambda name: name == 'jax_plugins'  # noqa: E731
   assert host_memory.reexec_env({}, glibc=True, plugin_installed=gpu_plugin) is None
   assert host_memory.reexec_env({'JAX_PLATFORMS': 'cpu'}, glibc=True, plugin_installed=gpu_plugin) is not None
+
+
+def test_retained_switch_asks_for_the_settings():
+  """`ASTREA_HOST_MALLOC=retained` set by hand runs the process again with the settings (even off the CPU backend),
+  and a report says 'retained' only once they are in effect."""
+  asked = {host_memory.SWITCH: 'retained', 'JAX_PLATFORMS': 'cuda'}
+  assert host_memory.setting(asked) == 'system'
+  env = host_memory.reexec_env(asked, glibc=True, plugin_installed=NO_PLUGIN)
+  assert env == {**asked, **host_memory.RETAINED_MALLOC}
+  assert host_memory.setting(env) == 'retained'
+  assert host_memory.reexec_env(env, glibc=True, plugin_installed=NO_PLUGIN) is None  # no second re-exec
+  assert host_memory.reexec_env({host_memory.SWITCH: 'retained', 'MALLOC_ARENA_MAX': '4'}, glibc=True,
+                                plugin_installed=NO_PLUGIN) is None  # the user's own variable still wins
 
 
 def test_bad_switch_value_is_an_error():

@@ -14,8 +14,10 @@ faults), so a launcher started as `python -m launch.<job>` runs itself again wit
 - the host is not Linux with glibc;
 - the user set any of these variables, or `GLIBC_TUNABLES` (their setting wins);
 - `ASTREA_HOST_MALLOC=system` (keep glibc's defaults);
+- the settings are already in the environment (the process was run again);
 - the run will not use the CPU backend: `JAX_PLATFORMS` names another platform, or, with it unset, an accelerator
-  plugin for JAX is installed (`jax_plugins`, `libtpu`): device buffers are not malloc'd.
+  plugin for JAX is installed (`jax_plugins`, `libtpu`): device buffers are not malloc'd. `ASTREA_HOST_MALLOC=retained`
+  asks for the settings whatever the backend.
 Children inherit the environment; `system_malloc_env` removes what the re-exec added (for a child whose own memory is
 being measured).
 """
@@ -33,7 +35,7 @@ RETAINED_MALLOC = {
     'MALLOC_MMAP_MAX_': '0',                  # no chunk is mmapped (so none is unmapped when freed)
     'MALLOC_TRIM_THRESHOLD_': str(1 << 36),   # never give the top of the heap back
 }
-SWITCH = 'ASTREA_HOST_MALLOC'  # 'system': glibc's defaults; set to 'retained' by the re-exec
+SWITCH = 'ASTREA_HOST_MALLOC'  # unset: decide (module doc); 'system': glibc's defaults; 'retained': the settings
 # The launchers whose processes run compiled steps over and over.
 LAUNCHERS = ('train', 'train_experts', 'evaluate', 'generate', 'benchmark')
 
@@ -66,17 +68,22 @@ def _plugin_installed(name: str) -> bool:
   return importlib.util.find_spec(name) is not None
 
 
+def retained_in(environ: Mapping[str, str]) -> bool:
+  """Whether `environ` holds every RETAINED_MALLOC setting (what the re-exec adds)."""
+  return all(environ.get(key) == value for key, value in RETAINED_MALLOC.items())
+
+
 def reexec_env(environ: Mapping[str, str], *, glibc: bool,
                plugin_installed: Callable[[str], bool] = _plugin_installed) -> dict[str, str] | None:
   """The environment to run this process again with (`environ` plus RETAINED_MALLOC), or None where nothing should
   change (module doc)."""
-  if not glibc or environ.get(SWITCH, '') in ('system', 'retained'):
+  switch = environ.get(SWITCH, '')
+  if switch not in ('', 'system', 'retained'):
+    raise ValueError(f'{SWITCH}={switch!r}: expected "system" (glibc\'s malloc defaults), "retained" '
+                     f'({RETAINED_MALLOC}) or unset (decide by the backend)')
+  if not glibc or switch == 'system' or retained_in(environ) or setting(environ) == 'user':
     return None
-  if environ.get(SWITCH, ''):
-    raise ValueError(f'{SWITCH}={environ[SWITCH]!r}: expected "system" (glibc\'s malloc defaults) or unset')
-  if setting(environ) == 'user':
-    return None
-  if not uses_cpu_backend(environ, plugin_installed):
+  if not switch and not uses_cpu_backend(environ, plugin_installed):
     return None
   return {**environ, **RETAINED_MALLOC, SWITCH: 'retained'}
 
@@ -107,9 +114,9 @@ def system_malloc_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def setting(environ: Mapping[str, str]) -> str:
-  """'retained' (set by the re-exec), 'user' (malloc variables of the user's own) or 'system' (glibc's defaults): for
-  benchmark reports."""
-  if environ.get(SWITCH) == 'retained':
+  """'retained' (RETAINED_MALLOC in effect, from the re-exec), 'user' (malloc variables of the user's own) or 'system'
+  (glibc's defaults): for benchmark reports. `ASTREA_HOST_MALLOC` alone sets nothing: only the variables count."""
+  if environ.get(SWITCH) == 'retained' and retained_in(environ):
     return 'retained'
   if 'GLIBC_TUNABLES' in environ or any(key in environ for key in RETAINED_MALLOC):
     return 'user'
