@@ -127,6 +127,18 @@ def test_skip_policy_drops_counts_and_logs(root, case, caplog):
   assert f'{path} record {BAD_INDEX}' in caplog.text  # the record itself is named in the log
 
 
+def test_kept_examples_skip_and_count_a_bad_record_every_epoch(root):
+  path = file_with(root, 'kept', with_image('nope.png'))
+  got = {}
+  for cache in (False, True):
+    it = iter(pipeline.make_dataset(make_config(root, path, 'skip', cache_examples=cache), 'instruct',
+                                    tokenizer_dir=str(root / 'tokenizer'), shuffle=False, num_epochs=2, batch_size=1))
+    got[cache] = answers(root, list(it)), it.counts
+    it.close()
+  assert got[True] == got[False] == ([f'answer {k}<|im_end|>' for k in range(NUM_GOOD)] * 2,
+                                     {'skipped': 2, 'truncated': 0, 'too_long': 0})
+
+
 @pytest.mark.parametrize('policy', ['error', 'skip'])
 def test_long_sequences_are_truncated_or_dropped_and_counted(root, policy, caplog):
   long_answer = good_record(9)

@@ -236,6 +236,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0             # grain worker processes; 0 = prepare batches in the training process
   c.data.worker_buffer_size = 2      # batches each worker prepares ahead
   c.data.read_threads = 2            # threads reading and preprocessing records in each process
+  c.data.cache_examples = False      # keep each record's encoded example (tokens, expert images) after its first
+  #                                    read: later epochs skip the preprocessing; the split's examples must fit in
+  #                                    host memory (per grain worker process)
   c.data.image_square = 'pad'        # 'pad': pad to square with the expert's mean colour (LLaVA-1.5) | 'resize'
   # Per expert slot: input side in pixels and normalisation; an empty mean / std is the family's
   # (config.model.experts.<slot>.family: SigLIP 0.5 / 0.5, CLIP's, ImageNet's for DINOv2, Swin, SAM2, Grounding DINO).
