@@ -19,6 +19,7 @@ from astrea_jax.bench import compare as bench_compare
 from astrea_jax.bench import flops as bench_flops
 from astrea_jax.bench import memory as bench_memory
 from astrea_jax.bench import mfu as bench_mfu
+from astrea_jax.bench import peak as bench_peak
 from astrea_jax.bench import profile as bench_profile
 from astrea_jax.bench import text_vqa as bench_text_vqa
 from astrea_jax.data import pipeline, scene_text, shapes, shapes_text, templates
@@ -215,6 +216,14 @@ def test_mfu():
     bench_flops.mfu(1e12, 0.0, 1e12)
 
 
+def test_peak_flops_on_cpu_from_each_frameworks_gemm():
+  gemm = bench_peak.matmul_flops(n=64, repeats=1)
+  assert set(gemm) == {'jax', 'torch'} and min(gemm.values()) > 0
+  cpu = jax.devices('cpu')[0]
+  assert bench_peak.peak_flops(cpu, 'float32', gemm={'jax': 2e12, 'torch': 1e12})[0] == 2e12  # the better, not remeasured
+  assert bench_peak.peak_flops(cpu, 'float32', 5.0, gemm=gemm) == (5e12, '--peak_tflops')
+
+
 @pytest.mark.slow
 def test_train_and_generate_cli(results):
   train = results['train']
@@ -223,6 +232,7 @@ def test_train_and_generate_cli(results):
   assert train['first_loss_max_abs_diff'] <= 1e-4
   assert train['flops_per_token'] == bench_flops.llm_flops_per_token(tiny_llm(), 32)
   assert train['host_malloc'] in ('retained', 'system', 'user')  # the launcher's re-exec: core.host_memory
+  assert set(train['gemm_tflops']) == {'jax', 'torch'} and min(train['gemm_tflops'].values()) > 0
   for side in train['frameworks'].values():
     assert side['page_faults'] >= 0 and side['kernel_s'] >= 0
   gen = results['generate']

@@ -113,7 +113,8 @@ def run(model_name: str, batch: int, seq_len: int, steps: int, torch_compile: bo
       fns['torch.compile'] = torch_steps(hf_llama.load_hf(hf_dir), batches, compiled=True)
     first_losses, runs, compile_error = measure_training(fns, len(batches))
   loss_diff = check_first_losses(first_losses)
-  peak_value, peak_source = peak.peak_flops(jax.devices()[0], 'float32', peak_tflops)
+  gemm = peak.matmul_flops()  # each side's GEMM kernels, printed next to the step ratio
+  peak_value, peak_source = peak.peak_flops(jax.devices()[0], 'float32', peak_tflops, gemm=gemm)
   flops_per_token = flops.llm_flops_per_token(cfg, seq_len)
   tokens = batch * seq_len
   rows = {name: {'step_ms': 1e3 * r.median_s, 'best_step_ms': 1e3 * r.best_s, 'tokens_per_s': tokens / r.median_s,
@@ -137,6 +138,8 @@ def run(model_name: str, batch: int, seq_len: int, steps: int, torch_compile: bo
   print(f'jax / torch eager: {ratio:.2f}x (fastest steps: {best_ratio:.2f}x)' +
         (f', jax / torch.compile: {compile_ratio:.2f}x' if compile_ratio else '') +
         f'; first-step losses agree within {loss_diff:.1e}; peak {peak_value / 1e12:.3f} TFLOP/s ({peak_source})')
+  print(f'fp32 2048^3 GEMM alone: jax {gemm["jax"] / 1e12:.3f} TFLOP/s, torch {gemm["torch"] / 1e12:.3f} TFLOP/s, '
+        f'jax / torch {gemm["jax"] / gemm["torch"]:.2f}x')
   timing.emit(dict(
       model=model_name, params=llama.num_params(cfg), batch=batch, seq_len=seq_len, steps=steps,
       scan_unroll=cfg.scan_unroll,
@@ -145,5 +148,6 @@ def run(model_name: str, batch: int, seq_len: int, steps: int, torch_compile: bo
       torch_compile_tokens_per_s=round(speed['torch.compile'], 1) if compile_ratio else None,
       compile_ratio=round(compile_ratio, 3) if compile_ratio else None, torch_compile_error=compile_error,
       first_loss_max_abs_diff=loss_diff, flops_per_token=flops_per_token, peak_tflops=round(peak_value / 1e12, 4),
+      gemm_tflops={name: round(v / 1e12, 4) for name, v in gemm.items()},
       frameworks={name: {k: round(v, 6) for k, v in r.items()} for name, r in rows.items()},
       torch_threads=torch.get_num_threads(), attention=attn, **info))
