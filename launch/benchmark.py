@@ -21,7 +21,8 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
   on the same batches, then torch.compile does (unless --notorch_compile; a failure is reported, not raised). The
   first-step losses must agree within 1e-4. --scan_unroll sets our `llm.scan_unroll` (layers per iteration of the
   layer scan; the model's layer count: no loop). Reports tokens/s, the ratio jax / torch, and MFU against --peak_tflops
-  (default: the best fp32 GEMM FLOP/s of JAX and PyTorch measured on this machine, our stand-in for the CPU's peak).
+  (default: the best fp32 GEMM FLOP/s of JAX and PyTorch measured on this machine, our stand-in for the CPU's peak),
+  and each framework's GEMM FLOP/s alone (how much of the step ratio the matmul kernels set).
 - generate (`bench.generation`): greedy decoding with our KV cache against `transformers` generate, same weights and
   prompts, no end-of-sequence stop; the outputs must be equal. Tokens/s counts new tokens, prefill included.
 - data (`bench.data`): the input pipeline's examples/s (as `launch.data_throughput`: --config --stage --workers
