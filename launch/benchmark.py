@@ -95,6 +95,8 @@ _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'profile --what=trace: the fol
 _A = flags.DEFINE_string('a', '', 'compare: llm.* overrides of side a, FIELD=VALUE,... (empty: none).')
 _B = flags.DEFINE_string('b', '', 'compare: llm.* overrides of side b, FIELD=VALUE,...')
 _HLO = flags.DEFINE_string('hlo', '', 'profile --what=trace: the traced program\'s optimised HLO text.')
+_LLM = flags.DEFINE_string('llm', '', 'profile --what=train|generate: llm.* overrides of the traced model, '
+                           'FIELD=VALUE,... (e.g. configs/tiny.py\'s attention_block=32,scan_unroll=2,vocab_size=1024).')
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'data, flops, mfu, text_vqa: the experiment '
                                           'config.')
 _PIPELINE = bench_flags.pipeline_flags()  # data: --stage --workers --batches --warmup --data_dir --tokenizer
@@ -120,7 +122,7 @@ def run_timed(command: str, info: dict) -> None:
   elif command == 'profile':
     profile.run(_WHAT.value, info, model_name=_MODEL.value, batch=_BATCH.value, seq_len=_SEQ_LEN.value or 256,
                 prompt_len=_PROMPT_LEN.value, new_tokens=_MAX_NEW_TOKENS.value, steps=_STEPS.value,
-                scan_unroll=_SCAN_UNROLL.value, trace_dir=_TRACE_DIR.value, hlo=_HLO.value)
+                scan_unroll=_SCAN_UNROLL.value, trace_dir=_TRACE_DIR.value, hlo=_HLO.value, llm_overrides=_LLM.value)
   else:
     deformable_attention.run(info, repeats=_STEPS.value, image_size=_IMAGE_SIZE.value, queries=_QUERIES.value)
 

@@ -44,7 +44,7 @@ RUNS = {
     'mfu --stage=main': ['--stage=main', '--mfu_layers=2', '--device_memory_gib=1', '--steps=1', '--batch=2',
                          '--peak_tflops=1'],
     'deformable': ['--steps=1'],
-    'profile': ['--what=train', '--model=tiny', '--steps=1', '--batch=2', '--seq_len=32'],
+    'profile': ['--what=train', '--model=tiny', '--steps=1', '--batch=2', '--seq_len=32', '--llm=attention_block=16'],
     'compare': ['--model=tiny', '--steps=1', '--batch=2', '--seq_len=32', '--a=scan_unroll=1', '--b=scan_unroll=2'],
     'text_vqa': ['--steps=2', '--eval_every=1', '--config.eval.num_scenes=2', '--config.train.global_batch_size=2'] +
                 TINY_DATA,
@@ -289,6 +289,7 @@ def test_profile_sorts_ops_by_model_part_pass_and_kind():
 def test_profile_and_compare_cli(results):
   profile = results['profile']
   assert profile['total_ms'] > 0 and abs(sum(profile['kinds'].values()) - 1) < 1e-3 and profile['groups']
+  assert profile['llm_overrides'] == 'attention_block=16'
   compare = results['compare']
   assert compare['a_step_ms'] > 0 and compare['b_step_ms'] > 0 and compare['max_loss_diff'] <= 1e-5
 
@@ -298,6 +299,10 @@ def test_compare_reads_llm_overrides():
   assert bench_compare.parse_overrides('') == {}
   with pytest.raises(BenchmarkError, match='is not FIELD=VALUE'):
     bench_compare.parse_overrides('scan_unroll')
+  tiny = bench_compare.hf_llama.llama_config('tiny')
+  assert bench_compare.with_overrides(tiny, 'attention_block=32', '--llm').attention_block == 32
+  with pytest.raises(BenchmarkError, match="--llm='no_such_field=1'"):
+    bench_compare.with_overrides(tiny, 'no_such_field=1', '--llm')
 
 
 def test_text_vqa_asks_each_question_with_the_scene_as_text(tmp_path):

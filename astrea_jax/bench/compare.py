@@ -9,6 +9,7 @@ import ast
 from typing import Any
 
 from astrea_jax.bench import BenchmarkError, hf_llama, llm_step, timing
+from astrea_jax.models import llama
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
@@ -26,6 +27,15 @@ def parse_overrides(text: str) -> dict[str, Any]:
   return out
 
 
+def with_overrides(cfg: llama.LlamaConfig, text: str, flag: str) -> llama.LlamaConfig:
+  """cfg with the `llm.*` overrides `text` ('attention_block=32,scan_unroll=2') applied; a field it does not have or a
+  value it refuses is a BenchmarkError naming `flag` (e.g. '--a')."""
+  try:
+    return cfg.replace(**parse_overrides(text))
+  except (TypeError, ValueError) as e:
+    raise BenchmarkError(f'{flag}={text!r}: {e}') from e
+
+
 def run(model_name: str, batch: int, seq_len: int, steps: int, a: str, b: str, info: dict[str, Any]) -> dict:
   """The `compare` benchmark: `steps` timed steps of each side after the warm-up; prints its table and JSON line."""
   base = hf_llama.llama_config(model_name)  # the `train` benchmark's shapes
@@ -33,10 +43,7 @@ def run(model_name: str, batch: int, seq_len: int, steps: int, a: str, b: str, i
   batches = llm_step.random_batches(timing.WARMUP_STEPS + steps, batch, seq_len, base.vocab_size)
   fns = {}
   for name, text in (('a', a), ('b', b)):
-    try:
-      cfg = base.replace(**parse_overrides(text))
-    except (TypeError, ValueError) as e:
-      raise BenchmarkError(f'compare --{name}={text!r}: {e}') from e
+    cfg = with_overrides(base, text, f'compare --{name}')
     s = llm_step.llm_step(cfg, mesh, len(batches), seq_len, batches[0])
     fns[name] = llm_step.jax_steps(s.step, s.fresh_state(mesh), batches, mesh)
   timing.time_calls(fns, range(timing.WARMUP_STEPS))

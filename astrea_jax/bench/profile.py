@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from astrea_jax.bench import BenchmarkError, hf_llama, llm_step, timing
+from astrea_jax.bench import BenchmarkError, compare, hf_llama, llm_step, timing
 from astrea_jax.eval import generate
 from astrea_jax.models import llama
 
@@ -179,10 +179,10 @@ def trace_generate(cfg: llama.LlamaConfig, batch: int, prompt_len: int, new_toke
 
 def run(what: str, info: dict[str, Any], *, model_name: str = 'tiny', batch: int = 4, seq_len: int = 256,
         prompt_len: int = 32, new_tokens: int = 64, steps: int = 2, scan_unroll: int = 1, trace_dir: str = '',
-        hlo: str = '') -> dict[str, Any]:
-  """The `profile` benchmark: what = 'train' (our step of `model_name`, `steps` traced steps), 'generate' (`steps`
-  traced calls) or 'trace' (the trace under `trace_dir` of the program whose HLO text is the file `hlo`, `steps`
-  calls in it). Prints the breakdown and its JSON line."""
+        hlo: str = '', llm_overrides: str = '') -> dict[str, Any]:
+  """The `profile` benchmark: what = 'train' (our step of `model_name` with the `llm.*` overrides `llm_overrides`,
+  `steps` traced steps), 'generate' (`steps` traced calls) or 'trace' (the trace under `trace_dir` of the program
+  whose HLO text is the file `hlo`, `steps` calls in it). Prints the breakdown and its JSON line."""
   cost = None
   wall = None
   if what == 'trace':
@@ -197,11 +197,12 @@ def run(what: str, info: dict[str, Any], *, model_name: str = 'tiny', batch: int
     cfg = hf_llama.llama_config(model_name)
     if scan_unroll != 1:
       cfg = cfg.replace(scan_unroll=scan_unroll)
+    cfg = compare.with_overrides(cfg, llm_overrides, 'profile --llm')
     with tempfile.TemporaryDirectory() as tmp:
       start = time.perf_counter()
       if what == 'train':
         text, cost = trace_train(cfg, batch, seq_len, steps, tmp)
-        title = f'train step, model {model_name}, batch {batch} x {seq_len}, scan_unroll {scan_unroll}'
+        title = f'train step, model {model_name} {llm_overrides}, batch {batch} x {seq_len}, scan_unroll {cfg.scan_unroll}'
       else:
         text, cost = trace_generate(cfg, batch, prompt_len, new_tokens, steps, tmp)
         title = f'generate, model {model_name}, batch {batch}, prompt {prompt_len} + {new_tokens} new tokens'
@@ -214,6 +215,7 @@ def run(what: str, info: dict[str, Any], *, model_name: str = 'tiny', batch: int
     cost = {k: float(cost[k]) for k in ('flops', 'bytes accessed') if k in cost}
     print(f'XLA cost analysis per call: {cost.get("flops", 0):.3e} FLOP, {cost.get("bytes accessed", 0):.3e} bytes '
           '(a scanned or looped body counted once)')
-  timing.emit(dict(what=what, model=model_name if what != 'trace' else None, calls=steps, cost_analysis=cost,
+  timing.emit(dict(what=what, model=model_name if what != 'trace' else None, llm_overrides=llm_overrides,
+                   calls=steps, cost_analysis=cost,
                    wall_s_with_compile=None if wall is None else round(wall, 1), **s, **info))
   return s
