@@ -4,8 +4,6 @@ with gradient accumulation over 2 micro-batches."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -18,8 +16,7 @@ CASES = ('align_detection/routed', 'instruct/residual', 'main/routed')
 @pytest.fixture(scope='module')
 def result():
   env = fake_devices.env(8)
-  proc = subprocess.run([sys.executable, os.path.join(HERE, 'astrea_sharded_worker.py')], env=env,
-                        capture_output=True, text=True, timeout=1200)
+  proc = fake_devices.run_python([os.path.join(HERE, 'astrea_sharded_worker.py')], env, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -15,8 +13,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope='module')
 def result():
   env = fake_devices.env(8)
-  proc = subprocess.run([sys.executable, os.path.join(HERE, 'sharded_step_worker.py')], env=env,
-                        capture_output=True, text=True, timeout=600)
+  proc = fake_devices.run_python([os.path.join(HERE, 'sharded_step_worker.py')], env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
