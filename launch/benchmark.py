@@ -96,7 +96,8 @@ _A = flags.DEFINE_string('a', '', 'compare: llm.* overrides of side a, FIELD=VAL
 _B = flags.DEFINE_string('b', '', 'compare: llm.* overrides of side b, FIELD=VALUE,...')
 _HLO = flags.DEFINE_string('hlo', '', 'profile --what=trace: the traced program\'s optimised HLO text.')
 _LLM = flags.DEFINE_string('llm', '', 'profile --what=train|generate: llm.* overrides of the traced model, '
-                           'FIELD=VALUE,... (e.g. configs/tiny.py\'s attention_block=32,scan_unroll=2,vocab_size=1024).')
+                           'FIELD=VALUE,... (e.g. configs/tiny.py\'s '
+                           'attention_block=32,scan_unroll=2,vocab_size=1024).')
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'data, flops, mfu, text_vqa: the experiment '
                                           'config.')
 _PIPELINE = bench_flags.pipeline_flags()  # data: --stage --workers --batches --warmup --data_dir --tokenizer

@@ -30,8 +30,8 @@ def run_python(args: list[str], env: dict[str, str], timeout: float) -> subproce
 
   On a loaded 2-core machine the threads of 8 fake devices can deadlock in XLA's CPU collectives: once in the suite
   (2026-12-02, tests/astrea_sharded_worker.py) the devices waited at different collectives until the termination
-  timeout, for a worker that takes 78 s alone. That is the runtime's, not the program's (a run of the same program passes);
-  a program that deadlocks every time fails the second run too."""
+  timeout, for a worker that takes 78 s alone. That is the runtime's, not the program's (a run of the same program
+  passes); a program that deadlocks every time fails the second run too."""
   cmd = [sys.executable, *args]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   if proc.returncode != 0 and COLLECTIVE_ABORT in proc.stderr:

@@ -220,7 +220,8 @@ def test_peak_flops_on_cpu_from_each_frameworks_gemm():
   gemm = bench_peak.matmul_flops(n=64, repeats=1)
   assert set(gemm) == {'jax', 'torch'} and min(gemm.values()) > 0
   cpu = jax.devices('cpu')[0]
-  assert bench_peak.peak_flops(cpu, 'float32', gemm={'jax': 2e12, 'torch': 1e12})[0] == 2e12  # the better, not remeasured
+  # the better of the given figures, not measured again:
+  assert bench_peak.peak_flops(cpu, 'float32', gemm={'jax': 2e12, 'torch': 1e12})[0] == 2e12
   assert bench_peak.peak_flops(cpu, 'float32', 5.0, gemm=gemm) == (5e12, '--peak_tflops')
 
 

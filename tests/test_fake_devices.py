@@ -16,7 +16,8 @@ def _script(marker: str, abort_times: int) -> str:
       runs = len(os.listdir({marker!r}))
       open(os.path.join({marker!r}, str(runs)), 'w').close()
       if runs < {abort_times}:
-        sys.stderr.write('F1202 rendezvous.cc:161] [id=5] {fake_devices.COLLECTIVE_ABORT}all reduce` of 600 seconds exceeded\\n')
+        sys.stderr.write('F1202 rendezvous.cc:161] [id=5] '
+                         '{fake_devices.COLLECTIVE_ABORT}all reduce` of 600 seconds exceeded\\n')
         sys.stderr.flush()
         os.abort()
       print('ran')

@@ -202,7 +202,8 @@ def run(what: str, info: dict[str, Any], *, model_name: str = 'tiny', batch: int
       start = time.perf_counter()
       if what == 'train':
         text, cost = trace_train(cfg, batch, seq_len, steps, tmp)
-        title = f'train step, model {model_name} {llm_overrides}, batch {batch} x {seq_len}, scan_unroll {cfg.scan_unroll}'
+        title = (f'train step, model {model_name} {llm_overrides}, batch {batch} x {seq_len}, '
+                 f'scan_unroll {cfg.scan_unroll}')
       else:
         text, cost = trace_generate(cfg, batch, prompt_len, new_tokens, steps, tmp)
         title = f'generate, model {model_name}, batch {batch}, prompt {prompt_len} + {new_tokens} new tokens'
