@@ -10,6 +10,8 @@ import transformers
 from astrea_jax.convert import loaders
 from astrea_jax import config as config_lib
 from astrea_jax.convert import hf
+from astrea_jax.convert import llama as convert_llama
+from astrea_jax.convert import table
 from astrea_jax.models import llama
 from astrea_jax.parallel import mesh as mesh_lib
 import compiled  # tests/: run_once
@@ -99,6 +101,45 @@ def test_packed_rows_in_query_blocks_give_the_same_logits_and_gradients():
     np.testing.assert_allclose(a, b, atol=1e-6)
   with pytest.raises(ValueError, match='attention_block=-1 must be >= 0'):
     cfg.replace(attention_block=-1)
+
+
+@pytest.mark.parametrize('block', [0, 5])
+def test_parameter_gradients_match_torch_autograd(tmp_path, block):
+  """Every parameter's gradient of a loss over the logits of a left-padded GQA batch against torch autograd through
+  transformers' model (the gradients mapped to HF tensors by the converter's own table), whole and by query
+  blocks."""
+  overrides = dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8)
+  hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False, **overrides)
+  hf.import_hf(hf_dir, str(tmp_path / 'ckpt'), 'llama', show_progress=False)
+  mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
+  cfg, params = loaders.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES,
+                                 attention_block=block)
+  assert cfg.attention_block == block
+  rng = np.random.RandomState(12)
+  tokens = rng.randint(3, 320, (2, 16))
+  mask = np.ones_like(tokens)
+  mask[0, :5] = 0
+  tokens[0, :5] = 0
+  cotangent = rng.randn(2, 16, cfg.vocab_size).astype(np.float32) * mask[..., None]
+
+  ref_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir)
+  logits = ref_model(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
+  (logits * torch.tensor(cotangent)).sum().backward()
+  ref = {name: p.grad.numpy() for name, p in ref_model.named_parameters()}
+
+  def loss(p):
+    out, _ = llama.Llama(cfg).apply({'params': p}, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    return jnp.sum(out * cotangent)
+
+  grads = jax.tree.map(np.asarray, jax.jit(jax.grad(loss))(params))
+  flat = {tuple(k.key for k in path): g for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  compared = set()
+  for r in convert_llama.rules(cfg):
+    for name, g in table.hf_tensors(r, cfg.num_layers, flat[r.param_path]):
+      err = np.abs(g - ref[name]).max()
+      assert err <= 1e-4 * max(1.0, np.abs(ref[name]).max()), (name, err)
+      compared.add(name)
+  assert compared == set(ref)
 
 
 def test_kv_cache_decoding_matches_full_forward(tmp_path):
