@@ -26,11 +26,18 @@ CASES = {
 }
 
 
-def _logits_error(tmp_path, overrides, tokens, mask=None, **run_fields):
-  hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False, **overrides)
+def _converted(tmp_path, overrides=None, **run_fields):
+  """A random transformers Llama saved to tmp_path/hf, imported with our converter and loaded on a 1-device mesh:
+  (HF folder, LlamaConfig, params)."""
+  hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False, **(overrides or {}))
   hf.import_hf(hf_dir, str(tmp_path / 'ckpt'), 'llama', show_progress=False)
   mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
   cfg, params = loaders.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES, **run_fields)
+  return hf_dir, cfg, params
+
+
+def _logits_error(tmp_path, overrides, tokens, mask=None, **run_fields):
+  hf_dir, cfg, params = _converted(tmp_path, overrides, **run_fields)
   ref_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir).eval()
   with torch.no_grad():
     kwargs = {} if mask is None else {'attention_mask': torch.tensor(mask, dtype=torch.long)}
@@ -108,12 +115,8 @@ def test_parameter_gradients_match_torch_autograd(tmp_path, block):
   """Every parameter's gradient of a loss over the logits of a left-padded GQA batch against torch autograd through
   transformers' model (the gradients mapped to HF tensors by the converter's own table), whole and by query
   blocks."""
-  overrides = dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8)
-  hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False, **overrides)
-  hf.import_hf(hf_dir, str(tmp_path / 'ckpt'), 'llama', show_progress=False)
-  mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  cfg, params = loaders.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES,
-                                 attention_block=block)
+  hf_dir, cfg, params = _converted(tmp_path, dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8),
+                                   attention_block=block)
   assert cfg.attention_block == block
   rng = np.random.RandomState(12)
   tokens = rng.randint(3, 320, (2, 16))
@@ -143,10 +146,7 @@ def test_parameter_gradients_match_torch_autograd(tmp_path, block):
 
 
 def test_kv_cache_decoding_matches_full_forward(tmp_path):
-  hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False)
-  hf.import_hf(hf_dir, str(tmp_path / 'ckpt'), 'llama', show_progress=False)
-  mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  cfg, params = loaders.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  _, cfg, params = _converted(tmp_path)
   apply = jax.jit(llama.Llama(cfg).apply)
   tokens = jnp.asarray(np.random.RandomState(2).randint(0, 320, (2, 12)))
   full, _ = apply({'params': params}, tokens)
@@ -207,10 +207,7 @@ def test_an_unrolled_layer_scan_gives_the_same_logits_and_gradients():
 
 def test_per_layer_parameters_and_cache_decode_as_the_scanned_layers(tmp_path):
   """`layer_params` (`unstack_layers`) with a per-layer cache, as generation runs it, against the full forward."""
-  hf_dir = hf_fixtures.make_tiny_llama(str(tmp_path / 'hf'), with_tokenizer=False)
-  hf.import_hf(hf_dir, str(tmp_path / 'ckpt'), 'llama', show_progress=False)
-  mesh = mesh_lib.create_mesh({'data': -1, 'fsdp': 1, 'tensor': 1})
-  cfg, params = loaders.load_llm(str(tmp_path / 'ckpt'), mesh, config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  _, cfg, params = _converted(tmp_path)
   apply = jax.jit(llama.Llama(cfg).apply)
   layer_params = llama.unstack_layers(params)
   tokens = jnp.asarray(np.random.RandomState(6).randint(0, 320, (2, 12)))
