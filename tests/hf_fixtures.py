@@ -7,9 +7,13 @@ perturbed, so that a mis-mapped tensor shows) and a byte-level BPE tokenizer tra
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+import safetensors.numpy
+
+from astrea_jax.convert import safetensors_io
 from astrea_jax.data import tokenizer as tokenizer_lib
 
 TOKENIZER_CORPUS = (
@@ -109,3 +113,21 @@ def make_tiny_vit(family: str, out_dir: str, *, two_tower: bool = False, seed: i
   os.makedirs(out_dir, exist_ok=True)
   model.save_pretrained(out_dir)
   return out_dir
+
+
+def rewrite_folder(src: str, dst: str, drop: Sequence[str] = (), add: Mapping[str, Any] | None = None,
+                   config: Mapping[str, Any] | None = None) -> str:
+  """A copy of the single-file Hugging Face folder `src` at `dst` with the tensors `drop` left out, the tensors `add`
+  added or replaced and the config.json fields `config` changed (for the converters' bad-input tests). Written with
+  the `safetensors` package, which keeps a 0-d tensor (CLIPModel's `logit_scale`) 0-d."""
+  os.makedirs(dst)
+  reader = safetensors_io.SafetensorsReader(src)
+  tensors = {k: reader.get(k) for k in reader.keys() if k not in drop}
+  tensors.update(add or {})
+  safetensors.numpy.save_file(tensors, os.path.join(dst, safetensors_io.SINGLE_FILE), metadata={'format': 'pt'})
+  with open(os.path.join(src, 'config.json')) as f:
+    hf_config = json.load(f)
+  hf_config.update(config or {})
+  with open(os.path.join(dst, 'config.json'), 'w') as f:
+    json.dump(hf_config, f)
+  return dst

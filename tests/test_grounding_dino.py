@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 import torch
 import transformers
 from PIL import Image
@@ -29,6 +28,7 @@ from astrea_jax.convert import grounding_dino as convert_gd
 from astrea_jax.models import expert, grounding_dino
 from astrea_jax.parallel import mesh as mesh_lib
 from tests import gd_fixtures
+from tests.hf_fixtures import rewrite_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -154,19 +154,6 @@ def _assert_same_tensors(src, out, keys):
     assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8)), key
 
 
-def _rewrite(src, dst, drop=(), add=None, config=None):
-  """A copy of a single-file HF folder with tensors dropped or added and config fields changed."""
-  os.makedirs(dst)
-  reader = safetensors_io.SafetensorsReader(src)
-  tensors = {k: reader.get(k) for k in reader.keys() if k not in drop}
-  tensors.update(add or {})
-  safetensors.numpy.save_file(tensors, os.path.join(dst, safetensors_io.SINGLE_FILE), metadata={'format': 'pt'})
-  hf_config = json.load(open(os.path.join(src, 'config.json')))
-  hf_config.update(config or {})
-  json.dump(hf_config, open(os.path.join(dst, 'config.json'), 'w'))
-  return dst
-
-
 def test_wider_round_trip_is_bit_identical_and_loads_in_transformers(converted, tmp_path):
   c = converted['wider']
   hf.export_hf(c['ckpt'], str(tmp_path / 'out'), show_progress=False)
@@ -200,9 +187,10 @@ def test_transformers_4x_files_with_tied_copies_round_trip(converted, tmp_path):
                 for i in range(2)})
   buffers = {'model.backbone.conv_encoder.model.encoder.layers.0.blocks.0.attention.self.relative_position_index':
              np.zeros((4, 4), np.int64), 'model.text_backbone.embeddings.position_ids': np.arange(64)[None]}
-  old = _rewrite(c['hf_dir'], str(tmp_path / 'old'), drop=('model.backbone.conv_encoder.model.swin.layernorm.weight',
-                                                             'model.backbone.conv_encoder.model.swin.layernorm.bias'),
-                 add={**extra, **buffers})
+  old = rewrite_folder(c['hf_dir'], str(tmp_path / 'old'),
+                       drop=('model.backbone.conv_encoder.model.swin.layernorm.weight',
+                             'model.backbone.conv_encoder.model.swin.layernorm.bias'),
+                       add={**extra, **buffers})
   meta = hf.import_hf(old, str(tmp_path / 'ckpt'), 'grounding_dino', show_progress=False)
   assert set(meta['ignored_hf_tensors']) == set(extra) | set(buffers)
   hf.export_hf(str(tmp_path / 'ckpt'), str(tmp_path / 'out'), show_progress=False)
@@ -218,11 +206,11 @@ def test_transformers_4x_files_with_tied_copies_round_trip(converted, tmp_path):
 def test_errors_name_the_problem(converted, tmp_path):
   c = converted['tiny']
   key = 'model.decoder.layers.1.encoder_attn.sampling_offsets.weight'
-  bad = _rewrite(c['hf_dir'], str(tmp_path / 'missing'), drop=(key,))
+  bad = rewrite_folder(c['hf_dir'], str(tmp_path / 'missing'), drop=(key,))
   with pytest.raises(table.ConversionError,
                      match=rf"family 'grounding_dino'.*missing.*{re.escape(key)} \(expected shape \[32, 32\]\)"):
     hf.import_hf(bad, str(tmp_path / 'out'), 'grounding_dino', show_progress=False)
-  bad = _rewrite(c['hf_dir'], str(tmp_path / 'one_stage'), config={'two_stage': False})
+  bad = rewrite_folder(c['hf_dir'], str(tmp_path / 'one_stage'), config={'two_stage': False})
   with pytest.raises(table.ConversionError, match=r"two_stage=False is not supported by family 'grounding_dino'; "
                      r'expected True'):
     hf.import_hf(bad, str(tmp_path / 'out'), 'grounding_dino', show_progress=False)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
+from hf_fixtures import rewrite_folder  # tests/
 import sam2_fixtures
 import torch
 import transformers
@@ -192,26 +192,13 @@ def test_video_model_source_takes_the_vision_encoder(converted, tmp_path):
   assert 'occlusion_spatial_embedding_parameter' in plan.ignored
 
 
-def _rewrite(src, dst, drop=(), add=None, config=None):
-  """A copy of a single-file HF folder with tensors dropped or added and config fields changed."""
-  os.makedirs(dst)
-  reader = safetensors_io.SafetensorsReader(src)
-  tensors = {k: reader.get(k) for k in reader.keys() if k not in drop}
-  tensors.update(add or {})
-  safetensors.numpy.save_file(tensors, os.path.join(dst, safetensors_io.SINGLE_FILE), metadata={'format': 'pt'})
-  hf_config = json.load(open(os.path.join(src, 'config.json')))
-  hf_config.update(config or {})
-  json.dump(hf_config, open(os.path.join(dst, 'config.json'), 'w'))
-  return dst
-
-
 @pytest.mark.parametrize('name,key,shape', [
     ('vision_padded96', 'backbone.blocks.3.attn.qkv.weight', [96, 16]),
     ('vision_padded96', 'neck.convs.0.bias', [16]),
     ('full_global64', 'vision_encoder.backbone.pos_embed', [1, 8, 4, 4]),
 ])
 def test_missing_tensor_is_named_with_family_and_shape(converted, tmp_path, name, key, shape):
-  bad = _rewrite(converted[name]['hf_dir'], str(tmp_path / 'bad'), drop=(key,))
+  bad = rewrite_folder(converted[name]['hf_dir'], str(tmp_path / 'bad'), drop=(key,))
   expected = rf"family 'sam2'.*missing.*{re.escape(key)} \(expected shape {re.escape(str(shape))}\)"
   with pytest.raises(table.ConversionError, match=expected):
     hf.import_hf(bad, str(tmp_path / 'out'), 'sam2', show_progress=False)
@@ -220,11 +207,12 @@ def test_missing_tensor_is_named_with_family_and_shape(converted, tmp_path, name
 
 def test_mis_shaped_and_unexpected_tensors_are_named(converted, tmp_path):
   src = converted['vision_padded96']['hf_dir']
-  bad = _rewrite(src, str(tmp_path / 'shape'), add={'backbone.blocks.1.proj.weight': np.zeros((16, 9), np.float32)})
+  bad = rewrite_folder(src, str(tmp_path / 'shape'),
+                       add={'backbone.blocks.1.proj.weight': np.zeros((16, 9), np.float32)})
   with pytest.raises(table.ConversionError, match=r'backbone\.blocks\.1\.proj\.weight has shape \[16, 9\], '
                      r'expected \[16, 8\]'):
     hf.import_hf(bad, str(tmp_path / 'out'), 'sam2', show_progress=False)
-  bad = _rewrite(src, str(tmp_path / 'extra'), add={'neck.convs.4.bias': np.zeros(16, np.float32)})
+  bad = rewrite_folder(src, str(tmp_path / 'extra'), add={'neck.convs.4.bias': np.zeros(16, np.float32)})
   with pytest.raises(table.ConversionError, match=r'unexpected tensor\(s\): neck\.convs\.4\.bias'):
     hf.import_hf(bad, str(tmp_path / 'out'), 'sam2', show_progress=False)
   assert not os.path.exists(tmp_path / 'out')
@@ -232,12 +220,12 @@ def test_mis_shaped_and_unexpected_tensors_are_named(converted, tmp_path):
 
 def test_wrong_family_and_bad_config_are_named(converted, tmp_path):
   src = converted['vision_padded96']['hf_dir']
-  bad = _rewrite(src, str(tmp_path / 'type'), config={'model_type': 'sam_vision_model'})
+  bad = rewrite_folder(src, str(tmp_path / 'type'), config={'model_type': 'sam_vision_model'})
   with pytest.raises(table.ConversionError, match=r"model_type='sam_vision_model' is not a 'sam2' checkpoint"):
     hf.import_hf(bad, str(tmp_path / 'out'), 'sam2', show_progress=False)
   with pytest.raises(table.ConversionError, match=r"model_type='sam2_vision_model' is not a 'dinov2' checkpoint"):
     hf.import_hf(src, str(tmp_path / 'out'), 'dinov2', show_progress=False)
-  bad = _rewrite(src, str(tmp_path / 'channels'), config={'backbone_channel_list': [8, 16, 32, 64]})
+  bad = rewrite_folder(src, str(tmp_path / 'channels'), config={'backbone_channel_list': [8, 16, 32, 64]})
   with pytest.raises(table.ConversionError, match=r'config\.json: invalid HieraConfig: backbone_channel_list'):
     hf.import_hf(bad, str(tmp_path / 'out'), 'sam2', show_progress=False)
   with pytest.raises(checkpoint.CheckpointError, match=r"overrides \['hidden_size'\] would change"):

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors.numpy
 import torch
 import transformers
 
@@ -22,6 +21,7 @@ from astrea_jax.convert import hf, safetensors_io, table
 from astrea_jax.models import vit
 from astrea_jax.parallel import mesh as mesh_lib
 import hf_fixtures  # tests/
+from hf_fixtures import rewrite_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
@@ -174,20 +174,6 @@ def test_bf16_source_round_trips_bit_identical(tmp_path):
   _assert_same_tensors(a, b, a.keys())
 
 
-def _rewrite(src, dst, drop=(), add=None, config=None):
-  """A copy of a single-file HF folder with tensors dropped or added and config fields changed (written with the
-  `safetensors` package, which keeps CLIPModel's 0-d `logit_scale` 0-d)."""
-  os.makedirs(dst)
-  reader = safetensors_io.SafetensorsReader(src)
-  tensors = {k: reader.get(k) for k in reader.keys() if k not in drop}
-  tensors.update(add or {})
-  safetensors.numpy.save_file(tensors, os.path.join(dst, safetensors_io.SINGLE_FILE), metadata={'format': 'pt'})
-  hf_config = json.load(open(os.path.join(src, 'config.json')))
-  hf_config.update(config or {})
-  json.dump(hf_config, open(os.path.join(dst, 'config.json'), 'w'))
-  return dst
-
-
 @pytest.mark.parametrize('name,key,shape', [
     ('siglip', 'encoder.layers.1.mlp.fc1.weight', [48, 32]),
     ('siglip_two_tower', 'vision_model.head.attention.in_proj_weight', [96, 32]),
@@ -196,7 +182,7 @@ def _rewrite(src, dst, drop=(), add=None, config=None):
 ])
 def test_missing_tensor_is_named_with_family_and_shape(converted, tmp_path, name, key, shape):
   family = SOURCES[name][0]
-  bad = _rewrite(converted[name]['hf_dir'], str(tmp_path / 'bad'), drop=(key,))
+  bad = rewrite_folder(converted[name]['hf_dir'], str(tmp_path / 'bad'), drop=(key,))
   expected = rf"family '{family}'.*missing.*{re.escape(key)} \(expected shape {re.escape(str(shape))}\)"
   with pytest.raises(table.ConversionError, match=expected):
     hf.import_hf(bad, str(tmp_path / 'out'), family, show_progress=False)
@@ -205,14 +191,14 @@ def test_missing_tensor_is_named_with_family_and_shape(converted, tmp_path, name
 
 def test_unexpected_and_mis_shaped_tensors_are_named(converted, tmp_path):
   src = converted['clip']['hf_dir']
-  bad = _rewrite(src, str(tmp_path / 'extra'), add={'embeddings.extra.weight': np.zeros(3, np.float32)})
+  bad = rewrite_folder(src, str(tmp_path / 'extra'), add={'embeddings.extra.weight': np.zeros(3, np.float32)})
   with pytest.raises(table.ConversionError, match=r'unexpected tensor\(s\): embeddings\.extra\.weight'):
     hf.import_hf(bad, str(tmp_path / 'out'), 'clip', show_progress=False)
-  bad = _rewrite(src, str(tmp_path / 'shape'), add={'embeddings.class_embedding': np.zeros(5, np.float32)})
+  bad = rewrite_folder(src, str(tmp_path / 'shape'), add={'embeddings.class_embedding': np.zeros(5, np.float32)})
   with pytest.raises(table.ConversionError, match=r'embeddings\.class_embedding has shape \[5\], expected \[32\]'):
     hf.import_hf(bad, str(tmp_path / 'out'), 'clip', show_progress=False)
   benign = {'embeddings.position_ids': np.arange(17, dtype=np.int64)[None]}
-  ok = _rewrite(src, str(tmp_path / 'ok'), add=benign)
+  ok = rewrite_folder(src, str(tmp_path / 'ok'), add=benign)
   assert hf.import_hf(ok, str(tmp_path / 'out'), 'clip', show_progress=False)['ignored_hf_tensors'] == [
       'embeddings.position_ids']
 
@@ -222,15 +208,15 @@ def test_wrong_family_and_unsupported_config_are_named(converted, tmp_path):
     hf.import_hf(converted['clip']['hf_dir'], str(tmp_path / 'out'), 'siglip', show_progress=False)
   with pytest.raises(table.ConversionError, match=r"model_type='siglip' is not a 'dinov2' checkpoint"):
     hf.import_hf(converted['siglip_two_tower']['hf_dir'], str(tmp_path / 'out'), 'dinov2', show_progress=False)
-  bad = _rewrite(converted['dinov2']['hf_dir'], str(tmp_path / 'swiglu'), config={'use_swiglu_ffn': True})
+  bad = rewrite_folder(converted['dinov2']['hf_dir'], str(tmp_path / 'swiglu'), config={'use_swiglu_ffn': True})
   with pytest.raises(table.ConversionError, match=r'config\.json: use_swiglu_ffn=True is not supported by family '
                      r"'dinov2'"):
     hf.import_hf(bad, str(tmp_path / 'out'), 'dinov2', show_progress=False)
-  bad = _rewrite(converted['siglip']['hf_dir'], str(tmp_path / 'heads'), config={'num_attention_heads': 5})
+  bad = rewrite_folder(converted['siglip']['hf_dir'], str(tmp_path / 'heads'), config={'num_attention_heads': 5})
   with pytest.raises(table.ConversionError, match=r'config\.json: invalid ViTConfig: hidden_size=32 must be a '
                      r'multiple of num_heads=5'):
     hf.import_hf(bad, str(tmp_path / 'out'), 'siglip', show_progress=False)
-  bad = _rewrite(converted['clip']['hf_dir'], str(tmp_path / 'clip_heads'), config={'num_attention_heads': 5})
+  bad = rewrite_folder(converted['clip']['hf_dir'], str(tmp_path / 'clip_heads'), config={'num_attention_heads': 5})
   with pytest.raises(table.ConversionError, match=r'(?s)config\.json: not a valid CLIPVisionConfig: .*not a multiple'):
     hf.import_hf(bad, str(tmp_path / 'out'), 'clip', show_progress=False)
   assert not os.path.exists(tmp_path / 'out')
