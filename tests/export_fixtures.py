@@ -1,19 +1,26 @@
-"""Helpers of the export tests (tests/test_export_model.py, tests/test_export_run.py): parameters held in memory as
-an export source, a test image, the PyTorch side of a prompt (logits and greedy tokens), and the JAX side of the same
+"""Helpers of the export tests (tests/test_export_model.py, tests/test_export_experts.py, tests/test_export_run.py):
+parameters held in memory as an export source, a random model exported, a test image, the PyTorch side of a prompt (logits and greedy tokens), and the JAX side of the same
 prompt through `astrea_jax.eval.multimodal` (what `launch.generate` runs)."""
 
 import dataclasses
 import os
 
+import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from flax import traverse_util
 from PIL import Image, ImageDraw
 
+from astrea_jax import config as config_lib
+from astrea_jax.astrea.model import init_params
 from astrea_jax.convert import hf
 from astrea_jax.data import pipeline, templates
 from astrea_jax.eval import multimodal
 from astrea_jax.models import llama
+from astrea_jax.train import export
+
+import hf_fixtures  # tests/
 
 PROMPT = 'How many shapes are there?'
 
@@ -29,6 +36,21 @@ def random_params(shapes, seed: int = 0, scale: float = 0.1):
   included, so a mis-mapped tensor shows; drawn with numpy (one jitted draw per shape would cost seconds)."""
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda x: (scale * rng.standard_normal(x.shape)).astype(x.dtype), shapes)
+
+
+def exported_random_model(root: str, config: ml_collections.ConfigDict, **export_options):
+  """The Astrea model of `config` with random parameters (`random_params`), exported as the main stage
+  (`train.export.export_model`, chatml, padded square images) to root/hf with a chat tokenizer saved at root/tokenizer
+  -> (model config, parameters, tokenizer dir, export dir, the test image of `shapes_image` as RGB)."""
+  cfg = config_lib.model_config(config)
+  sizes = {e.name: e.image_size for e in cfg.experts}
+  params = random_params(nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), sizes))))
+  tokenizer_dir = os.path.join(root, 'tokenizer')
+  hf_fixtures.make_chat_tokenizer(320).save_pretrained(tokenizer_dir)
+  out = os.path.join(root, 'hf')
+  export.export_model(out, cfg, in_memory(params), 'main', tokenizer_dir, 'chatml', 'pad', show_progress=False,
+                      **export_options)
+  return cfg, params, tokenizer_dir, out, load_rgb(shapes_image(os.path.join(root, 'shapes.png')))
 
 
 def shapes_image(path: str, size=(80, 64)) -> str:

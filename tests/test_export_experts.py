@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +18,6 @@ import torch
 import transformers
 from flax import traverse_util
 
-from astrea_jax import config as config_lib
-from astrea_jax.astrea.model import init_params
 from astrea_jax.convert import astrea as astrea_family
 from astrea_jax.convert import checkpoint, hf, safetensors_io, table
 from astrea_jax.data import pipeline, templates
@@ -29,7 +26,6 @@ from astrea_jax.models import families, llama
 from astrea_jax.train import export
 
 import export_fixtures  # tests/
-import hf_fixtures  # tests/
 import runner_worker  # tests/
 from test_grounding_dino_expert import TINY_FIELDS as GD_FIELDS  # tests/: 25 queries, 128 px
 from test_sam2_ram_experts import ram_fields, sam2_fields  # tests/
@@ -50,16 +46,7 @@ def model(tmp_path_factory):
   c.data.experts.detection.image_size = 128
   c.model.experts.classification = ram_fields()
   c.data.experts.classification.image_size = 64
-  cfg = config_lib.model_config(c)
-  sizes = {e.name: e.image_size for e in cfg.experts}
-  params = export_fixtures.random_params(nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), sizes))))
-  tokenizer_dir = str(root / 'tokenizer')
-  hf_fixtures.make_chat_tokenizer(320).save_pretrained(tokenizer_dir)
-  out = str(root / 'hf')
-  export.export_model(out, cfg, export_fixtures.in_memory(params), 'main', tokenizer_dir, 'chatml', 'pad',
-                      show_progress=False)
-  image = export_fixtures.load_rgb(export_fixtures.shapes_image(str(root / 'shapes.png')))
-  return cfg, params, tokenizer_dir, out, image
+  return export_fixtures.exported_random_model(str(root), c)
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -17,8 +16,6 @@ import torch
 import transformers
 from flax import traverse_util
 
-from astrea_jax import config as config_lib
-from astrea_jax.astrea.model import init_params
 from astrea_jax.convert import astrea as astrea_family
 from astrea_jax.convert import checkpoint, hf, safetensors_io, table
 from astrea_jax.data import images as images_lib
@@ -28,7 +25,6 @@ from astrea_jax.eval.prompting import generation_template
 from astrea_jax.train import export
 
 import export_fixtures  # tests/
-import hf_fixtures  # tests/
 import runner_worker  # tests/
 
 SHARD_BYTES = 300_000
@@ -42,16 +38,7 @@ def model(tmp_path_factory):
   c = runner_worker.small_config(str(root / 'unused'))
   c.unlock()
   c.data.experts.classification.image_size = 48
-  cfg = config_lib.model_config(c)
-  sizes = {e.name: e.image_size for e in cfg.experts}
-  params = export_fixtures.random_params(nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), sizes))))
-  tokenizer_dir = str(root / 'tokenizer')
-  hf_fixtures.make_chat_tokenizer(320).save_pretrained(tokenizer_dir)
-  out = str(root / 'hf')
-  export.export_model(out, cfg, export_fixtures.in_memory(params), 'main', tokenizer_dir, 'chatml', 'pad',
-                      max_shard_bytes=SHARD_BYTES, show_progress=False)
-  image = export_fixtures.load_rgb(export_fixtures.shapes_image(str(root / 'shapes.png')))
-  return cfg, params, tokenizer_dir, out, image
+  return export_fixtures.exported_random_model(str(root), c, max_shard_bytes=SHARD_BYTES)
 
 
 def test_the_folder_is_a_custom_architecture_with_family_tensor_names(model):
@@ -246,17 +233,9 @@ def anyres_model(tmp_path_factory):
   c.unlock()
   c.data.experts.classification.image_size = 48
   c.data.anyres.pinpoints = ((64, 128), (128, 64), (128, 128))
-  cfg = config_lib.model_config(c)
-  assert cfg.anyres_pinpoints and cfg.anyres_tile == 64
-  sizes = {e.name: e.image_size for e in cfg.experts}
-  params = export_fixtures.random_params(nn.unbox(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), sizes))))
-  tokenizer_dir = str(root / 'tokenizer')
-  hf_fixtures.make_chat_tokenizer(320).save_pretrained(tokenizer_dir)
-  out = str(root / 'hf')
-  export.export_model(out, cfg, export_fixtures.in_memory(params), 'main', tokenizer_dir, 'chatml', 'pad',
-                      show_progress=False)
-  image = export_fixtures.load_rgb(export_fixtures.shapes_image(str(root / 'shapes.png')))
-  return cfg, params, tokenizer_dir, out, image
+  exported = export_fixtures.exported_random_model(str(root), c)
+  assert exported[0].anyres_pinpoints and exported[0].anyres_tile == 64
+  return exported
 
 
 @pytest.mark.parametrize('stage,num_images', [('align_detection', 1), ('main', 2)])
