@@ -1,6 +1,7 @@
 """Helpers of the export tests (tests/test_export_model.py, tests/test_export_experts.py, tests/test_export_run.py):
-parameters held in memory as an export source, a random model exported, a test image, the PyTorch side of a prompt (logits and greedy tokens), and the JAX side of the same
-prompt through `astrea_jax.eval.multimodal` (what `launch.generate` runs)."""
+parameters held in memory as an export source, a random model exported, a test image, the PyTorch side of a prompt
+(logits and greedy tokens), and the JAX side of the same prompt through `astrea_jax.eval.multimodal` (what
+`launch.generate` runs)."""
 
 import dataclasses
 import os
