@@ -20,6 +20,7 @@ from astrea_jax.models import swin
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
 from tests import swin_fixtures
+from tests.hf_fixtures import rewrite_folder
 
 TOL = 1e-4
 SOURCES = {'model': dict(backbone=False), 'backbone': dict(backbone=True, out_indices=[0, 2, 3])}
@@ -150,20 +151,14 @@ def test_round_trip_is_bit_identical_and_loads_in_transformers(converted, tmp_pa
 
 
 def test_missing_tensor_and_unsupported_config_are_named(converted, tmp_path):
-  import safetensors.numpy
   src = converted['model']['hf_dir']
-  reader = safetensors_io.SafetensorsReader(src)
   key = 'encoder.layers.1.blocks.1.attention.self.relative_position_bias_table'
-  os.makedirs(tmp_path / 'bad')
-  safetensors.numpy.save_file({k: reader.get(k) for k in reader.keys() if k != key},
-                              str(tmp_path / 'bad' / 'model.safetensors'), metadata={'format': 'pt'})
-  hf_config = json.load(open(os.path.join(src, 'config.json')))
-  json.dump(hf_config, open(tmp_path / 'bad' / 'config.json', 'w'))
+  bad = rewrite_folder(src, str(tmp_path / 'bad'), drop=(key,))
   with pytest.raises(table.ConversionError, match=rf"family 'swin'.*missing.*{key} \(expected shape \[49, 2\]\)"):
-    hf.import_hf(str(tmp_path / 'bad'), str(tmp_path / 'out'), 'swin', show_progress=False)
-  json.dump(dict(hf_config, use_absolute_embeddings=True), open(tmp_path / 'bad' / 'config.json', 'w'))
+    hf.import_hf(bad, str(tmp_path / 'out'), 'swin', show_progress=False)
+  bad = rewrite_folder(src, str(tmp_path / 'absolute'), drop=(key,), config={'use_absolute_embeddings': True})
   with pytest.raises(table.ConversionError, match=r"use_absolute_embeddings=True is not supported by family 'swin'"):
-    hf.import_hf(str(tmp_path / 'bad'), str(tmp_path / 'out'), 'swin', show_progress=False)
+    hf.import_hf(bad, str(tmp_path / 'out'), 'swin', show_progress=False)
   assert not os.path.exists(tmp_path / 'out')
   with pytest.raises(ValueError, match=r'invalid SwinConfig: stage 1: .* a multiple of num_heads'):
     swin.SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=(2, 2), num_heads=(1, 3), window_size=4)
