@@ -270,3 +270,34 @@ def checkpointing_steps(c, workdir):
     return ckpt.all_steps()
   finally:
     ckpt.close()
+
+
+def test_setup_timer_sums_each_part_in_the_order_first_seen(monkeypatch):
+  clock = iter([0.0, 1.0, 1.5, 4.0])
+  monkeypatch.setattr(runner.time, 'perf_counter', lambda: next(clock))
+  timer = runner.SetupTimer()
+  for part in ('data', 'compile', 'data'):
+    timer.mark(part)
+  assert str(timer) == '4.0 s (data 3.5 s, compile 0.5 s)'
+
+
+def test_a_stage_state_from_the_parameters_traced_once_is_the_state_traced_from_the_initialisers(data_dir):
+  """`stage_step.build` traces the model's initialisers once per run (`abstract_boxed_params`); its train state's
+  shapes, dtypes and shardings are those of a state traced from the initialisers themselves."""
+  import flax.linen as nn
+  import jax
+  from astrea_jax.parallel import mesh as mesh_lib, sharding
+  from astrea_jax.train import stage_step
+  c = runner_worker.small_config(data_dir)
+  cfg = config_lib.model_config(c)
+  mesh, rules = mesh_lib.create_mesh(c.mesh), c.logical_axis_rules
+  fresh = stage_step.params_init_fn(c, cfg)
+  assert stage_step.abstract_boxed_params(c, cfg) is stage_step.abstract_boxed_params(c, cfg)
+  for index, name in enumerate(('align_caption', 'main')):
+    built = stage_step.build(c, cfg, stage_step.stage_plan(c, cfg, name), index, mesh, rules)
+    expected = sharding.with_shardings(*sharding.abstract_and_shardings(lambda: built.init_state(fresh()), mesh, rules))
+    got = built.restore_target()
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+      assert (a.shape, a.dtype, a.sharding) == (b.shape, b.dtype, b.sharding)
+  assert nn.unbox(jax.eval_shape(fresh)) == stage_step.abstract_params(c, cfg)

@@ -66,7 +66,11 @@ RUN_ONCE_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disa
 def abstract_and_shardings(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
   """(abstract tree with boxed logical names stripped, matching tree of NamedShardings) for `init_fn`'s output; each
   sharding fitted to its leaf's shape (`fit_to_shape`)."""
-  boxed = jax.eval_shape(init_fn)
+  return unbox_with_shardings(jax.eval_shape(init_fn), mesh, rules)
+
+
+def unbox_with_shardings(boxed: Any, mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
+  """`abstract_and_shardings` of a boxed abstract tree already traced (`jax.eval_shape` of an init function)."""
   abstract = nn.unbox(boxed)
   shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
   fitted = jax.tree.map(lambda a, s: fit_to_shape(s, a.shape), abstract, shardings)
@@ -79,10 +83,11 @@ def abstract_and_shardings(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules)
   return abstract, fitted
 
 
-def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules) -> tuple[Any, Any]:
-  """Runs `init_fn` under jit with out_shardings from the logical names, compiled with RUN_ONCE_COMPILER_OPTIONS;
-  returns (unboxed tree, shardings)."""
-  _, shardings = abstract_and_shardings(init_fn, mesh, rules)
+def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, rules: Rules, shardings: Any = None) -> tuple[Any, Any]:
+  """Runs `init_fn` under jit with out_shardings from the logical names (or `shardings`, already derived from
+  them), compiled with RUN_ONCE_COMPILER_OPTIONS; returns (unboxed tree, shardings)."""
+  if shardings is None:
+    _, shardings = abstract_and_shardings(init_fn, mesh, rules)
   with logical_context(mesh, rules):
     tree = jax.jit(lambda: nn.unbox(init_fn()), out_shardings=shardings,
                    compiler_options=RUN_ONCE_COMPILER_OPTIONS)()

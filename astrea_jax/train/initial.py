@@ -27,7 +27,7 @@ from astrea_jax.models.expert import ExpertConfig
 from astrea_jax.parallel import sharding
 from astrea_jax.train import experts as experts_lib
 from astrea_jax.train import llm_text
-from astrea_jax.train.stage_step import params_init_fn
+from astrea_jax.train.stage_step import abstract_boxed_params, params_init_fn
 
 Array = jax.Array
 NUMERICS = ('dtype', 'param_dtype', 'remat_policy')  # what a run may set in any stored model config
@@ -46,12 +46,11 @@ def put_global(value: Any, sharding_: jax.sharding.Sharding) -> Array:
 
 def initial_params(config: ml_collections.ConfigDict, cfg: AstreaConfig, mesh, rules, workdir: str) -> Any:
   """The run's first parameters (module docstring), placed on the mesh."""
+  _, shardings = sharding.unbox_with_shardings(abstract_boxed_params(config, cfg), mesh, rules)
   if init_is_whole_model(config):
     params = dict(load_model(config, cfg, mesh, rules))
-    _, shardings = sharding.abstract_and_shardings(params_init_fn(config, cfg), mesh, rules)
   else:
-    params, shardings = sharding.init_sharded(params_init_fn(config, cfg), mesh, rules)
-    params = dict(params)
+    params = dict(sharding.init_sharded(params_init_fn(config, cfg), mesh, rules, shardings)[0])
     if config.init_checkpoint:
       params['llm'] = load_llm(config, cfg, mesh, rules)
   experts = dict(params['experts'])

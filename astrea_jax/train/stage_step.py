@@ -6,6 +6,7 @@ needs."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -52,7 +53,19 @@ def params_init_fn(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> Call
 
 def abstract_params(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> Any:
   """ShapeDtypeStructs of the run's model parameters (unboxed), nothing allocated."""
-  return flax.linen.unbox(jax.eval_shape(params_init_fn(config, cfg)))
+  return flax.linen.unbox(abstract_boxed_params(config, cfg))
+
+
+def abstract_boxed_params(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> Any:
+  """`jax.eval_shape` of `params_init_fn`: the boxed parameters' ShapeDtypeStructs, traced once per model config and
+  expert image sizes (tracing the model's initialisers is the slowest part of building a stage's step after its
+  compilation: ~1 s for the tiny default on a 2-core CPU)."""
+  return _abstract_boxed_params(cfg, tuple(sorted((slot, e.image_size) for slot, e in config.data.experts.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_boxed_params(cfg: AstreaConfig, sizes: tuple[tuple[str, int], ...]) -> Any:
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dict(sizes)))
 
 
 def stage_rng(config: ml_collections.ConfigDict, index: int) -> Array:
@@ -80,13 +93,13 @@ class StageStep:
 def build(config: ml_collections.ConfigDict, cfg: AstreaConfig, plan: StagePlan, index: int, mesh, rules) -> StageStep:
   """The stage's `StageStep` on `mesh`: state shardings from the logical axis names of the parameters (the optimizer
   moments and EMA copies follow their parameters; the rest is replicated)."""
-  boxed = params_init_fn(config, cfg)
-  params_abstract, param_shardings = sharding.abstract_and_shardings(boxed, mesh, rules)
+  boxed = abstract_boxed_params(config, cfg)
+  params_abstract, param_shardings = sharding.unbox_with_shardings(boxed, mesh, rules)
   labels = stages.param_labels(params_abstract, plan.trainable)
   tx, schedule = stages.stage_optimizer(config.optimizer, plan.num_steps, plan.learning_rate)
   moco_cfg = config.moco if stage_table.spec(plan.name).moco else None
   init_state = lambda p: step_lib.init_state(p, tx, labels, stage_rng(config, index), moco_cfg)
-  abstract_state, state_shardings = sharding.abstract_and_shardings(lambda: init_state(boxed()), mesh, rules)
+  abstract_state, state_shardings = sharding.unbox_with_shardings(jax.eval_shape(init_state, boxed), mesh, rules)
   accum = config.train.grad_accum_steps
   step = step_lib.make_step(astrea_loss.astrea_loss_fn(Astrea(cfg), plan.name, config, accum), tx, labels,
                             moco_cfg=moco_cfg, schedule=schedule, accum_steps=accum, param_shardings=param_shardings)
