@@ -6,12 +6,16 @@ import json
 import os
 import re
 
+import flax.linen as nn
+import jax
 import pytest
 from PIL import Image
 
 from astrea_jax.convert import clip
 from astrea_jax import config as config_lib
-from astrea_jax.train import checkpointing, initial, runner
+from astrea_jax.parallel import mesh as mesh_lib
+from astrea_jax.parallel import sharding
+from astrea_jax.train import checkpointing, initial, runner, stage_step
 
 import lm_loop_worker  # tests/: tensorboard_scalars
 import runner_worker  # tests/: small_config
@@ -284,10 +288,6 @@ def test_setup_timer_sums_each_part_in_the_order_first_seen(monkeypatch):
 def test_a_stage_state_from_the_parameters_traced_once_is_the_state_traced_from_the_initialisers(data_dir):
   """`stage_step.build` traces the model's initialisers once per run (`abstract_boxed_params`); its train state's
   shapes, dtypes and shardings are those of a state traced from the initialisers themselves."""
-  import flax.linen as nn
-  import jax
-  from astrea_jax.parallel import mesh as mesh_lib, sharding
-  from astrea_jax.train import stage_step
   c = runner_worker.small_config(data_dir)
   cfg = config_lib.model_config(c)
   mesh, rules = mesh_lib.create_mesh(c.mesh), c.logical_axis_rules
