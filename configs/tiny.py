@@ -33,6 +33,13 @@ def get_config():
   # residual 0.364, routed 0.357 (majority baseline 0.324); residual is also the paper's reading (Fig. 1).
   c.stages.instruct.update(num_steps=1800, learning_rate=2e-3, fusion='residual')
   c.stages.main.update(num_steps=300, learning_rate=1e-3)
+  # The LM head and loss on each row's first N answer tokens, not on all 256 slots (the same loss; 0.81-0.87x the LLM
+  # step's time, BENCHMARKS.md section 8). N is above the longest row's answers in these rows (instruct 20, main 39,
+  # caption 40, classification 62, detection 131, the text rows 131; segmentation's 199 leave it at every slot).
+  c.llm_pretrain.loss_positions = 136
+  for name, positions in (('align_caption', 64), ('align_classification', 96), ('align_detection', 160),
+                          ('instruct', 64), ('main', 64)):
+    c.stages[name].loss_positions = positions
   c.checkpoint.every_steps = 500
   c.logging.every_steps = 50
   return config_lib.lock(c)

@@ -12,7 +12,8 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
   python -m launch.benchmark deformable [--steps=5 --image_size=800 --queries=900]
   python -m launch.benchmark profile --what=train|generate [--model=100m --steps=2 --scan_unroll=1 ...]
   python -m launch.benchmark profile --what=trace --trace_dir=DIR --hlo=FILE --steps=N
-  python -m launch.benchmark compare --a=scan_unroll=1 --b=scan_unroll=2 [--model=tiny --batch=4 --seq_len=256]
+  python -m launch.benchmark compare --a=scan_unroll=1 --b=scan_unroll=2 [--model=tiny --batch=4 --seq_len=256
+                                     --answer_tokens=0]
   python -m launch.benchmark text_vqa [--config=configs/tiny.py --steps=0 --eval_every=0 --config.key=value ...]
 
 - train (`astrea_jax.bench.train_step`): one random Hugging Face Llama (`--model`) is converted with our converter;
@@ -42,8 +43,10 @@ MFU, conversion memory, deformable attention. The subcommand is the first positi
   models, random weights; --steps traced calls after the warm-up) or of any program (--what=trace: its trace under
   --trace_dir and its optimised HLO text --hlo, e.g. the runner's `config.logging.profile_steps` trace and an
   XLA_FLAGS=--xla_dump_to file), each XLA op's time summed by model part, pass and kind, with the slowest ops.
-- compare (`bench.compare`): our LLM train step under two `llm.*` settings (--a, --b: FIELD=VALUE,...), compiled in
-  one process and timed interleaved step by step (robust to a change of load); the ratio b / a of step times.
+- compare (`bench.compare`): our LLM train step under two `llm.*` settings (--a, --b: FIELD=VALUE,...; and the
+  step's loss_positions=N: the LM head on each row's first N answer positions), compiled in one process and timed
+  interleaved step by step (robust to a change of load); the ratio b / a of step times. --answer_tokens=N puts the
+  loss on N random slots per row (instruction rows; 0: every token).
 - text_vqa (`bench.text_vqa`): not a timing: the config's LLM trained from random weights on the instruct stage's
   conversations with each scene given as text (every object and its box) instead of an image, for --steps optimizer
   steps (0: the instruct stage's), the held-out VQA scored every --eval_every steps next to the majority baseline:
@@ -92,8 +95,11 @@ _QUERIES = flags.DEFINE_integer('queries', 900, "deformable: queries; 900 = Grou
                                 'image token (its encoder).')
 _WHAT = flags.DEFINE_enum('what', 'train', ['train', 'generate', 'trace'], 'profile: what to trace (module doc).')
 _TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'profile --what=trace: the folder of a profiler trace.')
-_A = flags.DEFINE_string('a', '', 'compare: llm.* overrides of side a, FIELD=VALUE,... (empty: none).')
+_A = flags.DEFINE_string('a', '', 'compare: llm.* overrides of side a, FIELD=VALUE,... '
+                             '(and the step\'s loss_positions=N; empty: none).')
 _B = flags.DEFINE_string('b', '', 'compare: llm.* overrides of side b, FIELD=VALUE,...')
+_ANSWER_TOKENS = flags.DEFINE_integer('answer_tokens', 0, 'compare: the loss on this many random slots of each row '
+                                      '(instruction rows); 0 = every token.')
 _HLO = flags.DEFINE_string('hlo', '', 'profile --what=trace: the traced program\'s optimised HLO text.')
 _LLM = flags.DEFINE_string('llm', '', 'profile --what=train|generate: llm.* overrides of the traced model, '
                            'FIELD=VALUE,... (e.g. configs/tiny.py\'s '
@@ -119,7 +125,8 @@ def run_timed(command: str, info: dict) -> None:
     mfu.run(_CONFIG.value, _BATCH.value, _SEQ_LEN.value, _STEPS.value, _PEAK_TFLOPS.value, _DEVICE_MEMORY_GIB.value,
             info, stage=stage, max_layers=_MFU_LAYERS.value)
   elif command == 'compare':
-    compare.run(_MODEL.value, _BATCH.value, _SEQ_LEN.value or 256, _STEPS.value, _A.value, _B.value, info)
+    compare.run(_MODEL.value, _BATCH.value, _SEQ_LEN.value or 256, _STEPS.value, _A.value, _B.value, info,
+                _ANSWER_TOKENS.value)
   elif command == 'profile':
     profile.run(_WHAT.value, info, model_name=_MODEL.value, batch=_BATCH.value, seq_len=_SEQ_LEN.value or 256,
                 prompt_len=_PROMPT_LEN.value, new_tokens=_MAX_NEW_TOKENS.value, steps=_STEPS.value,

@@ -45,7 +45,8 @@ RUNS = {
                          '--peak_tflops=1'],
     'deformable': ['--steps=1'],
     'profile': ['--what=train', '--model=tiny', '--steps=1', '--batch=2', '--seq_len=32', '--llm=attention_block=16'],
-    'compare': ['--model=tiny', '--steps=1', '--batch=2', '--seq_len=32', '--a=scan_unroll=1', '--b=scan_unroll=2'],
+    'compare': ['--model=tiny', '--steps=1', '--batch=2', '--seq_len=32', '--a=scan_unroll=1',
+                '--b=scan_unroll=2,loss_positions=4', '--answer_tokens=4'],
     'text_vqa': ['--steps=2', '--eval_every=1', '--config.eval.num_scenes=2', '--config.train.global_batch_size=2'] +
                 TINY_DATA,
 }
@@ -293,6 +294,7 @@ def test_profile_and_compare_cli(results):
   assert profile['llm_overrides'] == 'attention_block=16'
   compare = results['compare']
   assert compare['a_step_ms'] > 0 and compare['b_step_ms'] > 0 and compare['max_loss_diff'] <= 1e-5
+  assert compare['answer_tokens'] == 4 and compare['b'] == 'scan_unroll=2,loss_positions=4'
 
 
 def test_compare_reads_llm_overrides():
@@ -304,6 +306,11 @@ def test_compare_reads_llm_overrides():
   assert bench_compare.with_overrides(tiny, 'attention_block=32', '--llm').attention_block == 32
   with pytest.raises(BenchmarkError, match="--llm='no_such_field=1'"):
     bench_compare.with_overrides(tiny, 'no_such_field=1', '--llm')
+  cfg, positions = bench_compare.side(tiny, 'attention_block=32,loss_positions=64', '--b', 256)
+  assert (cfg.attention_block, positions) == (32, 64)
+  with pytest.raises(BenchmarkError, match=r"--a='loss_positions=300': loss_positions=300, expected an int in "
+                                           r'\[0, 256\]'):
+    bench_compare.side(tiny, 'loss_positions=300', '--a', 256)
 
 
 def test_text_vqa_asks_each_question_with_the_scene_as_text(tmp_path):

@@ -107,11 +107,11 @@ def test_instruct_with_residual_fusion_trains_the_llm_projectors_and_residual_mo
   assert 'router/mean_prob' not in history[-1] and all(np.isfinite(h['loss']) for h in history)
 
 
-def gradients(setup, stage, batch, accum_steps, **run_overrides):
+def gradients(setup, stage, batch, accum_steps, loss_positions=0, **run_overrides):
   """The trained part's gradients and the metrics of one step's gradient computation (no update); the jitted
-  function is kept per (stage, accum_steps, overrides)."""
+  function is kept per (stage, accum_steps, loss_positions, overrides)."""
   run, cfg, params, _, _, cache = setup
-  key = ('grads', stage, accum_steps, tuple(sorted(run_overrides.items())))
+  key = ('grads', stage, accum_steps, loss_positions, tuple(sorted(run_overrides.items())))
   if key not in cache:
     run = run.copy_and_resolve_references()
     for name, value in run_overrides.items():
@@ -121,7 +121,7 @@ def gradients(setup, stage, batch, accum_steps, **run_overrides):
     tx, _ = stages.stage_optimizer(run.optimizer, 10, 1e-3)
     moco_cfg = run.moco if stage_table.spec(stage).moco else None
     state = step_lib.init_state(jax.tree.map(jnp.copy, params), tx, labels, jax.random.key(1), moco_cfg)
-    loss = astrea_loss.astrea_loss_fn(model_lib.Astrea(cfg), stage, run, accum_steps)
+    loss = astrea_loss.astrea_loss_fn(model_lib.Astrea(cfg), stage, run, accum_steps, loss_positions)
     cache[key] = state, jax.jit(step_lib.make_grad_fn(loss, labels, accum_steps))
   state, grad_fn = cache[key]
   grads, metrics, _ = grad_fn(state.params, batch, state.rng, state.momentum, state.queues)
@@ -147,6 +147,18 @@ def test_gradient_accumulation_with_uneven_answers_equals_one_big_batch(setup, s
   assert_trees_close(one, two, 1e-6)
   assert float(m1['reg_loss']) == pytest.approx(float(m2['reg_loss']), abs=1e-6)
   assert float(m1['tokens']) == float(m2['tokens']) == sum(ANSWER_LENGTHS)
+
+
+@pytest.mark.parametrize('stage,accum_steps', [('instruct', 1), ('main', 2)])
+def test_the_lm_head_on_the_answer_positions_only_gives_the_same_loss_and_gradients(setup, stage, accum_steps):
+  """config.stages.<stage>.loss_positions: each row's answer positions gathered before the LM head (the longest
+  answer exactly), with MoCo and the router's losses (main) and over micro-batches."""
+  batch = setup[3]
+  every, m_every = gradients(setup, stage, batch, accum_steps)
+  gathered, m_gathered = gradients(setup, stage, batch, accum_steps, loss_positions=max(ANSWER_LENGTHS))
+  assert_trees_close(every, gathered, 1e-6)
+  for name in ('loss', 'reg_loss', 'tokens'):
+    assert float(m_gathered[name]) == pytest.approx(float(m_every[name]), abs=1e-6)
 
 
 def test_accumulated_moco_loss_is_the_mean_of_the_micro_batches_contrasts(setup):

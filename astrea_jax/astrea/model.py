@@ -386,16 +386,18 @@ class Astrea(nn.Module):
                attention_mask: Array | None = None, segment_ids: Array | None = None,
                positions: Array | None = None, cached: Array | None = None, instruction: Array | None = None,
                slot_tokens: Array | None = None, anyres_index: Array | None = None,
-               deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
+               logits_at: Array | None = None, deterministic: bool = True) -> tuple[Array, dict[str, Array]]:
     """(logits [B, L, V] fp32, aux) for a batch: tokens [B, L] with placeholders, images {slot: [B, N, H, W, 3]}
     (AnyRes: tiles [B, N, M, H, W, 3] with anyres_index [B, N, K], `pack_tiles`); packed rows pass segment_ids (and
     positions) [B, L] instead of attention_mask; slot_tokens [B, N] the placeholders each image slot fills
-    (`prompt_embeddings`). aux['visual']: [B, N, T, D] (AnyRes: the tiles' [B, N, M, T, D], before packing)."""
+    (`prompt_embeddings`); logits_at [B, K]: the logits of those positions only, [B, K, V] (`llama.Llama`).
+    aux['visual']: [B, N, T, D] (AnyRes: the tiles' [B, N, M, T, D], before packing)."""
     visual, aux = self.visual_tokens(stage, images, cached=cached, instruction=instruction,
                                      deterministic=deterministic)
     packed = visual if anyres_index is None else self.pack_tiles(visual, anyres_index)
     logits, _ = self.llm(inputs_embeds=self.prompt_embeddings(tokens, packed, image_mask, slot_tokens),
-                         attention_mask=attention_mask, segment_ids=segment_ids, positions=positions)
+                         attention_mask=attention_mask, segment_ids=segment_ids, positions=positions,
+                         logits_at=logits_at)
     return logits, dict(aux, visual=visual)
 
   def init_all(self, images: Mapping[str, Array], tokens: Array) -> None:

@@ -45,13 +45,20 @@ def one_device_mesh() -> jax.sharding.Mesh:
   return mesh_lib.create_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
 
 
-def random_batches(num: int, batch: int, seq_len: int, vocab_size: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-  """num next-token batches {'inputs', 'targets' [B, L] int32, 'loss_mask' [B, L] float32 (all ones)}."""
+def random_batches(num: int, batch: int, seq_len: int, vocab_size: int, seed: int = 0,
+                   answer_tokens: int = 0) -> list[dict[str, np.ndarray]]:
+  """num next-token batches {'inputs', 'targets' [B, L] int32, 'loss_mask' [B, L] float32}: the loss on every token,
+  or on `answer_tokens` > 0 random slots of each row (as instruction rows count their answers only)."""
   rng = np.random.RandomState(seed)
   out = []
   for _ in range(num):
     tokens = rng.randint(0, vocab_size, (batch, seq_len + 1)).astype(np.int32)
-    out.append({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': np.ones((batch, seq_len), np.float32)})
+    mask = np.ones((batch, seq_len), np.float32)
+    if answer_tokens:
+      mask = np.zeros((batch, seq_len), np.float32)
+      for row in mask:
+        row[rng.choice(seq_len, min(answer_tokens, seq_len), replace=False)] = 1
+    out.append({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': mask})
   return out
 
 
@@ -62,9 +69,12 @@ def abstract_batch(batch: int, seq_len: int, mesh: jax.sharding.Mesh) -> dict[st
   return sharding.with_shardings(abstract, step_lib.batch_shardings(abstract, mesh, RULES))
 
 
-def llm_step(cfg: llama.LlamaConfig, mesh: jax.sharding.Mesh, num_steps: int, seq_len: int, batch: Any) -> LlmStep:
-  """Our step for `num_steps` steps of batches like `batch` (arrays or ShapeDtypeStructs)."""
-  built, boxed = stage_step.build_lm(cfg, OPTIMIZER, num_steps, PEAK_LR, mesh, RULES, seq_len)
+def llm_step(cfg: llama.LlamaConfig, mesh: jax.sharding.Mesh, num_steps: int, seq_len: int, batch: Any,
+             loss_positions: int = 0) -> LlmStep:
+  """Our step for `num_steps` steps of batches like `batch` (arrays or ShapeDtypeStructs); loss_positions > 0: the LM
+  head on each row's first that many answer positions (`train.losses`)."""
+  built, boxed = stage_step.build_lm(cfg, OPTIMIZER, num_steps, PEAK_LR, mesh, RULES, seq_len,
+                                     loss_positions=loss_positions)
   return LlmStep(built, boxed, stage_step.jit(built, mesh, RULES, batch))
 
 

@@ -136,6 +136,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.stages[spec.name].num_steps = 20  # optimizer steps of the stage
     c.stages[spec.name].learning_rate = 1e-3 if spec.kind == 'align' else 1e-4  # peak (paper: 1e-4)
     c.stages[spec.name].trainable = ()  # param-path regexes trained; () = the paper's set (the stage table's)
+    # The LM head and the loss on each row's first N answer (loss) tokens only, gathered (train.losses; the same
+    # loss, without the logits of every slot); a batch with a longer row is an error naming this key. 0 = every slot.
+    c.stages[spec.name].loss_positions = 0
     if len(spec.fusions) > 1:
       c.stages[spec.name].fusion = spec.fusions[0]
 
@@ -155,6 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
   # alignment stages (the segmentation stage's polygons do not fit data.seq_len next to the scene) and the VQA.
   c.llm_pretrain.conversations = ('align_caption', 'align_classification', 'align_detection', 'instruct')
   c.llm_pretrain.packing = False     # first-fit pack several conversations per row (segment_ids) instead of padding
+  c.llm_pretrain.loss_positions = 0  # the LM head on each row's first N answer tokens (as stages.*); 0 = every slot
   c.llm_pretrain.checkpoint = ''      # folder with the trained LLM (Orbax + metrics.json); '' = <workdir>/llm_text
 
   # --- evaluation: at the end of the run on the synthetic set (astrea_jax.eval.evaluate: DIR/eval.json and

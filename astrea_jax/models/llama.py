@@ -253,6 +253,8 @@ class Llama(nn.Module):
 
   `layer_params` (from `unstack_layers`) runs the layers one after another with those per-layer parameters instead
   of scanning the stacked `layers` ones (`unrolled_layers`): a decoding loop unstacks once, outside its loop.
+  `logits_at` [B, K] int: the logits of those positions only, [B, K, V] (the final norm and the LM head run on the
+  gathered hidden states; training gathers the answer positions, `train.losses.loss_positions`).
   """
   cfg: LlamaConfig
 
@@ -274,7 +276,7 @@ class Llama(nn.Module):
   def __call__(self, tokens: Array | None = None, *, inputs_embeds: Array | None = None,
                attention_mask: Array | None = None, positions: Array | None = None,
                segment_ids: Array | None = None, cache: dict | None = None,
-               layer_params: list[Any] | None = None) -> tuple[Array, dict | None]:
+               layer_params: list[Any] | None = None, logits_at: Array | None = None) -> tuple[Array, dict | None]:
     cfg = self.cfg
     if (tokens is None) == (inputs_embeds is None):
       raise ValueError('Llama: pass exactly one of tokens [B, L] or inputs_embeds [B, L, E]')
@@ -311,6 +313,8 @@ class Llama(nn.Module):
       x, new_layer_caches = self.layers(x, layer_caches, cos, sin, mask, index)
     else:
       x, new_layer_caches = unrolled_layers(cfg, layer_params, x, layer_caches, cos, sin, mask, index)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     x = self.final_norm(x)
     if cfg.tie_word_embeddings:
       logits = self.embedder.attend(x)

@@ -47,12 +47,14 @@ def router_instruction(model: Astrea, variables: Any, batch: Mapping[str, Array]
   return model.apply(variables, batch['inputs'], image_instruction_mask(batch), method=Astrea.pooled_instruction)
 
 
-def astrea_loss_fn(model: Astrea, stage: str, run: ml_collections.ConfigDict, accum_steps: int = 1) -> Callable:
+def astrea_loss_fn(model: Astrea, stage: str, run: ml_collections.ConfigDict, accum_steps: int = 1,
+                   loss_positions: int = 0) -> Callable:
   """loss(trained, frozen, batch, rng, momentum, queues, num_tokens) -> (total, (metrics, keys | None)).
 
   `total` is this micro-batch's share of the step's loss: Eq. 1 summed over its answer tokens / num_tokens (the whole
   batch's count) plus the micro-batch mean of the other terms / accum_steps, so that the shares add up over the
-  micro-batches to the loss of the whole batch."""
+  micro-batches to the loss of the whole batch. loss_positions > 0: the LM head runs on each row's first that many
+  answer positions only (`losses.loss_positions`; the stage's `config.stages.<stage>.loss_positions`)."""
   moco_on = stage_table.spec(stage).moco
   routed = model.cfg.fusion(stage) == 'routed'
   text_context = routed and model.cfg.router_context == 'visual+text'
@@ -63,12 +65,13 @@ def astrea_loss_fn(model: Astrea, stage: str, run: ml_collections.ConfigDict, ac
     valid = batch['image_ids'] >= 0  # [B, N]
     index = batch.get('anyres_index')  # [B, N, K] for AnyRes rows
     instruction = router_instruction(model, variables, batch) if text_context else None
+    at = losses.loss_positions(batch['loss_mask'], loss_positions) if loss_positions else None
     logits, aux = model.apply(variables, batch['inputs'], batch['images'], batch['image_mask'].astype(bool),
                               stage=stage, segment_ids=batch['segment_ids'], positions=batch['positions'],
                               cached=batch.get('cached'), instruction=instruction,
-                              slot_tokens=batch.get('image_tokens'), anyres_index=index, deterministic=False,
-                              rngs={'residual': rng})
-    reg_sum, tokens = losses.next_token_nll_sum(logits, batch['targets'], batch['loss_mask'])
+                              slot_tokens=batch.get('image_tokens'), anyres_index=index,
+                              logits_at=None if at is None else at[0], deterministic=False, rngs={'residual': rng})
+    reg_sum, tokens = losses.next_token_nll_sum(logits, *losses.targets_at(batch['targets'], batch['loss_mask'], at))
     reg = reg_sum / jnp.maximum(num_tokens, 1.0)
     metrics = {'reg_loss': reg, 'tokens': tokens}
     keys = None

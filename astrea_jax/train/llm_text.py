@@ -45,6 +45,7 @@ from astrea_jax.data import tokenizer as tokenizer_lib
 from astrea_jax.models import llama
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
+from astrea_jax.train import losses as train_losses
 from astrea_jax.train import stage_step
 from astrea_jax.train.experts import loop as experts_loop
 from astrea_jax.train.experts import store
@@ -99,11 +100,14 @@ def train_text_llm(config: ml_collections.ConfigDict, cfg: llama.LlamaConfig, ro
   """The LLM `cfg` from fresh weights (seed train.seed) trained with config.optimizer's AdamW, warm-up and cosine to
   `learning_rate` over len(order) steps, step i on the rows `order[i]` of `rows` (inputs, targets, loss_mask, and
   segment_ids when packed), on this process's first local device; `on_step(n, state, metrics)` after each step n
-  (1-based). -> the final train state. The loop of this stage and of `bench.text_vqa`."""
+  (1-based). The LM head runs on llm_pretrain.loss_positions answer positions per row (every row checked first).
+  -> the final train state. The loop of this stage and of `bench.text_vqa`."""
+  loss_positions = config.llm_pretrain.loss_positions
+  train_losses.check_loss_positions(rows['loss_mask'], loss_positions, 'config.llm_pretrain.loss_positions')
   mesh = mesh_lib.create_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.local_devices()[:1])
   rules = config.logical_axis_rules
   built, boxed = stage_step.build_lm(cfg, config.optimizer, len(order), learning_rate, mesh, rules,
-                                     config.data.seq_len, seed=config.train.seed)
+                                     config.data.seq_len, seed=config.train.seed, loss_positions=loss_positions)
   batch_of = lambda i: {k: v[order[i]] for k, v in rows.items()}
   step = stage_step.jit(built, mesh, rules, batch_of(0))
   state, _ = sharding.init_sharded(lambda: built.init_state(boxed()), mesh, rules)

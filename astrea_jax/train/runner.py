@@ -48,7 +48,7 @@ from astrea_jax.eval import evaluate as evaluate_lib
 from astrea_jax.eval import training as eval_training
 from astrea_jax.parallel import mesh as mesh_lib
 from astrea_jax.parallel import sharding
-from astrea_jax.train import checkpointing, feature_writer, initial, metrics, stage_step, stages
+from astrea_jax.train import checkpointing, feature_writer, initial, losses, metrics, stage_step, stages
 from astrea_jax.train.stage_step import StagePlan
 
 Array = jax.Array
@@ -136,13 +136,17 @@ def stage_experts(cfg: AstreaConfig, stage: str, backend: str) -> tuple[str, ...
 
 class StageData:
   """A stage's host batches with the 'disk' cache's tokens of the earlier stages added (`cached` [k, B, N, T, D]; with
-  AnyRes, num_tiles M > 0, each tile's row: [k, B, N, M, T, D])."""
+  AnyRes, num_tiles M > 0, each tile's row: [k, B, N, M, T, D]), each checked against the answer positions per row
+  the stage's LM head runs on (`loss_positions`, the config key `loss_key`; `losses.check_loss_positions`)."""
 
-  def __init__(self, iterator, store, slots: Sequence[str], num_tiles: int = 0):
+  def __init__(self, iterator, store, slots: Sequence[str], num_tiles: int = 0, loss_positions: int = 0,
+               loss_key: str = ''):
     self.iterator, self._store, self._slots, self._tiles = iterator, store, tuple(slots), num_tiles
+    self._loss_positions, self._loss_key = loss_positions, loss_key
 
   def next(self) -> dict[str, Any]:
     batch = dict(next(self.iterator))
+    losses.check_loss_positions(batch['loss_mask'], self._loss_positions, self._loss_key)
     if self._slots:
       rows = np.asarray(batch['image_ids'])
       if self._tiles:
@@ -266,7 +270,8 @@ def _run_stage(config, cfg, plan: StagePlan, index: int, params, mesh, rules, wo
     setup.mark('train state')
 
   grid = images.model_anyres_grid(cfg)
-  data = StageData(data_iter, store, cached_slots, grid.max_tiles if grid else 0)
+  data = StageData(data_iter, store, cached_slots, grid.max_tiles if grid else 0, plan.loss_positions,
+                   f'config.stages.{config_lib.settings_name(plan.name)}.loss_positions')
   first = data.next()
   global_batch = pipeline.to_global_batch(_drop_counters(first), mesh, rules)
   setup.mark('first batch')

@@ -26,12 +26,14 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
-  """One trained stage of the run: its name, steps, where its steps start in the run, and what it trains."""
+  """One trained stage of the run: its name, steps, where its steps start in the run, what it trains, and the answer
+  positions per row its LM head runs on."""
   name: str
   num_steps: int
   offset: int                    # global step before the stage's first step
   learning_rate: float
   trainable: tuple[str, ...]     # param-path regexes
+  loss_positions: int = 0        # each row's first N answer positions only (train.losses); 0 = every position
 
   @property
   def end(self) -> int:
@@ -42,7 +44,7 @@ def stage_plan(config: ml_collections.ConfigDict, cfg: AstreaConfig, name: str, 
   """The plan of stage `name` from `config.stages.<name>` (trainable: the config's regexes, else the paper's)."""
   st = config_lib.stage_settings(config, name)
   return StagePlan(name, st.num_steps, offset, st.learning_rate,
-                   tuple(st.trainable) or stages.default_trainable(name, cfg))
+                   tuple(st.trainable) or stages.default_trainable(name, cfg), st.loss_positions)
 
 
 def params_init_fn(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> Callable[[], Any]:
@@ -101,7 +103,8 @@ def build(config: ml_collections.ConfigDict, cfg: AstreaConfig, plan: StagePlan,
   init_state = lambda p: step_lib.init_state(p, tx, labels, stage_rng(config, index), moco_cfg)
   abstract_state, state_shardings = sharding.unbox_with_shardings(jax.eval_shape(init_state, boxed), mesh, rules)
   accum = config.train.grad_accum_steps
-  step = step_lib.make_step(astrea_loss.astrea_loss_fn(Astrea(cfg), plan.name, config, accum), tx, labels,
+  loss = astrea_loss.astrea_loss_fn(Astrea(cfg), plan.name, config, accum, plan.loss_positions)
+  step = step_lib.make_step(loss, tx, labels,
                             moco_cfg=moco_cfg, schedule=schedule, accum_steps=accum, param_shardings=param_shardings)
   return StageStep(labels, tx, schedule, init_state, abstract_state, state_shardings, step)
 
@@ -125,9 +128,10 @@ def memory_stats(compiled) -> dict[str, int]:
 
 
 def build_lm(cfg: llama.LlamaConfig, opt: ml_collections.ConfigDict, num_steps: int, learning_rate: float, mesh,
-             rules, seq_len: int, seed: int = 0) -> tuple[StageStep, Callable[[], Any]]:
-  """The LLM alone trained with the paper's optimizer (every parameter trainable; Eq. 1 on token rows), for the LLM
-  benchmarks and tests: (its `StageStep`, the function making its boxed fresh parameters)."""
+             rules, seq_len: int, seed: int = 0, loss_positions: int = 0) -> tuple[StageStep, Callable[[], Any]]:
+  """The LLM alone trained with the paper's optimizer (every parameter trainable; Eq. 1 on token rows), for stage 0's
+  `llm_text`, the LLM benchmarks and tests: (its `StageStep`, the function making its boxed fresh parameters);
+  loss_positions > 0: the LM head on each row's first that many answer positions (`train.losses`)."""
   model = llama.Llama(cfg)
   boxed = lambda: model.init(jax.random.key(seed), jax.numpy.zeros((1, seq_len), jax.numpy.int32))['params']
   params_abstract, param_shardings = sharding.abstract_and_shardings(boxed, mesh, rules)
@@ -135,5 +139,6 @@ def build_lm(cfg: llama.LlamaConfig, opt: ml_collections.ConfigDict, num_steps: 
   tx, schedule = stages.stage_optimizer(opt, num_steps, learning_rate)
   init_state = lambda p: step_lib.init_state(p, tx, labels, jax.random.key(seed))
   abstract_state, state_shardings = sharding.abstract_and_shardings(lambda: init_state(boxed()), mesh, rules)
-  step = step_lib.make_step(step_lib.lm_loss_fn(model), tx, labels, schedule=schedule, param_shardings=param_shardings)
+  step = step_lib.make_step(step_lib.lm_loss_fn(model, loss_positions), tx, labels, schedule=schedule,
+                            param_shardings=param_shardings)
   return StageStep(labels, tx, schedule, init_state, abstract_state, state_shardings, step), boxed

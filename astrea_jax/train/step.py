@@ -63,14 +63,16 @@ def init_state(params: Any, tx: optax.GradientTransformation, labels: Any, rng: 
                     queues=queues, rng=rng)
 
 
-def lm_loss_fn(model: llama.Llama) -> Callable:
+def lm_loss_fn(model: llama.Llama, loss_positions: int = 0) -> Callable:
   """The LLM-only loss (Eq. 1 on token rows {'inputs', 'targets', 'loss_mask'}, and 'segment_ids' [B, L] for packed
-  rows: 1, 2, ... per example, 0 on padding) in the step's loss signature."""
+  rows: 1, 2, ... per example, 0 on padding) in the step's loss signature; loss_positions > 0: the LM head on each
+  row's first that many answer positions only (`losses.loss_positions`)."""
   def loss(trained, frozen, batch, rng, momentum, queues, num_tokens):
     del rng, momentum, queues
+    at = losses.loss_positions(batch['loss_mask'], loss_positions) if loss_positions else None
     logits, _ = model.apply({'params': stages.merge(trained, frozen)}, batch['inputs'],
-                            segment_ids=batch.get('segment_ids'))
-    nll, tokens = losses.next_token_nll_sum(logits, batch['targets'], batch['loss_mask'])
+                            segment_ids=batch.get('segment_ids'), logits_at=None if at is None else at[0])
+    nll, tokens = losses.next_token_nll_sum(logits, *losses.targets_at(batch['targets'], batch['loss_mask'], at))
     share = nll / jnp.maximum(num_tokens, 1.0)
     return share, ({'reg_loss': share, 'loss': share, 'tokens': tokens}, None)
   return loss
