@@ -26,6 +26,8 @@ def test_loss_positions_are_each_rows_answer_slots_in_order():
   picked, picked_mask = losses.targets_at(targets, jnp.asarray(mask), (index, valid))
   assert np.asarray(picked)[0, :3].tolist() == [3, 4, 9] and np.asarray(picked)[2, :2].tolist() == [32, 47]
   assert np.asarray(picked_mask).sum() == mask.sum()
+  assert losses.loss_positions(jnp.asarray(mask), 0) is None  # every position: targets and mask as they are
+  assert losses.logits_index(None) is None and losses.targets_at(targets, mask, None)[1] is mask
 
 
 def test_the_host_check_names_the_key_and_the_count_a_row_needs():

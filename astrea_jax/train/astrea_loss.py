@@ -65,12 +65,12 @@ def astrea_loss_fn(model: Astrea, stage: str, run: ml_collections.ConfigDict, ac
     valid = batch['image_ids'] >= 0  # [B, N]
     index = batch.get('anyres_index')  # [B, N, K] for AnyRes rows
     instruction = router_instruction(model, variables, batch) if text_context else None
-    at = losses.loss_positions(batch['loss_mask'], loss_positions) if loss_positions else None
+    at = losses.loss_positions(batch['loss_mask'], loss_positions)
     logits, aux = model.apply(variables, batch['inputs'], batch['images'], batch['image_mask'].astype(bool),
                               stage=stage, segment_ids=batch['segment_ids'], positions=batch['positions'],
                               cached=batch.get('cached'), instruction=instruction,
                               slot_tokens=batch.get('image_tokens'), anyres_index=index,
-                              logits_at=None if at is None else at[0], deterministic=False, rngs={'residual': rng})
+                              logits_at=losses.logits_index(at), deterministic=False, rngs={'residual': rng})
     reg_sum, tokens = losses.next_token_nll_sum(logits, *losses.targets_at(batch['targets'], batch['loss_mask'], at))
     reg = reg_sum / jnp.maximum(num_tokens, 1.0)
     metrics = {'reg_loss': reg, 'tokens': tokens}

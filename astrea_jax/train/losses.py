@@ -39,16 +39,24 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array)
   return total / jnp.maximum(count, 1.0), count
 
 
-def loss_positions(loss_mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+def loss_positions(loss_mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array] | None:
   """The positions of each row's first `capacity` answer tokens: loss_mask [B, L] -> (index [B, K] int32 in order,
-  valid [B, K] bool: the index is an answer token; the rest point at slot 0), K = capacity. Rows are independent, so
-  a batch sharded over its rows stays sharded."""
+  valid [B, K] bool: the index is an answer token; the rest point at slot 0), K = capacity; None for capacity 0
+  (every position). Rows are independent, so a batch sharded over its rows stays sharded."""
+  if not capacity:
+    return None
+
   def row(mask):
     return jnp.nonzero(mask, size=capacity, fill_value=0)[0].astype(jnp.int32)
   mask = loss_mask > 0
   index = jax.vmap(row)(mask)
   valid = jnp.arange(capacity)[None, :] < mask.sum(axis=-1, keepdims=True)
   return index, valid
+
+
+def logits_index(positions: tuple[jax.Array, jax.Array] | None) -> jax.Array | None:
+  """The model's `logits_at` for `loss_positions`'s result: its index [B, K], or None (every position)."""
+  return None if positions is None else positions[0]
 
 
 def targets_at(targets: jax.Array, loss_mask: jax.Array, positions: tuple[jax.Array, jax.Array] | None

@@ -69,9 +69,9 @@ def lm_loss_fn(model: llama.Llama, loss_positions: int = 0) -> Callable:
   row's first that many answer positions only (`losses.loss_positions`)."""
   def loss(trained, frozen, batch, rng, momentum, queues, num_tokens):
     del rng, momentum, queues
-    at = losses.loss_positions(batch['loss_mask'], loss_positions) if loss_positions else None
+    at = losses.loss_positions(batch['loss_mask'], loss_positions)
     logits, _ = model.apply({'params': stages.merge(trained, frozen)}, batch['inputs'],
-                            segment_ids=batch.get('segment_ids'), logits_at=None if at is None else at[0])
+                            segment_ids=batch.get('segment_ids'), logits_at=losses.logits_index(at))
     nll, tokens = losses.next_token_nll_sum(logits, *losses.targets_at(batch['targets'], batch['loss_mask'], at))
     share = nll / jnp.maximum(num_tokens, 1.0)
     return share, ({'reg_loss': share, 'loss': share, 'tokens': tokens}, None)
