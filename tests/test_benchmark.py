@@ -149,6 +149,12 @@ def test_residual_instruct_flops_hand_count():
   assert bench_flops.stage_flops_per_example(config, 'instruct') == {
       'llm': 256 * 958464, 'experts (frozen)': sum(experts.values()), 'projectors': 4 * 6 * projector * 16,
       'residual attention segmentation': 6 * 4 * 64 * 64 * 16 + 12 * 16 * 16 * 64}
+  # the output head (64 x vocabulary) on 32 answer slots of each row instead of all 256
+  config.stages.instruct.loss_positions = config.stages.align_caption.loss_positions = 32
+  head = 64 * tiny_llm().vocab_size
+  assert bench_flops.stage_flops_per_example(config, 'instruct')['llm'] == 256 * 958464 - (256 - 32) * 6 * head
+  assert (bench_flops.stage_flops_per_example(config, 'align_caption')['llm (frozen, gradient through)'] ==
+          256 * bench_flops.llm_flops_per_token(tiny_llm(), 256, 'through') - (256 - 32) * 4 * head)
 
 
 def test_largest_fitting_finds_the_boundary_in_few_compilations():

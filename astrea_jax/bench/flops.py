@@ -65,6 +65,15 @@ def residual_attention_flops(tokens: int, width: int) -> int:
   return dense_flops(4 * width * width, tokens, 'train') + attention_flops(tokens, tokens, width, 'train')
 
 
+def llm_flops_per_row(cfg: llama.LlamaConfig, seq_len: int, mode: str = 'train', head_positions: int = 0) -> int:
+  """Model FLOPs of one row of S = seq_len tokens: S x `llm_flops_per_token`, less the output head (E V weights) at
+  the S - P slots it does not run on when the stage gathers P answer positions per row (its `loss_positions`; 0: the
+  head at every slot)."""
+  skipped = seq_len - head_positions if head_positions else 0
+  return seq_len * llm_flops_per_token(cfg, seq_len, mode) - skipped * dense_flops(cfg.hidden_size * cfg.vocab_size,
+                                                                                      1, mode)
+
+
 def stage_flops_per_example(config: ml_collections.ConfigDict, stage: str) -> dict[str, int]:
   """Model FLOPs of one training example of a stage (a row of S = data.seq_len tokens, T = data.visual_tokens of
   them visual, one image), by part of the model, for the trainable sets of the stage table (`core.stages`):
@@ -80,6 +89,8 @@ def stage_flops_per_example(config: ml_collections.ConfigDict, stage: str) -> di
   - instruct, fusion 'routed': the router (one linear n D -> n, router_context 'visual'), the n adapters (mlp2x_gelu
     D -> D, dropless: every adapter runs on every token) and the LLM are trained; the n experts and their
     projectors run forward.
+  - every stage: the LLM's output head runs on the stage's `loss_positions` answer slots per row when that is set
+    (`llm_flops_per_row`), else on all S.
   - main: as the routed instruct, plus the momentum key encoder's forward (its projectors, router, adapters and both
     heads; the experts' forward is the online one's, counted once), the two contrastive heads (D -> embed_dim on
     pooled tokens, trained) and the image-text logits of Eq. 5-6: each direction scores one query against the B keys
@@ -91,15 +102,16 @@ def stage_flops_per_example(config: ml_collections.ConfigDict, stage: str) -> di
   s, t, d, n = config.data.seq_len, cfg.num_visual_tokens, cfg.llm.hidden_size, len(experts)
   projector = {slot: projector_weights(e.feature_width, d) for slot, e in experts.items()}
   fusion = cfg.fusion(stage)
+  head_positions = config_lib.stage_settings(config, stage).loss_positions
   if spec.kind == 'align':
-    parts = {'llm (frozen, gradient through)': s * llm_flops_per_token(cfg.llm, s, 'through')}
+    parts = {'llm (frozen, gradient through)': llm_flops_per_row(cfg.llm, s, 'through', head_positions)}
     for slot in cfg.align_slots(stage):
       parts[f'expert {slot} (frozen)'] = expert_forward_flops(experts[slot])
       parts[f'projector {slot}'] = dense_flops(projector[slot], t, 'train')
       if cfg.earlier_slots(stage):
         parts[f'residual attention {slot}'] = residual_attention_flops(t, d)
     return parts
-  parts = {'llm': s * llm_flops_per_token(cfg.llm, s, 'train'),
+  parts = {'llm': llm_flops_per_row(cfg.llm, s, 'train', head_positions),
            'experts (frozen)': sum(expert_forward_flops(e) for e in experts.values())}
   if fusion == 'residual':
     last = cfg.stages[-1]
