@@ -1,13 +1,18 @@
 r"""Shows what a training stage sees: decoded prompts, targets and the loss-masked span, and a PNG of the images.
 
   python -m launch.inspect_data --config=configs/tiny.py [--stage=align_detection] [--split=train] --n=4 \
-      [--out=inspect_data.png] [--tokenizer=DIR] [--config.data.dataset=llava --config.data.files.instruct=F.json]
+      [--out=inspect_data.png] [--tokenizer=DIR] [--answer_batches=0] \
+      [--config.data.dataset=llava --config.data.files.instruct=F.json]
 
 Takes the first n rows of the split in file order (no shuffling; one example per row) through the real pipeline and
 prints, for each, the prompt (up to the first answer token; each image's visual-token positions shown as
 <image x16>), the target (the rest of the sequence) and the loss-masked span (Eq. 1; separate answers joined by
 ' | '). The PNG shows each row's image as the first expert receives it (de-normalised), with the boxes and polygons
 written in its answers drawn (coordinates 0-999), and for the synthetic shapes dataset the instance masks tinted.
+
+--answer_batches=B > 0 also reads the stage's first B training batches as the run builds them (packed, shuffled with
+train.seed) and prints the answer (loss) tokens per row, mean and largest, next to the stage's `loss_positions`: the
+LM head's positions per row, which must cover the largest (`config.stages.<stage>.loss_positions`, BENCHMARKS.md 1g).
 
 Tokenizer: --tokenizer, else the one the run uses (`astrea_jax.data.tokenizer.resolve`: config.tokenizer_dir, the one
 stored in config.init_checkpoint, or the synthetic set's own), so the tokenisation shown is training's.
@@ -34,6 +39,8 @@ _SPLIT = flags.DEFINE_enum('split', 'train', shapes_tfds.SPLITS, 'Split to read.
 _N = flags.DEFINE_integer('n', 4, 'Examples to show.')
 _OUT = flags.DEFINE_string('out', 'inspect_data.png', 'Where to write the PNG grid.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'Hugging Face tokenizer folder (default: see the module doc).')
+_ANSWER_BATCHES = flags.DEFINE_integer('answer_batches', 0, 'Also count the answer tokens per row of this many '
+                                       'training batches of the stage, for its loss_positions (0: do not).')
 
 TILE = 256
 _COORDS = re.compile(r'\[(\d{1,3}(?:,\d{1,3})+)\]')
@@ -53,6 +60,33 @@ def row_sequence(batch: dict, row: int) -> tuple[np.ndarray, np.ndarray, np.ndar
   loss = np.concatenate([[0], batch['loss_mask'][row, :n]]).astype(bool)
   image = np.concatenate([batch['image_mask'][row, :n], [0]]).astype(bool)
   return ids, loss, image
+
+
+def answer_tokens_per_row(config, stage: str, tokenizer_dir: str, batches: int) -> np.ndarray:
+  """The answer (loss) tokens of each row of the stage's first `batches` training batches as the run builds them
+  (fewer when a finite dataset ends first)."""
+  it = iter(pipeline.make_dataset(config, stage, 'train', tokenizer_dir=tokenizer_dir,
+                                  **config_lib.dataset_options(config, stage)))
+  counts = []
+  try:
+    for _ in range(batches):
+      counts.append((np.asarray(next(it)['loss_mask']) > 0).sum(axis=-1))
+  except StopIteration:
+    pass
+  finally:
+    it.close()
+  return np.concatenate(counts) if counts else np.zeros(0, np.int64)
+
+
+def answer_report(counts: np.ndarray, stage: str, positions: int) -> str:
+  """One line: the rows' answer tokens (mean, largest) against the stage's loss_positions."""
+  key = f'config.stages.{stage}.loss_positions={positions}'
+  if not counts.size:
+    return f'{stage}: no training rows read'
+  verdict = ('the LM head at every slot' if positions == 0 else 'covers them' if counts.max() <= positions
+             else f'too few: a run stops at such a row; set at least {int(counts.max())}')
+  return (f'{stage}: answer tokens per row over {counts.size} training rows: mean {counts.mean():.1f}, largest '
+          f'{int(counts.max())}; {key} ({verdict})')
 
 
 def decode(tokenizer, ids: np.ndarray, image: np.ndarray) -> str:
@@ -142,6 +176,9 @@ def main(argv):
       print(f'{name}: {count}')
   save_grid(tiles, _OUT.value)
   print(f'wrote {_OUT.value}')
+  if _ANSWER_BATCHES.value > 0:
+    counts = answer_tokens_per_row(config, stage, tokenizer_dir, _ANSWER_BATCHES.value)
+    print(answer_report(counts, stage, config_lib.stage_settings(config, stage).loss_positions))
 
 
 if __name__ == '__main__':
