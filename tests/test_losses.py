@@ -18,14 +18,14 @@ L = 16
 def test_loss_positions_are_each_rows_answer_slots_in_order():
   mask = np.zeros((3, L), np.float32)
   mask[0, [3, 4, 9]] = 1
-  mask[2, [0, 15]] = 1
+  mask[2, [0, 15]] = 1, 0.5  # a weighted answer token keeps its weight
   index, valid = losses.loss_positions(jnp.asarray(mask), 4)
   assert np.asarray(index).tolist() == [[3, 4, 9, 0], [0, 0, 0, 0], [0, 15, 0, 0]]
   assert np.asarray(valid).tolist() == [[True, True, True, False], [False] * 4, [True, True, False, False]]
   targets = jnp.arange(3 * L).reshape(3, L)
   picked, picked_mask = losses.targets_at(targets, jnp.asarray(mask), (index, valid))
   assert np.asarray(picked)[0, :3].tolist() == [3, 4, 9] and np.asarray(picked)[2, :2].tolist() == [32, 47]
-  assert np.asarray(picked_mask).sum() == mask.sum()
+  assert np.asarray(picked_mask).sum() == mask.sum() and np.asarray(picked_mask)[2, :2].tolist() == [1.0, 0.5]
   assert losses.loss_positions(jnp.asarray(mask), 0) is None  # every position: targets and mask as they are
   assert losses.logits_index(None) is None and losses.targets_at(targets, mask, None)[1] is mask
 

@@ -62,11 +62,13 @@ def logits_index(positions: tuple[jax.Array, jax.Array] | None) -> jax.Array | N
 def targets_at(targets: jax.Array, loss_mask: jax.Array, positions: tuple[jax.Array, jax.Array] | None
                ) -> tuple[jax.Array, jax.Array]:
   """(targets, loss_mask) [B, L] at the gathered `positions` (`loss_positions`'s (index, valid)) -> [B, K] each, to
-  score logits computed there; unchanged for None (logits at every position)."""
+  score logits computed there (the mask's own values, zero where a row has no more answers); unchanged for None
+  (logits at every position)."""
   if positions is None:
     return targets, loss_mask
   index, valid = positions
-  return jnp.take_along_axis(targets, index, axis=1), valid.astype(jnp.float32)
+  return (jnp.take_along_axis(targets, index, axis=1),
+          jnp.where(valid, jnp.take_along_axis(loss_mask, index, axis=1), 0).astype(jnp.float32))
 
 
 def check_loss_positions(loss_mask: Any, capacity: int, key: str) -> None:
