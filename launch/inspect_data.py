@@ -178,7 +178,7 @@ def main(argv):
   print(f'wrote {_OUT.value}')
   if _ANSWER_BATCHES.value > 0:
     counts = answer_tokens_per_row(config, stage, tokenizer_dir, _ANSWER_BATCHES.value)
-    print(answer_report(counts, stage, config_lib.stage_settings(config, stage).loss_positions))
+    print(answer_report(counts, stage, config_lib.stage_loss_positions(config, stage)))
 
 
 if __name__ == '__main__':

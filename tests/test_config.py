@@ -60,9 +60,7 @@ def test_wrong_type_is_an_error_naming_the_flag():
     ('mesh.fsdp', 0, r'config.mesh.fsdp=0: expected a positive size or -1'),
     ('mesh.tensor', -1, 'at most one axis may be -1'),
     ('logical_axis_rules', (('embed', 'model'),), "unknown mesh axes \\['model'\\]"),
-    ('stages.instruct.loss_positions', -1, r'config.stages.instruct.loss_positions=-1: expected an int in \[0, '
-                                           r'config.data.seq_len=256\]'),
-    ('stages.main.loss_positions', 257, r'config.stages.main.loss_positions=257: expected an int in \[0, '),
+    ('stages.instruct.loss_positions', -1, r'config.stages.instruct.loss_positions=-1: expected an int >= 0 '),
 ])
 def test_validation_names_the_field(field, value, message):
   c = config_lib.base_config()

@@ -171,7 +171,7 @@ def test_packed_rows_hold_every_conversation_once_and_score_as_the_padded_rows(t
     (lambda c: c.llm_pretrain.update(conversations=()), r'config.llm_pretrain.conversations=\(\)'),
     (lambda c: c.llm_pretrain.update(num_steps=0), r'config.llm_pretrain.num_steps=0: expected >= 1'),
     (lambda c: c.llm_pretrain.update(learning_rate=0.0), r'config.llm_pretrain.learning_rate=0.0: expected > 0'),
-    (lambda c: c.llm_pretrain.update(loss_positions=-2), r'config.llm_pretrain.loss_positions=-2: expected an int '),
+    (lambda c: c.llm_pretrain.update(loss_positions=-2), r'config.llm_pretrain.loss_positions=-2: expected an int >= 0'),
     (lambda c: c.train.update(stages=('experts', 'align', 'llm_text')), r"stage 0 \('experts', 'llm_text'\) must "
                                                                         r'come first'),
 ])

@@ -40,6 +40,14 @@ def test_the_host_check_names_the_key_and_the_count_a_row_needs():
     losses.check_loss_positions(mask, 6, 'config.stages.instruct.loss_positions')
 
 
+def test_a_group_stage_runs_the_head_at_every_slot():
+  """A group alignment stage mixes its members' rows: its first member's bound does not describe them."""
+  c = config_lib.base_config()
+  c.stages.align_classification.loss_positions = 96
+  assert config_lib.stage_loss_positions(c, 'align_classification') == 96
+  assert config_lib.stage_loss_positions(c, 'align_classification+align_detection') == 0
+
+
 def test_stage_batches_are_checked_before_they_reach_the_step():
   mask = np.zeros((2, L), np.float32)
   mask[0, :9] = 1
@@ -72,7 +80,7 @@ def test_lm_loss_and_gradients_on_answer_positions_equal_every_position(packed):
     return float(share), float(metrics['tokens']), grads
 
   every, every_tokens, every_grads = value_and_grads(0)
-  for positions in (4, L):  # the longest answer (4 tokens) exactly, and every slot
+  for positions in (4, L, 2 * L):  # the longest answer (4 tokens) exactly, every slot, more than a row holds
     share, tokens_counted, grads = value_and_grads(positions)
     assert tokens_counted == every_tokens == num_tokens
     np.testing.assert_allclose(share, every, rtol=1e-6)

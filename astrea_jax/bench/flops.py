@@ -69,7 +69,7 @@ def llm_flops_per_row(cfg: llama.LlamaConfig, seq_len: int, mode: str = 'train',
   """Model FLOPs of one row of S = seq_len tokens: S x `llm_flops_per_token`, less the output head (E V weights) at
   the S - P slots it does not run on when the stage gathers P answer positions per row (its `loss_positions`; 0: the
   head at every slot)."""
-  skipped = seq_len - head_positions if head_positions else 0
+  skipped = max(seq_len - head_positions, 0) if head_positions else 0
   return seq_len * llm_flops_per_token(cfg, seq_len, mode) - skipped * dense_flops(cfg.hidden_size * cfg.vocab_size,
                                                                                       1, mode)
 
@@ -90,7 +90,7 @@ def stage_flops_per_example(config: ml_collections.ConfigDict, stage: str) -> di
     D -> D, dropless: every adapter runs on every token) and the LLM are trained; the n experts and their
     projectors run forward.
   - every stage: the LLM's output head runs on the stage's `loss_positions` answer slots per row when that is set
-    (`llm_flops_per_row`), else on all S.
+    (`config.stage_loss_positions`, `llm_flops_per_row`), else on all S.
   - main: as the routed instruct, plus the momentum key encoder's forward (its projectors, router, adapters and both
     heads; the experts' forward is the online one's, counted once), the two contrastive heads (D -> embed_dim on
     pooled tokens, trained) and the image-text logits of Eq. 5-6: each direction scores one query against the B keys
@@ -102,7 +102,7 @@ def stage_flops_per_example(config: ml_collections.ConfigDict, stage: str) -> di
   s, t, d, n = config.data.seq_len, cfg.num_visual_tokens, cfg.llm.hidden_size, len(experts)
   projector = {slot: projector_weights(e.feature_width, d) for slot, e in experts.items()}
   fusion = cfg.fusion(stage)
-  head_positions = config_lib.stage_settings(config, stage).loss_positions
+  head_positions = config_lib.stage_loss_positions(config, stage)
   if spec.kind == 'align':
     parts = {'llm (frozen, gradient through)': llm_flops_per_row(cfg.llm, s, 'through', head_positions)}
     for slot in cfg.align_slots(stage):

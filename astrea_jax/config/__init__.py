@@ -11,7 +11,7 @@ from astrea_jax.config.build import expert_config, llm_config, model_config
 from astrea_jax.config.defaults import base_config
 from astrea_jax.config.presets import paper_scale
 from astrea_jax.config.run import (dataset_options, expert_families, run_stages, settings_name, single_turn_rows, stage_fusion,
-                                   stage_settings)
+                                   stage_loss_positions, stage_settings)
 from astrea_jax.config.saved import from_saved, override
 from astrea_jax.config.validate import lock, validate
 from astrea_jax.core.axes import DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES
@@ -23,4 +23,4 @@ __all__ = ['ALIGN_STAGES', 'ConfigError', 'DEFAULT_LOGICAL_AXIS_RULES', 'dataset
            'LLM_TEXT_STAGE', 'STAGE_ZERO',
            'MESH_AXES', 'STAGES', 'align_members', 'base_config', 'expert_config', 'expert_families', 'from_saved',
            'llm_config', 'lock', 'model_config', 'override', 'paper_scale', 'run_stages', 'settings_name',
-           'single_turn_rows', 'stage_fusion', 'stage_settings', 'validate']
+           'single_turn_rows', 'stage_fusion', 'stage_loss_positions', 'stage_settings', 'validate']

@@ -138,6 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.stages[spec.name].trainable = ()  # param-path regexes trained; () = the paper's set (the stage table's)
     # The LM head and the loss on each row's first N answer (loss) tokens only, gathered (train.losses; the same
     # loss, without the logits of every slot); a batch with a longer row is an error naming this key. 0 = every slot.
+    # A group stage of data.align_order ('align_a+align_b') mixes its members' rows: every slot there.
     c.stages[spec.name].loss_positions = 0
     if len(spec.fusions) > 1:
       c.stages[spec.name].fusion = spec.fusions[0]

@@ -1,5 +1,6 @@
 """Stage helpers of a run config: which stages it runs (`run_stages`), each stage's settings (`stage_settings`), its
-fusion, and what its rows hold (`single_turn_rows`). Stage names and kinds come from the stage table
+fusion, the answer positions its LM head runs on (`stage_loss_positions`), and what its rows hold
+(`single_turn_rows`). Stage names and kinds come from the stage table
 (`astrea_jax.core.stages`)."""
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ def settings_name(stage: str) -> str:
 def stage_settings(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
   """`config.stages.<stage>` (steps, peak learning rate, trainable regexes, fusion)."""
   return config.stages[settings_name(stage)]
+
+
+def stage_loss_positions(config: ml_collections.ConfigDict, stage: str) -> int:
+  """The answer positions per row a stage's LM head runs on (`config.stages.<stage>.loss_positions`; 0: every slot).
+  A group stage ('align_a+align_b') mixes its members' rows, whose answers its first member's bound does not
+  describe, so it runs the head at every slot."""
+  return 0 if len(align_members(stage)) > 1 else stage_settings(config, stage).loss_positions
 
 
 def stage_fusion(config: ml_collections.ConfigDict, stage: str) -> str:

@@ -75,7 +75,7 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
         re.compile(pattern)
       except re.error as e:
         raise ConfigError(f'config.stages.{name}.trainable[{i}]={pattern!r}: not a regular expression ({e})') from e
-    _check_loss_positions(f'config.stages.{name}.loss_positions', st.loss_positions, config.data.seq_len)
+    _check_loss_positions(f'config.stages.{name}.loss_positions', st.loss_positions)
     fusions = spec(name).fusions
     if 'fusion' in st and st.fusion not in fusions:
       raise ConfigError(f'config.stages.{name}.fusion={st.fusion!r}: expected one of {fusions}')
@@ -110,7 +110,7 @@ def _validate_llm_text(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.llm_pretrain.num_steps={p.num_steps}: expected >= 1')
   if p.learning_rate <= 0:
     raise ConfigError(f'config.llm_pretrain.learning_rate={p.learning_rate}: expected > 0')
-  _check_loss_positions('config.llm_pretrain.loss_positions', p.loss_positions, config.data.seq_len)
+  _check_loss_positions('config.llm_pretrain.loss_positions', p.loss_positions)
   allowed = tuple(config.data.align_order) + tuple(name for name in STAGES if not spec(name).kind == 'align')
   if not p.conversations or any(name not in allowed for name in p.conversations):
     raise ConfigError(f'config.llm_pretrain.conversations={tuple(p.conversations)}: expected one or more of '
@@ -230,8 +230,9 @@ def _validate_rules(rules: Any) -> None:
       raise ConfigError(f'config.logical_axis_rules[{i}]={rule!r}: unknown mesh axes {bad}; expected {MESH_AXES}')
 
 
-def _check_loss_positions(key: str, value: int, seq_len: int) -> None:
-  """A stage's `loss_positions`: an int in [0, data.seq_len] (0: the LM head at every position)."""
-  if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= seq_len:
-    raise ConfigError(f'{key}={value!r}: expected an int in [0, config.data.seq_len={seq_len}] (answer positions per '
-                      f'row the LM head runs on; 0 = every position)')
+def _check_loss_positions(key: str, value: int) -> None:
+  """A stage's `loss_positions`: an int >= 0 (0: the LM head at every position; at or above data.seq_len it runs on
+  every answer token of a row, which is all a row can hold)."""
+  if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    raise ConfigError(f'{key}={value!r}: expected an int >= 0 (answer positions per row the LM head runs on; 0 = '
+                      f'every position)')

@@ -41,10 +41,12 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array)
 
 def loss_positions(loss_mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array] | None:
   """The positions of each row's first `capacity` answer tokens: loss_mask [B, L] -> (index [B, K] int32 in order,
-  valid [B, K] bool: the index is an answer token; the rest point at slot 0), K = capacity; None for capacity 0
-  (every position). Rows are independent, so a batch sharded over its rows stays sharded."""
+  valid [B, K] bool: the index is an answer token; the rest point at slot 0), K = min(capacity, L): a row holds at
+  most L; None for capacity 0 (every position). Rows are independent, so a batch sharded over its rows stays
+  sharded."""
   if not capacity:
     return None
+  capacity = min(capacity, loss_mask.shape[-1])
 
   def row(mask):
     return jnp.nonzero(mask, size=capacity, fill_value=0)[0].astype(jnp.int32)

@@ -44,7 +44,8 @@ def stage_plan(config: ml_collections.ConfigDict, cfg: AstreaConfig, name: str, 
   """The plan of stage `name` from `config.stages.<name>` (trainable: the config's regexes, else the paper's)."""
   st = config_lib.stage_settings(config, name)
   return StagePlan(name, st.num_steps, offset, st.learning_rate,
-                   tuple(st.trainable) or stages.default_trainable(name, cfg), st.loss_positions)
+                   tuple(st.trainable) or stages.default_trainable(name, cfg),
+                   config_lib.stage_loss_positions(config, name))
 
 
 def params_init_fn(config: ml_collections.ConfigDict, cfg: AstreaConfig) -> Callable[[], Any]:
